@@ -1,0 +1,30 @@
+//! Pure types and rules of the shop: money, ids, discounts, statuses and their transitions,
+//! validated request values. No I/O lives here; every rule is unit-tested beside its code.
+//!
+//! Invariant: a value of these types is always valid. Raw wire values become domain values only
+//! through a parsing constructor that names the offending field when it refuses.
+
+mod balance;
+mod coupon;
+mod idempotency;
+mod ids;
+mod macros;
+mod money;
+mod name;
+mod order;
+mod pagination;
+mod product;
+mod validation;
+
+pub use balance::{LedgerEntry, LedgerKind};
+pub use coupon::{CouponTerms, Discount, IssueWindow, UserCouponStatus, ValidDays};
+pub use idempotency::IdempotencyKey;
+pub use ids::{CouponId, OrderId, PaymentId, ProductId, UserCouponId, UserId};
+pub use money::Won;
+pub use name::DisplayName;
+pub use order::{
+    MAX_ORDER_LINES, MAX_QUANTITY, OrderLine, OrderLines, OrderStatus, Pricing, Quantity,
+};
+pub use pagination::{PageSize, PageToken};
+pub use product::{Product, ProductStatus, parse_stock};
+pub use validation::ValidationError;

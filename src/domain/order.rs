@@ -1,0 +1,200 @@
+//! Order lines, pricing and the order life cycle:
+//! PENDING_PAYMENT -> PAID | CANCELLED | EXPIRED, and nothing leaves PAID, CANCELLED or EXPIRED.
+
+use std::collections::HashSet;
+
+use super::{ProductId, ValidationError, Won, macros::text_enum};
+
+pub const MAX_ORDER_LINES: usize = 50;
+pub const MAX_QUANTITY: i32 = 1000;
+
+/// Units of one product in one order: 1..=1000.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Quantity(i32);
+
+impl Quantity {
+    pub fn get(self) -> i32 {
+        self.0
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrderLine {
+    pub product_id: ProductId,
+    pub quantity: Quantity,
+}
+
+/// The lines of an order: 1..=50 of them, each product once, sorted by product id so that
+/// every transaction locks products in the same order and two orders never deadlock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderLines(Vec<OrderLine>);
+
+impl OrderLines {
+    pub fn parse(raw: impl ExactSizeIterator<Item = (i64, i32)>) -> Result<Self, ValidationError> {
+        if raw.len() == 0 {
+            return Err(ValidationError::new(
+                "items",
+                "must contain at least one line",
+            ));
+        }
+        if raw.len() > MAX_ORDER_LINES {
+            return Err(ValidationError::new(
+                "items",
+                "must contain at most 50 lines",
+            ));
+        }
+        let mut seen = HashSet::with_capacity(raw.len());
+        let mut lines = Vec::with_capacity(raw.len());
+        for (i, (product_id, quantity)) in raw.enumerate() {
+            let product_id = ProductId::parse(product_id, "items.product_id")
+                .map_err(|e| ValidationError::new(format!("items[{i}].product_id"), e.message))?;
+            if !(1..=MAX_QUANTITY).contains(&quantity) {
+                return Err(ValidationError::new(
+                    format!("items[{i}].quantity"),
+                    "must be between 1 and 1000",
+                ));
+            }
+            if !seen.insert(product_id) {
+                return Err(ValidationError::new(
+                    format!("items[{i}].product_id"),
+                    "repeats a product; order each product once with its total quantity",
+                ));
+            }
+            lines.push(OrderLine {
+                product_id,
+                quantity: Quantity(quantity),
+            });
+        }
+        lines.sort_by_key(|line| line.product_id);
+        Ok(Self(lines))
+    }
+
+    pub fn as_slice(&self) -> &[OrderLine] {
+        &self.0
+    }
+
+    pub fn product_ids(&self) -> Vec<i64> {
+        self.0.iter().map(|line| line.product_id.get()).collect()
+    }
+
+    /// A canonical text of the lines, used to recognise a retried request.
+    pub fn fingerprint(&self) -> String {
+        self.0
+            .iter()
+            .map(|l| format!("{}x{}", l.product_id, l.quantity.get()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OrderStatus {
+    PendingPayment,
+    Paid,
+    Cancelled,
+    Expired,
+}
+
+text_enum!(OrderStatus {
+    PendingPayment => "PENDING_PAYMENT",
+    Paid => "PAID",
+    Cancelled => "CANCELLED",
+    Expired => "EXPIRED",
+});
+
+impl OrderStatus {
+    /// Only an order awaiting payment can be paid, cancelled or expired.
+    pub fn is_open(self) -> bool {
+        self == OrderStatus::PendingPayment
+    }
+}
+
+/// What an order costs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pricing {
+    pub total: Won,
+    pub discount: Won,
+    pub final_amount: Won,
+}
+
+impl Pricing {
+    /// Sums `unit_price * quantity` over the lines; `None` when the total overflows.
+    pub fn total_of(lines: impl IntoIterator<Item = (Won, Quantity)>) -> Option<Won> {
+        lines.into_iter().try_fold(Won::ZERO, |sum, (price, qty)| {
+            sum.checked_add(price.checked_mul(i64::from(qty.get()))?)
+        })
+    }
+
+    /// `discount` must come from [`super::Discount::apply`], so it never exceeds `total`.
+    pub fn new(total: Won, discount: Won) -> Self {
+        let discount = discount.min(total);
+        Self {
+            total,
+            discount,
+            final_amount: Won::new(total.get() - discount.get()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(lines: &[(i64, i32)]) -> Result<OrderLines, ValidationError> {
+        OrderLines::parse(lines.iter().copied())
+    }
+
+    #[test]
+    fn lines_are_validated_and_sorted() {
+        let lines = parse(&[(3, 1), (1, 2)]).unwrap();
+        let ids: Vec<i64> = lines
+            .as_slice()
+            .iter()
+            .map(|l| l.product_id.get())
+            .collect();
+        assert_eq!(ids, vec![1, 3]);
+        assert_eq!(lines.fingerprint(), "1x2,3x1");
+    }
+
+    #[test]
+    fn invalid_lines_name_the_field() {
+        assert_eq!(parse(&[]).unwrap_err().field, "items");
+        let many: Vec<(i64, i32)> = (1..=51).map(|i| (i, 1)).collect();
+        assert_eq!(parse(&many).unwrap_err().field, "items");
+        assert_eq!(
+            parse(&[(1, 1), (0, 1)]).unwrap_err().field,
+            "items[1].product_id"
+        );
+        assert_eq!(parse(&[(1, 0)]).unwrap_err().field, "items[0].quantity");
+        assert_eq!(parse(&[(1, 1001)]).unwrap_err().field, "items[0].quantity");
+        assert_eq!(parse(&[(1, -1)]).unwrap_err().field, "items[0].quantity");
+        assert_eq!(
+            parse(&[(1, 1), (2, 1), (1, 3)]).unwrap_err().field,
+            "items[2].product_id"
+        );
+        assert!(parse(&[(1, 1000)]).is_ok());
+    }
+
+    #[test]
+    fn pricing_sums_lines_and_subtracts_the_discount() {
+        let q = |n| Quantity(n);
+        let total = Pricing::total_of([(Won::new(1_000), q(3)), (Won::new(2_500), q(2))]).unwrap();
+        assert_eq!(total, Won::new(8_000));
+        let p = Pricing::new(total, Won::new(1_500));
+        assert_eq!(p.final_amount, Won::new(6_500));
+        assert_eq!(Pricing::new(total, Won::new(9_000)).final_amount, Won::ZERO);
+        assert_eq!(Pricing::total_of([(Won::new(i64::MAX), q(2))]), None);
+    }
+
+    #[test]
+    fn only_pending_orders_are_open() {
+        assert!(OrderStatus::PendingPayment.is_open());
+        for s in [
+            OrderStatus::Paid,
+            OrderStatus::Cancelled,
+            OrderStatus::Expired,
+        ] {
+            assert!(!s.is_open());
+        }
+    }
+}

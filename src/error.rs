@@ -1,0 +1,245 @@
+//! The service's error vocabulary and the one table that turns it into gRPC statuses.
+//!
+//! Use cases return [`AppError`]; `impl From<AppError> for tonic::Status` below is the only place
+//! a gRPC code is chosen. Every status carries a `google.rpc.ErrorInfo` with domain `ecommerce`
+//! and a stable UPPER_SNAKE reason that callers can branch on. Internal details (SQL, driver
+//! messages) are logged here and never sent to the caller.
+
+use std::{borrow::Cow, collections::HashMap};
+
+use tonic::{Code, Status};
+use tonic_types::{BadRequest, ErrorDetail, ErrorInfo, StatusExt};
+
+use crate::{
+    domain::{OrderStatus, ValidationError, Won},
+    store::{Dependency, StoreError},
+};
+
+pub const ERROR_DOMAIN: &str = "ecommerce";
+
+/// Things that can be looked up by id and be missing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resource {
+    Product,
+    Coupon,
+    UserCoupon,
+    Order,
+}
+
+impl Resource {
+    fn reason(self) -> &'static str {
+        match self {
+            Resource::Product => "PRODUCT_NOT_FOUND",
+            Resource::Coupon => "COUPON_NOT_FOUND",
+            Resource::UserCoupon => "USER_COUPON_NOT_FOUND",
+            Resource::Order => "ORDER_NOT_FOUND",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Resource::Product => "product",
+            Resource::Coupon => "coupon",
+            Resource::UserCoupon => "user coupon",
+            Resource::Order => "order",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("invalid {}: {}", .0.field, .0.message)]
+    InvalidArgument(#[from] ValidationError),
+    #[error("this idempotency key was already used for a different request")]
+    IdempotencyKeyReused,
+    #[error("{} {id} not found", .resource.name())]
+    NotFound { resource: Resource, id: i64 },
+    #[error("the balance would exceed the maximum of {max}")]
+    BalanceLimitExceeded { max: Won },
+    #[error("the coupon is sold out")]
+    CouponSoldOut,
+    #[error("the user already holds this coupon")]
+    CouponAlreadyIssued,
+    #[error("the coupon cannot be issued outside its issue window")]
+    CouponNotIssuable,
+    #[error("product {product_id} is not on sale")]
+    ProductNotSelling { product_id: i64 },
+    #[error("product {product_id} does not have enough stock")]
+    OutOfStock { product_id: i64 },
+    #[error("the coupon cannot be used: {why}")]
+    CouponUnusable { why: &'static str },
+    #[error("the balance is too low: {required} needed")]
+    InsufficientBalance { required: Won },
+    #[error("the order is already paid")]
+    OrderAlreadyPaid,
+    #[error("the order is {status} and can no longer change")]
+    OrderClosed { status: OrderStatus },
+    #[error("the order's payment window has passed")]
+    OrderExpired,
+    #[error("the caller is not the buyer of this order")]
+    NotOrderOwner,
+    #[error("missing or invalid credentials")]
+    Unauthenticated,
+    #[error("{} is unavailable", .dependency.name())]
+    Unavailable {
+        dependency: Dependency,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl AppError {
+    pub fn internal(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Internal(error.into())
+    }
+
+    /// The gRPC code and ErrorInfo reason of this error: the table callers program against.
+    pub fn code_and_reason(&self) -> (Code, &'static str) {
+        match self {
+            AppError::InvalidArgument(_) => (Code::InvalidArgument, "INVALID_FIELD"),
+            AppError::IdempotencyKeyReused => (Code::InvalidArgument, "IDEMPOTENCY_KEY_REUSED"),
+            AppError::NotFound { resource, .. } => (Code::NotFound, resource.reason()),
+            AppError::BalanceLimitExceeded { .. } => (Code::OutOfRange, "BALANCE_LIMIT_EXCEEDED"),
+            AppError::CouponSoldOut => (Code::ResourceExhausted, "COUPON_SOLD_OUT"),
+            AppError::CouponAlreadyIssued => (Code::AlreadyExists, "COUPON_ALREADY_ISSUED"),
+            AppError::CouponNotIssuable => (Code::FailedPrecondition, "COUPON_NOT_ISSUABLE"),
+            AppError::ProductNotSelling { .. } => (Code::FailedPrecondition, "PRODUCT_NOT_SELLING"),
+            AppError::OutOfStock { .. } => (Code::FailedPrecondition, "OUT_OF_STOCK"),
+            AppError::CouponUnusable { .. } => (Code::FailedPrecondition, "COUPON_UNUSABLE"),
+            AppError::InsufficientBalance { .. } => {
+                (Code::FailedPrecondition, "INSUFFICIENT_BALANCE")
+            }
+            AppError::OrderAlreadyPaid => (Code::AlreadyExists, "ORDER_ALREADY_PAID"),
+            AppError::OrderClosed { .. } => (Code::FailedPrecondition, "ORDER_CLOSED"),
+            AppError::OrderExpired => (Code::FailedPrecondition, "ORDER_EXPIRED"),
+            AppError::NotOrderOwner => (Code::PermissionDenied, "NOT_ORDER_OWNER"),
+            AppError::Unauthenticated => (Code::Unauthenticated, "UNAUTHENTICATED"),
+            AppError::Unavailable { .. } => (Code::Unavailable, "DEPENDENCY_UNAVAILABLE"),
+            AppError::Internal(_) => (Code::Internal, "INTERNAL"),
+        }
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        let mut meta = HashMap::new();
+        let mut put = |k: &str, v: Cow<'_, str>| {
+            meta.insert(k.to_owned(), v.into_owned());
+        };
+        match self {
+            AppError::InvalidArgument(e) => put("field", Cow::Borrowed(&e.field)),
+            AppError::NotFound { id, .. } => put("id", id.to_string().into()),
+            AppError::BalanceLimitExceeded { max } => {
+                put("max_balance", max.get().to_string().into())
+            }
+            AppError::ProductNotSelling { product_id } | AppError::OutOfStock { product_id } => {
+                put("product_id", product_id.to_string().into())
+            }
+            AppError::CouponUnusable { why } => put("why", Cow::Borrowed(why)),
+            AppError::InsufficientBalance { required } => {
+                put("required", required.get().to_string().into())
+            }
+            AppError::OrderClosed { status } => put("status", Cow::Borrowed(status.as_str())),
+            AppError::Unavailable { dependency, .. } => {
+                put("dependency", Cow::Borrowed(dependency.name()))
+            }
+            _ => {}
+        }
+        meta
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable { dependency, source } => {
+                AppError::Unavailable { dependency, source }
+            }
+            other => AppError::Internal(Box::new(other)),
+        }
+    }
+}
+
+impl From<sqlx::Error> for AppError {
+    fn from(error: sqlx::Error) -> Self {
+        StoreError::from(error).into()
+    }
+}
+
+impl From<ValidationError> for Status {
+    fn from(error: ValidationError) -> Self {
+        AppError::from(error).into()
+    }
+}
+
+impl From<AppError> for Status {
+    fn from(error: AppError) -> Self {
+        let (code, reason) = error.code_and_reason();
+        match &error {
+            AppError::Internal(source) => {
+                tracing::error!(error = %source, debug = ?source, "internal error");
+            }
+            AppError::Unavailable { source, .. } => {
+                tracing::warn!(error = %source, "dependency unavailable");
+            }
+            _ => {}
+        }
+        let mut details = vec![ErrorDetail::from(ErrorInfo::new(
+            reason,
+            ERROR_DOMAIN,
+            error.metadata(),
+        ))];
+        if let AppError::InvalidArgument(e) = &error {
+            details.push(
+                BadRequest::with_violation(e.field.to_string(), e.message.to_string()).into(),
+            );
+        }
+        Status::with_error_details_vec(code, error.to_string(), details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason_of(status: &Status) -> String {
+        status.get_details_error_info().expect("ErrorInfo").reason
+    }
+
+    #[test]
+    fn statuses_carry_code_reason_and_field() {
+        let status: Status = AppError::from(ValidationError::new("amount", "must be > 0")).into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "INVALID_FIELD");
+        assert_eq!(info.domain, "ecommerce");
+        assert_eq!(info.metadata["field"], "amount");
+        let bad = status.get_details_bad_request().unwrap();
+        assert_eq!(bad.field_violations[0].field, "amount");
+
+        let status: Status = AppError::OutOfStock { product_id: 9 }.into();
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(reason_of(&status), "OUT_OF_STOCK");
+        assert_eq!(
+            status.get_details_error_info().unwrap().metadata["product_id"],
+            "9"
+        );
+
+        let status: Status = AppError::CouponSoldOut.into();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(reason_of(&status), "COUPON_SOLD_OUT");
+    }
+
+    #[test]
+    fn unavailable_hides_the_driver_message() {
+        let status: Status = AppError::Unavailable {
+            dependency: Dependency::Postgres,
+            source: "connection refused to 10.0.0.7:5432 password=hunter2".into(),
+        }
+        .into();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(!status.message().contains("hunter2"));
+        assert!(!status.message().contains("10.0.0.7"));
+        assert_eq!(reason_of(&status), "DEPENDENCY_UNAVAILABLE");
+    }
+}

@@ -1,0 +1,189 @@
+//! One record per call: method, gRPC status code and latency.
+//!
+//! The code of a successful call travels in the HTTP/2 trailers, after the body, so the record
+//! is made when the trailers pass by (or when the response headers already carry `grpc-status`,
+//! as in a trailers-only error, or when the body is dropped early: a cancelled call). The
+//! per-call cost is one `Instant::now()` and a reference-counted copy of the path; the log line
+//! itself is at DEBUG level, so under load it costs a level check unless asked for.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::{Duration, Instant},
+};
+
+use http::{HeaderMap, Request, Response, uri::PathAndQuery};
+use http_body::{Body, Frame};
+use pin_project_lite::pin_project;
+use tonic::Code;
+use tower::{Layer, Service};
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AccessLogLayer;
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AccessLog { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AccessLog<S> {
+    inner: S,
+}
+
+/// What is known of a call while it runs.
+struct CallStart {
+    path: Option<PathAndQuery>,
+    started: Instant,
+}
+
+impl CallStart {
+    fn finish(self, code: Code) {
+        let method = self.path.as_ref().map_or("", PathAndQuery::path);
+        record(method, code, self.started.elapsed());
+    }
+}
+
+fn record(method: &str, code: Code, latency: Duration) {
+    let latency_us = latency.as_micros() as u64;
+    match code {
+        Code::Internal | Code::Unknown | Code::DataLoss => {
+            tracing::warn!(target: "access", method, code = ?code, latency_us, "call failed")
+        }
+        _ => tracing::debug!(target: "access", method, code = ?code, latency_us, "call"),
+    }
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?;
+    let code: i32 = std::str::from_utf8(value.as_bytes()).ok()?.parse().ok()?;
+    Some(Code::from_i32(code))
+}
+
+impl<S, B, ResBody> Service<Request<B>> for AccessLog<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+{
+    type Response = Response<LoggedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = LoggedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let start = CallStart {
+            path: request.uri().path_and_query().cloned(),
+            started: Instant::now(),
+        };
+        LoggedFuture {
+            inner: self.inner.call(request),
+            start: Some(start),
+        }
+    }
+}
+
+pin_project! {
+    pub struct LoggedFuture<F> {
+        #[pin]
+        inner: F,
+        start: Option<CallStart>,
+    }
+}
+
+impl<F, ResBody, E> Future for LoggedFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<LoggedBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let start = this.start.take();
+        Poll::Ready(match result {
+            Ok(response) => {
+                let start = match grpc_status(response.headers()) {
+                    Some(code) => {
+                        if let Some(start) = start {
+                            start.finish(code);
+                        }
+                        None
+                    }
+                    None => start,
+                };
+                Ok(response.map(|inner| LoggedBody { inner, start }))
+            }
+            Err(e) => {
+                if let Some(start) = start {
+                    start.finish(Code::Unknown);
+                }
+                Err(e)
+            }
+        })
+    }
+}
+
+pin_project! {
+    /// The response body, watched for the trailers that carry the status.
+    pub struct LoggedBody<B> {
+        #[pin]
+        inner: B,
+        start: Option<CallStart>,
+    }
+
+    impl<B> PinnedDrop for LoggedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before the trailers: the client went away or the server is shutting down.
+            if let Some(start) = this.project().start.take() {
+                start.finish(Code::Cancelled);
+            }
+        }
+    }
+}
+
+impl<B: Body> Body for LoggedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(start) = this.start.take() {
+                        start.finish(grpc_status(trailers).unwrap_or(Code::Unknown));
+                    }
+                }
+            }
+            Some(Err(_)) => {
+                if let Some(start) = this.start.take() {
+                    start.finish(Code::Unknown);
+                }
+            }
+            None => {
+                // A gRPC body ends with trailers; ending without them means no status was sent.
+                if let Some(start) = this.start.take() {
+                    start.finish(Code::Unknown);
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,96 @@
+//! AdminService: every call is authenticated by [`AdminAuth`] before it reaches a handler.
+
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status, service::Interceptor};
+
+use super::convert;
+use crate::{
+    app::{App, NewProduct, ProductChanges},
+    domain::{DisplayName, ProductId, Won, parse_stock},
+    error::AppError,
+    proto::{
+        CreateProductRequest, CreateProductResponse, UpdateProductRequest, UpdateProductResponse,
+        admin_service_server::AdminService,
+    },
+};
+
+/// Checks `authorization: Bearer <token>` in constant time (for a given length), so the
+/// comparison does not leak how much of a guess was right.
+#[derive(Clone)]
+pub struct AdminAuth {
+    expected: Arc<[u8]>,
+}
+
+impl AdminAuth {
+    pub fn new(token: &str) -> Self {
+        Self {
+            expected: format!("Bearer {token}").into_bytes().into(),
+        }
+    }
+}
+
+impl Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes());
+        match presented {
+            Some(value) if bool::from(value.ct_eq(&self.expected)) => Ok(request),
+            _ => Err(AppError::Unauthenticated.into()),
+        }
+    }
+}
+
+pub struct AdminHandler {
+    pub app: App,
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminHandler {
+    async fn create_product(
+        &self,
+        request: Request<CreateProductRequest>,
+    ) -> Result<Response<CreateProductResponse>, Status> {
+        let req = request.into_inner();
+        let new = NewProduct {
+            name: DisplayName::parse(req.name, "name")?,
+            price: Won::parse_non_negative(req.price, "price")?,
+            stock: parse_stock(req.stock, "stock")?,
+            status: convert::parse_product_status(req.status, "status")?,
+        };
+        let product = self.app.create_product(new).await?;
+        Ok(Response::new(CreateProductResponse {
+            product: Some(convert::product(product)),
+        }))
+    }
+
+    async fn update_product(
+        &self,
+        request: Request<UpdateProductRequest>,
+    ) -> Result<Response<UpdateProductResponse>, Status> {
+        let req = request.into_inner();
+        let id = ProductId::parse(req.product_id, "product_id")?;
+        let changes = ProductChanges {
+            name: req
+                .name
+                .map(|n| DisplayName::parse(n, "name"))
+                .transpose()?,
+            price: req
+                .price
+                .map(|p| Won::parse_non_negative(p, "price"))
+                .transpose()?,
+            stock: req.stock.map(|s| parse_stock(s, "stock")).transpose()?,
+            status: req
+                .status
+                .map(|s| convert::parse_product_status(s, "status"))
+                .transpose()?,
+        };
+        let product = self.app.update_product(id, changes).await?;
+        Ok(Response::new(UpdateProductResponse {
+            product: Some(convert::product(product)),
+        }))
+    }
+}

@@ -1,0 +1,117 @@
+//! Domain values to wire messages and back. Pure mapping: no rules live here.
+
+use chrono::{DateTime, Utc};
+use prost_types::Timestamp;
+
+use crate::{
+    domain::{LedgerEntry, LedgerKind, Product, ProductStatus, ValidationError},
+    proto,
+};
+
+pub fn timestamp(at: DateTime<Utc>) -> Option<Timestamp> {
+    Some(Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    })
+}
+
+pub fn optional_timestamp(at: Option<DateTime<Utc>>) -> Option<Timestamp> {
+    at.and_then(timestamp)
+}
+
+/// A required timestamp field.
+pub fn parse_timestamp(
+    ts: Option<Timestamp>,
+    field: &'static str,
+) -> Result<DateTime<Utc>, ValidationError> {
+    let ts = ts.ok_or_else(|| ValidationError::new(field, "is required"))?;
+    u32::try_from(ts.nanos)
+        .ok()
+        .and_then(|nanos| DateTime::from_timestamp(ts.seconds, nanos))
+        .ok_or_else(|| ValidationError::new(field, "is not a valid timestamp"))
+}
+
+pub fn product_status(status: ProductStatus) -> proto::ProductStatus {
+    match status {
+        ProductStatus::Selling => proto::ProductStatus::Selling,
+        ProductStatus::Stopped => proto::ProductStatus::Stopped,
+        ProductStatus::SoldOut => proto::ProductStatus::SoldOut,
+    }
+}
+
+/// A required product status (UNSPECIFIED and unknown numbers are refused).
+pub fn parse_product_status(
+    raw: i32,
+    field: &'static str,
+) -> Result<ProductStatus, ValidationError> {
+    match proto::ProductStatus::try_from(raw) {
+        Ok(proto::ProductStatus::Selling) => Ok(ProductStatus::Selling),
+        Ok(proto::ProductStatus::Stopped) => Ok(ProductStatus::Stopped),
+        Ok(proto::ProductStatus::SoldOut) => Ok(ProductStatus::SoldOut),
+        _ => Err(ValidationError::new(
+            field,
+            "must be SELLING, STOPPED or SOLD_OUT",
+        )),
+    }
+}
+
+pub fn product(p: Product) -> proto::Product {
+    proto::Product {
+        id: p.id.get(),
+        name: p.name,
+        price: p.price.get(),
+        stock: p.stock,
+        status: product_status(p.status).into(),
+        created_at: timestamp(p.created_at),
+        updated_at: timestamp(p.updated_at),
+    }
+}
+
+pub fn ledger_entry(e: LedgerEntry) -> proto::BalanceHistoryEntry {
+    let kind = match e.kind {
+        LedgerKind::Charge => proto::BalanceHistoryType::Charge,
+        LedgerKind::Use => proto::BalanceHistoryType::Use,
+        LedgerKind::Refund => proto::BalanceHistoryType::Refund,
+    };
+    proto::BalanceHistoryEntry {
+        id: e.id,
+        r#type: kind.into(),
+        amount: e.amount.get(),
+        balance_after: e.balance_after.get(),
+        order_id: e.order_id.map_or(0, |id| id.get()),
+        created_at: timestamp(e.created_at),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_and_garbage_is_refused() {
+        let at = DateTime::from_timestamp(1_700_000_000, 123_000_000).unwrap();
+        assert_eq!(parse_timestamp(timestamp(at), "t").unwrap(), at);
+        assert!(parse_timestamp(None, "t").is_err());
+        let bad = Timestamp {
+            seconds: i64::MAX,
+            nanos: 0,
+        };
+        assert!(parse_timestamp(Some(bad), "t").is_err());
+        let negative_nanos = Timestamp {
+            seconds: 0,
+            nanos: -1,
+        };
+        assert!(parse_timestamp(Some(negative_nanos), "t").is_err());
+    }
+
+    #[test]
+    fn unknown_statuses_are_refused() {
+        assert_eq!(
+            parse_product_status(1, "status").unwrap(),
+            ProductStatus::Selling
+        );
+        for raw in [0, 4, -1, i32::MAX] {
+            assert!(parse_product_status(raw, "status").is_err());
+        }
+    }
+}

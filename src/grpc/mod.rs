@@ -1,0 +1,107 @@
+//! The gRPC edge: thin handlers that decode and validate requests into domain values, call the
+//! use case, and encode the answer. Errors become statuses in one place (`crate::error`).
+
+pub mod access_log;
+mod admin;
+mod balance;
+mod convert;
+mod product;
+
+use tonic::{server::NamedService, service::Routes};
+
+use crate::{
+    app::App,
+    proto::{
+        FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
+        balance_service_server::BalanceServiceServer, coupon_service_server::CouponServiceServer,
+        order_service_server::OrderServiceServer, payment_service_server::PaymentServiceServer,
+        product_service_server::ProductServiceServer,
+    },
+    store::Dependency,
+};
+
+pub use admin::AdminAuth;
+
+/// Every `ecommerce.v1` service with the dependencies it cannot answer without; health reports
+/// each service NOT_SERVING while one of its dependencies is down.
+pub const SERVICES: &[(&str, &[Dependency])] = &[
+    (
+        <BalanceServiceServer<balance::BalanceHandler> as NamedService>::NAME,
+        &[Dependency::Postgres],
+    ),
+    (
+        <ProductServiceServer<product::ProductHandler> as NamedService>::NAME,
+        &[Dependency::Postgres, Dependency::Redis],
+    ),
+    (
+        <CouponServiceServer<Unimplemented> as NamedService>::NAME,
+        &[Dependency::Postgres, Dependency::Redis],
+    ),
+    (
+        <OrderServiceServer<Unimplemented> as NamedService>::NAME,
+        &[Dependency::Postgres],
+    ),
+    (
+        <PaymentServiceServer<Unimplemented> as NamedService>::NAME,
+        &[Dependency::Postgres],
+    ),
+    (
+        <AdminServiceServer<admin::AdminHandler> as NamedService>::NAME,
+        &[Dependency::Postgres],
+    ),
+];
+
+/// Answers UNIMPLEMENTED for every RPC of the services not built yet.
+pub struct Unimplemented;
+
+impl crate::proto::coupon_service_server::CouponService for Unimplemented {}
+impl crate::proto::order_service_server::OrderService for Unimplemented {}
+impl crate::proto::payment_service_server::PaymentService for Unimplemented {}
+
+/// Limits applied to every service.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Larger requests are refused (RESOURCE_EXHAUSTED) before they are decoded.
+    pub max_message_bytes: usize,
+}
+
+/// The `ecommerce.v1` services and server reflection (v1 and v1alpha: grpcurl 1.8 asks for the
+/// latter).
+pub fn routes(app: App, admin_auth: AdminAuth, limits: Limits) -> Routes {
+    let max = limits.max_message_bytes;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Lets grpcurl decode the google.rpc.ErrorInfo details of our errors.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let mut routes = Routes::default();
+    routes = routes
+        .add_service(
+            BalanceServiceServer::new(balance::BalanceHandler { app: app.clone() })
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            ProductServiceServer::new(product::ProductHandler { app: app.clone() })
+                .max_decoding_message_size(max),
+        )
+        .add_service(CouponServiceServer::new(Unimplemented).max_decoding_message_size(max))
+        .add_service(OrderServiceServer::new(Unimplemented).max_decoding_message_size(max))
+        .add_service(PaymentServiceServer::new(Unimplemented).max_decoding_message_size(max))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            AdminServiceServer::new(admin::AdminHandler { app }).max_decoding_message_size(max),
+            admin_auth,
+        ))
+        .add_service(
+            reflection()
+                .build_v1()
+                .expect("the embedded descriptor set is valid"),
+        )
+        .add_service(
+            reflection()
+                .build_v1alpha()
+                .expect("the embedded descriptor set is valid"),
+        );
+    routes
+}

@@ -1,0 +1,16 @@
+//! ecommerce: a gRPC backend for an online shop that stays correct and fast during flash sales.
+//!
+//! Layers, outside in: [`grpc`] (thin handlers) -> [`app`] (one use case per flow) ->
+//! [`domain`] (pure rules) -> [`store`] (Postgres, the record; Redis, the fast gate).
+//! [`startup`] wires them; [`health`] reports dependency health.
+
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod health;
+pub mod proto;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

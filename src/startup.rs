@@ -1,0 +1,147 @@
+//! Building and running the service: the same path for `main` and for the tests, which bind
+//! port 0 and read the address back.
+//!
+//! Shutdown order: health goes NOT_SERVING at once, the server keeps answering for the drain
+//! period (so load balancers stop routing here first), then it stops accepting, finishes the
+//! calls in flight, and only then the jobs stop and the pools close.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::TcpIncoming};
+
+use crate::{
+    app::{App, Settings},
+    config::Config,
+    grpc::{self, AdminAuth, Limits, access_log::AccessLogLayer},
+    health::HealthWatcher,
+    store::{postgres, redis::Redis},
+};
+
+pub struct Application {
+    listener: TcpListener,
+    app: App,
+    config: Config,
+}
+
+impl Application {
+    /// Connects the stores, applies migrations and binds the listen address. Postgres must be
+    /// reachable for the migrations (retried for a while); Redis may come later.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let pg = postgres::pool(
+            config.database.clone(),
+            config.database_max_connections,
+            config.database_acquire_timeout,
+        );
+        if config.run_migrations {
+            migrate_with_retry(&pg).await?;
+        }
+        let redis = Redis::connect(
+            &config.redis_url,
+            config.redis_pool_size,
+            config.redis_command_timeout,
+            &config.redis_key_prefix,
+        )
+        .context("configuring the Redis client")?;
+        let app = App::new(pg, redis, Settings::from_config(&config));
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("binding {}", config.listen_addr))?;
+        Ok(Self {
+            listener,
+            app,
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains and returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            app,
+            config,
+        } = self;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let watcher = HealthWatcher {
+            reporter,
+            pg: app.pg().clone(),
+            redis: app.redis().clone(),
+            interval: config.health_check_interval,
+        };
+        let health_task = tokio::spawn(watcher.run(shutdown.clone()));
+
+        let stop_serving = CancellationToken::new();
+        let drain = config.shutdown_drain;
+        tokio::spawn({
+            let shutdown = shutdown.clone();
+            let stop_serving = stop_serving.clone();
+            async move {
+                shutdown.cancelled().await;
+                tracing::info!(
+                    drain_ms = drain.as_millis() as u64,
+                    "shutting down: draining"
+                );
+                tokio::time::sleep(drain).await;
+                stop_serving.cancel();
+            }
+        });
+
+        let routes = grpc::routes(
+            app.clone(),
+            AdminAuth::new(config.admin_token.expose()),
+            Limits {
+                max_message_bytes: config.max_message_bytes,
+            },
+        )
+        .add_service(health_service);
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        tracing::info!(addr = %config.listen_addr, "serving gRPC");
+        let served = Server::builder()
+            .layer(AccessLogLayer)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, stop_serving.cancelled_owned())
+            .await;
+
+        // The server returns early only on an error; make sure the health task stops either way.
+        shutdown.cancel();
+        let _ = health_task.await;
+        close(app.pg(), &app).await;
+        tracing::info!("stopped");
+        served.context("serving gRPC")
+    }
+}
+
+async fn close(pg: &PgPool, app: &App) {
+    app.redis().quit().await;
+    pg.close().await;
+}
+
+/// Postgres may still be starting (a fresh pod next to a fresh database): retry for a minute.
+async fn migrate_with_retry(pg: &PgPool) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match postgres::migrate(pg).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "migrations failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).context("applying migrations"),
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! Postgres: the record. Every decision that moves money, stock or coupons is one transaction
+//! whose writes are conditional (`... WHERE stock >= $n`), so a failed step leaves nothing.
+
+pub mod balances;
+pub mod idempotency;
+pub mod products;
+
+use std::time::Duration;
+
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use super::StoreError;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A lazily connecting pool: the service starts (and reports NOT_SERVING) even when Postgres is
+/// down, and every acquire gives up after `acquire_timeout` instead of queueing forever.
+pub fn pool(options: PgConnectOptions, max_connections: u32, acquire_timeout: Duration) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(0)
+        .acquire_timeout(acquire_timeout)
+        .idle_timeout(Some(Duration::from_secs(60)))
+        .connect_lazy_with(options.application_name("ecommerce"))
+}
+
+/// Applies pending migrations. sqlx holds a Postgres advisory lock while migrating, so replicas
+/// starting together apply each migration once.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// `SELECT 1`, for health checks.
+pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}

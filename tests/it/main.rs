@@ -1,0 +1,9 @@
+//! Integration tests: each starts the real server on port 0 with its own database
+//! (`#[sqlx::test]`) and its own Redis key prefix, and talks gRPC to it over TCP.
+
+mod support;
+
+mod admin;
+mod balance;
+mod health;
+mod products;

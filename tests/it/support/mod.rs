@@ -1,0 +1,246 @@
+//! The test harness: `spawn_app` starts the server exactly as `main` does (same `Application`
+//! path), on port 0, against the test's own database and Redis key prefix.
+
+pub mod proxy;
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use ecommerce::{
+    config::Config,
+    proto::{
+        admin_service_client::AdminServiceClient, balance_service_client::BalanceServiceClient,
+        coupon_service_client::CouponServiceClient, order_service_client::OrderServiceClient,
+        payment_service_client::PaymentServiceClient, product_service_client::ProductServiceClient,
+    },
+    startup::Application,
+};
+use fred::interfaces::{ClientLike, KeysInterface};
+use sqlx::{PgPool, postgres::PgConnectOptions};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Code, Request, Status,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+use tonic_types::StatusExt;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Settings a test may change before the server starts.
+pub struct TestSettings {
+    pub vars: HashMap<&'static str, String>,
+    pub database: PgConnectOptions,
+}
+
+impl TestSettings {
+    pub fn set(&mut self, key: &'static str, value: impl ToString) -> &mut Self {
+        self.vars.insert(key, value.to_string());
+        self
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub channel: Channel,
+    /// For assertions on what the server wrote.
+    pub pg: PgPool,
+    pub redis_prefix: String,
+    pub redis: fred::clients::Client,
+    shutdown: CancellationToken,
+    server: JoinHandle<anyhow::Result<()>>,
+}
+
+pub async fn spawn_app(database: PgConnectOptions) -> TestApp {
+    spawn_app_with(database, |_| {}).await
+}
+
+pub async fn spawn_app_with(
+    database: PgConnectOptions,
+    customize: impl FnOnce(&mut TestSettings),
+) -> TestApp {
+    let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
+    let mut settings = TestSettings {
+        vars: HashMap::from([
+            ("LISTEN_ADDR", "127.0.0.1:0".to_string()),
+            ("ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+            ("REDIS_URL", redis_url()),
+            ("REDIS_KEY_PREFIX", prefix.clone()),
+            ("REDIS_POOL_SIZE", "2".to_string()),
+            ("DATABASE_MAX_CONNECTIONS", "5".to_string()),
+            ("HEALTH_CHECK_INTERVAL_MS", "200".to_string()),
+            ("RUST_LOG", "warn".to_string()),
+        ]),
+        database: database.clone(),
+    };
+    customize(&mut settings);
+    let vars = settings.vars;
+    let mut config = Config::from_lookup(|k| vars.get(k).cloned()).expect("valid test config");
+    config.database = settings.database;
+    ecommerce::telemetry::init(config.log_format, &config.log_filter);
+
+    let application = Application::build(config).await.expect("server builds");
+    let addr = application.local_addr();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
+
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connects to the test server");
+    let pg = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .connect_with(database)
+        .await
+        .expect("test pool connects");
+    let redis = fred::prelude::Builder::from_config(
+        fred::types::config::Config::from_url(&redis_url()).expect("valid redis url"),
+    )
+    .build()
+    .expect("redis client");
+    redis.init().await.expect("redis connects");
+    TestApp {
+        addr,
+        channel,
+        pg,
+        redis_prefix: prefix,
+        redis,
+        shutdown,
+        server,
+    }
+}
+
+impl TestApp {
+    pub fn balance(&self) -> BalanceServiceClient<Channel> {
+        BalanceServiceClient::new(self.channel.clone())
+    }
+
+    pub fn products(&self) -> ProductServiceClient<Channel> {
+        ProductServiceClient::new(self.channel.clone())
+    }
+
+    pub fn coupons(&self) -> CouponServiceClient<Channel> {
+        CouponServiceClient::new(self.channel.clone())
+    }
+
+    pub fn orders(&self) -> OrderServiceClient<Channel> {
+        OrderServiceClient::new(self.channel.clone())
+    }
+
+    pub fn payments(&self) -> PaymentServiceClient<Channel> {
+        PaymentServiceClient::new(self.channel.clone())
+    }
+
+    pub fn admin(&self) -> AdminServiceClient<InterceptedService<Channel, BearerToken>> {
+        self.admin_with_token(Some(ADMIN_TOKEN))
+    }
+
+    pub fn admin_with_token(
+        &self,
+        token: Option<&str>,
+    ) -> AdminServiceClient<InterceptedService<Channel, BearerToken>> {
+        AdminServiceClient::with_interceptor(
+            self.channel.clone(),
+            BearerToken(token.map(|t| format!("Bearer {t}"))),
+        )
+    }
+
+    /// Stops the server (draining calls in flight), closes its pools and deletes the test's
+    /// Redis keys, so the test database can be dropped.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.server
+            .await
+            .expect("server task")
+            .expect("server stopped cleanly");
+        self.pg.close().await;
+        delete_keys(&self.redis, &self.redis_prefix).await;
+        let _ = self.redis.quit().await;
+    }
+}
+
+/// Deletes every key under `prefix` (never anything else: other tests share this Redis).
+pub async fn delete_keys(redis: &fred::clients::Client, prefix: &str) {
+    let keys: Vec<String> = redis
+        .custom(
+            fred::types::CustomCommand::new_static("KEYS", None, false),
+            vec![format!("{prefix}*")],
+        )
+        .await
+        .unwrap_or_default();
+    for key in keys {
+        let _: Result<i64, _> = redis.del(key).await;
+    }
+}
+
+#[derive(Clone)]
+pub struct BearerToken(Option<String>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.parse().expect("ascii token"));
+        }
+        Ok(request)
+    }
+}
+
+/// The ErrorInfo reason of a status, with its code.
+pub fn reason(status: &Status) -> (Code, String) {
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("status without ErrorInfo: {status:?}"));
+    assert_eq!(info.domain, "ecommerce");
+    (status.code(), info.reason)
+}
+
+/// Asserts a call failed with this code and reason.
+#[track_caller]
+pub fn assert_error<T: std::fmt::Debug>(
+    result: Result<T, Status>,
+    code: Code,
+    expected_reason: &str,
+) -> Status {
+    let status = result.expect_err("call should fail");
+    assert_eq!(
+        reason(&status),
+        (code, expected_reason.to_string()),
+        "unexpected status: {status:?}"
+    );
+    status
+}
+
+/// The `field` of an INVALID_ARGUMENT status.
+pub fn invalid_field(status: &Status) -> String {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_error_info()
+        .and_then(|info| info.metadata.get("field").cloned())
+        .unwrap_or_default()
+}
+
+/// Polls `check` every 50 ms until it is true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -47,6 +47,13 @@ impl Application {
         )
         .context("configuring the Redis client")?;
         let app = App::new(pg, redis, Settings::from_config(&config));
+        if config.seed_demo_data {
+            let created = app
+                .seed_demo_catalog()
+                .await
+                .map_err(|e| anyhow::anyhow!("seeding the demo catalog: {e}"))?;
+            tracing::info!(created, "demo catalog");
+        }
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("binding {}", config.listen_addr))?;

@@ -3,6 +3,7 @@
 //! Nothing here knows about gRPC.
 
 mod balance;
+mod demo;
 mod products;
 
 pub use crate::store::postgres::products::{NewProduct, ProductChanges};

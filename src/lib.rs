@@ -10,6 +10,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod health;
+pub mod jobs;
 pub mod proto;
 pub mod startup;
 pub mod store;

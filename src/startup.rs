@@ -18,6 +18,7 @@ use crate::{
     config::Config,
     grpc::{self, AdminAuth, Limits, access_log::AccessLogLayer},
     health::HealthWatcher,
+    jobs::Jobs,
     store::{postgres, redis::Redis},
 };
 
@@ -89,6 +90,7 @@ impl Application {
             interval: config.health_check_interval,
         };
         let health_task = tokio::spawn(watcher.run(shutdown.clone()));
+        let jobs = Jobs::start(app.clone(), &config).await?;
 
         let stop_serving = CancellationToken::new();
         let drain = config.shutdown_drain;
@@ -124,6 +126,7 @@ impl Application {
 
         // The server returns early only on an error; make sure the health task stops either way.
         shutdown.cancel();
+        jobs.stop().await;
         let _ = health_task.await;
         close(app.pg(), &app).await;
         tracing::info!("stopped");

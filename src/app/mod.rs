@@ -3,17 +3,24 @@
 //! Nothing here knows about gRPC.
 
 mod balance;
+mod coupons;
 mod demo;
 mod products;
 
+pub use crate::store::postgres::coupons::NewCoupon;
 pub use crate::store::postgres::products::{NewProduct, ProductChanges};
 pub use balance::ChargeCommand;
+pub use coupons::{CouponStock, ReconcileReport};
 
 use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use crate::{config::Config, domain::Won, store::redis::Redis};
+use crate::{
+    config::Config,
+    domain::Won,
+    store::redis::{Redis, coupon_gate::CouponGate},
+};
 
 /// Settings the use cases read.
 #[derive(Clone, Debug)]
@@ -39,6 +46,7 @@ struct Inner {
     pg: PgPool,
     redis: Redis,
     settings: Settings,
+    coupon_gate: CouponGate,
 }
 
 impl App {
@@ -48,6 +56,7 @@ impl App {
                 pg,
                 redis,
                 settings,
+                coupon_gate: CouponGate::default(),
             }),
         }
     }
@@ -58,6 +67,10 @@ impl App {
 
     pub fn redis(&self) -> &Redis {
         &self.inner.redis
+    }
+
+    pub fn coupon_gate(&self) -> &CouponGate {
+        &self.inner.coupon_gate
     }
 
     pub fn settings(&self) -> &Settings {

@@ -3,7 +3,21 @@
 
 use chrono::{DateTime, Duration, Utc};
 
-use super::{DisplayName, ValidationError, Won, macros::text_enum};
+use super::{
+    CouponId, DisplayName, OrderId, UserCouponId, UserId, ValidationError, Won, macros::text_enum,
+};
+
+/// How many coupons of one kind can exist: 1..=1,000,000.
+pub fn parse_total_quantity(raw: i64) -> Result<i64, ValidationError> {
+    if (1..=1_000_000).contains(&raw) {
+        Ok(raw)
+    } else {
+        Err(ValidationError::new(
+            "total_quantity",
+            "must be between 1 and 1000000",
+        ))
+    }
+}
 
 /// What a coupon takes off an order total.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,6 +176,29 @@ impl UserCouponStatus {
             other => other,
         }
     }
+}
+
+/// A coupon definition: its terms, how many exist, and when they can be issued.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Coupon {
+    pub id: CouponId,
+    pub terms: CouponTerms,
+    pub total_quantity: i64,
+    pub window: IssueWindow,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One coupon issued to one user. `status` is as stored; see [`UserCouponStatus::effective`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserCoupon {
+    pub id: UserCouponId,
+    pub coupon_id: CouponId,
+    pub user_id: UserId,
+    pub status: UserCouponStatus,
+    pub order_id: Option<OrderId>,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub terms: CouponTerms,
 }
 
 #[cfg(test)]

@@ -17,7 +17,10 @@ mod product;
 mod validation;
 
 pub use balance::{LedgerEntry, LedgerKind};
-pub use coupon::{CouponTerms, Discount, IssueWindow, UserCouponStatus, ValidDays};
+pub use coupon::{
+    Coupon, CouponTerms, Discount, IssueWindow, UserCoupon, UserCouponStatus, ValidDays,
+    parse_total_quantity,
+};
 pub use idempotency::IdempotencyKey;
 pub use ids::{CouponId, OrderId, PaymentId, ProductId, UserCouponId, UserId};
 pub use money::Won;

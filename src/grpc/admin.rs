@@ -7,12 +7,14 @@ use tonic::{Request, Response, Status, service::Interceptor};
 
 use super::convert;
 use crate::{
-    app::{App, NewProduct, ProductChanges},
-    domain::{DisplayName, ProductId, Won, parse_stock},
+    app::{App, CouponStock, NewCoupon, NewProduct, ProductChanges},
+    domain::{
+        DisplayName, IssueWindow, ProductId, ValidDays, Won, parse_stock, parse_total_quantity,
+    },
     error::AppError,
     proto::{
-        CreateProductRequest, CreateProductResponse, UpdateProductRequest, UpdateProductResponse,
-        admin_service_server::AdminService,
+        CreateCouponRequest, CreateCouponResponse, CreateProductRequest, CreateProductResponse,
+        UpdateProductRequest, UpdateProductResponse, admin_service_server::AdminService,
     },
 };
 
@@ -91,6 +93,29 @@ impl AdminService for AdminHandler {
         let product = self.app.update_product(id, changes).await?;
         Ok(Response::new(UpdateProductResponse {
             product: Some(convert::product(product)),
+        }))
+    }
+
+    async fn create_coupon(
+        &self,
+        request: Request<CreateCouponRequest>,
+    ) -> Result<Response<CreateCouponResponse>, Status> {
+        let req = request.into_inner();
+        let new = NewCoupon {
+            name: DisplayName::parse(req.name, "name")?,
+            discount: convert::parse_discount(req.discount)?,
+            min_order_amount: Won::parse_non_negative(req.min_order_amount, "min_order_amount")?,
+            total_quantity: parse_total_quantity(req.total_quantity)?,
+            window: IssueWindow::parse(
+                convert::parse_timestamp(req.issue_starts_at, "issue_starts_at")?,
+                convert::parse_timestamp(req.issue_ends_at, "issue_ends_at")?,
+            )?,
+            valid_days: ValidDays::parse(req.valid_days)?,
+        };
+        let coupon = self.app.create_coupon(new).await?;
+        let remaining = coupon.total_quantity;
+        Ok(Response::new(CreateCouponResponse {
+            coupon: Some(convert::coupon(CouponStock { coupon, remaining })),
         }))
     }
 }

@@ -4,7 +4,11 @@ use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
 
 use crate::{
-    domain::{LedgerEntry, LedgerKind, Product, ProductStatus, ValidationError},
+    app::CouponStock,
+    domain::{
+        CouponTerms, Discount, LedgerEntry, LedgerKind, Product, ProductStatus, UserCoupon,
+        UserCouponStatus, ValidationError,
+    },
     proto,
 };
 
@@ -80,6 +84,74 @@ pub fn ledger_entry(e: LedgerEntry) -> proto::BalanceHistoryEntry {
         balance_after: e.balance_after.get(),
         order_id: e.order_id.map_or(0, |id| id.get()),
         created_at: timestamp(e.created_at),
+    }
+}
+
+pub fn discount(d: Discount) -> proto::Discount {
+    let kind = match d {
+        Discount::Fixed { amount } => proto::discount::Kind::Fixed(proto::FixedDiscount {
+            amount: amount.get(),
+        }),
+        Discount::Percent {
+            percent,
+            max_discount,
+        } => proto::discount::Kind::Percent(proto::PercentDiscount {
+            percent: i32::from(percent),
+            max_discount: max_discount.map_or(0, |m| m.get()),
+        }),
+    };
+    proto::Discount { kind: Some(kind) }
+}
+
+pub fn parse_discount(d: Option<proto::Discount>) -> Result<Discount, ValidationError> {
+    match d.and_then(|d| d.kind) {
+        Some(proto::discount::Kind::Fixed(f)) => Discount::fixed(f.amount),
+        Some(proto::discount::Kind::Percent(p)) => Discount::percent(p.percent, p.max_discount),
+        None => Err(ValidationError::new(
+            "discount",
+            "is required: set fixed or percent",
+        )),
+    }
+}
+
+pub fn coupon_terms(t: CouponTerms) -> proto::CouponTerms {
+    proto::CouponTerms {
+        name: t.name.into_inner(),
+        discount: Some(discount(t.discount)),
+        min_order_amount: t.min_order_amount.get(),
+        valid_days: t.valid_days.get(),
+    }
+}
+
+pub fn coupon(stock: CouponStock) -> proto::Coupon {
+    let c = stock.coupon;
+    proto::Coupon {
+        id: c.id.get(),
+        terms: Some(coupon_terms(c.terms)),
+        total_quantity: c.total_quantity,
+        remaining_quantity: stock.remaining,
+        issue_starts_at: timestamp(c.window.starts_at()),
+        issue_ends_at: timestamp(c.window.ends_at()),
+        created_at: timestamp(c.created_at),
+    }
+}
+
+pub fn user_coupon(uc: UserCoupon, now: DateTime<Utc>) -> proto::UserCoupon {
+    let status = match uc.status.effective(uc.expires_at, now) {
+        UserCouponStatus::Available => proto::UserCouponStatus::Available,
+        UserCouponStatus::Reserved => proto::UserCouponStatus::Reserved,
+        UserCouponStatus::Used => proto::UserCouponStatus::Used,
+        UserCouponStatus::Expired => proto::UserCouponStatus::Expired,
+    };
+    proto::UserCoupon {
+        id: uc.id.get(),
+        coupon_id: uc.coupon_id.get(),
+        user_id: uc.user_id.get(),
+        status: status.into(),
+        issued_at: timestamp(uc.issued_at),
+        expires_at: timestamp(uc.expires_at),
+        terms: Some(coupon_terms(uc.terms)),
+        order_id: uc.order_id.map_or(0, |id| id.get()),
     }
 }
 

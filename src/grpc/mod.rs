@@ -5,6 +5,7 @@ pub mod access_log;
 mod admin;
 mod balance;
 mod convert;
+mod coupon;
 mod product;
 
 use tonic::{server::NamedService, service::Routes};
@@ -34,7 +35,7 @@ pub const SERVICES: &[(&str, &[Dependency])] = &[
         &[Dependency::Postgres, Dependency::Redis],
     ),
     (
-        <CouponServiceServer<Unimplemented> as NamedService>::NAME,
+        <CouponServiceServer<coupon::CouponHandler> as NamedService>::NAME,
         &[Dependency::Postgres, Dependency::Redis],
     ),
     (
@@ -54,7 +55,6 @@ pub const SERVICES: &[(&str, &[Dependency])] = &[
 /// Answers UNIMPLEMENTED for every RPC of the services not built yet.
 pub struct Unimplemented;
 
-impl crate::proto::coupon_service_server::CouponService for Unimplemented {}
 impl crate::proto::order_service_server::OrderService for Unimplemented {}
 impl crate::proto::payment_service_server::PaymentService for Unimplemented {}
 
@@ -86,7 +86,10 @@ pub fn routes(app: App, admin_auth: AdminAuth, limits: Limits) -> Routes {
             ProductServiceServer::new(product::ProductHandler { app: app.clone() })
                 .max_decoding_message_size(max),
         )
-        .add_service(CouponServiceServer::new(Unimplemented).max_decoding_message_size(max))
+        .add_service(
+            CouponServiceServer::new(coupon::CouponHandler { app: app.clone() })
+                .max_decoding_message_size(max),
+        )
         .add_service(OrderServiceServer::new(Unimplemented).max_decoding_message_size(max))
         .add_service(PaymentServiceServer::new(Unimplemented).max_decoding_message_size(max))
         .add_service(tonic::service::interceptor::InterceptedService::new(

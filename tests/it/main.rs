@@ -5,5 +5,6 @@ mod support;
 
 mod admin;
 mod balance;
+mod coupons;
 mod health;
 mod products;

@@ -4,6 +4,7 @@
 //! Every key starts with the configured prefix (so tests and tenants share a server safely) and
 //! every multi-key operation uses keys of one hash tag (so it runs unchanged on Redis Cluster).
 
+pub mod coupon_gate;
 mod script;
 
 use std::{sync::Arc, time::Duration};

@@ -5,7 +5,7 @@
 use fred::{
     interfaces::LuaInterface,
     prelude::{Client, FromValue},
-    types::{MultipleKeys, MultipleValues, scripts::Script},
+    types::{Key, MultipleKeys, Value, scripts::Script},
 };
 
 use super::Redis;
@@ -22,25 +22,29 @@ impl LuaScript {
         }
     }
 
-    /// Runs the script. `args` builds the keys and arguments; it is called a second time only
-    /// after a NOSCRIPT reload, so the common path builds them once.
-    pub async fn call<R, F>(&self, redis: &Redis, args: F) -> Result<R, StoreError>
-    where
-        R: FromValue,
-        F: Fn() -> (MultipleKeys, MultipleValues),
-    {
+    /// Runs the script with these keys and arguments.
+    pub async fn call<R: FromValue>(
+        &self,
+        redis: &Redis,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<R, StoreError> {
         let client = redis.client();
-        let (keys, values) = args();
+        let encode = || -> (MultipleKeys, Value) {
+            (
+                keys.iter().map(|k| Key::from(*k)).collect(),
+                Value::Array(args.iter().map(|a| Value::from(*a)).collect()),
+            )
+        };
+        let (k, a) = encode();
         match client
-            .evalsha::<R, _, _, _>(self.script.sha1().clone(), keys, values)
+            .evalsha::<R, _, _, _>(self.script.sha1().clone(), k, a)
             .await
         {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
                 self.load(client).await?;
-                let (keys, values) = args();
-                Ok(client
-                    .evalsha(self.script.sha1().clone(), keys, values)
-                    .await?)
+                let (k, a) = encode();
+                Ok(client.evalsha(self.script.sha1().clone(), k, a).await?)
             }
             other => Ok(other?),
         }

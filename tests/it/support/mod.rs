@@ -165,18 +165,29 @@ impl TestApp {
     }
 }
 
-/// Deletes every key under `prefix` (never anything else: other tests share this Redis).
-pub async fn delete_keys(redis: &fred::clients::Client, prefix: &str) {
-    let keys: Vec<String> = redis
-        .custom(
-            fred::types::CustomCommand::new_static("KEYS", None, false),
-            vec![format!("{prefix}*")],
-        )
-        .await
-        .unwrap_or_default();
-    for key in keys {
-        let _: Result<i64, _> = redis.del(key).await;
+/// Deletes every key under `prefix` (never anything else: other tests share this Redis), on
+/// every node of a cluster. Returns how many were deleted.
+pub async fn delete_keys(redis: &fred::clients::Client, prefix: &str) -> usize {
+    use futures::TryStreamExt;
+    let pattern = format!("{prefix}*");
+    let keys: Vec<fred::types::Key> = if redis.is_clustered() {
+        redis
+            .scan_cluster_buffered(pattern, Some(1000), None)
+            .try_collect()
+            .await
+    } else {
+        redis
+            .scan_buffered(pattern, Some(1000), None)
+            .try_collect()
+            .await
     }
+    .unwrap_or_default();
+    let mut deleted = 0;
+    for key in keys {
+        let n: i64 = redis.del(key).await.unwrap_or(0);
+        deleted += n as usize;
+    }
+    deleted
 }
 
 #[derive(Clone)]

@@ -1,0 +1,329 @@
+//! Coupons and issued coupons: the durable record of who holds what.
+//!
+//! Invariant (enforced by the schema, whatever Redis says): at most one coupon per user and
+//! coupon, and at most `total_quantity` issued, because each issued coupon occupies a distinct
+//! seat in `1..=total_quantity`.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
+
+use super::balances::split_page;
+use crate::{
+    domain::{
+        Coupon, CouponId, CouponTerms, Discount, DisplayName, IssueWindow, OrderId, PageSize,
+        PageToken, UserCoupon, UserCouponId, UserCouponStatus, UserId, ValidDays, Won,
+    },
+    store::StoreError,
+};
+
+/// The columns of a coupon row, optionally qualified by a table alias.
+macro_rules! coupon_columns {
+    ($alias:literal) => {
+        concat!(
+            $alias,
+            "id AS c_id, ",
+            $alias,
+            "name AS c_name, ",
+            $alias,
+            "discount_type AS c_discount_type, ",
+            $alias,
+            "discount_amount AS c_discount_amount, ",
+            $alias,
+            "discount_percent AS c_discount_percent, ",
+            $alias,
+            "max_discount AS c_max_discount, ",
+            $alias,
+            "min_order_amount AS c_min_order_amount, ",
+            $alias,
+            "total_quantity AS c_total_quantity, ",
+            $alias,
+            "issue_starts_at AS c_issue_starts_at, ",
+            $alias,
+            "issue_ends_at AS c_issue_ends_at, ",
+            $alias,
+            "valid_days AS c_valid_days, ",
+            $alias,
+            "created_at AS c_created_at"
+        )
+    };
+}
+
+#[derive(sqlx::FromRow)]
+struct CouponRow {
+    c_id: CouponId,
+    c_name: String,
+    c_discount_type: String,
+    c_discount_amount: Option<i64>,
+    c_discount_percent: Option<i16>,
+    c_max_discount: Option<i64>,
+    c_min_order_amount: Won,
+    c_total_quantity: i64,
+    c_issue_starts_at: DateTime<Utc>,
+    c_issue_ends_at: DateTime<Utc>,
+    c_valid_days: i32,
+    c_created_at: DateTime<Utc>,
+}
+
+impl CouponRow {
+    fn into_coupon(self) -> Result<Coupon, StoreError> {
+        let id = self.c_id;
+        let corrupt = |what: &str| StoreError::Inconsistent(format!("coupon {id}: {what}"));
+        let discount = match (
+            self.c_discount_type.as_str(),
+            self.c_discount_amount,
+            self.c_discount_percent,
+        ) {
+            ("FIXED", Some(amount), None) => Discount::Fixed {
+                amount: Won::new(amount),
+            },
+            ("PERCENT", None, Some(percent)) => Discount::Percent {
+                percent: u8::try_from(percent).map_err(|_| corrupt("percent"))?,
+                max_discount: self.c_max_discount.map(Won::new),
+            },
+            _ => return Err(corrupt("discount shape")),
+        };
+        Ok(Coupon {
+            id,
+            terms: CouponTerms {
+                name: DisplayName::parse(self.c_name, "name").map_err(|_| corrupt("name"))?,
+                discount,
+                min_order_amount: self.c_min_order_amount,
+                valid_days: ValidDays::parse(self.c_valid_days)
+                    .map_err(|_| corrupt("valid_days"))?,
+            },
+            total_quantity: self.c_total_quantity,
+            window: IssueWindow::parse(self.c_issue_starts_at, self.c_issue_ends_at)
+                .map_err(|_| corrupt("window"))?,
+            created_at: self.c_created_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct UserCouponRow {
+    id: UserCouponId,
+    coupon_id: CouponId,
+    user_id: UserId,
+    status: UserCouponStatus,
+    order_id: Option<OrderId>,
+    issued_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    #[sqlx(flatten)]
+    coupon: CouponRow,
+}
+
+impl UserCouponRow {
+    fn into_user_coupon(self) -> Result<UserCoupon, StoreError> {
+        Ok(UserCoupon {
+            id: self.id,
+            coupon_id: self.coupon_id,
+            user_id: self.user_id,
+            status: self.status,
+            order_id: self.order_id,
+            issued_at: self.issued_at,
+            expires_at: self.expires_at,
+            terms: self.coupon.into_coupon()?.terms,
+        })
+    }
+}
+
+pub struct NewCoupon {
+    pub name: DisplayName,
+    pub discount: Discount,
+    pub min_order_amount: Won,
+    pub total_quantity: i64,
+    pub window: IssueWindow,
+    pub valid_days: ValidDays,
+}
+
+pub async fn create(db: impl PgExecutor<'_>, new: NewCoupon) -> Result<Coupon, StoreError> {
+    let (kind, amount, percent, max) = match new.discount {
+        Discount::Fixed { amount } => ("FIXED", Some(amount.get()), None, None),
+        Discount::Percent {
+            percent,
+            max_discount,
+        } => (
+            "PERCENT",
+            None,
+            Some(i16::from(percent)),
+            max_discount.map(Won::get),
+        ),
+    };
+    let row: CouponRow = sqlx::query_as(concat!(
+        "INSERT INTO coupons (name, discount_type, discount_amount, discount_percent,
+             max_discount, min_order_amount, total_quantity, issue_starts_at, issue_ends_at,
+             valid_days)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         RETURNING ",
+        coupon_columns!("")
+    ))
+    .bind(new.name.as_str())
+    .bind(kind)
+    .bind(amount)
+    .bind(percent)
+    .bind(max)
+    .bind(new.min_order_amount)
+    .bind(new.total_quantity)
+    .bind(new.window.starts_at())
+    .bind(new.window.ends_at())
+    .bind(new.valid_days.get())
+    .fetch_one(db)
+    .await?;
+    row.into_coupon()
+}
+
+pub async fn get(db: impl PgExecutor<'_>, id: CouponId) -> Result<Option<Coupon>, StoreError> {
+    let row: Option<CouponRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        coupon_columns!(""),
+        " FROM coupons WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    row.map(CouponRow::into_coupon).transpose()
+}
+
+/// The coupon and how many have been issued.
+pub async fn get_with_issued(
+    db: impl PgExecutor<'_>,
+    id: CouponId,
+) -> Result<Option<(Coupon, i64)>, StoreError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        coupon: CouponRow,
+        issued: i64,
+    }
+    let row: Option<Row> = sqlx::query_as(concat!(
+        "SELECT ",
+        coupon_columns!("c."),
+        ", (SELECT count(*) FROM user_coupons uc WHERE uc.coupon_id = c.id) AS issued
+         FROM coupons c WHERE c.id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    row.map(|r| Ok((r.coupon.into_coupon()?, r.issued)))
+        .transpose()
+}
+
+/// Coupons whose issue window has not been closed for long: the ones whose Redis gate may
+/// still matter and so may need repair.
+pub async fn issuable_around(
+    db: impl PgExecutor<'_>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Coupon>, StoreError> {
+    let rows: Vec<CouponRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        coupon_columns!(""),
+        " FROM coupons
+         WHERE issue_starts_at <= $1 + interval '1 hour' AND issue_ends_at > $1 - interval '1 hour'
+         ORDER BY id"
+    ))
+    .bind(now)
+    .fetch_all(db)
+    .await?;
+    rows.into_iter().map(CouponRow::into_coupon).collect()
+}
+
+/// A seat held in Postgres.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct HeldSeat {
+    pub user_id: UserId,
+    pub seat: i64,
+    pub issued_at: DateTime<Utc>,
+}
+
+pub async fn held_seats(
+    db: impl PgExecutor<'_>,
+    coupon_id: CouponId,
+) -> Result<Vec<HeldSeat>, StoreError> {
+    let seats = sqlx::query_as(
+        "SELECT user_id, seat, issued_at FROM user_coupons WHERE coupon_id = $1 ORDER BY seat",
+    )
+    .bind(coupon_id)
+    .fetch_all(db)
+    .await?;
+    Ok(seats)
+}
+
+/// Why Postgres refused to record a coupon the gate had granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IssueRefusal {
+    /// The user already holds this coupon.
+    AlreadyIssued,
+    /// Another user holds this seat (the gate was rebuilt while that insert was in flight).
+    SeatTaken,
+    /// The seat is beyond the coupon's total quantity.
+    SeatBeyondTotal,
+    /// No such coupon.
+    NoCoupon,
+}
+
+/// Records the coupon `seat` for `user_id`, in one statement.
+pub async fn issue(
+    db: impl PgExecutor<'_>,
+    coupon_id: CouponId,
+    user_id: UserId,
+    seat: i64,
+) -> Result<Result<UserCoupon, IssueRefusal>, StoreError> {
+    let inserted = sqlx::query_as::<_, UserCouponRow>(concat!(
+        "WITH c AS (SELECT * FROM coupons WHERE id = $1),
+         ins AS (
+             INSERT INTO user_coupons (coupon_id, user_id, seat, expires_at)
+             SELECT c.id, $2, $3, now() + make_interval(days => c.valid_days) FROM c
+             RETURNING id, coupon_id, user_id, status, order_id, issued_at, expires_at
+         )
+         SELECT ins.*, ",
+        coupon_columns!("c."),
+        " FROM ins CROSS JOIN c"
+    ))
+    .bind(coupon_id)
+    .bind(user_id)
+    .bind(seat)
+    .fetch_optional(db)
+    .await;
+    match inserted {
+        Ok(Some(row)) => Ok(Ok(row.into_user_coupon()?)),
+        Ok(None) => Ok(Err(IssueRefusal::NoCoupon)),
+        Err(e) => {
+            let error = StoreError::from(e);
+            match error.violated_constraint() {
+                Some("user_coupons_one_per_user") => Ok(Err(IssueRefusal::AlreadyIssued)),
+                Some("user_coupons_seat_unique") => Ok(Err(IssueRefusal::SeatTaken)),
+                Some("user_coupons_seat_within_total") => Ok(Err(IssueRefusal::SeatBeyondTotal)),
+                _ => Err(error),
+            }
+        }
+    }
+}
+
+/// A user's coupons, newest first.
+pub async fn user_coupons_page(
+    db: impl PgExecutor<'_>,
+    user_id: UserId,
+    page_size: PageSize,
+    after: Option<PageToken>,
+) -> Result<(Vec<UserCoupon>, Option<PageToken>), StoreError> {
+    let mut rows: Vec<UserCouponRow> = sqlx::query_as(concat!(
+        "SELECT uc.id, uc.coupon_id, uc.user_id, uc.status, uc.order_id, uc.issued_at,
+             uc.expires_at, ",
+        coupon_columns!("c."),
+        " FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
+         WHERE uc.user_id = $1 AND uc.id < $2
+         ORDER BY uc.id DESC
+         LIMIT $3"
+    ))
+    .bind(user_id)
+    .bind(after.map_or(i64::MAX, PageToken::last_key))
+    .bind(page_size.get() + 1)
+    .fetch_all(db)
+    .await?;
+    let next = split_page(&mut rows, page_size, |r| r.id.get());
+    let coupons = rows
+        .into_iter()
+        .map(UserCouponRow::into_user_coupon)
+        .collect::<Result<_, _>>()?;
+    Ok((coupons, next))
+}

@@ -1,0 +1,36 @@
+-- Decides one coupon request atomically: loaded? in the issue window? already a holder? a seat
+-- left? then takes the seat and records the holder.
+--
+-- KEYS[1] state   hash: total, next (next never-used seat), starts, ends (ms), gen; or missing=1
+-- KEYS[2] holders hash: user id -> "seat:won_at_ms" (and the sentinel field "_")
+-- KEYS[3] free    list: seats given back (failed inserts, repaired crashes)
+-- ARGV[1] user id, ARGV[2] now (ms)
+--
+-- Returns {"OK", seat, holder value, gen} | {"NOT_LOADED"} | {"NOT_FOUND"} | {"NOT_ISSUABLE"}
+--       | {"ALREADY"} | {"SOLD_OUT"}
+local state = redis.call('HMGET', KEYS[1], 'total', 'next', 'starts', 'ends', 'gen', 'missing')
+if not state[1] then
+  if state[6] then
+    return {'NOT_FOUND'}
+  end
+  return {'NOT_LOADED'}
+end
+local now = tonumber(ARGV[2])
+if now < tonumber(state[3]) or now >= tonumber(state[4]) then
+  return {'NOT_ISSUABLE'}
+end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  return {'ALREADY'}
+end
+local seat = redis.call('LPOP', KEYS[3])
+if not seat then
+  local next_seat = tonumber(state[2])
+  if next_seat > tonumber(state[1]) then
+    return {'SOLD_OUT'}
+  end
+  seat = tostring(next_seat)
+  redis.call('HINCRBY', KEYS[1], 'next', 1)
+end
+local holder = seat .. ':' .. ARGV[2]
+redis.call('HSET', KEYS[2], ARGV[1], holder)
+return {'OK', seat, holder, state[5]}

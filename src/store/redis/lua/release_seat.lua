@@ -1,0 +1,21 @@
+-- Undoes one win whose Postgres insert failed: removes the holder and, when the seat is still
+-- free in Postgres, gives it back. Does nothing if the state was rebuilt since the win (another
+-- generation): the rebuild read Postgres, which is the truth.
+--
+-- KEYS[1] state, KEYS[2] holders, KEYS[3] free
+-- ARGV[1] user id, ARGV[2] holder value the win wrote, ARGV[3] generation of the win,
+-- ARGV[4] "1" to give the seat back, ARGV[5] the seat
+-- Returns 1 when undone, 0 when there was nothing to undo.
+if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[3] then
+  return 0
+end
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+if ARGV[4] == '1' then
+  redis.call('RPUSH', KEYS[3], ARGV[5])
+  -- The list may have been emptied (and deleted) since the load: keep the state's expiry.
+  redis.call('PEXPIRE', KEYS[3], redis.call('PTTL', KEYS[1]))
+end
+return 1

@@ -1,0 +1,601 @@
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use ecommerce::proto::{
+    CreateCouponRequest, Discount, FixedDiscount, GetCouponRequest, IssueCouponRequest,
+    ListUserCouponsRequest, PercentDiscount, UserCouponStatus, discount,
+};
+use fred::interfaces::{HashesInterface, ListInterface};
+use futures::future::join_all;
+use prost_types::Timestamp;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tonic::Code;
+
+use crate::support::{
+    TestApp, assert_error, delete_keys, eventually, invalid_field, reason, spawn_app,
+    spawn_app_with,
+};
+
+fn ts(at: DateTime<Utc>) -> Option<Timestamp> {
+    Some(Timestamp {
+        seconds: at.timestamp(),
+        nanos: 0,
+    })
+}
+
+fn fixed(amount: i64) -> Option<Discount> {
+    Some(Discount {
+        kind: Some(discount::Kind::Fixed(FixedDiscount { amount })),
+    })
+}
+
+pub fn coupon_request(total: i64) -> CreateCouponRequest {
+    let now = Utc::now();
+    CreateCouponRequest {
+        name: "flash sale 5,000 off".into(),
+        discount: fixed(5_000),
+        min_order_amount: 0,
+        total_quantity: total,
+        issue_starts_at: ts(now - chrono::Duration::minutes(1)),
+        issue_ends_at: ts(now + chrono::Duration::hours(1)),
+        valid_days: 7,
+    }
+}
+
+pub async fn create_coupon_with(app: &TestApp, request: CreateCouponRequest) -> i64 {
+    app.admin()
+        .create_coupon(request)
+        .await
+        .expect("create coupon")
+        .into_inner()
+        .coupon
+        .expect("coupon")
+        .id
+}
+
+pub async fn create_coupon(app: &TestApp, total: i64) -> i64 {
+    create_coupon_with(app, coupon_request(total)).await
+}
+
+pub async fn issue(app: &TestApp, coupon_id: i64, user_id: i64) -> Result<i64, tonic::Status> {
+    app.coupons()
+        .issue_coupon(IssueCouponRequest { user_id, coupon_id })
+        .await
+        .map(|r| r.into_inner().user_coupon.expect("user coupon").id)
+}
+
+/// Issues to every user at once; returns the winners and a count per (code, reason).
+async fn stampede(
+    app: &TestApp,
+    coupon_id: i64,
+    users: impl Iterator<Item = i64>,
+) -> (Vec<i64>, HashMap<(Code, String), usize>) {
+    let calls = users.map(|user| async move { (user, issue(app, coupon_id, user).await) });
+    let mut winners = Vec::new();
+    let mut refusals = HashMap::new();
+    for (user, result) in join_all(calls).await {
+        match result {
+            Ok(_) => winners.push(user),
+            Err(status) => *refusals.entry(reason(&status)).or_insert(0) += 1,
+        }
+    }
+    (winners, refusals)
+}
+
+async fn issued_in_postgres(app: &TestApp, coupon_id: i64) -> Vec<i64> {
+    sqlx::query_scalar("SELECT user_id FROM user_coupons WHERE coupon_id = $1 ORDER BY user_id")
+        .bind(coupon_id)
+        .fetch_all(&app.pg)
+        .await
+        .unwrap()
+}
+
+async fn remaining(app: &TestApp, coupon_id: i64) -> i64 {
+    app.coupons()
+        .get_coupon(GetCouponRequest { coupon_id })
+        .await
+        .unwrap()
+        .into_inner()
+        .coupon
+        .unwrap()
+        .remaining_quantity
+}
+
+fn sold_out() -> (Code, String) {
+    (Code::ResourceExhausted, "COUPON_SOLD_OUT".into())
+}
+
+#[sqlx::test(migrations = false)]
+async fn thousand_users_share_a_hundred_coupons(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db).await;
+    let coupon = create_coupon(&app, 100).await;
+    let (mut winners, refusals) = stampede(&app, coupon, 1..=1000).await;
+
+    assert_eq!(winners.len(), 100);
+    assert_eq!(refusals, HashMap::from([(sold_out(), 900)]));
+    winners.sort_unstable();
+    assert_eq!(
+        issued_in_postgres(&app, coupon).await,
+        winners,
+        "every winner is durable"
+    );
+    assert_eq!(remaining(&app, coupon).await, 0);
+    let distinct: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT user_id) FROM user_coupons WHERE coupon_id = $1")
+            .bind(coupon)
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+    assert_eq!(distinct, 100);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn one_user_asking_fifty_times_gets_one(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db).await;
+    let coupon = create_coupon(&app, 10).await;
+    let (winners, refusals) = stampede(&app, coupon, std::iter::repeat_n(77, 50)).await;
+    assert_eq!(winners, vec![77]);
+    assert_eq!(
+        refusals,
+        HashMap::from([(
+            (Code::AlreadyExists, "COUPON_ALREADY_ISSUED".to_string()),
+            49
+        )])
+    );
+    assert_eq!(issued_in_postgres(&app, coupon).await, vec![77]);
+    assert_eq!(remaining(&app, coupon).await, 9);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_single_coupon_has_a_single_winner(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db).await;
+    let coupon = create_coupon(&app, 1).await;
+    let (winners, refusals) = stampede(&app, coupon, 1..=200).await;
+    assert_eq!(winners.len(), 1);
+    assert_eq!(refusals, HashMap::from([(sold_out(), 199)]));
+    assert_eq!(issued_in_postgres(&app, coupon).await, winners);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn two_stampedes_at_once_do_not_interfere(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db).await;
+    let first = create_coupon(&app, 50).await;
+    let second = create_coupon(&app, 30).await;
+    let ((a, _), (b, _)) = tokio::join!(
+        stampede(&app, first, 1..=300),
+        stampede(&app, second, 1..=300)
+    );
+    assert_eq!((a.len(), b.len()), (50, 30));
+    assert_eq!(issued_in_postgres(&app, first).await.len(), 50);
+    assert_eq!(issued_in_postgres(&app, second).await.len(), 30);
+    app.stop().await;
+}
+
+/// What the gate in Redis believes: holders and seats left.
+async fn gate_state(app: &TestApp, coupon: i64) -> Option<(HashSet<i64>, i64)> {
+    let state = format!("{}coupon:{{{coupon}}}:state", app.redis_prefix);
+    let holders = format!("{}coupon:{{{coupon}}}:holders", app.redis_prefix);
+    let free = format!("{}coupon:{{{coupon}}}:free", app.redis_prefix);
+    let fields: Vec<Option<i64>> = app.redis.hmget(&state, vec!["total", "next"]).await.ok()?;
+    let (total, next) = (fields[0]?, fields[1]?);
+    let free_len: i64 = app.redis.llen(&free).await.ok()?;
+    let holder_map: HashMap<String, String> = app.redis.hgetall(&holders).await.ok()?;
+    let users = holder_map
+        .keys()
+        .filter(|k| k.as_str() != "_")
+        .map(|k| k.parse().unwrap())
+        .collect();
+    Some((users, (total - next + 1) + free_len))
+}
+
+/// True when the gate has exactly Postgres's holders and seats.
+async fn gate_agrees(app: &TestApp, coupon: i64, total: i64) -> bool {
+    let in_pg: HashSet<i64> = issued_in_postgres(app, coupon).await.into_iter().collect();
+    match gate_state(app, coupon).await {
+        Some((holders, left)) => holders == in_pg && left == total - in_pg.len() as i64,
+        None => false,
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn redis_forgetting_mid_stampede_never_over_issues(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app_with(db, |s| {
+        s.set("COUPON_RECONCILE_INTERVAL_SECS", 1)
+            .set("COUPON_ORPHAN_GRACE_MS", 500);
+    })
+    .await;
+    let coupon = create_coupon(&app, 300).await;
+    // 2,000 users in ten waves of 200 concurrent requests. During the second wave every key of
+    // this test is lost, as a Redis restart without persistence would lose it.
+    let mut winners = Vec::new();
+    let mut refusals: HashMap<(Code, String), usize> = HashMap::new();
+    let mut wiped = 0;
+    for wave in 0..10_i64 {
+        let users = wave * 200 + 1..=wave * 200 + 200;
+        let ((won, refused), deleted) = tokio::join!(stampede(&app, coupon, users), async {
+            if wave == 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                delete_keys(&app.redis, &app.redis_prefix).await
+            } else {
+                0
+            }
+        });
+        winners.extend(won);
+        for (k, v) in refused {
+            *refusals.entry(k).or_default() += v;
+        }
+        wiped += deleted;
+    }
+    assert!(wiped > 0, "the gate was loaded when it was wiped");
+
+    let in_pg = issued_in_postgres(&app, coupon).await;
+    assert!(in_pg.len() <= 300, "over-issued: {}", in_pg.len());
+    let winners: HashSet<i64> = winners.into_iter().collect();
+    assert!(
+        winners.iter().all(|w| in_pg.contains(w)),
+        "every success is recorded in Postgres"
+    );
+    for (code_reason, _) in &refusals {
+        assert!(
+            [
+                sold_out(),
+                (Code::AlreadyExists, "COUPON_ALREADY_ISSUED".to_string()),
+                (Code::Unavailable, "DEPENDENCY_UNAVAILABLE".to_string()),
+            ]
+            .contains(code_reason),
+            "unexpected refusal {code_reason:?}"
+        );
+    }
+
+    // The reconciliation job brings the gate back in line with Postgres.
+    assert!(
+        eventually(Duration::from_secs(15), || gate_agrees(&app, coupon, 300)).await,
+        "gate {:?} vs {} in Postgres",
+        gate_state(&app, coupon).await,
+        in_pg.len()
+    );
+    // Issuing resumes: new users get what is left, and never more.
+    let left = 300 - in_pg.len();
+    let (more, _) = stampede(&app, coupon, 5001..=5000 + left as i64 + 20).await;
+    assert_eq!(more.len(), left);
+    assert_eq!(issued_in_postgres(&app, coupon).await.len(), 300);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_failed_insert_gives_the_seat_back(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db).await;
+    let coupon = create_coupon(&app, 1).await;
+    // The database refuses user 666's coupon as a full disk would.
+    sqlx::raw_sql(
+        "CREATE FUNCTION fail_user_666() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.user_id = 666 THEN
+                 RAISE EXCEPTION 'disk full' USING ERRCODE = 'disk_full';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER fail_user_666 BEFORE INSERT ON user_coupons
+             FOR EACH ROW EXECUTE FUNCTION fail_user_666();",
+    )
+    .execute(&app.pg)
+    .await
+    .unwrap();
+
+    let failed = issue(&app, coupon, 666).await;
+    assert_error(failed, Code::Unavailable, "DEPENDENCY_UNAVAILABLE");
+    assert!(issued_in_postgres(&app, coupon).await.is_empty());
+    assert!(
+        gate_agrees(&app, coupon, 1).await,
+        "the seat is back and 666 holds nothing"
+    );
+
+    issue(&app, coupon, 1)
+        .await
+        .expect("the only seat is still there");
+    assert_error(
+        issue(&app, coupon, 2).await,
+        Code::ResourceExhausted,
+        "COUPON_SOLD_OUT",
+    );
+    sqlx::raw_sql("DROP TRIGGER fail_user_666 ON user_coupons")
+        .execute(&app.pg)
+        .await
+        .unwrap();
+    assert_error(
+        issue(&app, coupon, 666).await,
+        Code::ResourceExhausted,
+        "COUPON_SOLD_OUT",
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_crash_between_gate_and_insert_is_repaired(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app_with(db, |s| {
+        s.set("COUPON_RECONCILE_INTERVAL_SECS", 1)
+            .set("COUPON_ORPHAN_GRACE_MS", 500);
+    })
+    .await;
+    let coupon = create_coupon(&app, 2).await;
+    issue(&app, coupon, 1)
+        .await
+        .expect("loads the gate and takes seat 1");
+
+    // What a replica that died right after winning seat 2 for user 99 leaves behind.
+    let state = format!("{}coupon:{{{coupon}}}:state", app.redis_prefix);
+    let holders = format!("{}coupon:{{{coupon}}}:holders", app.redis_prefix);
+    let won_a_minute_ago = (Utc::now().timestamp_millis() - 60_000).to_string();
+    let _: i64 = app.redis.hincrby(&state, "next", 1).await.unwrap();
+    let _: i64 = app
+        .redis
+        .hset(&holders, ("99", format!("2:{won_a_minute_ago}")))
+        .await
+        .unwrap();
+    // Until the repair, the lost seat looks taken. The job may already have repaired it.
+    if let Err(status) = issue(&app, coupon, 2).await {
+        assert_eq!(reason(&status), sold_out());
+        assert!(
+            eventually(Duration::from_secs(10), || gate_agrees(&app, coupon, 2)).await,
+            "the job repairs the gate"
+        );
+        issue(&app, coupon, 2)
+            .await
+            .expect("the repaired seat is issuable");
+    }
+    assert_eq!(issued_in_postgres(&app, coupon).await, vec![1, 2]);
+    assert_error(
+        issue(&app, coupon, 99).await,
+        Code::ResourceExhausted,
+        "COUPON_SOLD_OUT",
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn errors_and_issue_window(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db).await;
+    let now = Utc::now();
+    for _ in 0..2 {
+        // The second time the answer comes from the cached "no such coupon".
+        assert_error(
+            issue(&app, 4242, 1).await,
+            Code::NotFound,
+            "COUPON_NOT_FOUND",
+        );
+    }
+    let later = create_coupon_with(
+        &app,
+        CreateCouponRequest {
+            issue_starts_at: ts(now + chrono::Duration::hours(1)),
+            issue_ends_at: ts(now + chrono::Duration::hours(2)),
+            ..coupon_request(5)
+        },
+    )
+    .await;
+    let over = create_coupon_with(
+        &app,
+        CreateCouponRequest {
+            issue_starts_at: ts(now - chrono::Duration::hours(2)),
+            issue_ends_at: ts(now - chrono::Duration::hours(1)),
+            ..coupon_request(5)
+        },
+    )
+    .await;
+    for coupon in [later, over] {
+        assert_error(
+            issue(&app, coupon, 1).await,
+            Code::FailedPrecondition,
+            "COUPON_NOT_ISSUABLE",
+        );
+    }
+    for (user, coupon, field) in [
+        (0, later, "user_id"),
+        (1, 0, "coupon_id"),
+        (-1, -1, "user_id"),
+    ] {
+        let status = issue(&app, coupon, user).await.unwrap_err();
+        assert_eq!(invalid_field(&status), field);
+    }
+    let missing = app
+        .coupons()
+        .get_coupon(GetCouponRequest { coupon_id: 999 })
+        .await;
+    assert_error(missing, Code::NotFound, "COUPON_NOT_FOUND");
+    assert_eq!(remaining(&app, later).await, 5);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn user_coupons_list_with_status_and_terms(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db).await;
+    let percent = create_coupon_with(
+        &app,
+        CreateCouponRequest {
+            name: "10% off, up to 3,000".into(),
+            discount: Some(Discount {
+                kind: Some(discount::Kind::Percent(PercentDiscount {
+                    percent: 10,
+                    max_discount: 3_000,
+                })),
+            }),
+            min_order_amount: 20_000,
+            valid_days: 30,
+            ..coupon_request(10)
+        },
+    )
+    .await;
+    let fixed_coupon = create_coupon(&app, 10).await;
+    issue(&app, percent, 5).await.unwrap();
+    let expired = issue(&app, fixed_coupon, 5).await.unwrap();
+    sqlx::query("UPDATE user_coupons SET expires_at = now() - interval '1 day' WHERE id = $1")
+        .bind(expired)
+        .execute(&app.pg)
+        .await
+        .unwrap();
+
+    let listed = app
+        .coupons()
+        .list_user_coupons(ListUserCouponsRequest {
+            user_id: 5,
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.next_page_token.is_empty());
+    let [newest, oldest] = listed.user_coupons.as_slice() else {
+        panic!("two coupons expected: {listed:?}");
+    };
+    assert_eq!(newest.id, expired);
+    assert_eq!(newest.status(), UserCouponStatus::Expired);
+    assert_eq!(oldest.status(), UserCouponStatus::Available);
+    let terms = oldest.terms.as_ref().unwrap();
+    assert_eq!((terms.min_order_amount, terms.valid_days), (20_000, 30));
+    let issued = oldest.issued_at.unwrap().seconds;
+    let expires = oldest.expires_at.unwrap().seconds;
+    assert_eq!(expires - issued, 30 * 86_400);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn create_coupon_validates_every_field(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db).await;
+    let now = Utc::now();
+    let percent = |percent, max_discount| {
+        Some(Discount {
+            kind: Some(discount::Kind::Percent(PercentDiscount {
+                percent,
+                max_discount,
+            })),
+        })
+    };
+    let base = coupon_request(10);
+    let cases = [
+        (
+            CreateCouponRequest {
+                name: String::new(),
+                ..base.clone()
+            },
+            "name",
+        ),
+        (
+            CreateCouponRequest {
+                discount: None,
+                ..base.clone()
+            },
+            "discount",
+        ),
+        (
+            CreateCouponRequest {
+                discount: Some(Discount { kind: None }),
+                ..base.clone()
+            },
+            "discount",
+        ),
+        (
+            CreateCouponRequest {
+                discount: fixed(0),
+                ..base.clone()
+            },
+            "discount.fixed.amount",
+        ),
+        (
+            CreateCouponRequest {
+                discount: percent(0, 0),
+                ..base.clone()
+            },
+            "discount.percent.percent",
+        ),
+        (
+            CreateCouponRequest {
+                discount: percent(101, 0),
+                ..base.clone()
+            },
+            "discount.percent.percent",
+        ),
+        (
+            CreateCouponRequest {
+                discount: percent(10, -1),
+                ..base.clone()
+            },
+            "discount.percent.max_discount",
+        ),
+        (
+            CreateCouponRequest {
+                min_order_amount: -1,
+                ..base.clone()
+            },
+            "min_order_amount",
+        ),
+        (
+            CreateCouponRequest {
+                total_quantity: 0,
+                ..base.clone()
+            },
+            "total_quantity",
+        ),
+        (
+            CreateCouponRequest {
+                total_quantity: 1_000_001,
+                ..base.clone()
+            },
+            "total_quantity",
+        ),
+        (
+            CreateCouponRequest {
+                issue_starts_at: None,
+                ..base.clone()
+            },
+            "issue_starts_at",
+        ),
+        (
+            CreateCouponRequest {
+                issue_ends_at: None,
+                ..base.clone()
+            },
+            "issue_ends_at",
+        ),
+        (
+            CreateCouponRequest {
+                issue_starts_at: ts(now),
+                issue_ends_at: ts(now - chrono::Duration::seconds(1)),
+                ..base.clone()
+            },
+            "issue_ends_at",
+        ),
+        (
+            CreateCouponRequest {
+                valid_days: 0,
+                ..base.clone()
+            },
+            "valid_days",
+        ),
+        (
+            CreateCouponRequest {
+                valid_days: 3651,
+                ..base.clone()
+            },
+            "valid_days",
+        ),
+    ];
+    for (request, field) in cases {
+        let status = app.admin().create_coupon(request).await.unwrap_err();
+        assert_eq!(invalid_field(&status), field);
+    }
+    let unauthenticated = app.admin_with_token(None).create_coupon(base).await;
+    assert_error(unauthenticated, Code::Unauthenticated, "UNAUTHENTICATED");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM coupons")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+    app.stop().await;
+}

@@ -120,3 +120,69 @@ wait_serving() {
     done
     return 1
 }
+
+# Two free loopback ports p such that p + 10000 (the cluster bus port) is free too.
+free_cluster_ports() {
+    python3 - "$1" <<'PY'
+import random, socket, sys
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+found = []
+for p in random.sample(range(21000, 39000), 4000):
+    if free(p) and free(p + 10000) and all(abs(p - q) > 1 for q in found):
+        found.append(p)
+        if len(found) == int(sys.argv[1]):
+            break
+print(" ".join(map(str, found)))
+PY
+}
+
+# Starts a 3-master Redis Cluster on free loopback ports, in its own data folder, from the
+# distribution's redis-server. Sets REDIS_CLUSTER_URL and REDIS_CLUSTER_DIR.
+start_redis_cluster() {
+    command -v redis-server >/dev/null || apt_install redis-server redis-tools
+    REDIS_CLUSTER_DIR=$(mktemp -d "${TMPDIR:-/tmp}/ecommerce-redis-cluster.XXXXXX")
+    local ports port nodes=()
+    read -r -a ports <<<"$(free_cluster_ports 3)"
+    [ "${#ports[@]}" = 3 ] || die "no free ports for a Redis Cluster"
+    for port in "${ports[@]}"; do
+        mkdir -p "$REDIS_CLUSTER_DIR/$port"
+        redis-server --port "$port" --bind 127.0.0.1 --daemonize yes \
+            --cluster-enabled yes --cluster-config-file "$REDIS_CLUSTER_DIR/$port/nodes.conf" \
+            --cluster-node-timeout 5000 --dir "$REDIS_CLUSTER_DIR/$port" \
+            --pidfile "$REDIS_CLUSTER_DIR/$port/redis.pid" \
+            --logfile "$REDIS_CLUSTER_DIR/$port/redis.log" --save "" --appendonly no >/dev/null
+        nodes+=("127.0.0.1:$port")
+    done
+    for port in "${ports[@]}"; do
+        for _ in $(seq 1 50); do redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+    done
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+    for port in "${ports[@]}"; do
+        for _ in $(seq 1 100); do
+            redis-cli -p "$port" cluster info 2>/dev/null | grep -q 'cluster_state:ok' && break
+            sleep 0.1
+        done
+        redis-cli -p "$port" cluster info | grep -q 'cluster_state:ok' \
+            || die "Redis Cluster node $port is not ok"
+    done
+    REDIS_CLUSTER_URL="redis-cluster://${nodes[0]}?node=${nodes[1]}&node=${nodes[2]}"
+    export REDIS_CLUSTER_URL REDIS_CLUSTER_DIR
+    say "Redis Cluster up: ${nodes[*]}"
+}
+
+stop_redis_cluster() {
+    [ -n "${REDIS_CLUSTER_DIR:-}" ] && [ -d "$REDIS_CLUSTER_DIR" ] || return 0
+    local pidfile
+    for pidfile in "$REDIS_CLUSTER_DIR"/*/redis.pid; do
+        [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    done
+    sleep 0.2
+    rm -rf "$REDIS_CLUSTER_DIR"
+}

@@ -47,6 +47,9 @@ impl Application {
             &config.redis_key_prefix,
         )
         .context("configuring the Redis client")?;
+        if !redis.wait_connected(Duration::from_secs(5)).await {
+            tracing::warn!("Redis is not reachable yet; starting anyway (NOT_SERVING until it is)");
+        }
         let app = App::new(pg, redis, Settings::from_config(&config));
         if config.seed_demo_data {
             let created = app

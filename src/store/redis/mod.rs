@@ -60,6 +60,16 @@ impl Redis {
         })
     }
 
+    /// Waits up to `timeout` for the first connection (and, on a cluster, its routing table), so
+    /// the first requests do not fail. A Redis that is down does not block start-up: the pool
+    /// keeps reconnecting in the background and health reports NOT_SERVING meanwhile.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(timeout, self.pool.wait_for_connect()).await,
+            Ok(Ok(()))
+        )
+    }
+
     /// A connected client of the pool (round-robin), for one command.
     pub fn client(&self) -> &Client {
         self.pool.next()

@@ -23,8 +23,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos: Vec<PathBuf> = PROTOS.iter().map(PathBuf::from).collect();
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("ecommerce_descriptor.bin"))
-        // RPCs not implemented yet answer UNIMPLEMENTED instead of failing the build.
-        .generate_default_stubs(true)
         .compile_protos(&protos, &[PathBuf::from("proto"), include])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -87,6 +87,8 @@ pub struct Config {
     pub outbox_interval: Duration,
     pub outbox_batch_size: u32,
     pub outbox_max_attempts: u32,
+    pub outbox_retry_base: Duration,
+    pub outbox_retry_max: Duration,
     pub data_platform_sink: SinkKind,
     pub data_platform_timeout: Duration,
     pub ranking_reconcile_interval: Duration,
@@ -233,6 +235,8 @@ impl Config {
             outbox_interval: r.millis("OUTBOX_INTERVAL_MS", 1000),
             outbox_batch_size: r.ranged("OUTBOX_BATCH_SIZE", 100, 1, 10_000),
             outbox_max_attempts: r.ranged("OUTBOX_MAX_ATTEMPTS", 20, 1, 1000),
+            outbox_retry_base: r.millis("OUTBOX_RETRY_BASE_MS", 500),
+            outbox_retry_max: r.millis("OUTBOX_RETRY_MAX_MS", 300_000),
             data_platform_sink,
             data_platform_timeout: r.millis("DATA_PLATFORM_TIMEOUT_MS", 5000),
             ranking_reconcile_interval: Duration::from_secs(r.ranged(

@@ -19,7 +19,7 @@ use crate::{
     grpc::{self, AdminAuth, Limits, access_log::AccessLogLayer},
     health::HealthWatcher,
     jobs::Jobs,
-    store::{postgres, redis::Redis},
+    store::{data_platform::Sink, postgres, redis::Redis},
 };
 
 pub struct Application {
@@ -50,7 +50,9 @@ impl Application {
         if !redis.wait_connected(Duration::from_secs(5)).await {
             tracing::warn!("Redis is not reachable yet; starting anyway (NOT_SERVING until it is)");
         }
-        let app = App::new(pg, redis, Settings::from_config(&config));
+        let sink = Sink::new(&config.data_platform_sink, config.data_platform_timeout)
+            .context("configuring the data platform sink")?;
+        let app = App::new(pg, redis, Settings::from_config(&config), sink);
         if config.seed_demo_data {
             let created = app
                 .seed_demo_catalog()

@@ -5,33 +5,73 @@
 mod balance;
 mod coupons;
 mod demo;
+mod orders;
+mod outbox;
+mod payments;
+mod popular;
 mod products;
 
-pub use crate::store::postgres::coupons::NewCoupon;
-pub use crate::store::postgres::products::{NewProduct, ProductChanges};
 pub use balance::ChargeCommand;
 pub use coupons::{CouponStock, ReconcileReport};
+pub use orders::PlaceOrderCommand;
+pub use outbox::DeliveryReport;
+pub use payments::PayCommand;
+pub use popular::{MAX_POPULAR, PopularDays, PopularLimit, PopularProduct, RankingSettings};
 
-use std::sync::Arc;
+pub use crate::store::postgres::{
+    coupons::NewCoupon,
+    products::{NewProduct, ProductChanges},
+};
+
+use std::{sync::Arc, time::Duration};
 
 use sqlx::PgPool;
+use tokio::sync::Notify;
 
 use crate::{
     config::Config,
     domain::Won,
-    store::redis::{Redis, coupon_gate::CouponGate},
+    store::{
+        data_platform::Sink,
+        redis::{Redis, coupon_gate::CouponGate, ranking::Ranking},
+    },
 };
 
 /// Settings the use cases read.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub max_balance: Won,
+    pub order_ttl: Duration,
+    pub sold_out_marker_ttl: Duration,
+    pub outbox: OutboxSettings,
+    pub ranking: RankingSettings,
+}
+
+#[derive(Clone, Debug)]
+pub struct OutboxSettings {
+    pub batch_size: usize,
+    pub max_attempts: u32,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
 }
 
 impl Settings {
     pub fn from_config(config: &Config) -> Self {
         Self {
             max_balance: config.max_balance,
+            order_ttl: config.order_ttl,
+            sold_out_marker_ttl: config.sold_out_marker_ttl,
+            outbox: OutboxSettings {
+                batch_size: config.outbox_batch_size as usize,
+                max_attempts: config.outbox_max_attempts,
+                retry_base: config.outbox_retry_base,
+                retry_max: config.outbox_retry_max,
+            },
+            ranking: RankingSettings {
+                timezone: config.ranking_timezone,
+                retention_days: config.ranking_retention_days,
+                cache_ttl: config.popular_cache_ttl,
+            },
         }
     }
 }
@@ -46,17 +86,25 @@ struct Inner {
     pg: PgPool,
     redis: Redis,
     settings: Settings,
+    sink: Sink,
     coupon_gate: CouponGate,
+    ranking: Ranking,
+    popular_cache: popular::PopularCache,
+    outbox_nudge: Notify,
 }
 
 impl App {
-    pub fn new(pg: PgPool, redis: Redis, settings: Settings) -> Self {
+    pub fn new(pg: PgPool, redis: Redis, settings: Settings, sink: Sink) -> Self {
         Self {
             inner: Arc::new(Inner {
                 pg,
                 redis,
                 settings,
+                sink,
                 coupon_gate: CouponGate::default(),
+                ranking: Ranking::default(),
+                popular_cache: popular::PopularCache::default(),
+                outbox_nudge: Notify::new(),
             }),
         }
     }
@@ -69,11 +117,33 @@ impl App {
         &self.inner.redis
     }
 
-    pub fn coupon_gate(&self) -> &CouponGate {
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    fn sink(&self) -> &Sink {
+        &self.inner.sink
+    }
+
+    fn coupon_gate(&self) -> &CouponGate {
         &self.inner.coupon_gate
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.inner.settings
+    fn ranking(&self) -> &Ranking {
+        &self.inner.ranking
+    }
+
+    fn popular_cache(&self) -> &popular::PopularCache {
+        &self.inner.popular_cache
+    }
+
+    /// Asks the outbox job to deliver now (a payment just committed).
+    fn nudge_outbox(&self) {
+        self.inner.outbox_nudge.notify_one();
+    }
+
+    /// Resolves when a payment asked for a delivery since the last call.
+    pub async fn outbox_nudged(&self) {
+        self.inner.outbox_nudge.notified().await;
     }
 }

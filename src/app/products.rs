@@ -4,7 +4,10 @@ use super::App;
 use crate::{
     domain::{PageSize, PageToken, Product, ProductId},
     error::{AppError, Resource},
-    store::postgres::products::{self, NewProduct, ProductChanges},
+    store::{
+        postgres::products::{self, NewProduct, ProductChanges},
+        redis::sold_out,
+    },
 };
 
 impl App {
@@ -34,11 +37,17 @@ impl App {
         id: ProductId,
         changes: ProductChanges,
     ) -> Result<Product, AppError> {
-        products::update(self.pg(), id, changes)
-            .await?
-            .ok_or(AppError::NotFound {
-                resource: Resource::Product,
-                id: id.get(),
-            })
+        let product =
+            products::update(self.pg(), id, changes)
+                .await?
+                .ok_or(AppError::NotFound {
+                    resource: Resource::Product,
+                    id: id.get(),
+                })?;
+        // New stock or a new status: let Postgres decide the next order, not a stale marker.
+        if let Err(e) = sold_out::clear(self.redis(), &[id]).await {
+            tracing::warn!(error = %e, "could not clear the sold-out marker; it expires by itself");
+        }
+        Ok(product)
     }
 }

@@ -6,6 +6,7 @@
 
 mod balance;
 mod coupon;
+mod events;
 mod idempotency;
 mod ids;
 mod macros;
@@ -21,12 +22,14 @@ pub use coupon::{
     Coupon, CouponTerms, Discount, IssueWindow, UserCoupon, UserCouponStatus, ValidDays,
     parse_total_quantity,
 };
+pub use events::PaymentCompleted;
 pub use idempotency::IdempotencyKey;
 pub use ids::{CouponId, OrderId, PaymentId, ProductId, UserCouponId, UserId};
 pub use money::Won;
 pub use name::DisplayName;
 pub use order::{
-    MAX_ORDER_LINES, MAX_QUANTITY, OrderLine, OrderLines, OrderStatus, Pricing, Quantity,
+    MAX_ORDER_LINES, MAX_QUANTITY, Order, OrderItem, OrderLine, OrderLines, OrderStatus, Payment,
+    Pricing, Quantity,
 };
 pub use pagination::{PageSize, PageToken};
 pub use product::{Product, ProductStatus, parse_stock};

@@ -3,7 +3,11 @@
 
 use std::collections::HashSet;
 
-use super::{ProductId, ValidationError, Won, macros::text_enum};
+use chrono::{DateTime, Utc};
+
+use super::{
+    OrderId, PaymentId, ProductId, UserCouponId, UserId, ValidationError, Won, macros::text_enum,
+};
 
 pub const MAX_ORDER_LINES: usize = 50;
 pub const MAX_QUANTITY: i32 = 1000;
@@ -118,10 +122,10 @@ pub struct Pricing {
 }
 
 impl Pricing {
-    /// Sums `unit_price * quantity` over the lines; `None` when the total overflows.
-    pub fn total_of(lines: impl IntoIterator<Item = (Won, Quantity)>) -> Option<Won> {
-        lines.into_iter().try_fold(Won::ZERO, |sum, (price, qty)| {
-            sum.checked_add(price.checked_mul(i64::from(qty.get()))?)
+    /// Sums `unit_price * quantity` over the items; `None` when the total overflows.
+    pub fn total_of(items: &[OrderItem]) -> Option<Won> {
+        items.iter().try_fold(Won::ZERO, |sum, item| {
+            sum.checked_add(item.unit_price.checked_mul(i64::from(item.quantity))?)
         })
     }
 
@@ -134,6 +138,39 @@ impl Pricing {
             final_amount: Won::new(total.get() - discount.get()),
         }
     }
+}
+
+/// One line of a placed order, with the name and price as they were when it was placed.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct OrderItem {
+    pub product_id: ProductId,
+    pub name: String,
+    pub unit_price: Won,
+    pub quantity: i32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Order {
+    pub id: OrderId,
+    pub user_id: UserId,
+    pub status: OrderStatus,
+    pub items: Vec<OrderItem>,
+    pub pricing: Pricing,
+    pub user_coupon_id: Option<UserCouponId>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub paid_at: Option<DateTime<Utc>>,
+    pub cancelled_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct Payment {
+    pub id: PaymentId,
+    pub order_id: OrderId,
+    pub user_id: UserId,
+    pub amount: Won,
+    pub balance_after: Won,
+    pub paid_at: DateTime<Utc>,
 }
 
 #[cfg(test)]
@@ -175,15 +212,27 @@ mod tests {
         assert!(parse(&[(1, 1000)]).is_ok());
     }
 
+    fn item(product: i64, price: i64, quantity: i32) -> OrderItem {
+        OrderItem {
+            product_id: ProductId::parse(product, "id").unwrap(),
+            name: format!("product {product}"),
+            unit_price: Won::new(price),
+            quantity,
+        }
+    }
+
     #[test]
     fn pricing_sums_lines_and_subtracts_the_discount() {
-        let q = |n| Quantity(n);
-        let total = Pricing::total_of([(Won::new(1_000), q(3)), (Won::new(2_500), q(2))]).unwrap();
+        let total = Pricing::total_of(&[item(1, 1_000, 3), item(2, 2_500, 2)]).unwrap();
         assert_eq!(total, Won::new(8_000));
         let p = Pricing::new(total, Won::new(1_500));
         assert_eq!(p.final_amount, Won::new(6_500));
         assert_eq!(Pricing::new(total, Won::new(9_000)).final_amount, Won::ZERO);
-        assert_eq!(Pricing::total_of([(Won::new(i64::MAX), q(2))]), None);
+        assert_eq!(Pricing::total_of(&[item(1, i64::MAX, 2)]), None);
+        assert_eq!(
+            Pricing::total_of(&[item(1, i64::MAX, 1), item(2, 1, 1)]),
+            None
+        );
     }
 
     #[test]

@@ -4,10 +4,10 @@ use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
 
 use crate::{
-    app::CouponStock,
+    app::{CouponStock, PopularProduct},
     domain::{
-        CouponTerms, Discount, LedgerEntry, LedgerKind, Product, ProductStatus, UserCoupon,
-        UserCouponStatus, ValidationError,
+        CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderStatus, Payment, Product,
+        ProductStatus, UserCoupon, UserCouponStatus, ValidationError,
     },
     proto,
 };
@@ -152,6 +152,57 @@ pub fn user_coupon(uc: UserCoupon, now: DateTime<Utc>) -> proto::UserCoupon {
         expires_at: timestamp(uc.expires_at),
         terms: Some(coupon_terms(uc.terms)),
         order_id: uc.order_id.map_or(0, |id| id.get()),
+    }
+}
+
+pub fn order(o: Order) -> proto::Order {
+    let status = match o.status {
+        OrderStatus::PendingPayment => proto::OrderStatus::PendingPayment,
+        OrderStatus::Paid => proto::OrderStatus::Paid,
+        OrderStatus::Cancelled => proto::OrderStatus::Cancelled,
+        OrderStatus::Expired => proto::OrderStatus::Expired,
+    };
+    proto::Order {
+        id: o.id.get(),
+        user_id: o.user_id.get(),
+        status: status.into(),
+        items: o
+            .items
+            .into_iter()
+            .map(|i| proto::OrderItem {
+                product_id: i.product_id.get(),
+                name: i.name,
+                unit_price: i.unit_price.get(),
+                quantity: i.quantity,
+            })
+            .collect(),
+        total_amount: o.pricing.total.get(),
+        discount_amount: o.pricing.discount.get(),
+        final_amount: o.pricing.final_amount.get(),
+        user_coupon_id: o.user_coupon_id.map_or(0, |id| id.get()),
+        created_at: timestamp(o.created_at),
+        expires_at: timestamp(o.expires_at),
+        paid_at: optional_timestamp(o.paid_at),
+        cancelled_at: optional_timestamp(o.cancelled_at),
+    }
+}
+
+pub fn payment(p: Payment) -> proto::Payment {
+    proto::Payment {
+        id: p.id.get(),
+        order_id: p.order_id.get(),
+        user_id: p.user_id.get(),
+        amount: p.amount.get(),
+        balance_after: p.balance_after.get(),
+        paid_at: timestamp(p.paid_at),
+    }
+}
+
+pub fn popular_product(p: PopularProduct) -> proto::PopularProduct {
+    proto::PopularProduct {
+        rank: p.rank as i32,
+        product: Some(product(p.product)),
+        sold_quantity: p.sold,
     }
 }
 

@@ -6,6 +6,8 @@ mod admin;
 mod balance;
 mod convert;
 mod coupon;
+mod order;
+mod payment;
 mod product;
 
 use tonic::{server::NamedService, service::Routes};
@@ -39,11 +41,11 @@ pub const SERVICES: &[(&str, &[Dependency])] = &[
         &[Dependency::Postgres, Dependency::Redis],
     ),
     (
-        <OrderServiceServer<Unimplemented> as NamedService>::NAME,
+        <OrderServiceServer<order::OrderHandler> as NamedService>::NAME,
         &[Dependency::Postgres],
     ),
     (
-        <PaymentServiceServer<Unimplemented> as NamedService>::NAME,
+        <PaymentServiceServer<payment::PaymentHandler> as NamedService>::NAME,
         &[Dependency::Postgres],
     ),
     (
@@ -51,12 +53,6 @@ pub const SERVICES: &[(&str, &[Dependency])] = &[
         &[Dependency::Postgres],
     ),
 ];
-
-/// Answers UNIMPLEMENTED for every RPC of the services not built yet.
-pub struct Unimplemented;
-
-impl crate::proto::order_service_server::OrderService for Unimplemented {}
-impl crate::proto::payment_service_server::PaymentService for Unimplemented {}
 
 /// Limits applied to every service.
 #[derive(Clone, Copy, Debug)]
@@ -90,8 +86,14 @@ pub fn routes(app: App, admin_auth: AdminAuth, limits: Limits) -> Routes {
             CouponServiceServer::new(coupon::CouponHandler { app: app.clone() })
                 .max_decoding_message_size(max),
         )
-        .add_service(OrderServiceServer::new(Unimplemented).max_decoding_message_size(max))
-        .add_service(PaymentServiceServer::new(Unimplemented).max_decoding_message_size(max))
+        .add_service(
+            OrderServiceServer::new(order::OrderHandler { app: app.clone() })
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            PaymentServiceServer::new(payment::PaymentHandler { app: app.clone() })
+                .max_decoding_message_size(max),
+        )
         .add_service(tonic::service::interceptor::InterceptedService::new(
             AdminServiceServer::new(admin::AdminHandler { app }).max_decoding_message_size(max),
             admin_auth,

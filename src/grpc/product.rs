@@ -4,10 +4,11 @@ use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::{
-    app::App,
+    app::{App, PopularDays, PopularLimit},
     domain::{PageSize, PageToken, ProductId},
     proto::{
-        GetProductRequest, GetProductResponse, ListProductsRequest, ListProductsResponse,
+        GetPopularProductsRequest, GetPopularProductsResponse, GetProductRequest,
+        GetProductResponse, ListProductsRequest, ListProductsResponse,
         product_service_server::ProductService,
     },
 };
@@ -40,6 +41,19 @@ impl ProductService for ProductHandler {
         let product = self.app.product(id).await?;
         Ok(Response::new(GetProductResponse {
             product: Some(convert::product(product)),
+        }))
+    }
+
+    async fn get_popular_products(
+        &self,
+        request: Request<GetPopularProductsRequest>,
+    ) -> Result<Response<GetPopularProductsResponse>, Status> {
+        let req = request.into_inner();
+        let days = PopularDays::parse(req.days)?;
+        let limit = PopularLimit::parse(req.limit)?;
+        let items = self.app.popular_products(days, limit).await?;
+        Ok(Response::new(GetPopularProductsResponse {
+            items: items.into_iter().map(convert::popular_product).collect(),
         }))
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! Stopping waits for the runs in progress, so a job never stops halfway through a batch.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use sqlx::PgPool;
@@ -17,6 +17,9 @@ use crate::{app::App, config::Config, error::AppError};
 #[derive(Clone, Copy, Debug)]
 enum JobLock {
     CouponReconcile = 0x6563_0001,
+    OrderExpiry = 0x6563_0002,
+    OutboxDelivery = 0x6563_0003,
+    RankingReconcile = 0x6563_0004,
 }
 
 pub struct Jobs {
@@ -50,6 +53,65 @@ impl Jobs {
             },
         )
         .await?;
+        jobs.every(
+            "order-expiry",
+            config.order_expiry_interval,
+            JobLock::OrderExpiry,
+            app.clone(),
+            |app| async move {
+                let expired = app.expire_overdue_orders().await?;
+                if expired > 0 {
+                    tracing::info!(expired, "overdue orders expired");
+                }
+                Ok(())
+            },
+        )
+        .await?;
+        let outbox = jobs
+            .every(
+                "outbox-delivery",
+                config.outbox_interval,
+                JobLock::OutboxDelivery,
+                app.clone(),
+                |app| async move {
+                    let report = app.deliver_outbox().await?;
+                    if report.delivered > 0 {
+                        tracing::debug!(delivered = report.delivered, "outbox delivered");
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+        // A payment nudges the outbox so its event leaves at once instead of at the next tick.
+        jobs.tracker.spawn({
+            let (app, stopping) = (app.clone(), jobs.stopping.clone());
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = stopping.cancelled() => return,
+                        _ = app.outbox_nudged() => outbox.run(app.clone()).await,
+                    }
+                }
+            }
+        });
+        let ranking = jobs
+            .every(
+                "ranking-reconcile",
+                config.ranking_reconcile_interval,
+                JobLock::RankingReconcile,
+                app.clone(),
+                |app| async move {
+                    let days = app.reconcile_ranking().await?;
+                    tracing::debug!(days, "ranking rebuilt from Postgres");
+                    Ok(())
+                },
+            )
+            .await?;
+        // Once at start-up too, so a Redis that restarted empty is refilled right away.
+        jobs.tracker.spawn({
+            let app = app.clone();
+            async move { ranking.run(app).await }
+        });
         jobs.scheduler
             .start()
             .await
@@ -57,6 +119,8 @@ impl Jobs {
         Ok(jobs)
     }
 
+    /// Schedules `run` every `interval`, one replica at a time, and returns a handle that runs
+    /// it on demand under the same guards.
     async fn every<F, Fut>(
         &self,
         name: &'static str,
@@ -64,40 +128,32 @@ impl Jobs {
         lock: JobLock,
         app: App,
         run: F,
-    ) -> anyhow::Result<()>
+    ) -> anyhow::Result<Runner>
     where
         F: Fn(App) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), AppError>> + Send + 'static,
     {
-        let run = Arc::new(run);
-        let running = Arc::new(tokio::sync::Mutex::new(()));
+        let runner = Runner {
+            name,
+            lock,
+            run: Arc::new(move |app| Box::pin(run(app))),
+            running: Arc::new(tokio::sync::Mutex::new(())),
+            stopping: self.stopping.clone(),
+        };
         let tracker = self.tracker.clone();
-        let stopping = self.stopping.clone();
-        let job = Job::new_repeated_async(interval, move |_, _| {
-            let (app, run, running, stopping) =
-                (app.clone(), run.clone(), running.clone(), stopping.clone());
-            Box::pin(tracker.track_future(async move {
-                if stopping.is_cancelled() {
-                    return;
-                }
-                let Ok(_guard) = running.try_lock() else {
-                    tracing::debug!(job = name, "previous run still in progress: skipping");
-                    return;
-                };
-                let pg = app.pg().clone();
-                match singleton(&pg, lock, run(app)).await {
-                    Ok(Some(())) => {}
-                    Ok(None) => tracing::debug!(job = name, "another replica holds the job"),
-                    Err(e) => tracing::warn!(job = name, error = %e, "job run failed"),
-                }
-            }))
+        let job = Job::new_repeated_async(interval, {
+            let runner = runner.clone();
+            move |_, _| {
+                let (app, runner) = (app.clone(), runner.clone());
+                Box::pin(tracker.track_future(async move { runner.run(app).await }))
+            }
         })
         .with_context(|| format!("creating job {name}"))?;
         self.scheduler
             .add(job)
             .await
             .with_context(|| format!("scheduling job {name}"))?;
-        Ok(())
+        Ok(runner)
     }
 
     /// Stops scheduling and waits for the runs in progress.
@@ -108,6 +164,37 @@ impl Jobs {
         }
         self.tracker.close();
         self.tracker.wait().await;
+    }
+}
+
+type JobFn =
+    dyn Fn(App) -> Pin<Box<dyn Future<Output = Result<(), AppError>> + Send>> + Send + Sync;
+
+/// One job with its guards: never two runs at once in this process, never two replicas at once.
+#[derive(Clone)]
+struct Runner {
+    name: &'static str,
+    lock: JobLock,
+    run: Arc<JobFn>,
+    running: Arc<tokio::sync::Mutex<()>>,
+    stopping: CancellationToken,
+}
+
+impl Runner {
+    async fn run(&self, app: App) {
+        if self.stopping.is_cancelled() {
+            return;
+        }
+        let Ok(_guard) = self.running.try_lock() else {
+            tracing::debug!(job = self.name, "previous run still in progress: skipping");
+            return;
+        };
+        let pg = app.pg().clone();
+        match singleton(&pg, self.lock, (self.run)(app)).await {
+            Ok(Some(())) => {}
+            Ok(None) => tracing::debug!(job = self.name, "another replica holds the job"),
+            Err(e) => tracing::warn!(job = self.name, error = %e, "job run failed"),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! Driver errors are classified once, here: anything that means "the dependency cannot be
 //! reached right now" becomes [`StoreError::Unavailable`], which callers see as UNAVAILABLE.
 
+pub mod data_platform;
 pub mod postgres;
 pub mod redis;
 

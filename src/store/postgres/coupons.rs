@@ -299,6 +299,25 @@ pub async fn issue(
     }
 }
 
+/// Locks one issued coupon (for an order being placed) and reads it with its terms.
+pub async fn lock_user_coupon(
+    tx: &mut sqlx::PgConnection,
+    id: UserCouponId,
+) -> Result<Option<UserCoupon>, StoreError> {
+    let row: Option<UserCouponRow> = sqlx::query_as(concat!(
+        "SELECT uc.id, uc.coupon_id, uc.user_id, uc.status, uc.order_id, uc.issued_at,
+             uc.expires_at, ",
+        coupon_columns!("c."),
+        " FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
+         WHERE uc.id = $1
+         FOR UPDATE OF uc"
+    ))
+    .bind(id)
+    .fetch_optional(tx)
+    .await?;
+    row.map(UserCouponRow::into_user_coupon).transpose()
+}
+
 /// A user's coupons, newest first.
 pub async fn user_coupons_page(
     db: impl PgExecutor<'_>,

@@ -4,7 +4,11 @@
 pub mod balances;
 pub mod coupons;
 pub mod idempotency;
+pub mod orders;
+pub mod outbox;
+pub mod payments;
 pub mod products;
+pub mod sales;
 
 use std::time::Duration;
 

@@ -5,7 +5,9 @@
 //! every multi-key operation uses keys of one hash tag (so it runs unchanged on Redis Cluster).
 
 pub mod coupon_gate;
+pub mod ranking;
 mod script;
+pub mod sold_out;
 
 use std::{sync::Arc, time::Duration};
 

@@ -1,0 +1,242 @@
+//! Placing, reading, cancelling and expiring orders.
+//!
+//! Invariant: an order reserves all its stock and its coupon, priced and checked against the
+//! balance, in one transaction, or leaves no trace; cancelling or expiring an open order gives
+//! back exactly what it held. Orders for a product known to be sold out are refused from Redis
+//! without touching Postgres.
+
+use super::App;
+use crate::{
+    domain::{
+        IdempotencyKey, Order, OrderId, OrderLines, OrderStatus, Pricing, ProductId, UserCoupon,
+        UserCouponId, UserCouponStatus, UserId, ValidationError, Won,
+    },
+    error::{AppError, Resource},
+    store::{
+        postgres::{
+            balances, coupons,
+            idempotency::{self, Claim, Operation},
+            orders::{self, LineRefusal, NewOrder},
+        },
+        redis::sold_out,
+    },
+};
+
+pub struct PlaceOrderCommand {
+    pub user_id: UserId,
+    pub lines: OrderLines,
+    pub user_coupon_id: Option<UserCouponId>,
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+impl PlaceOrderCommand {
+    /// What makes two requests "the same request" for an idempotency key.
+    fn fingerprint(&self) -> String {
+        format!(
+            "{};coupon={}",
+            self.lines.fingerprint(),
+            self.user_coupon_id.map_or(0, UserCouponId::get)
+        )
+    }
+}
+
+/// How many overdue orders one expiry transaction closes.
+const EXPIRY_BATCH: i64 = 100;
+
+impl App {
+    pub async fn place_order(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
+        let product_ids: Vec<ProductId> =
+            cmd.lines.as_slice().iter().map(|l| l.product_id).collect();
+        match sold_out::first_marked(self.redis(), &product_ids).await {
+            Ok(Some(product)) => {
+                return Err(AppError::OutOfStock {
+                    product_id: product.get(),
+                });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "sold-out check skipped"),
+        }
+
+        let mut tx = self.pg().begin().await?;
+        if let Some(key) = &cmd.idempotency_key {
+            match idempotency::claim(
+                &mut tx,
+                cmd.user_id,
+                Operation::PlaceOrder,
+                key,
+                &cmd.fingerprint(),
+            )
+            .await?
+            {
+                Claim::Fresh => {}
+                Claim::Replay(order_id) => {
+                    let id = OrderId::parse(order_id, "order_id")?;
+                    return orders::get(&mut tx, id).await?.ok_or_else(|| {
+                        AppError::internal(format!("idempotency result {id} has no order"))
+                    });
+                }
+                Claim::Mismatch => return Err(AppError::IdempotencyKeyReused),
+            }
+        }
+        // Lock order: the coupon first, then products by ascending id (the lines are sorted).
+        let coupon = match cmd.user_coupon_id {
+            Some(id) => Some(usable_coupon(
+                coupons::lock_user_coupon(&mut tx, id).await?,
+                cmd.user_id,
+            )?),
+            None => None,
+        };
+        // Read before any product is locked, to keep the hot rows' lock short. Pay deducts
+        // conditionally, so this check is advice to the buyer, not the guard of the balance.
+        let balance = balances::balance(&mut *tx, cmd.user_id).await?;
+
+        let mut items = Vec::with_capacity(cmd.lines.as_slice().len());
+        for line in cmd.lines.as_slice() {
+            match orders::reserve_line(&mut tx, line).await? {
+                Ok(item) => items.push(item),
+                Err(refusal) => {
+                    drop(tx);
+                    return Err(self.refused_line(refusal).await);
+                }
+            }
+        }
+        let total = Pricing::total_of(&items)
+            .ok_or_else(|| ValidationError::new("items", "the order total is too large"))?;
+        let discount = match &coupon {
+            Some(c) => c
+                .terms
+                .discount_for(total)
+                .ok_or(AppError::CouponUnusable {
+                    why: "below_min_order_amount",
+                })?,
+            None => Won::ZERO,
+        };
+        let pricing = Pricing::new(total, discount);
+        if balance < pricing.final_amount {
+            return Err(AppError::InsufficientBalance {
+                required: pricing.final_amount,
+            });
+        }
+        let order = orders::insert(
+            &mut tx,
+            NewOrder {
+                user_id: cmd.user_id,
+                items: &items,
+                pricing,
+                user_coupon_id: cmd.user_coupon_id,
+                ttl_secs: self.settings().order_ttl.as_secs_f64(),
+                idempotency_key: cmd.idempotency_key.as_ref(),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(order)
+    }
+
+    /// The error for a line that could not be reserved; a product found with no stock at all
+    /// is marked sold out so the next orders for it are refused from Redis.
+    async fn refused_line(&self, refusal: LineRefusal) -> AppError {
+        match refusal {
+            LineRefusal::NoProduct(id) => AppError::NotFound {
+                resource: Resource::Product,
+                id: id.get(),
+            },
+            LineRefusal::NotSelling(id) => AppError::ProductNotSelling {
+                product_id: id.get(),
+            },
+            LineRefusal::OutOfStock { product, left } => {
+                if left == 0 {
+                    let ttl = self.settings().sold_out_marker_ttl;
+                    if let Err(e) = sold_out::mark(self.redis(), product, ttl).await {
+                        tracing::debug!(error = %e, "could not mark a product sold out");
+                    }
+                }
+                AppError::OutOfStock {
+                    product_id: product.get(),
+                }
+            }
+        }
+    }
+
+    pub async fn order(&self, id: OrderId, user_id: UserId) -> Result<Order, AppError> {
+        let mut conn = self.pg().acquire().await?;
+        let order = orders::get(&mut conn, id)
+            .await?
+            .ok_or(AppError::NotFound {
+                resource: Resource::Order,
+                id: id.get(),
+            })?;
+        if order.user_id != user_id {
+            return Err(AppError::NotOrderOwner);
+        }
+        Ok(order)
+    }
+
+    pub async fn cancel_order(&self, id: OrderId, user_id: UserId) -> Result<Order, AppError> {
+        let mut tx = self.pg().begin().await?;
+        let row = orders::lock(&mut tx, id).await?.ok_or(AppError::NotFound {
+            resource: Resource::Order,
+            id: id.get(),
+        })?;
+        if row.user_id != user_id {
+            return Err(AppError::NotOrderOwner);
+        }
+        if !row.status.is_open() {
+            return Err(AppError::OrderClosed { status: row.status });
+        }
+        let items = orders::items(&mut *tx, id).await?;
+        let closed = orders::release(&mut tx, &row, &items, OrderStatus::Cancelled).await?;
+        tx.commit().await?;
+        let order = closed.with_items(items);
+        self.stock_returned(&order).await;
+        Ok(order)
+    }
+
+    /// Closes every open order past its deadline as EXPIRED, giving back its stock and coupon.
+    /// Returns how many were closed.
+    pub async fn expire_overdue_orders(&self) -> Result<usize, AppError> {
+        let mut expired = 0;
+        loop {
+            let mut tx = self.pg().begin().await?;
+            let overdue = orders::lock_overdue(&mut tx, EXPIRY_BATCH).await?;
+            let mut closed = Vec::with_capacity(overdue.len());
+            for row in &overdue {
+                let items = orders::items(&mut *tx, row.id).await?;
+                let row = orders::release(&mut tx, row, &items, OrderStatus::Expired).await?;
+                closed.push(row.with_items(items));
+            }
+            tx.commit().await?;
+            for order in &closed {
+                self.stock_returned(order).await;
+            }
+            expired += closed.len();
+            if (overdue.len() as i64) < EXPIRY_BATCH {
+                return Ok(expired);
+            }
+        }
+    }
+
+    /// Stock came back: its products are no longer sold out.
+    async fn stock_returned(&self, order: &Order) {
+        let products: Vec<ProductId> = order.items.iter().map(|i| i.product_id).collect();
+        if let Err(e) = sold_out::clear(self.redis(), &products).await {
+            tracing::warn!(error = %e, "could not clear sold-out markers; they expire by themselves");
+        }
+    }
+}
+
+/// A coupon the caller may put on a new order: theirs, available and not expired.
+fn usable_coupon(coupon: Option<UserCoupon>, user_id: UserId) -> Result<UserCoupon, AppError> {
+    let coupon = coupon
+        .filter(|c| c.user_id == user_id)
+        .ok_or(AppError::CouponUnusable { why: "not_owned" })?;
+    match coupon
+        .status
+        .effective(coupon.expires_at, chrono::Utc::now())
+    {
+        UserCouponStatus::Available => Ok(coupon),
+        UserCouponStatus::Reserved => Err(AppError::CouponUnusable { why: "reserved" }),
+        UserCouponStatus::Used => Err(AppError::CouponUnusable { why: "used" }),
+        UserCouponStatus::Expired => Err(AppError::CouponUnusable { why: "expired" }),
+    }
+}

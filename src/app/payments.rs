@@ -1,0 +1,111 @@
+//! Paying an order from the buyer's balance.
+//!
+//! Invariants: at most one payment per order; the balance never goes negative and always
+//! equals its ledger; every payment has exactly one PaymentCompleted event in the outbox,
+//! written in the payment's transaction, so the data platform gets every payment even if this
+//! process dies right after the commit.
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::App;
+use crate::{
+    domain::{IdempotencyKey, OrderId, OrderStatus, Payment, PaymentCompleted, PaymentId, UserId},
+    error::{AppError, Resource},
+    store::postgres::{
+        idempotency::{self, Claim, Operation},
+        orders, outbox,
+        payments::{self, PaymentRecord},
+    },
+};
+
+pub struct PayCommand {
+    pub order_id: OrderId,
+    pub user_id: UserId,
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+impl App {
+    pub async fn pay(&self, cmd: PayCommand) -> Result<Payment, AppError> {
+        let mut tx = self.pg().begin().await?;
+        if let Some(key) = &cmd.idempotency_key {
+            let fingerprint = cmd.order_id.get().to_string();
+            match idempotency::claim(&mut tx, cmd.user_id, Operation::Pay, key, &fingerprint)
+                .await?
+            {
+                Claim::Fresh => {}
+                Claim::Replay(payment_id) => {
+                    let id = PaymentId::parse(payment_id, "payment_id")?;
+                    return payments::get(&mut *tx, id).await?.ok_or_else(|| {
+                        AppError::internal(format!("idempotency result {id} has no payment"))
+                    });
+                }
+                Claim::Mismatch => return Err(AppError::IdempotencyKeyReused),
+            }
+        }
+
+        let order = orders::lock(&mut tx, cmd.order_id)
+            .await?
+            .ok_or(AppError::NotFound {
+                resource: Resource::Order,
+                id: cmd.order_id.get(),
+            })?;
+        if order.user_id != cmd.user_id {
+            return Err(AppError::NotOrderOwner);
+        }
+        match order.status {
+            OrderStatus::PendingPayment if order.expires_at <= Utc::now() => {
+                return Err(AppError::OrderExpired);
+            }
+            OrderStatus::PendingPayment => {}
+            OrderStatus::Paid => return Err(AppError::OrderAlreadyPaid),
+            status @ (OrderStatus::Cancelled | OrderStatus::Expired) => {
+                return Err(AppError::OrderClosed { status });
+            }
+        }
+
+        let amount = order.final_amount;
+        let balance_after = payments::deduct(&mut tx, cmd.user_id, amount)
+            .await?
+            .ok_or(AppError::InsufficientBalance { required: amount })?;
+        let payment = payments::record(
+            &mut tx,
+            PaymentRecord {
+                order_id: order.id,
+                user_id: order.user_id,
+                amount,
+                balance_after,
+                user_coupon_id: order.user_coupon_id,
+            },
+        )
+        .await?;
+        let items = orders::items(&mut *tx, order.id).await?;
+        let event = PaymentCompleted {
+            event_id: Uuid::new_v4(),
+            payment_id: payment.id,
+            order_id: order.id,
+            user_id: order.user_id,
+            amount,
+            items,
+            paid_at: payment.paid_at,
+        };
+        let payload = serde_json::to_value(&event).map_err(AppError::internal)?;
+        outbox::enqueue(
+            &mut tx,
+            event.event_id,
+            PaymentCompleted::EVENT_TYPE,
+            payment.id.get(),
+            &payload,
+        )
+        .await?;
+        if let Some(key) = &cmd.idempotency_key {
+            idempotency::complete(&mut tx, cmd.user_id, Operation::Pay, key, payment.id.get())
+                .await?;
+        }
+        tx.commit().await?;
+
+        self.nudge_outbox();
+        self.record_sale(&event.items, payment.paid_at).await;
+        Ok(payment)
+    }
+}

@@ -1,0 +1,259 @@
+//! Popular products: the best sellers of the last days.
+//!
+//! Every payment adds its quantities to the day's Redis bucket after it commits; reads union
+//! the buckets of the window. The top of each window is cached in memory for a few seconds
+//! (with product details), so a burst of reads costs one union and one product query per
+//! window. A job recomputes the buckets from Postgres, which heals lost or doubled bumps and a
+//! wiped Redis. Only paid orders ever count.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use chrono::{DateTime, Days, NaiveDate, Utc};
+use tokio::{sync::Mutex, time::Instant};
+
+use super::App;
+use crate::{
+    domain::{OrderItem, Product, ProductId, ValidationError},
+    error::AppError,
+    store::postgres::{products, sales},
+};
+
+/// How many of the top sellers are kept per window; `limit` can ask for at most this many.
+pub const MAX_POPULAR: usize = 100;
+
+/// The window: the last `days` days, today included (1..=30, default 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PopularDays(u8);
+
+impl PopularDays {
+    pub fn parse(raw: i32) -> Result<Self, ValidationError> {
+        match raw {
+            0 => Ok(Self(3)),
+            1..=30 => Ok(Self(raw as u8)),
+            _ => Err(ValidationError::new("days", "must be between 1 and 30")),
+        }
+    }
+}
+
+/// How many products to return (1..=100, default 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PopularLimit(u8);
+
+impl PopularLimit {
+    pub fn parse(raw: i32) -> Result<Self, ValidationError> {
+        match raw {
+            0 => Ok(Self(5)),
+            1..=100 => Ok(Self(raw as u8)),
+            _ => Err(ValidationError::new("limit", "must be between 1 and 100")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PopularProduct {
+    pub rank: u32,
+    pub product: Product,
+    pub sold: i64,
+}
+
+/// The cached top of each window. Reads take a shared lock for a moment; a stale window is
+/// refreshed by one caller while the others wait for it (no stampede on Redis or Postgres).
+#[derive(Default)]
+pub struct PopularCache {
+    fresh: RwLock<HashMap<PopularDays, Cached>>,
+    refresh: Mutex<()>,
+}
+
+struct Cached {
+    at: Instant,
+    top: Arc<Vec<PopularProduct>>,
+}
+
+/// Sorts by quantity (descending), then product id (ascending), and keeps the top `n`.
+fn top_sellers(mut totals: Vec<(i64, i64)>, n: usize) -> Vec<(i64, i64)> {
+    totals.retain(|(_, sold)| *sold > 0);
+    totals.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    totals.truncate(n);
+    totals
+}
+
+/// The days of a window ending today.
+fn window(today: NaiveDate, days: PopularDays) -> Vec<NaiveDate> {
+    (0..u64::from(days.0))
+        .filter_map(|back| today.checked_sub_days(Days::new(back)))
+        .collect()
+}
+
+impl App {
+    fn today(&self, now: DateTime<Utc>) -> NaiveDate {
+        now.with_timezone(&self.settings().ranking.timezone)
+            .date_naive()
+    }
+
+    /// Counts a committed payment's items in its day's bucket. Best effort: if Redis misses
+    /// it, the ranking job puts it back from Postgres.
+    pub(super) async fn record_sale(&self, items: &[OrderItem], paid_at: DateTime<Utc>) {
+        let sold: Vec<(ProductId, i64)> = items
+            .iter()
+            .map(|i| (i.product_id, i64::from(i.quantity)))
+            .collect();
+        let day = self.today(paid_at);
+        let retention = self.settings().ranking.bucket_ttl();
+        if let Err(e) = self
+            .ranking()
+            .add(self.redis(), day, &sold, retention)
+            .await
+        {
+            tracing::warn!(error = %e, "ranking bump lost; the ranking job will restore it");
+        }
+    }
+
+    pub async fn popular_products(
+        &self,
+        days: PopularDays,
+        limit: PopularLimit,
+    ) -> Result<Vec<PopularProduct>, AppError> {
+        let take =
+            |top: &[PopularProduct]| top.iter().take(usize::from(limit.0)).cloned().collect();
+        let cache = self.popular_cache();
+        let ttl = self.settings().ranking.cache_ttl;
+        let fresh = |cache: &PopularCache| -> Option<Arc<Vec<PopularProduct>>> {
+            let windows = cache.fresh.read().unwrap_or_else(|e| e.into_inner());
+            windows
+                .get(&days)
+                .filter(|c| c.at.elapsed() < ttl)
+                .map(|c| c.top.clone())
+        };
+        if let Some(top) = fresh(cache) {
+            return Ok(take(&top));
+        }
+        let _refreshing = cache.refresh.lock().await;
+        if let Some(top) = fresh(cache) {
+            return Ok(take(&top));
+        }
+        let top = Arc::new(self.compute_popular(days).await?);
+        cache
+            .fresh
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                days,
+                Cached {
+                    at: Instant::now(),
+                    top: top.clone(),
+                },
+            );
+        Ok(take(&top))
+    }
+
+    async fn compute_popular(&self, days: PopularDays) -> Result<Vec<PopularProduct>, AppError> {
+        let window = window(self.today(Utc::now()), days);
+        let totals = self.ranking().totals(self.redis(), &window).await?;
+        let top = top_sellers(totals, MAX_POPULAR);
+        let ids: Vec<i64> = top.iter().map(|(id, _)| *id).collect();
+        let mut details: HashMap<i64, Product> = products::get_many(self.pg(), &ids)
+            .await?
+            .into_iter()
+            .map(|p| (p.id.get(), p))
+            .collect();
+        Ok(top
+            .into_iter()
+            .filter_map(|(id, sold)| details.remove(&id).map(|product| (product, sold)))
+            .zip(1..)
+            .map(|((product, sold), rank)| PopularProduct {
+                rank,
+                product,
+                sold,
+            })
+            .collect())
+    }
+
+    /// Recomputes every day bucket of the retention window from Postgres and swaps it in.
+    /// Returns how many buckets hold sales.
+    pub async fn reconcile_ranking(&self) -> Result<usize, AppError> {
+        let ranking = &self.settings().ranking;
+        let today = self.today(Utc::now());
+        let first = today
+            .checked_sub_days(Days::new(u64::from(ranking.retention_days) - 1))
+            .unwrap_or(today);
+        let since = first
+            .and_hms_opt(0, 0, 0)
+            .and_then(|midnight| midnight.and_local_timezone(ranking.timezone).earliest())
+            .map_or_else(Utc::now, |at| at.with_timezone(&Utc));
+        let rows = sales::daily_since(self.pg(), ranking.timezone, since).await?;
+        let mut by_day: HashMap<NaiveDate, Vec<(ProductId, i64)>> = HashMap::new();
+        for row in rows {
+            by_day
+                .entry(row.day)
+                .or_default()
+                .push((row.product_id, row.quantity));
+        }
+        let mut day = first;
+        while day <= today {
+            let sold = by_day.get(&day).map(Vec::as_slice).unwrap_or_default();
+            self.ranking()
+                .replace(self.redis(), day, sold, ranking.bucket_ttl())
+                .await?;
+            day = day.succ_opt().unwrap_or(today + Days::new(1));
+        }
+        Ok(by_day.len())
+    }
+}
+
+/// Settings of the ranking.
+#[derive(Clone, Debug)]
+pub struct RankingSettings {
+    pub timezone: chrono_tz::Tz,
+    pub retention_days: u32,
+    pub cache_ttl: Duration,
+}
+
+impl RankingSettings {
+    /// Buckets live through the retention window (plus a day of slack for time zones).
+    pub fn bucket_ttl(&self) -> Duration {
+        Duration::from_secs((u64::from(self.retention_days) + 1) * 86_400)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_and_limit_defaults_and_bounds() {
+        assert_eq!(PopularDays::parse(0).unwrap(), PopularDays(3));
+        assert_eq!(PopularDays::parse(30).unwrap(), PopularDays(30));
+        assert!(PopularDays::parse(31).is_err());
+        assert!(PopularDays::parse(-1).is_err());
+        assert_eq!(PopularLimit::parse(0).unwrap(), PopularLimit(5));
+        assert_eq!(PopularLimit::parse(100).unwrap(), PopularLimit(100));
+        assert!(PopularLimit::parse(101).is_err());
+    }
+
+    #[test]
+    fn top_sellers_rank_by_quantity_then_id() {
+        let totals = vec![(5, 10), (3, 30), (9, 10), (1, 0), (2, 30), (7, 20)];
+        assert_eq!(
+            top_sellers(totals.clone(), 10),
+            vec![(2, 30), (3, 30), (7, 20), (5, 10), (9, 10)]
+        );
+        assert_eq!(top_sellers(totals, 2), vec![(2, 30), (3, 30)]);
+    }
+
+    #[test]
+    fn window_counts_back_from_today() {
+        let today = NaiveDate::from_ymd_opt(2026, 3, 1).unwrap();
+        assert_eq!(
+            window(today, PopularDays(3)),
+            vec![
+                today,
+                NaiveDate::from_ymd_opt(2026, 2, 28).unwrap(),
+                NaiveDate::from_ymd_opt(2026, 2, 27).unwrap()
+            ]
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! OrderService: decode, validate, call the use case, encode.
+
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use crate::{
+    app::{App, PlaceOrderCommand},
+    domain::{IdempotencyKey, OrderId, OrderLines, UserCouponId, UserId},
+    proto::{
+        CancelOrderRequest, CancelOrderResponse, GetOrderRequest, GetOrderResponse,
+        PlaceOrderRequest, PlaceOrderResponse, order_service_server::OrderService,
+    },
+};
+
+pub struct OrderHandler {
+    pub app: App,
+}
+
+#[tonic::async_trait]
+impl OrderService for OrderHandler {
+    async fn place_order(
+        &self,
+        request: Request<PlaceOrderRequest>,
+    ) -> Result<Response<PlaceOrderResponse>, Status> {
+        let req = request.into_inner();
+        let cmd = PlaceOrderCommand {
+            user_id: UserId::parse(req.user_id, "user_id")?,
+            lines: OrderLines::parse(req.items.iter().map(|l| (l.product_id, l.quantity)))?,
+            user_coupon_id: match req.user_coupon_id {
+                0 => None,
+                id => Some(UserCouponId::parse(id, "user_coupon_id")?),
+            },
+            idempotency_key: IdempotencyKey::parse(req.idempotency_key)?,
+        };
+        let order = self.app.place_order(cmd).await?;
+        Ok(Response::new(PlaceOrderResponse {
+            order: Some(convert::order(order)),
+        }))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<GetOrderResponse>, Status> {
+        let req = request.into_inner();
+        let order_id = OrderId::parse(req.order_id, "order_id")?;
+        let user_id = UserId::parse(req.user_id, "user_id")?;
+        let order = self.app.order(order_id, user_id).await?;
+        Ok(Response::new(GetOrderResponse {
+            order: Some(convert::order(order)),
+        }))
+    }
+
+    async fn cancel_order(
+        &self,
+        request: Request<CancelOrderRequest>,
+    ) -> Result<Response<CancelOrderResponse>, Status> {
+        let req = request.into_inner();
+        let order_id = OrderId::parse(req.order_id, "order_id")?;
+        let user_id = UserId::parse(req.user_id, "user_id")?;
+        let order = self.app.cancel_order(order_id, user_id).await?;
+        Ok(Response::new(CancelOrderResponse {
+            order: Some(convert::order(order)),
+        }))
+    }
+}

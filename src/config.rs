@@ -232,7 +232,8 @@ impl Config {
                 1,
                 86_400,
             )),
-            outbox_interval: r.millis("OUTBOX_INTERVAL_MS", 1000),
+            // tokio-cron-scheduler schedules in whole seconds; payments nudge the outbox anyway.
+            outbox_interval: Duration::from_secs(r.ranged("OUTBOX_INTERVAL_SECS", 1, 1, 3600)),
             outbox_batch_size: r.ranged("OUTBOX_BATCH_SIZE", 100, 1, 10_000),
             outbox_max_attempts: r.ranged("OUTBOX_MAX_ATTEMPTS", 20, 1, 1000),
             outbox_retry_base: r.millis("OUTBOX_RETRY_BASE_MS", 500),

@@ -7,4 +7,8 @@ mod admin;
 mod balance;
 mod coupons;
 mod health;
+mod orders;
+mod outbox;
+mod popular;
 mod products;
+mod shop;

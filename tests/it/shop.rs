@@ -1,0 +1,117 @@
+//! Helpers shared by the order, payment and ranking tests: fund a buyer, place and pay orders,
+//! check that money adds up.
+
+use ecommerce::proto::{
+    ChargeBalanceRequest, GetBalanceRequest, GetOrderRequest, GetProductRequest, Order, OrderLine,
+    PayRequest, Payment, PlaceOrderRequest,
+};
+use tonic::Status;
+
+use crate::support::TestApp;
+
+pub async fn charge(app: &TestApp, user_id: i64, amount: i64) {
+    app.balance()
+        .charge_balance(ChargeBalanceRequest {
+            user_id,
+            amount,
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("charge");
+}
+
+pub async fn balance(app: &TestApp, user_id: i64) -> i64 {
+    app.balance()
+        .get_balance(GetBalanceRequest { user_id })
+        .await
+        .expect("balance")
+        .into_inner()
+        .balance
+}
+
+pub fn lines(items: &[(i64, i32)]) -> Vec<OrderLine> {
+    items
+        .iter()
+        .map(|(product_id, quantity)| OrderLine {
+            product_id: *product_id,
+            quantity: *quantity,
+        })
+        .collect()
+}
+
+pub async fn place_with(app: &TestApp, request: PlaceOrderRequest) -> Result<Order, Status> {
+    app.orders()
+        .place_order(request)
+        .await
+        .map(|r| r.into_inner().order.expect("order"))
+}
+
+pub async fn place(app: &TestApp, user_id: i64, items: &[(i64, i32)]) -> Result<Order, Status> {
+    place_with(
+        app,
+        PlaceOrderRequest {
+            user_id,
+            items: lines(items),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub async fn pay(app: &TestApp, user_id: i64, order_id: i64) -> Result<Payment, Status> {
+    pay_with_key(app, user_id, order_id, "").await
+}
+
+pub async fn pay_with_key(
+    app: &TestApp,
+    user_id: i64,
+    order_id: i64,
+    key: &str,
+) -> Result<Payment, Status> {
+    app.payments()
+        .pay(PayRequest {
+            order_id,
+            user_id,
+            idempotency_key: key.into(),
+        })
+        .await
+        .map(|r| r.into_inner().payment.expect("payment"))
+}
+
+pub async fn get_order(app: &TestApp, user_id: i64, order_id: i64) -> Result<Order, Status> {
+    app.orders()
+        .get_order(GetOrderRequest { order_id, user_id })
+        .await
+        .map(|r| r.into_inner().order.expect("order"))
+}
+
+pub async fn stock(app: &TestApp, product_id: i64) -> i64 {
+    app.products()
+        .get_product(GetProductRequest { product_id })
+        .await
+        .expect("product")
+        .into_inner()
+        .product
+        .expect("product")
+        .stock
+}
+
+/// Asserts the balance equals the sum of the user's ledger, and returns it.
+pub async fn assert_ledger_matches(app: &TestApp, user_id: i64) -> i64 {
+    let ledger: Option<i64> = sqlx::query_scalar(
+        "SELECT sum(CASE kind WHEN 'USE' THEN -amount ELSE amount END)::bigint
+         FROM balance_history WHERE user_id = $1",
+    )
+    .bind(user_id)
+    .fetch_one(&app.pg)
+    .await
+    .unwrap();
+    let balance = balance(app, user_id).await;
+    assert!(balance >= 0, "negative balance {balance}");
+    assert_eq!(
+        balance,
+        ledger.unwrap_or(0),
+        "balance of user {user_id} != its ledger"
+    );
+    balance
+}

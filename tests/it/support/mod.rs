@@ -45,6 +45,8 @@ impl TestSettings {
 }
 
 pub struct TestApp {
+    /// Where the server listens, for clients the harness does not build (grpcurl, loadgen).
+    #[allow(dead_code)]
     pub addr: SocketAddr,
     pub channel: Channel,
     /// For assertions on what the server wrote.

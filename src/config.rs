@@ -38,6 +38,15 @@ pub enum SinkKind {
     Http(String),
 }
 
+/// TLS for the gRPC listener: the server's certificate chain and key (PEM), and optionally a
+/// CA whose client certificates are then required (mTLS).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
 /// A secret that never shows in `Debug` output or logs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -102,6 +111,15 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Create a small demo catalog at start-up when the catalog is empty.
     pub seed_demo_data: bool,
+    /// Where `/metrics` is served (Prometheus text format).
+    pub metrics_addr: SocketAddr,
+    /// When set, every call except health, reflection and AdminService needs this bearer token.
+    pub service_token: Option<Secret>,
+    pub tls: Option<TlsFiles>,
+    /// Calls handled at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// The deadline of a call whose caller sets none (and the cap of those that do).
+    pub default_deadline: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -126,6 +144,11 @@ impl fmt::Debug for Config {
             .field("order_ttl", &self.order_ttl)
             .field("data_platform_sink", &self.data_platform_sink)
             .field("ranking_timezone", &self.ranking_timezone)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("service_token", &self.service_token.as_ref().map(|_| "set"))
+            .field("tls", &self.tls)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
+            .field("default_deadline", &self.default_deadline)
             .finish_non_exhaustive()
     }
 }
@@ -201,6 +224,35 @@ impl Config {
                 SinkKind::Log
             }
         };
+        let service_token = match lookup("SERVICE_TOKEN") {
+            None => None,
+            Some(t) if t.is_empty() => None,
+            Some(t) if t.len() >= 16 => Some(Secret(t)),
+            Some(_) => {
+                r.errors
+                    .push("SERVICE_TOKEN: must be at least 16 characters".into());
+                None
+            }
+        };
+        let tls = match (
+            lookup("TLS_CERT_PATH"),
+            lookup("TLS_KEY_PATH"),
+            lookup("TLS_CLIENT_CA_PATH"),
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), client_ca) => Some(TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+                client_ca: client_ca.map(Into::into),
+            }),
+            _ => {
+                r.errors.push(
+                    "TLS_CERT_PATH, TLS_KEY_PATH: set both (and TLS_CLIENT_CA_PATH only with them)"
+                        .into(),
+                );
+                None
+            }
+        };
         let max_balance = r.ranged("MAX_BALANCE", 1_000_000_000_000_i64, 1, i64::MAX / 4);
 
         let config = Config {
@@ -253,6 +305,11 @@ impl Config {
             shutdown_drain: Duration::from_millis(r.ranged("SHUTDOWN_DRAIN_MS", 0, 0, 600_000)),
             max_message_bytes: r.ranged("MAX_MESSAGE_BYTES", 1 << 20, 1024, 64 << 20),
             seed_demo_data: r.parsed("SEED_DEMO_DATA", false),
+            metrics_addr: r.parsed("METRICS_ADDR", "0.0.0.0:9090".parse().expect("valid")),
+            service_token,
+            tls,
+            max_concurrent_requests: r.ranged("MAX_CONCURRENT_REQUESTS", 1024, 1, 1_000_000),
+            default_deadline: r.millis("DEFAULT_DEADLINE_MS", 30_000),
         };
         if r.errors.is_empty() {
             Ok(config)
@@ -357,6 +414,8 @@ mod tests {
             ("DATABASE_MAX_CONNECTIONS", "0"),
             ("LOG_FORMAT", "xml"),
             ("DATA_PLATFORM_SINK", "http"),
+            ("TLS_KEY_PATH", "/only/the/key.pem"),
+            ("SERVICE_TOKEN", "short"),
         ])
         .unwrap_err();
         let text = err.to_string();
@@ -367,6 +426,8 @@ mod tests {
             "LOG_FORMAT",
             "ADMIN_TOKEN",
             "DATA_PLATFORM_URL",
+            "TLS_CERT_PATH",
+            "SERVICE_TOKEN",
         ] {
             assert!(text.contains(key), "{key} missing from {text}");
         }
@@ -376,12 +437,18 @@ mod tests {
     fn secrets_do_not_leak_through_debug() {
         let c = config(&[
             ("ADMIN_TOKEN", "super-secret-token"),
+            ("SERVICE_TOKEN", "service-secret-token-123"),
             ("DATABASE_URL", "postgres://app:db-password@db:5432/shop"),
             ("REDIS_URL", "redis://:redis-password@cache:6379"),
         ])
         .expect("valid");
         let text = format!("{c:?}");
-        for secret in ["super-secret-token", "db-password", "redis-password"] {
+        for secret in [
+            "super-secret-token",
+            "service-secret-token-123",
+            "db-password",
+            "redis-password",
+        ] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
         }
     }

@@ -80,6 +80,12 @@ pub enum AppError {
     NotOrderOwner,
     #[error("missing or invalid credentials")]
     Unauthenticated,
+    #[error("the server is at its concurrency limit; retry with backoff")]
+    Overloaded,
+    #[error("the call did not finish before its deadline")]
+    DeadlineExceeded,
+    #[error("the request is larger than the server accepts")]
+    MessageTooLarge,
     #[error("{} is unavailable", .dependency.name())]
     Unavailable {
         dependency: Dependency,
@@ -116,6 +122,9 @@ impl AppError {
             AppError::OrderExpired => (Code::FailedPrecondition, "ORDER_EXPIRED"),
             AppError::NotOrderOwner => (Code::PermissionDenied, "NOT_ORDER_OWNER"),
             AppError::Unauthenticated => (Code::Unauthenticated, "UNAUTHENTICATED"),
+            AppError::Overloaded => (Code::ResourceExhausted, "OVERLOADED"),
+            AppError::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+            AppError::MessageTooLarge => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
             AppError::Unavailable { .. } => (Code::Unavailable, "DEPENDENCY_UNAVAILABLE"),
             AppError::Internal(_) => (Code::Internal, "INTERNAL"),
         }

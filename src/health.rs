@@ -4,7 +4,9 @@
 //! Invariant: a service reads SERVING only while every dependency it needs answered its last
 //! ping; once shutdown begins, everything reads NOT_SERVING and stays so.
 
-use std::time::Duration;
+use std::{future::Future, pin::Pin, time::Duration};
+
+use tokio::time::Instant;
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -12,8 +14,11 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     grpc::SERVICES,
+    metrics,
     store::{Dependency, postgres, redis::Redis},
 };
+
+type Ping<'a> = Pin<Box<dyn Future<Output = Result<(), crate::store::StoreError>> + Send + 'a>>;
 
 pub struct HealthWatcher {
     pub reporter: HealthReporter,
@@ -72,14 +77,24 @@ impl HealthWatcher {
     async fn probe(&self) -> Up {
         // A ping slower than the interval counts as down: callers would time out too.
         let timeout = self.interval.max(Duration::from_millis(500));
-        let (pg, redis) = tokio::join!(
-            tokio::time::timeout(timeout, postgres::ping(&self.pg)),
-            tokio::time::timeout(timeout, self.redis.ping()),
+        let timed = |ping| async move {
+            let started = Instant::now();
+            let up = matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(())));
+            (up, started.elapsed())
+        };
+        let ((postgres, pg_rtt), (redis, redis_rtt)) = tokio::join!(
+            timed(Box::pin(postgres::ping(&self.pg)) as Ping<'_>),
+            timed(Box::pin(self.redis.ping()) as Ping<'_>),
         );
-        Up {
-            postgres: matches!(pg, Ok(Ok(()))),
-            redis: matches!(redis, Ok(Ok(()))),
-        }
+        metrics::dependency_ping("postgres", postgres, pg_rtt);
+        metrics::dependency_ping("redis", redis, redis_rtt);
+        let options = self.pg.options();
+        metrics::db_pool(
+            self.pg.size(),
+            self.pg.num_idle(),
+            options.get_max_connections(),
+        );
+        Up { postgres, redis }
     }
 
     async fn report(&self, up: Up) {

@@ -11,6 +11,7 @@ pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod jobs;
+pub mod metrics;
 pub mod proto;
 pub mod startup;
 pub mod store;

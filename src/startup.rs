@@ -11,12 +11,16 @@ use anyhow::Context as _;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 
 use crate::{
     app::{App, Settings},
-    config::Config,
-    grpc::{self, AdminAuth, Limits, access_log::AccessLogLayer},
+    config::{Config, TlsFiles},
+    grpc::{
+        self, AdminAuth, Limits,
+        middleware::{DeadlineLayer, ServiceAuthLayer, ShedLayer, TooLargeLayer},
+        observe::ObserveLayer,
+    },
     health::HealthWatcher,
     jobs::Jobs,
     store::{data_platform::Sink, postgres, redis::Redis},
@@ -24,6 +28,8 @@ use crate::{
 
 pub struct Application {
     listener: TcpListener,
+    metrics_listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
     app: App,
     config: Config,
 }
@@ -32,6 +38,9 @@ impl Application {
     /// Connects the stores, applies migrations and binds the listen address. Postgres must be
     /// reachable for the migrations (retried for a while); Redis may come later.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // Before anything records a metric: handles registered earlier would go nowhere.
+        crate::metrics::recorder();
+        let tls = config.tls.as_ref().map(load_tls).transpose()?;
         let pg = postgres::pool(
             config.database.clone(),
             config.database_max_connections,
@@ -63,11 +72,22 @@ impl Application {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("binding {}", config.listen_addr))?;
+        let metrics_listener = crate::metrics::bind(config.metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics address {}", config.metrics_addr))?;
         Ok(Self {
             listener,
+            metrics_listener,
+            tls,
             app,
             config,
         })
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -84,9 +104,12 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self {
             listener,
+            metrics_listener,
+            tls,
             app,
             config,
         } = self;
+        let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, shutdown.clone()));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let watcher = HealthWatcher {
             reporter,
@@ -123,8 +146,20 @@ impl Application {
         .add_service(health_service);
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         tracing::info!(addr = %config.listen_addr, "serving gRPC");
-        let served = Server::builder()
-            .layer(AccessLogLayer)
+        let mut server = Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).context("configuring TLS")?;
+        }
+        // Outermost first: every call is observed, then authenticated, admitted, given a
+        // deadline, and finally routed.
+        let served = server
+            .layer(ObserveLayer)
+            .layer(ServiceAuthLayer::new(
+                config.service_token.as_ref().map(|t| t.expose()),
+            ))
+            .layer(ShedLayer::new(config.max_concurrent_requests))
+            .layer(DeadlineLayer::new(config.default_deadline))
+            .layer(TooLargeLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, stop_serving.cancelled_owned())
             .await;
@@ -133,10 +168,24 @@ impl Application {
         shutdown.cancel();
         jobs.stop().await;
         let _ = health_task.await;
+        let _ = metrics_task.await;
         close(app.pg(), &app).await;
         tracing::info!("stopped");
         served.context("serving gRPC")
     }
+}
+
+/// Reads the certificate, key and client CA; a missing or unreadable file stops start-up.
+fn load_tls(files: &TlsFiles) -> anyhow::Result<ServerTlsConfig> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(tls)
 }
 
 async fn close(pg: &PgPool, app: &App) {

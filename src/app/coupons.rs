@@ -15,6 +15,7 @@ use super::App;
 use crate::{
     domain::{Coupon, CouponId, PageSize, PageToken, UserCoupon, UserId},
     error::{AppError, Resource},
+    metrics,
     store::{
         postgres::coupons::{self, HeldSeat, IssueRefusal, NewCoupon},
         redis::coupon_gate::{Decision, GateView, Grant, InstallMode},
@@ -77,6 +78,16 @@ impl App {
 
     /// Issues one coupon to one user.
     pub async fn issue_coupon(
+        &self,
+        coupon_id: CouponId,
+        user_id: UserId,
+    ) -> Result<UserCoupon, AppError> {
+        let result = self.try_issue_coupon(coupon_id, user_id).await;
+        metrics::coupon_issue(metrics::outcome(&result));
+        result
+    }
+
+    async fn try_issue_coupon(
         &self,
         coupon_id: CouponId,
         user_id: UserId,

@@ -12,6 +12,7 @@ use crate::{
         UserCouponId, UserCouponStatus, UserId, ValidationError, Won,
     },
     error::{AppError, Resource},
+    metrics,
     store::{
         postgres::{
             balances, coupons,
@@ -45,6 +46,12 @@ const EXPIRY_BATCH: i64 = 100;
 
 impl App {
     pub async fn place_order(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
+        let result = self.try_place_order(cmd).await;
+        metrics::order_placed(metrics::outcome(&result));
+        result
+    }
+
+    async fn try_place_order(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
         let product_ids: Vec<ProductId> =
             cmd.lines.as_slice().iter().map(|l| l.product_id).collect();
         match sold_out::first_marked(self.redis(), &product_ids).await {

@@ -6,7 +6,7 @@
 //! is parked (status PARKED, a warning per event) for an operator instead of blocking the rest.
 
 use super::App;
-use crate::{error::AppError, store::postgres::outbox};
+use crate::{error::AppError, metrics, store::postgres::outbox};
 
 /// What one delivery pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -34,6 +34,9 @@ impl App {
                 break;
             }
         }
+        metrics::outbox_delivery(report.delivered, report.failed, report.parked);
+        let (pending, parked) = outbox::backlog(self.pg()).await?;
+        metrics::outbox_backlog(pending, parked);
         Ok(report)
     }
 

@@ -12,6 +12,7 @@ use super::App;
 use crate::{
     domain::{IdempotencyKey, OrderId, OrderStatus, Payment, PaymentCompleted, PaymentId, UserId},
     error::{AppError, Resource},
+    metrics,
     store::postgres::{
         idempotency::{self, Claim, Operation},
         orders, outbox,
@@ -27,6 +28,12 @@ pub struct PayCommand {
 
 impl App {
     pub async fn pay(&self, cmd: PayCommand) -> Result<Payment, AppError> {
+        let result = self.try_pay(cmd).await;
+        metrics::payment(metrics::outcome(&result));
+        result
+    }
+
+    async fn try_pay(&self, cmd: PayCommand) -> Result<Payment, AppError> {
         let mut tx = self.pg().begin().await?;
         if let Some(key) = &cmd.idempotency_key {
             let fingerprint = cmd.order_id.get().to_string();

@@ -10,5 +10,6 @@ mod health;
 mod orders;
 mod outbox;
 mod popular;
+mod production;
 mod products;
 mod shop;

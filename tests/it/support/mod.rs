@@ -45,9 +45,10 @@ impl TestSettings {
 }
 
 pub struct TestApp {
-    /// Where the server listens, for clients the harness does not build (grpcurl, loadgen).
-    #[allow(dead_code)]
+    /// Where the server listens, for clients the harness does not build (TLS, loadgen).
     pub addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_addr: SocketAddr,
     pub channel: Channel,
     /// For assertions on what the server wrote.
     pub pg: PgPool,
@@ -75,6 +76,7 @@ pub async fn spawn_app_with(
             ("REDIS_POOL_SIZE", "2".to_string()),
             ("DATABASE_MAX_CONNECTIONS", "5".to_string()),
             ("HEALTH_CHECK_INTERVAL_MS", "200".to_string()),
+            ("METRICS_ADDR", "127.0.0.1:0".to_string()),
             ("RUST_LOG", "warn".to_string()),
         ]),
         database: database.clone(),
@@ -87,15 +89,15 @@ pub async fn spawn_app_with(
 
     let application = Application::build(config).await.expect("server builds");
     let addr = application.local_addr();
+    let metrics_addr = application.metrics_addr();
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
 
+    // Lazy: a TLS server's tests build their own channels; this plaintext one then stays idle.
     let channel = Channel::from_shared(format!("http://{addr}"))
         .expect("valid uri")
         .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .expect("connects to the test server");
+        .connect_lazy();
     let pg = sqlx::postgres::PgPoolOptions::new()
         .max_connections(3)
         .connect_with(database)
@@ -109,6 +111,7 @@ pub async fn spawn_app_with(
     redis.init().await.expect("redis connects");
     TestApp {
         addr,
+        metrics_addr,
         channel,
         pg,
         redis_prefix: prefix,
@@ -192,8 +195,15 @@ pub async fn delete_keys(redis: &fred::clients::Client, prefix: &str) -> usize {
     deleted
 }
 
+/// Sends `authorization: <value>` on every call (nothing when `None`).
 #[derive(Clone)]
 pub struct BearerToken(Option<String>);
+
+impl BearerToken {
+    pub fn new(value: Option<String>) -> Self {
+        Self(value)
+    }
+}
 
 impl Interceptor for BearerToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {

@@ -1,10 +1,11 @@
-//! One record per call: method, gRPC status code and latency.
+//! One record per call: method, gRPC status code and latency, as a log line and as metrics.
 //!
 //! The code of a successful call travels in the HTTP/2 trailers, after the body, so the record
 //! is made when the trailers pass by (or when the response headers already carry `grpc-status`,
 //! as in a trailers-only error, or when the body is dropped early: a cancelled call). The
-//! per-call cost is one `Instant::now()` and a reference-counted copy of the path; the log line
-//! itself is at DEBUG level, so under load it costs a level check unless asked for.
+//! per-call cost is one `Instant::now()`, a reference-counted copy of the path and a metrics
+//! update (see `crate::metrics`); the log line itself is at DEBUG level (target `access`), so
+//! under load it costs a level check unless asked for.
 
 use std::{
     pin::Pin,
@@ -19,18 +20,18 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct AccessLogLayer;
+pub struct ObserveLayer;
 
-impl<S> Layer<S> for AccessLogLayer {
-    type Service = AccessLog<S>;
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AccessLog { inner }
+        Observe { inner }
     }
 }
 
 #[derive(Clone, Debug)]
-pub struct AccessLog<S> {
+pub struct Observe<S> {
     inner: S,
 }
 
@@ -48,6 +49,7 @@ impl CallStart {
 }
 
 fn record(method: &str, code: Code, latency: Duration) {
+    crate::metrics::record_call(method, code, latency);
     let latency_us = latency.as_micros() as u64;
     match code {
         Code::Internal | Code::Unknown | Code::DataLoss => {
@@ -63,7 +65,7 @@ fn grpc_status(headers: &HeaderMap) -> Option<Code> {
     Some(Code::from_i32(code))
 }
 
-impl<S, B, ResBody> Service<Request<B>> for AccessLog<S>
+impl<S, B, ResBody> Service<Request<B>> for Observe<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
 {

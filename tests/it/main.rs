@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod balance;
 mod coupons;
+mod faults;
 mod health;
 mod orders;
 mod outbox;

@@ -1,0 +1,318 @@
+//! Faults under load: a dependency dies in the middle of traffic and comes back. Each test runs
+//! its own Redis or Postgres (support::private) so it can kill it without touching the shared
+//! servers other tests use. Figures are printed (run with --nocapture) for docs/RELIABILITY.md.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use ecommerce::proto::{GetCouponRequest, IssueCouponRequest};
+use futures::future::join_all;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::time::Instant;
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::{
+    coupons::create_coupon,
+    products::create_product,
+    shop::{charge, pay, place},
+    support::{
+        TestApp, eventually,
+        private::{PrivatePostgres, PrivateRedis},
+        reason, spawn_app_with,
+    },
+};
+
+async fn health(app: &TestApp) -> Option<ServingStatus> {
+    HealthClient::new(app.channel.clone())
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().status())
+}
+
+async fn becomes(app: &TestApp, wanted: ServingStatus, within: Duration) -> bool {
+    eventually(within, || async { health(app).await == Some(wanted) }).await
+}
+
+type Tally = BTreeMap<String, usize>;
+
+fn tally(tally: &mut Tally, result: Result<(), tonic::Status>) {
+    let key = match result {
+        Ok(()) => "OK".to_string(),
+        Err(status) => format!("{:?}/{}", status.code(), reason(&status).1),
+    };
+    *tally.entry(key).or_default() += 1;
+}
+
+#[sqlx::test(migrations = false)]
+async fn redis_killed_mid_stampede_never_over_issues(_: PgPoolOptions, db: PgConnectOptions) {
+    let mut redis = PrivateRedis::start().await;
+    let app = spawn_app_with(db, |s| {
+        s.set("REDIS_URL", redis.url())
+            .set("REDIS_COMMAND_TIMEOUT_MS", 300)
+            .set("COUPON_RECONCILE_INTERVAL_SECS", 1)
+            .set("COUPON_ORPHAN_GRACE_MS", 500);
+    })
+    .await;
+    let coupon = create_coupon(&app, 300).await;
+    let mut outcomes = Tally::new();
+    let mut winners = HashSet::new();
+    let mut slowest_refusal = Duration::ZERO;
+
+    // Ten waves of 200 users; Redis dies before wave 3 and comes back, empty, before wave 5.
+    for wave in 0..10_i64 {
+        if wave == 2 {
+            redis.kill().await;
+            assert!(
+                becomes(&app, ServingStatus::NotServing, Duration::from_secs(10)).await,
+                "health reports the outage"
+            );
+        }
+        if wave == 4 {
+            redis.restart().await;
+            assert!(
+                becomes(&app, ServingStatus::Serving, Duration::from_secs(15)).await,
+                "health recovers by itself"
+            );
+        }
+        let calls = (wave * 200 + 1..=wave * 200 + 200).map(|user| {
+            let mut client = app.coupons();
+            async move {
+                let started = Instant::now();
+                let result = client
+                    .issue_coupon(IssueCouponRequest {
+                        user_id: user,
+                        coupon_id: coupon,
+                    })
+                    .await;
+                (user, result, started.elapsed())
+            }
+        });
+        for (user, result, took) in join_all(calls).await {
+            match result {
+                Ok(_) => {
+                    winners.insert(user);
+                    tally(&mut outcomes, Ok(()));
+                }
+                Err(status) => {
+                    if status.code() == Code::Unavailable {
+                        slowest_refusal = slowest_refusal.max(took);
+                    }
+                    assert_ne!(status.code(), Code::Internal, "{status:?}");
+                    tally(&mut outcomes, Err(status));
+                }
+            }
+        }
+    }
+
+    let issued: Vec<i64> =
+        sqlx::query_scalar("SELECT user_id FROM user_coupons WHERE coupon_id = $1")
+            .bind(coupon)
+            .fetch_all(&app.pg)
+            .await
+            .unwrap();
+    let issued: HashSet<i64> = issued.into_iter().collect();
+    eprintln!(
+        "redis fault: 2000 calls, outcomes {outcomes:?}, issued {}, slowest UNAVAILABLE {slowest_refusal:?}",
+        issued.len()
+    );
+    assert!(issued.len() <= 300, "over-issued: {}", issued.len());
+    assert!(winners.is_subset(&issued), "every success is recorded");
+    assert!(
+        outcomes.keys().any(|k| k.starts_with("Unavailable")),
+        "calls during the outage were refused"
+    );
+    assert!(
+        slowest_refusal < Duration::from_secs(3),
+        "refusals during the outage come fast, not at the caller's deadline"
+    );
+    // Postgres and Redis agree again: what the gate still grants is what Postgres has left.
+    let left_in_pg = 300 - issued.len() as i64;
+    let remaining = app
+        .coupons()
+        .get_coupon(GetCouponRequest { coupon_id: coupon })
+        .await
+        .unwrap()
+        .into_inner()
+        .coupon
+        .unwrap()
+        .remaining_quantity;
+    assert_eq!(remaining, left_in_pg);
+    let probe = (10_001..=10_000 + left_in_pg + 50).map(|user| {
+        let mut client = app.coupons();
+        async move {
+            client
+                .issue_coupon(IssueCouponRequest {
+                    user_id: user,
+                    coupon_id: coupon,
+                })
+                .await
+                .is_ok()
+        }
+    });
+    let granted = join_all(probe).await.into_iter().filter(|ok| *ok).count();
+    assert_eq!(
+        granted as i64, left_in_pg,
+        "the rebuilt gate grants exactly what is left"
+    );
+    app.stop().await;
+}
+
+/// Consistency checks on the record after a fault: no half-written order, stock accounted for,
+/// one payment and one ledger entry per paid order, balances equal to their ledgers.
+async fn assert_record_is_whole(app: &TestApp, initial_stock: i64) -> BTreeMap<&'static str, i64> {
+    let checks: [(&'static str, &'static str); 6] = [
+        (
+            "orders without items",
+            "SELECT count(*) FROM orders o WHERE NOT EXISTS
+                 (SELECT 1 FROM order_items i WHERE i.order_id = o.id)",
+        ),
+        (
+            "paid orders without exactly one payment",
+            "SELECT count(*) FROM orders o WHERE o.status = 'PAID'
+                 AND (SELECT count(*) FROM payments p WHERE p.order_id = o.id) <> 1",
+        ),
+        (
+            "payments of orders not paid",
+            "SELECT count(*) FROM payments p JOIN orders o ON o.id = p.order_id
+                 WHERE o.status <> 'PAID'",
+        ),
+        (
+            "paid orders without exactly one USE entry",
+            "SELECT count(*) FROM orders o WHERE o.status = 'PAID'
+                 AND (SELECT count(*) FROM balance_history h
+                      WHERE h.order_id = o.id AND h.kind = 'USE') <> 1",
+        ),
+        (
+            "balances that differ from their ledger",
+            "SELECT count(*) FROM user_balances b WHERE b.balance <>
+                 (SELECT coalesce(sum(CASE kind WHEN 'USE' THEN -amount ELSE amount END), 0)
+                  FROM balance_history h WHERE h.user_id = b.user_id)",
+        ),
+        (
+            "payments without exactly one outbox event",
+            "SELECT count(*) FROM payments p WHERE
+                 (SELECT count(*) FROM outbox_events e WHERE e.aggregate_id = p.id) <> 1",
+        ),
+    ];
+    let mut figures = BTreeMap::new();
+    for (what, sql) in checks {
+        let violations: i64 = sqlx::query_scalar(sql).fetch_one(&app.pg).await.unwrap();
+        assert_eq!(violations, 0, "{what}");
+    }
+    let stock_off: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM products p WHERE p.stock + coalesce((
+             SELECT sum(i.quantity) FROM order_items i JOIN orders o ON o.id = i.order_id
+             WHERE i.product_id = p.id AND o.status IN ('PENDING_PAYMENT', 'PAID')), 0) <> $1",
+    )
+    .bind(initial_stock)
+    .fetch_one(&app.pg)
+    .await
+    .unwrap();
+    assert_eq!(stock_off, 0, "stock + reserved + sold == initial");
+    for (label, sql) in [
+        ("orders", "SELECT count(*) FROM orders"),
+        ("paid", "SELECT count(*) FROM orders WHERE status = 'PAID'"),
+        ("payments", "SELECT count(*) FROM payments"),
+    ] {
+        figures.insert(
+            label,
+            sqlx::query_scalar(sql).fetch_one(&app.pg).await.unwrap(),
+        );
+    }
+    figures
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crash_under_order_load_leaves_no_partial_order() {
+    let postgres = PrivatePostgres::start().await;
+    let app = spawn_app_with(postgres.options(), |s| {
+        s.set("DATABASE_ACQUIRE_TIMEOUT_MS", 500)
+            .set("DEFAULT_DEADLINE_MS", 3000);
+    })
+    .await;
+    const STOCK: i64 = 100_000;
+    let products = [
+        create_product(&app, "a", 1_000, STOCK).await,
+        create_product(&app, "b", 2_500, STOCK).await,
+        create_product(&app, "c", 700, STOCK).await,
+    ];
+    for user in 1..=16 {
+        charge(&app, user, 100_000_000).await;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = Arc::new(Mutex::new(Tally::new()));
+    let workers = (1..=16_i64).map(|user| {
+        let (stop, outcomes, app) = (stop.clone(), outcomes.clone(), &app);
+        async move {
+            let mut n = 0_usize;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let lines = [
+                    (products[n % 3], 1 + (n % 3) as i32),
+                    (products[(n + 1) % 3], 1),
+                ];
+                let placed = place(app, user, &lines[..1 + n % 2]).await;
+                let result = match placed {
+                    Ok(order) if n % 5 != 0 => pay(app, user, order.id).await.map(|_| ()),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if let Err(status) = &result {
+                    assert!(
+                        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+                        "only outage errors expected: {status:?}"
+                    );
+                }
+                tally(&mut outcomes.lock().unwrap(), result);
+                if n % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    });
+    let fault = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        postgres.crash().await;
+        assert!(
+            becomes(&app, ServingStatus::NotServing, Duration::from_secs(10)).await,
+            "health reports the outage"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        postgres.start_again().await;
+        assert!(
+            becomes(&app, ServingStatus::Serving, Duration::from_secs(20)).await,
+            "health recovers by itself"
+        );
+        let before = outcomes.lock().unwrap().get("OK").copied().unwrap_or(0);
+        // Orders succeed again after the restart.
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                outcomes.lock().unwrap().get("OK").copied().unwrap_or(0) > before + 20
+            })
+            .await,
+            "the service recovers by itself"
+        );
+        stop.store(true, Ordering::Relaxed);
+    };
+    let (_, ()) = tokio::join!(join_all(workers), fault);
+
+    let figures = assert_record_is_whole(&app, STOCK).await;
+    eprintln!(
+        "postgres fault: outcomes {:?}, record {figures:?}",
+        outcomes.lock().unwrap()
+    );
+    app.stop().await;
+}

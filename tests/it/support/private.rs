@@ -1,0 +1,213 @@
+//! Private Redis and Postgres servers on free loopback ports, each in its own temporary folder,
+//! for tests that kill and restart a dependency. The shared servers are never touched.
+//!
+//! Both come from the distribution's packages (`redis-server`, `/usr/lib/postgresql/*/bin`),
+//! which `scripts/test` makes sure are installed.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use sqlx::postgres::PgConnectOptions;
+use tokio::process::Child;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("bound")
+        .port()
+}
+
+fn temp_dir(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ecommerce-{kind}-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+async fn wait_for_port(addr: SocketAddr, up: bool) {
+    for _ in 0..200 {
+        let answered = tokio::net::TcpStream::connect(addr).await.is_ok();
+        if answered == up {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{addr} did not come {}", if up { "up" } else { "down" });
+}
+
+/// A `redis-server` child process without persistence: a restart starts empty, like the
+/// production Redis of this project.
+pub struct PrivateRedis {
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let mut redis = Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            child: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// SIGKILL: no goodbye to the clients, and every key is gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+        wait_for_port(self.addr, false).await;
+    }
+
+    /// Starts (again) on the same port, empty.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let child = tokio::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.addr.port().to_string())
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        wait_for_port(self.addr, true).await;
+    }
+}
+
+/// A throwaway Postgres cluster (`initdb` + `pg_ctl`), trust authentication, fsync off.
+/// As root, the cluster runs as the `postgres` user (Postgres refuses to run as root).
+pub struct PrivatePostgres {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+fn postgres_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("Postgres is installed under /usr/lib/postgresql")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .expect("an initdb under /usr/lib/postgresql/*/bin")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn as_cluster_owner(program: &Path) -> Command {
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+impl PrivatePostgres {
+    pub async fn start() -> Self {
+        let dir = temp_dir("postgres");
+        let bin = postgres_bin();
+        if is_root() {
+            let chown = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(chown.success());
+        }
+        let data = dir.join("data");
+        let status = as_cluster_owner(&bin.join("initdb"))
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("initdb runs");
+        assert!(status.success(), "initdb failed");
+        let postgres = Self {
+            port: free_port(),
+            dir,
+            bin,
+        };
+        postgres.pg_ctl(&["start", "-w"]).await;
+        postgres
+    }
+
+    pub fn options(&self) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username("postgres")
+            .database("postgres")
+    }
+
+    async fn pg_ctl(&self, args: &[&str]) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=60",
+            self.port,
+            self.dir.display()
+        );
+        let mut command = as_cluster_owner(&self.bin.join("pg_ctl"));
+        command
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-o", &options, "-l"])
+            .arg(self.dir.join("log"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let status = tokio::task::spawn_blocking(move || command.status())
+            .await
+            .expect("pg_ctl task")
+            .expect("pg_ctl runs");
+        assert!(status.success(), "pg_ctl {args:?} failed");
+    }
+
+    /// An immediate shutdown: connections are cut, transactions in flight are lost, as in a
+    /// crash; the restart recovers from the WAL.
+    pub async fn crash(&self) {
+        self.pg_ctl(&["stop", "-m", "immediate", "-w"]).await;
+    }
+
+    pub async fn start_again(&self) {
+        self.pg_ctl(&["start", "-w"]).await;
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = as_cluster_owner(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["stop", "-m", "immediate"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

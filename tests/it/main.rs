@@ -7,4 +7,5 @@ mod admin;
 mod balance;
 mod coupons;
 mod health;
+mod loadgen;
 mod products;

@@ -46,7 +46,7 @@ struct Global {
     admin_token: Option<String>,
     /// Calls in flight (one per worker).
     #[arg(long, global = true, default_value_t = Options::DEFAULT_CONCURRENCY,
-          value_parser = clap::value_parser!(u32).range(1..=100_000).map(|v| v as usize))]
+          value_parser = clap::value_parser!(u32).range(1..=10_000).map(|v| v as usize))]
     concurrency: usize,
     /// Stop after this many units of work (one IssueCoupon, one PlaceOrder with its Pay, ...).
     #[arg(long, global = true)]

@@ -80,11 +80,14 @@ pub async fn drive(
             loop {
                 tick.tick().await;
                 let units = budget.taken();
+                let elapsed = started.elapsed();
+                let rate = units as f64 / elapsed.as_secs_f64().max(1e-3);
                 if requests.is_some() {
                     bar.set_position(units);
+                    bar.set_message(format!("{rate:.0}/s"));
                 } else {
-                    bar.set_position(started.elapsed().as_millis() as u64);
-                    bar.set_message(format!("{units} units of work"));
+                    bar.set_position(elapsed.as_millis() as u64);
+                    bar.set_message(format!("{units} units of work, {rate:.0}/s"));
                 }
             }
         })
@@ -130,7 +133,7 @@ fn progress_bar(requests: Option<u64>, total_time: Option<Duration>) -> Progress
     let (length, template) = match (requests, total_time) {
         (Some(n), _) => (
             n,
-            "{elapsed_precise} [{wide_bar}] {human_pos}/{human_len} ({per_sec}, eta {eta})",
+            "{elapsed_precise} [{wide_bar}] {human_pos}/{human_len} {msg}, eta {eta}",
         ),
         (None, Some(t)) => (t.as_millis() as u64, "{elapsed_precise} [{wide_bar}] {msg}"),
         (None, None) => (0, "{elapsed_precise} {msg}"),

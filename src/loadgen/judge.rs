@@ -44,6 +44,7 @@ impl Check {
             if low == high {
                 actual.to_string()
             } else {
+                // Callers pass a range only to allow for calls of unknown outcome.
                 format!("{actual} (allowed {expected}: some calls had an unknown outcome)")
             }
         } else {
@@ -53,6 +54,37 @@ impl Check {
                 actual - low
             };
             format!("expected {expected}, got {actual} (off by {off:+})")
+        };
+        Self {
+            name: name.into(),
+            passed,
+            detail,
+        }
+    }
+
+    pub fn at_most(name: impl Into<String>, limit: i64, actual: i64) -> Self {
+        Self::bound(
+            name,
+            actual <= limit,
+            format!("{actual} <= {limit}"),
+            actual - limit,
+        )
+    }
+
+    pub fn at_least(name: impl Into<String>, limit: i64, actual: i64) -> Self {
+        Self::bound(
+            name,
+            actual >= limit,
+            format!("{actual} >= {limit}"),
+            actual - limit,
+        )
+    }
+
+    fn bound(name: impl Into<String>, passed: bool, relation: String, off: i64) -> Self {
+        let detail = if passed {
+            relation
+        } else {
+            format!("{relation} is false (off by {off:+})")
         };
         Self {
             name: name.into(),
@@ -86,6 +118,36 @@ impl Check {
             detail: detail.into(),
         }
     }
+}
+
+/// Refusals that say the run itself is wrong (a deployment without the RPC, a wrong admin
+/// token, a request the server finds malformed or about something that does not exist), not
+/// that the service is under load. A run made of them proves nothing, so it must not pass.
+const MISCONFIGURED: [Code; 5] = [
+    Code::Unimplemented,
+    Code::Unauthenticated,
+    Code::PermissionDenied,
+    Code::InvalidArgument,
+    Code::NotFound,
+];
+
+/// Every RPC the run called, with every call's outcome.
+pub fn served_check(calls: &[(&str, &Outcomes)]) -> Check {
+    let mut wrong = Problems::default();
+    let mut total = 0;
+    for &(rpc, outcomes) in calls {
+        total += outcomes.total();
+        for (outcome, n) in outcomes.sorted() {
+            if MISCONFIGURED.contains(&outcome.code()) {
+                wrong.add_n(n, || format!("{rpc} {} x{n}", outcome.label()));
+            }
+        }
+    }
+    Check::none(
+        "no call refused as unimplemented, unauthenticated, denied, invalid or not found",
+        &wrong,
+        total,
+    )
 }
 
 /// What Postgres says about the coupon (only with `--database-url`).
@@ -153,9 +215,8 @@ pub fn coupon_checks(f: &CouponFacts) -> Vec<Check> {
             ok + unsure,
             db.rows,
         ));
-        checks.push(Check::within(
+        checks.push(Check::at_most(
             "user_coupons rows <= stock (Postgres)",
-            0,
             f.stock,
             db.rows,
         ));
@@ -229,12 +290,7 @@ pub fn order_checks(f: &OrderFacts) -> Vec<Check> {
 
     match f.stock_now {
         Some(stock) => {
-            checks.push(Check::within(
-                "product stock is never negative",
-                0,
-                i64::MAX,
-                stock,
-            ));
+            checks.push(Check::at_least("product stock is never negative", 0, stock));
             let live: i64 = f
                 .states
                 .values()
@@ -324,9 +380,8 @@ pub fn order_checks(f: &OrderFacts) -> Vec<Check> {
             to_i64(paid) + to_i64(obs.unsure_pays.len() as u64),
             db.rows,
         ));
-        checks.push(Check::within(
+        checks.push(Check::at_most(
             "at most one payment per order (Postgres)",
-            0,
             1,
             db.max_per_order,
         ));
@@ -503,6 +558,33 @@ mod tests {
         assert_eq!(c.detail, "expected 5..=10, got 2 (off by -3)");
         assert!(Check::within("x", 5, 10, 7).passed);
         assert_eq!(Check::equal("x", 4, 4).detail, "4");
+    }
+
+    #[test]
+    fn bounds_say_by_how_much_they_are_missed() {
+        assert_eq!(Check::at_most("x", 1, 1).detail, "1 <= 1");
+        let c = Check::at_most("x", 1, 3);
+        assert!(!c.passed);
+        assert_eq!(c.detail, "3 <= 1 is false (off by +2)");
+        let c = Check::at_least("x", 0, -4);
+        assert!(!c.passed);
+        assert_eq!(c.detail, "-4 >= 0 is false (off by -4)");
+    }
+
+    #[test]
+    fn a_run_the_deployment_did_not_serve_fails() {
+        let fine = outcomes(&[
+            (Code::Ok, "", 5),
+            (Code::FailedPrecondition, "OUT_OF_STOCK", 2),
+        ]);
+        assert!(served_check(&[("PlaceOrder", &fine)]).passed);
+        let unserved = outcomes(&[(Code::Unimplemented, "", 400)]);
+        let check = served_check(&[("PlaceOrder", &fine), ("Pay", &unserved)]);
+        assert!(!check.passed);
+        assert_eq!(
+            check.detail,
+            "400 of 407 violate it, e.g. Pay UNIMPLEMENTED x400"
+        );
     }
 
     #[test]

@@ -167,6 +167,16 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
     for worker in driven.workers {
         observed.merge(worker.observed);
     }
+    let spinner = options.progress.then(|| {
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.set_message(format!(
+            "reading back {} orders and {} balances",
+            observed.orders.len(),
+            observed.book.users().count()
+        ));
+        spinner.enable_steady_tick(Duration::from_millis(100));
+        spinner
+    });
     let fin = verify::gather(
         &connections,
         &fixtures,
@@ -175,13 +185,21 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         db.as_ref(),
     )
     .await;
+    if let Some(spinner) = spinner {
+        spinner.finish_and_clear();
+    }
     if let Some(db) = db {
         db.close().await;
     }
     let fin = fin?;
 
     let rec = &driven.recorder;
-    let mut invariants: Vec<Check> = Vec::new();
+    let called: Vec<(&str, &stats::Outcomes)> = Rpc::ALL
+        .iter()
+        .map(|&rpc| (rpc.name(), rec.all(rpc)))
+        .filter(|(_, outcomes)| outcomes.total() > 0)
+        .collect();
+    let mut invariants: Vec<Check> = vec![judge::served_check(&called)];
     if let Some(stock) = plan.coupon_stock {
         invariants.extend(judge::coupon_checks(&CouponFacts {
             stock,

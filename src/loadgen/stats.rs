@@ -13,7 +13,8 @@ use serde::Serialize;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-/// The slowest latency the histograms resolve (slower calls count as this), in microseconds.
+/// Slower calls count as this many microseconds, so one stuck call cannot grow a histogram
+/// without bound.
 const HIGHEST_US: u64 = 300_000_000;
 /// Three significant digits: under 0.1% error at every latency.
 const SIGNIFICANT_DIGITS: u8 = 3;
@@ -223,9 +224,11 @@ pub struct RpcStats {
 impl RpcStats {
     pub fn new() -> Self {
         Self {
-            // Fixed, valid bounds: a failure here is a programming error.
-            latency_us: Histogram::new_with_bounds(1, HIGHEST_US, SIGNIFICANT_DIGITS)
-                .expect("valid histogram bounds"),
+            // Auto-resizing: a histogram grows only as far as the latencies it sees (tens of KB
+            // for calls of milliseconds instead of ~160 KB for the whole range), which matters
+            // with one histogram per worker and RPC. The significant digits are valid, so a
+            // failure here is a programming error.
+            latency_us: Histogram::new(SIGNIFICANT_DIGITS).expect("valid significant digits"),
             outcomes: Outcomes::default(),
         }
     }
@@ -233,13 +236,16 @@ impl RpcStats {
     pub fn add(&mut self, latency: Duration, code: Code, reason: &str) {
         let us = u64::try_from(latency.as_micros())
             .unwrap_or(u64::MAX)
-            .max(1);
-        self.latency_us.saturating_record(us);
+            .clamp(1, HIGHEST_US);
+        // `record` grows the histogram; `saturating_record` would clamp to its current size.
+        if self.latency_us.record(us).is_err() {
+            self.latency_us.saturating_record(us);
+        }
         self.outcomes.add(code, reason, 1);
     }
 
     pub fn merge(&mut self, other: &RpcStats) {
-        // Same bounds on both sides, so adding cannot fail; saturate if it ever did.
+        // The target resizes itself, so adding cannot fail; saturate if it ever did.
         if self.latency_us.add(&other.latency_us).is_err() {
             for v in other.latency_us.iter_recorded() {
                 self.latency_us

@@ -2,7 +2,8 @@
 //!
 //! Layers, outside in: [`grpc`] (thin handlers) -> [`app`] (one use case per flow) ->
 //! [`domain`] (pure rules) -> [`store`] (Postgres, the record; Redis, the fast gate).
-//! [`startup`] wires them; [`health`] reports dependency health.
+//! [`startup`] wires them; [`health`] reports dependency health. [`loadgen`] is the load
+//! generator behind the `ecommerce-loadgen` binary.
 
 pub mod app;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod jobs;
+pub mod loadgen;
 pub mod metrics;
 pub mod proto;
 pub mod startup;

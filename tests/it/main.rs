@@ -8,6 +8,7 @@ mod balance;
 mod coupons;
 mod faults;
 mod health;
+mod loadgen;
 mod orders;
 mod outbox;
 mod popular;

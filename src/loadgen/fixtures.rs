@@ -1,0 +1,169 @@
+//! Set-up through the public API only, so a run works against any deployment: a coupon and a
+//! product created with the Admin RPCs, every pool user's balance read before the run, and
+//! buyers funded with ChargeBalance.
+//!
+//! Guarantees: funding charges carry an idempotency key, so a retried charge never credits
+//! twice; every balance the run will check is opened in the returned book with its value before
+//! the run and every funding credit, so the checks never assume a user started at zero.
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, anyhow};
+use futures::{StreamExt, TryStreamExt, stream};
+
+use super::{
+    connect::{Connections, describe, retry},
+    ledger::BalanceBook,
+    scenario::{COUPON_DISCOUNT, PRICE, Plan},
+    users::UserSpace,
+};
+use crate::proto::{
+    ChargeBalanceRequest, CreateCouponRequest, CreateProductRequest, Discount, FixedDiscount,
+    GetBalanceRequest, ProductStatus, balance_service_client::BalanceServiceClient, discount,
+};
+
+/// Issue window of the stampede coupon, around the moment of set-up.
+const WINDOW_OPENED_BEFORE: Duration = Duration::from_secs(60);
+const WINDOW_CLOSES_AFTER: Duration = Duration::from_secs(3600);
+const COUPON_VALID_DAYS: i32 = 7;
+
+pub struct Fixtures {
+    pub coupon_id: Option<i64>,
+    pub product_id: Option<i64>,
+    /// Pool users who place orders.
+    pub buyers: Vec<i64>,
+    /// Pool users who receive random charges.
+    pub charged: Vec<i64>,
+    /// Every pool user's balance before the run, plus the funding credits.
+    pub book: BalanceBook,
+}
+
+/// A pool user's balance before the run and, for a buyer, the funding charge (ledger entry id,
+/// amount).
+struct Opened {
+    user: i64,
+    baseline: i64,
+    funding: Option<(i64, i64)>,
+}
+
+pub async fn set_up(
+    connections: &Connections,
+    plan: &Plan,
+    users: UserSpace,
+    tag: &str,
+    concurrency: usize,
+) -> anyhow::Result<Fixtures> {
+    let coupon_id = match plan.coupon_stock {
+        Some(stock) => Some(create_coupon(connections, stock, tag).await?),
+        None => None,
+    };
+    let product_id = match plan.product_stock {
+        Some(stock) => Some(create_product(connections, stock, tag).await?),
+        None => None,
+    };
+    let pool: Vec<i64> = (0..plan.pool()).map(|i| users.pool_user(i)).collect();
+    let opened: Vec<Opened> = stream::iter(pool.iter().enumerate())
+        .map(|(i, &user)| {
+            let client = BalanceServiceClient::new(connections.channel(i));
+            let fund = (i as u64) < plan.buyers;
+            async move {
+                let baseline = retry(|| {
+                    let mut client = client.clone();
+                    async move {
+                        client
+                            .get_balance(GetBalanceRequest { user_id: user })
+                            .await
+                    }
+                })
+                .await
+                .map_err(|s| anyhow!("GetBalance for user {user}: {}", describe(&s)))?
+                .balance;
+                if !fund {
+                    return Ok::<_, anyhow::Error>(Opened {
+                        user,
+                        baseline,
+                        funding: None,
+                    });
+                }
+                let request = ChargeBalanceRequest {
+                    user_id: user,
+                    amount: plan.fund_each,
+                    idempotency_key: format!("{tag}-fund"),
+                };
+                let charged = retry(|| {
+                    let (mut client, request) = (client.clone(), request.clone());
+                    async move { client.charge_balance(request).await }
+                })
+                .await
+                .map_err(|s| anyhow!("funding user {user}: {}", describe(&s)))?;
+                Ok(Opened {
+                    user,
+                    baseline,
+                    funding: Some((charged.history_id, plan.fund_each)),
+                })
+            }
+        })
+        .buffer_unordered(concurrency)
+        .try_collect()
+        .await?;
+    let mut book = BalanceBook::default();
+    for o in opened {
+        book.open(o.user, o.baseline);
+        if let Some((history_id, amount)) = o.funding {
+            book.credit(o.user, history_id, amount, None);
+        }
+    }
+    Ok(Fixtures {
+        coupon_id,
+        product_id,
+        buyers: pool[..plan.buyers as usize].to_vec(),
+        charged: pool[..plan.charged as usize].to_vec(),
+        book,
+    })
+}
+
+async fn create_coupon(connections: &Connections, stock: i64, tag: &str) -> anyhow::Result<i64> {
+    let now = SystemTime::now();
+    let request = CreateCouponRequest {
+        name: format!("loadgen {tag} stampede"),
+        discount: Some(Discount {
+            kind: Some(discount::Kind::Fixed(FixedDiscount {
+                amount: COUPON_DISCOUNT,
+            })),
+        }),
+        min_order_amount: 0,
+        total_quantity: stock,
+        issue_starts_at: Some((now - WINDOW_OPENED_BEFORE).into()),
+        issue_ends_at: Some((now + WINDOW_CLOSES_AFTER).into()),
+        valid_days: COUPON_VALID_DAYS,
+    };
+    let admin = connections.admin();
+    retry(|| {
+        let (mut admin, request) = (admin.clone(), request.clone());
+        async move { admin.create_coupon(request).await }
+    })
+    .await
+    .map_err(|s| anyhow!("CreateCoupon: {}", describe(&s)))?
+    .coupon
+    .map(|c| c.id)
+    .context("CreateCoupon answered without a coupon")
+}
+
+async fn create_product(connections: &Connections, stock: i64, tag: &str) -> anyhow::Result<i64> {
+    let request = CreateProductRequest {
+        name: format!("loadgen {tag} hot product"),
+        price: PRICE,
+        stock,
+        status: ProductStatus::Selling.into(),
+    };
+    let admin = connections.admin();
+    retry(|| {
+        let (mut admin, request) = (admin.clone(), request.clone());
+        async move { admin.create_product(request).await }
+    })
+    .await
+    .map_err(|s| anyhow!("CreateProduct: {}", describe(&s)))?
+    .product
+    .map(|p| p.id)
+    .context("CreateProduct answered without a product")
+}

@@ -1,0 +1,371 @@
+//! The scenarios and what each one needs: the mix of operations, the fixtures it creates, and
+//! when it stops.
+//!
+//! Guarantees: [`Scenario::plan`] refuses sizes the server would refuse or the user-id block
+//! cannot hold, so a run never fails half-way through its set-up for a reason known up front.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+
+use super::{
+    users::UserSpace,
+    weights::{Op, Weights},
+};
+
+/// Unit price of the load-tested product, in won.
+pub const PRICE: i64 = 1_000;
+/// The discount of the stampede coupon, in won.
+pub const COUPON_DISCOUNT: i64 = 1_000;
+/// When neither `--requests` nor `--duration` is given and the scenario has no natural size.
+pub const DEFAULT_DURATION: Duration = Duration::from_secs(10);
+/// The server's bound on a coupon's total quantity.
+const MAX_COUPON_STOCK: i64 = 1_000_000;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// `users` distinct users ask once each for a coupon with `stock` copies.
+    CouponStampede { users: u64, stock: i64 },
+    /// Buyers order one unit of a single product (then pay it) until it sells out and beyond.
+    HotProduct {
+        stock: i64,
+        buyers: u64,
+        /// Orders each buyer can afford; by default twice the fair share, plus one.
+        orders_per_buyer: Option<u64>,
+    },
+    /// GetPopularProducts reads.
+    Popular { days: i32, limit: i32 },
+    /// Small charges to `users` users, some repeating an idempotency key on purpose.
+    Charge { users: u64 },
+    /// A weighted blend of all of the above on shared fixtures.
+    Mixed(Mixed),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mixed {
+    pub weights: Weights,
+    pub coupon_stock: i64,
+    pub stock: i64,
+    /// Buyers, who are also the users charged.
+    pub buyers: u64,
+    pub orders_per_buyer: Option<u64>,
+    pub days: i32,
+    pub limit: i32,
+}
+
+impl Default for Mixed {
+    fn default() -> Self {
+        Self {
+            weights: Weights::from_pairs(&[
+                (Op::Coupon, 10),
+                (Op::Order, 30),
+                (Op::Pay, 30),
+                (Op::Popular, 20),
+                (Op::Charge, 10),
+            ])
+            .expect("the default weights are valid"),
+            coupon_stock: 1_000,
+            stock: 100_000,
+            buyers: 1_000,
+            orders_per_buyer: None,
+            days: 3,
+            limit: 5,
+        }
+    }
+}
+
+impl Scenario {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scenario::CouponStampede { .. } => "coupon-stampede",
+            Scenario::HotProduct { .. } => "hot-product",
+            Scenario::Popular { .. } => "popular",
+            Scenario::Charge { .. } => "charge",
+            Scenario::Mixed(_) => "mixed",
+        }
+    }
+
+    pub fn plan(&self) -> anyhow::Result<Plan> {
+        let plan = match self {
+            &Scenario::CouponStampede { users, stock } => Plan {
+                weights: Weights::only(Op::Coupon),
+                natural_size: Some(users),
+                coupon_stock: Some(stock),
+                ..Plan::default()
+            },
+            &Scenario::HotProduct {
+                stock,
+                buyers,
+                orders_per_buyer,
+            } => {
+                let stock_units = u64::try_from(stock).unwrap_or(0);
+                Plan {
+                    weights: Weights::only(Op::OrderThenPay),
+                    // Past the sell-out, so that OUT_OF_STOCK refusals are measured too.
+                    default_requests: Some(stock_units.saturating_add((stock_units / 5).max(100))),
+                    product_stock: Some(stock),
+                    buyers,
+                    fund_each: fund_each(stock, buyers, orders_per_buyer)?,
+                    ..Plan::default()
+                }
+            }
+            &Scenario::Popular { days, limit } => Plan {
+                weights: Weights::only(Op::Popular),
+                default_duration: Some(DEFAULT_DURATION),
+                popular: (days, limit),
+                ..Plan::default()
+            },
+            &Scenario::Charge { users } => Plan {
+                weights: Weights::only(Op::Charge),
+                default_duration: Some(DEFAULT_DURATION),
+                charged: users,
+                ..Plan::default()
+            },
+            Scenario::Mixed(m) => {
+                let needs_stock = [Op::Order, Op::Pay]
+                    .iter()
+                    .any(|&op| m.weights.contains(op));
+                let needs_buyers = needs_stock || m.weights.contains(Op::Charge);
+                Plan {
+                    weights: m.weights.clone(),
+                    default_duration: Some(DEFAULT_DURATION),
+                    coupon_stock: m.weights.contains(Op::Coupon).then_some(m.coupon_stock),
+                    product_stock: needs_stock.then_some(m.stock),
+                    buyers: if needs_stock { m.buyers } else { 0 },
+                    fund_each: if needs_stock {
+                        fund_each(m.stock, m.buyers, m.orders_per_buyer)?
+                    } else {
+                        0
+                    },
+                    charged: if needs_buyers { m.buyers } else { 0 },
+                    popular: (m.days, m.limit),
+                    ..Plan::default()
+                }
+            }
+        };
+        plan.validate()?;
+        Ok(plan)
+    }
+}
+
+/// What a run needs before its first measured call, and when it stops by default.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub weights: Weights,
+    /// A hard cap on units of work (the stampede's users).
+    pub natural_size: Option<u64>,
+    /// Used when neither `--requests` nor `--duration` is given.
+    pub default_requests: Option<u64>,
+    pub default_duration: Option<Duration>,
+    pub coupon_stock: Option<i64>,
+    pub product_stock: Option<i64>,
+    /// Pool users `0..buyers` place orders; each is charged `fund_each` first.
+    pub buyers: u64,
+    pub fund_each: i64,
+    /// Pool users `0..charged` receive random charges.
+    pub charged: u64,
+    pub popular: (i32, i32),
+}
+
+impl Default for Plan {
+    fn default() -> Self {
+        Self {
+            weights: Weights::only(Op::Popular),
+            natural_size: None,
+            default_requests: None,
+            default_duration: None,
+            coupon_stock: None,
+            product_stock: None,
+            buyers: 0,
+            fund_each: 0,
+            charged: 0,
+            popular: (3, 5),
+        }
+    }
+}
+
+impl Plan {
+    /// Users whose balance the run tracks.
+    pub fn pool(&self) -> u64 {
+        self.buyers.max(self.charged)
+    }
+
+    /// Units of work and seconds after which the run stops, from the options given.
+    pub fn stop(
+        &self,
+        requests: Option<u64>,
+        duration: Option<Duration>,
+    ) -> (Option<u64>, Option<Duration>) {
+        let (requests, duration) = if requests.is_none() && duration.is_none() {
+            (self.default_requests, self.default_duration)
+        } else {
+            (requests, duration)
+        };
+        let requests = match (self.natural_size, requests) {
+            (Some(n), Some(r)) => Some(n.min(r)),
+            (n, r) => n.or(r),
+        };
+        (requests, duration)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if let Some(n) = self.natural_size {
+            ensure!(n >= 1, "--users must be at least 1");
+        }
+        if let Some(stock) = self.coupon_stock {
+            ensure!(
+                (1..=MAX_COUPON_STOCK).contains(&stock),
+                "the coupon stock must be 1..={MAX_COUPON_STOCK}, got {stock}"
+            );
+        }
+        if let Some(stock) = self.product_stock {
+            ensure!(stock >= 1, "--stock must be at least 1, got {stock}");
+            ensure!(self.buyers >= 1, "--buyers must be at least 1");
+        }
+        if self.weights.contains(Op::Charge) {
+            ensure!(self.charged >= 1, "--users must be at least 1");
+        }
+        ensure!(
+            self.pool() <= UserSpace::MAX_POOL,
+            "at most {} buyers or charged users",
+            UserSpace::MAX_POOL
+        );
+        if self.weights.contains(Op::Popular) {
+            let (days, limit) = self.popular;
+            ensure!(
+                (1..=30).contains(&days),
+                "--days must be 1..=30, got {days}"
+            );
+            ensure!(
+                (1..=100).contains(&limit),
+                "--limit must be 1..=100, got {limit}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What each buyer is charged before the run: `orders_per_buyer` one-unit orders, by default
+/// twice a fair share of the stock plus one, because buyers are picked at random and some are
+/// picked more often than others.
+fn fund_each(stock: i64, buyers: u64, orders_per_buyer: Option<u64>) -> anyhow::Result<i64> {
+    if buyers == 0 {
+        bail!("--buyers must be at least 1");
+    }
+    let orders = match orders_per_buyer {
+        Some(k) => k,
+        None => {
+            let stock = u64::try_from(stock).unwrap_or(0);
+            2 * stock.div_ceil(buyers) + 1
+        }
+    };
+    i64::try_from(orders)
+        .ok()
+        .and_then(|k| k.checked_mul(PRICE))
+        .filter(|&amount| amount > 0)
+        .ok_or_else(|| anyhow::anyhow!("--orders-per-buyer must be 1..={}", i64::MAX / PRICE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stampede_stops_at_its_users_unless_told_sooner() {
+        let plan = Scenario::CouponStampede {
+            users: 300,
+            stock: 30,
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(plan.stop(None, None), (Some(300), None));
+        assert_eq!(plan.stop(Some(100), None), (Some(100), None));
+        assert_eq!(plan.stop(Some(1000), None), (Some(300), None));
+        let secs = Some(Duration::from_secs(1));
+        assert_eq!(plan.stop(None, secs), (Some(300), secs));
+    }
+
+    #[test]
+    fn hot_product_defaults_to_selling_out_and_beyond() {
+        let plan = Scenario::HotProduct {
+            stock: 100_000,
+            buyers: 1_000,
+            orders_per_buyer: None,
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(plan.stop(None, None), (Some(120_000), None));
+        assert_eq!(plan.fund_each, 201 * PRICE);
+        let small = Scenario::HotProduct {
+            stock: 30,
+            buyers: 10,
+            orders_per_buyer: Some(4),
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(small.stop(None, None), (Some(130), None));
+        assert_eq!(small.fund_each, 4 * PRICE);
+        let secs = Some(Duration::from_secs(5));
+        assert_eq!(small.stop(None, secs), (None, secs));
+    }
+
+    #[test]
+    fn open_ended_scenarios_run_ten_seconds_by_default() {
+        let plan = Scenario::Charge { users: 50 }.plan().unwrap();
+        assert_eq!(plan.stop(None, None), (None, Some(DEFAULT_DURATION)));
+        assert_eq!(plan.pool(), 50);
+        assert_eq!(plan.stop(Some(7), None), (Some(7), None));
+    }
+
+    #[test]
+    fn mixed_creates_only_what_its_weights_use() {
+        let plan = Scenario::Mixed(Mixed {
+            weights: "popular=1,charge=1".parse().unwrap(),
+            ..Mixed::default()
+        })
+        .plan()
+        .unwrap();
+        assert_eq!((plan.coupon_stock, plan.product_stock), (None, None));
+        assert_eq!((plan.buyers, plan.charged), (0, 1_000));
+        let full = Scenario::Mixed(Mixed::default()).plan().unwrap();
+        assert_eq!(full.coupon_stock, Some(1_000));
+        assert_eq!(full.product_stock, Some(100_000));
+        assert_eq!(full.pool(), 1_000);
+    }
+
+    #[test]
+    fn impossible_sizes_are_refused_up_front() {
+        let bad = [
+            Scenario::CouponStampede { users: 0, stock: 1 },
+            Scenario::CouponStampede {
+                users: 1,
+                stock: 1_000_001,
+            },
+            Scenario::HotProduct {
+                stock: 0,
+                buyers: 1,
+                orders_per_buyer: None,
+            },
+            Scenario::HotProduct {
+                stock: 1,
+                buyers: 0,
+                orders_per_buyer: None,
+            },
+            Scenario::HotProduct {
+                stock: 1,
+                buyers: 1,
+                orders_per_buyer: Some(u64::MAX),
+            },
+            Scenario::Popular { days: 0, limit: 5 },
+            Scenario::Popular {
+                days: 3,
+                limit: 101,
+            },
+            Scenario::Charge { users: 0 },
+            Scenario::Charge { users: 1 << 40 },
+        ];
+        for scenario in bad {
+            assert!(scenario.plan().is_err(), "{scenario:?} should be refused");
+        }
+    }
+}

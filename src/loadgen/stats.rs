@@ -1,0 +1,516 @@
+//! Per-RPC measurements: a latency histogram (microsecond resolution) and a count per outcome
+//! (gRPC code plus ErrorInfo reason).
+//!
+//! Every worker owns one [`Recorder`]; recorders are merged once the run is over, so a call costs
+//! no lock and no shared write. A recorder keeps two views: what was measured (calls started
+//! after the warm-up) for the report, and every call made, which the invariant checks need
+//! because a coupon issued during the warm-up is still issued.
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+/// Slower calls count as this many microseconds, so one stuck call cannot grow a histogram
+/// without bound.
+const HIGHEST_US: u64 = 300_000_000;
+/// Three significant digits: under 0.1% error at every latency.
+const SIGNIFICANT_DIGITS: u8 = 3;
+
+/// What a call is recorded as. One RPC may appear under two names when the scenario calls it
+/// with a different purpose (a deliberate repeat), so the two are not mixed in one histogram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rpc {
+    IssueCoupon,
+    PlaceOrder,
+    Pay,
+    /// Pay again for an order just paid: the answer must be ALREADY_EXISTS.
+    PayAgain,
+    GetPopularProducts,
+    ChargeBalance,
+    /// ChargeBalance repeating an earlier call's idempotency key: it must credit nothing.
+    ChargeBalanceReplay,
+}
+
+impl Rpc {
+    pub const ALL: [Rpc; 7] = [
+        Rpc::IssueCoupon,
+        Rpc::PlaceOrder,
+        Rpc::Pay,
+        Rpc::PayAgain,
+        Rpc::GetPopularProducts,
+        Rpc::ChargeBalance,
+        Rpc::ChargeBalanceReplay,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Rpc::IssueCoupon => "IssueCoupon",
+            Rpc::PlaceOrder => "PlaceOrder",
+            Rpc::Pay => "Pay",
+            Rpc::PayAgain => "Pay (repeat)",
+            Rpc::GetPopularProducts => "GetPopularProducts",
+            Rpc::ChargeBalance => "ChargeBalance",
+            Rpc::ChargeBalanceReplay => "ChargeBalance (same key)",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How far a call's answer can be trusted about what happened on the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    Ok,
+    /// The server answered and refused: nothing changed.
+    Refused,
+    /// The call may or may not have taken effect (the connection failed, the deadline passed,
+    /// the server failed). Invariant checks widen their bounds by these calls.
+    Indeterminate,
+}
+
+impl Class {
+    pub fn of(code: Code) -> Class {
+        match code {
+            Code::Ok => Class::Ok,
+            Code::Cancelled
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss => Class::Indeterminate,
+            _ => Class::Refused,
+        }
+    }
+}
+
+/// The UPPER_SNAKE name of a gRPC code, as the gRPC specification spells it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A gRPC code and the ErrorInfo reason that came with it (empty when none did).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Outcome {
+    code: i32,
+    pub reason: String,
+}
+
+impl Outcome {
+    pub fn new(code: Code, reason: impl Into<String>) -> Self {
+        Self {
+            code: code as i32,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        Code::from_i32(self.code)
+    }
+
+    pub fn class(&self) -> Class {
+        Class::of(self.code())
+    }
+
+    /// `OK`, `UNAVAILABLE` or `RESOURCE_EXHAUSTED/COUPON_SOLD_OUT`.
+    pub fn label(&self) -> String {
+        if self.reason.is_empty() {
+            code_name(self.code()).to_string()
+        } else {
+            format!("{}/{}", code_name(self.code()), self.reason)
+        }
+    }
+}
+
+/// A count per outcome. Few distinct outcomes occur per RPC, so a short vector searched in
+/// order beats a hash map and allocates only when an outcome is first seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcomes(Vec<(Outcome, u64)>);
+
+impl Outcomes {
+    pub fn add(&mut self, code: Code, reason: &str, n: u64) {
+        let code_value = code as i32;
+        match self
+            .0
+            .iter_mut()
+            .find(|(o, _)| o.code == code_value && o.reason == reason)
+        {
+            Some((_, count)) => *count += n,
+            None => self.0.push((Outcome::new(code, reason), n)),
+        }
+    }
+
+    pub fn merge(&mut self, other: &Outcomes) {
+        for (outcome, n) in &other.0 {
+            self.add(outcome.code(), &outcome.reason, *n);
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|(_, n)| n).sum()
+    }
+
+    pub fn of_class(&self, class: Class) -> u64 {
+        self.0
+            .iter()
+            .filter(|(o, _)| o.class() == class)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.of_class(Class::Ok)
+    }
+
+    /// Calls with this code and reason.
+    pub fn count(&self, code: Code, reason: &str) -> u64 {
+        self.0
+            .iter()
+            .filter(|(o, _)| o.code() == code && o.reason == reason)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The outcomes, most frequent first (ties by label, so the order is stable).
+    pub fn sorted(&self) -> Vec<(Outcome, u64)> {
+        let mut v = self.0.clone();
+        v.sort_by(|(a, x), (b, y)| y.cmp(x).then_with(|| a.label().cmp(&b.label())));
+        v
+    }
+}
+
+/// The code and reason of a call's result. Decoding the details costs a little, so it is done
+/// only for errors.
+fn outcome_of<T>(result: &Result<T, Status>) -> (Code, Option<String>) {
+    match result {
+        Ok(_) => (Code::Ok, None),
+        Err(status) => (
+            status.code(),
+            status.get_details_error_info().map(|info| info.reason),
+        ),
+    }
+}
+
+/// Latencies and outcomes of the measured calls of one RPC.
+#[derive(Clone, Debug)]
+pub struct RpcStats {
+    latency_us: Histogram<u64>,
+    outcomes: Outcomes,
+}
+
+impl RpcStats {
+    pub fn new() -> Self {
+        Self {
+            // Auto-resizing: a histogram grows only as far as the latencies it sees (tens of KB
+            // for calls of milliseconds instead of ~160 KB for the whole range), which matters
+            // with one histogram per worker and RPC. The significant digits are valid, so a
+            // failure here is a programming error.
+            latency_us: Histogram::new(SIGNIFICANT_DIGITS).expect("valid significant digits"),
+            outcomes: Outcomes::default(),
+        }
+    }
+
+    pub fn add(&mut self, latency: Duration, code: Code, reason: &str) {
+        let us = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .clamp(1, HIGHEST_US);
+        // `record` grows the histogram; `saturating_record` would clamp to its current size.
+        if self.latency_us.record(us).is_err() {
+            self.latency_us.saturating_record(us);
+        }
+        self.outcomes.add(code, reason, 1);
+    }
+
+    pub fn merge(&mut self, other: &RpcStats) {
+        // The target resizes itself, so adding cannot fail; saturate if it ever did.
+        if self.latency_us.add(&other.latency_us).is_err() {
+            for v in other.latency_us.iter_recorded() {
+                self.latency_us
+                    .saturating_record_n(v.value_iterated_to(), v.count_at_value());
+            }
+        }
+        self.outcomes.merge(&other.outcomes);
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.latency_us.len()
+    }
+
+    pub fn outcomes(&self) -> &Outcomes {
+        &self.outcomes
+    }
+
+    pub fn latency(&self) -> Latency {
+        let ms = |us: u64| us as f64 / 1000.0;
+        if self.latency_us.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            p50_ms: ms(self.latency_us.value_at_quantile(0.50)),
+            p90_ms: ms(self.latency_us.value_at_quantile(0.90)),
+            p99_ms: ms(self.latency_us.value_at_quantile(0.99)),
+            max_ms: ms(self.latency_us.max()),
+        }
+    }
+}
+
+impl Default for RpcStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Latency percentiles in milliseconds (from microsecond measurements).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// One worker's measurements.
+#[derive(Clone, Debug)]
+pub struct Recorder {
+    measure_from: Instant,
+    measured: [Option<RpcStats>; Rpc::ALL.len()],
+    all: [Outcomes; Rpc::ALL.len()],
+}
+
+impl Recorder {
+    /// Calls started before `measure_from` are counted for the invariants but not measured.
+    pub fn new(measure_from: Instant) -> Self {
+        Self {
+            measure_from,
+            measured: Default::default(),
+            all: Default::default(),
+        }
+    }
+
+    /// Records a call that started at `started` and just finished with `result`.
+    pub fn record<T>(&mut self, rpc: Rpc, started: Instant, result: &Result<T, Status>) -> Class {
+        let latency = started.elapsed();
+        let (code, reason) = outcome_of(result);
+        self.record_outcome(rpc, started, latency, code, reason.as_deref().unwrap_or(""));
+        Class::of(code)
+    }
+
+    pub fn record_outcome(
+        &mut self,
+        rpc: Rpc,
+        started: Instant,
+        latency: Duration,
+        code: Code,
+        reason: &str,
+    ) {
+        self.all[rpc.index()].add(code, reason, 1);
+        if started >= self.measure_from {
+            self.measured[rpc.index()]
+                .get_or_insert_with(RpcStats::new)
+                .add(latency, code, reason);
+        }
+    }
+
+    pub fn merge(&mut self, other: &Recorder) {
+        for rpc in Rpc::ALL {
+            let i = rpc.index();
+            self.all[i].merge(&other.all[i]);
+            if let Some(theirs) = &other.measured[i] {
+                match &mut self.measured[i] {
+                    Some(ours) => ours.merge(theirs),
+                    None => self.measured[i] = Some(theirs.clone()),
+                }
+            }
+        }
+    }
+
+    /// Every call of this RPC, warm-up included.
+    pub fn all(&self, rpc: Rpc) -> &Outcomes {
+        &self.all[rpc.index()]
+    }
+
+    pub fn measured(&self, rpc: Rpc) -> Option<&RpcStats> {
+        self.measured[rpc.index()].as_ref()
+    }
+
+    /// Calls made but not measured (started during the warm-up).
+    pub fn warmup_calls(&self) -> u64 {
+        Rpc::ALL
+            .iter()
+            .map(|&rpc| self.all(rpc).total() - self.measured(rpc).map_or(0, RpcStats::calls))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn percentiles_come_from_microsecond_latencies() {
+        let mut stats = RpcStats::new();
+        for i in 1..=100 {
+            stats.add(ms(i), Code::Ok, "");
+        }
+        let l = stats.latency();
+        // Three significant digits: within 0.1% of the exact value.
+        assert!((l.p50_ms - 50.0).abs() <= 0.05, "{l:?}");
+        assert!((l.p90_ms - 90.0).abs() <= 0.09, "{l:?}");
+        assert!((l.p99_ms - 99.0).abs() <= 0.1, "{l:?}");
+        assert!((l.max_ms - 100.0).abs() <= 0.1, "{l:?}");
+        assert_eq!(stats.calls(), 100);
+
+        let mut fast = RpcStats::new();
+        fast.add(Duration::from_micros(250), Code::Ok, "");
+        assert!((fast.latency().p50_ms - 0.25).abs() < 0.001);
+        assert_eq!(RpcStats::new().latency(), Latency::default());
+    }
+
+    #[test]
+    fn merging_adds_histograms_and_outcome_counts() {
+        let mut a = RpcStats::new();
+        let mut b = RpcStats::new();
+        for _ in 0..90 {
+            a.add(ms(1), Code::Ok, "");
+        }
+        for _ in 0..10 {
+            b.add(ms(500), Code::ResourceExhausted, "COUPON_SOLD_OUT");
+        }
+        b.add(ms(2), Code::Ok, "");
+        a.merge(&b);
+        assert_eq!(a.calls(), 101);
+        assert_eq!(a.outcomes().ok(), 91);
+        assert_eq!(
+            a.outcomes()
+                .count(Code::ResourceExhausted, "COUPON_SOLD_OUT"),
+            10
+        );
+        assert_eq!(a.outcomes().total(), a.calls());
+        let l = a.latency();
+        assert!(l.p50_ms < 2.1, "{l:?}");
+        assert!((l.p99_ms - 500.0).abs() < 0.5, "{l:?}");
+    }
+
+    #[test]
+    fn latencies_beyond_the_range_saturate_instead_of_failing() {
+        let mut stats = RpcStats::new();
+        stats.add(Duration::from_secs(3600), Code::DeadlineExceeded, "");
+        stats.add(Duration::ZERO, Code::Ok, "");
+        assert_eq!(stats.calls(), 2);
+        assert!(stats.latency().max_ms >= 299_000.0);
+    }
+
+    #[test]
+    fn outcomes_are_labelled_by_code_and_reason_and_sorted_by_count() {
+        let mut o = Outcomes::default();
+        o.add(Code::Ok, "", 3);
+        o.add(Code::ResourceExhausted, "COUPON_SOLD_OUT", 5);
+        o.add(Code::Unavailable, "", 1);
+        o.add(Code::ResourceExhausted, "COUPON_SOLD_OUT", 2);
+        let labels: Vec<(String, u64)> = o.sorted().iter().map(|(x, n)| (x.label(), *n)).collect();
+        assert_eq!(
+            labels,
+            vec![
+                ("RESOURCE_EXHAUSTED/COUPON_SOLD_OUT".to_string(), 7),
+                ("OK".to_string(), 3),
+                ("UNAVAILABLE".to_string(), 1),
+            ]
+        );
+        assert_eq!(o.of_class(Class::Refused), 7);
+        assert_eq!(o.of_class(Class::Indeterminate), 1);
+        assert_eq!(o.total(), 11);
+    }
+
+    #[test]
+    fn transport_failures_are_indeterminate_and_answers_are_not() {
+        assert_eq!(Class::of(Code::Unavailable), Class::Indeterminate);
+        assert_eq!(Class::of(Code::DeadlineExceeded), Class::Indeterminate);
+        assert_eq!(Class::of(Code::Internal), Class::Indeterminate);
+        assert_eq!(Class::of(Code::ResourceExhausted), Class::Refused);
+        assert_eq!(Class::of(Code::Unimplemented), Class::Refused);
+        assert_eq!(Class::of(Code::Ok), Class::Ok);
+    }
+
+    #[test]
+    fn warmup_calls_count_for_invariants_but_are_not_measured() {
+        let start = Instant::now();
+        let mut rec = Recorder::new(start + Duration::from_secs(1));
+        rec.record_outcome(Rpc::IssueCoupon, start, ms(1), Code::Ok, "");
+        rec.record_outcome(
+            Rpc::IssueCoupon,
+            start + Duration::from_secs(2),
+            ms(1),
+            Code::Ok,
+            "",
+        );
+        assert_eq!(rec.all(Rpc::IssueCoupon).ok(), 2);
+        assert_eq!(rec.measured(Rpc::IssueCoupon).map(RpcStats::calls), Some(1));
+        assert_eq!(rec.warmup_calls(), 1);
+        assert!(rec.measured(Rpc::Pay).is_none());
+
+        let mut other = Recorder::new(start);
+        other.record_outcome(
+            Rpc::Pay,
+            start,
+            ms(3),
+            Code::AlreadyExists,
+            "ORDER_ALREADY_PAID",
+        );
+        rec.merge(&other);
+        assert_eq!(rec.measured(Rpc::Pay).map(RpcStats::calls), Some(1));
+        assert_eq!(rec.all(Rpc::IssueCoupon).total(), 2);
+    }
+
+    #[test]
+    fn recording_a_status_reads_its_error_info_reason() {
+        use tonic_types::{ErrorDetails, StatusExt};
+        let mut rec = Recorder::new(Instant::now());
+        let status = Status::with_error_details(
+            Code::ResourceExhausted,
+            "sold out",
+            ErrorDetails::with_error_info(
+                "COUPON_SOLD_OUT",
+                "ecommerce",
+                std::collections::HashMap::new(),
+            ),
+        );
+        let class = rec.record::<()>(Rpc::IssueCoupon, Instant::now(), &Err(status));
+        assert_eq!(class, Class::Refused);
+        let plain = rec.record::<()>(
+            Rpc::IssueCoupon,
+            Instant::now(),
+            &Err(Status::unavailable("down")),
+        );
+        assert_eq!(plain, Class::Indeterminate);
+        let all = rec.all(Rpc::IssueCoupon);
+        assert_eq!(all.count(Code::ResourceExhausted, "COUPON_SOLD_OUT"), 1);
+        assert_eq!(all.count(Code::Unavailable, ""), 1);
+    }
+}

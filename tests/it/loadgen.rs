@@ -1,0 +1,230 @@
+//! Short runs of every load generator scenario against a test server, through the library API
+//! the binary uses. Each asserts that the invariants hold, that the outcome counts add up to the
+//! calls made, and cross-checks a figure or two against Postgres directly.
+
+use std::time::Duration;
+
+use ecommerce::{
+    loadgen::{self, Mixed, Options, Report, Scenario},
+    proto::ChargeBalanceRequest,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::support::{ADMIN_TOKEN, TestApp, spawn_app};
+
+fn options(app: &TestApp, db: &PgConnectOptions) -> Options {
+    let mut options = Options::new(format!("http://{}", app.addr));
+    options.admin_token = Some(ADMIN_TOKEN.into());
+    options.concurrency = 16;
+    options.seed = 42;
+    options.database = Some(db.clone());
+    options
+}
+
+/// Passed, and every RPC's outcome counts add up to its calls.
+#[track_caller]
+fn assert_sound(report: &Report) {
+    assert!(report.passed, "{}", report.to_table());
+    for rpc in &report.rpcs {
+        let counted: u64 = rpc.outcomes.iter().map(|o| o.count).sum();
+        assert_eq!(counted, rpc.calls, "{} outcomes vs calls", rpc.rpc);
+    }
+    assert_eq!(report.warmup_calls, 0);
+}
+
+fn calls(report: &Report, rpc: &str) -> u64 {
+    report.rpc(rpc).map_or(0, |r| r.calls)
+}
+
+fn count(report: &Report, rpc: &str, outcome: &str) -> u64 {
+    report
+        .rpc(rpc)
+        .and_then(|r| r.outcomes.iter().find(|o| o.outcome == outcome))
+        .map_or(0, |o| o.count)
+}
+
+#[sqlx::test(migrations = false)]
+async fn coupon_stampede_issues_exactly_the_stock(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db.clone()).await;
+    let report = loadgen::run(
+        &options(&app, &db),
+        &Scenario::CouponStampede {
+            users: 300,
+            stock: 30,
+        },
+    )
+    .await
+    .expect("the run happens");
+    assert_sound(&report);
+    assert_eq!(report.units_of_work, 300);
+    assert_eq!(calls(&report, "IssueCoupon"), 300);
+    assert_eq!(count(&report, "IssueCoupon", "OK"), 30);
+    assert_eq!(
+        count(&report, "IssueCoupon", "RESOURCE_EXHAUSTED/COUPON_SOLD_OUT"),
+        270
+    );
+    // The Postgres checks ran too.
+    assert!(
+        report
+            .invariants
+            .iter()
+            .any(|c| c.name.contains("(Postgres)")),
+        "{}",
+        report.to_table()
+    );
+    let coupon_id = report.fixtures["coupon_id"];
+    let issued: i64 = sqlx::query_scalar("SELECT count(*) FROM user_coupons WHERE coupon_id = $1")
+        .bind(coupon_id)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(issued, 30);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn charges_credit_once_per_key(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db.clone()).await;
+    let mut options = options(&app, &db);
+    options.requests = Some(400);
+    let report = loadgen::run(&options, &Scenario::Charge { users: 50 })
+        .await
+        .expect("the run happens");
+    assert_sound(&report);
+    let fresh = calls(&report, "ChargeBalance");
+    let replays = calls(&report, "ChargeBalance (same key)");
+    assert_eq!(fresh + replays, 400);
+    assert!(replays > 0, "some keys were sent twice");
+    assert_eq!(count(&report, "ChargeBalance", "OK"), fresh);
+    assert_eq!(count(&report, "ChargeBalance (same key)", "OK"), replays);
+    // A replay writes no ledger entry: one entry per first-time charge.
+    let base = report.fixtures["user_id_base"];
+    let entries: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM balance_history WHERE user_id > $1 AND user_id <= $1 + 50",
+    )
+    .bind(base)
+    .fetch_one(&app.pg)
+    .await
+    .unwrap();
+    assert_eq!(entries as u64, fresh);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_balance_changed_behind_the_runs_back_is_reported(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app(db.clone()).await;
+    let mut options = options(&app, &db);
+    options.duration = Some(Duration::from_millis(1500));
+    options.database = None;
+    let run = loadgen::run(&options, &Scenario::Charge { users: 20 });
+    let meddle = async {
+        // Once the run has charged someone in its block, credit that user 777 more.
+        let user = loop {
+            let user: Option<i64> = sqlx::query_scalar(
+                "SELECT user_id FROM balance_history WHERE user_id > 4294967296 LIMIT 1",
+            )
+            .fetch_optional(&app.pg)
+            .await
+            .unwrap();
+            if let Some(user) = user {
+                break user;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        app.balance()
+            .charge_balance(ChargeBalanceRequest {
+                user_id: user,
+                amount: 777,
+                idempotency_key: String::new(),
+            })
+            .await
+            .expect("charge behind the run's back");
+        user
+    };
+    let (report, user) = tokio::join!(run, meddle);
+    let report = report.expect("the run happens");
+    assert!(!report.passed, "{}", report.to_table());
+    let broken: Vec<_> = report.violations().collect();
+    assert_eq!(broken.len(), 1, "{}", report.to_table());
+    assert!(
+        broken[0].detail.contains(&format!("user {user}: expected")),
+        "{:?}",
+        broken[0]
+    );
+    assert!(broken[0].detail.contains("(+777)"), "{:?}", broken[0]);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn hot_product_never_oversells(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db.clone()).await;
+    let report = loadgen::run(
+        &options(&app, &db),
+        &Scenario::HotProduct {
+            stock: 30,
+            buyers: 10,
+            orders_per_buyer: Some(30),
+        },
+    )
+    .await
+    .expect("the run happens");
+    assert_sound(&report);
+    // Stock + 100 extra orders by default.
+    assert_eq!(report.units_of_work, 130);
+    assert_eq!(calls(&report, "PlaceOrder"), 130);
+    assert_eq!(count(&report, "PlaceOrder", "OK"), 30);
+    assert_eq!(count(&report, "Pay", "OK"), 30);
+    let stock: i64 = sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")
+        .bind(report.fixtures["product_id"])
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(stock, 0);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn popular_answers_are_well_formed(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db.clone()).await;
+    let mut options = options(&app, &db);
+    options.requests = Some(200);
+    let report = loadgen::run(&options, &Scenario::Popular { days: 3, limit: 5 })
+        .await
+        .expect("the run happens");
+    assert_sound(&report);
+    assert_eq!(calls(&report, "GetPopularProducts"), 200);
+    assert_eq!(count(&report, "GetPopularProducts", "OK"), 200);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_mixed_run_keeps_every_invariant(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db.clone()).await;
+    let mut options = options(&app, &db);
+    options.requests = Some(600);
+    let report = loadgen::run(
+        &options,
+        &Scenario::Mixed(Mixed {
+            coupon_stock: 20,
+            stock: 50,
+            buyers: 10,
+            orders_per_buyer: Some(60),
+            ..Mixed::default()
+        }),
+    )
+    .await
+    .expect("the run happens");
+    assert_sound(&report);
+    let total: u64 = report
+        .rpcs
+        .iter()
+        .filter(|r| r.rpc != "Pay (repeat)")
+        .map(|r| r.calls)
+        .sum();
+    assert_eq!(total, 600, "one call per unit of work, repeats aside");
+    assert!(count(&report, "IssueCoupon", "OK") <= 20);
+    app.stop().await;
+}

@@ -266,7 +266,7 @@ async fn postgres_crash_under_order_load_leaves_no_partial_order() {
                 ];
                 let placed = place(app, user, &lines[..1 + n % 2]).await;
                 let result = match placed {
-                    Ok(order) if n % 5 != 0 => pay(app, user, order.id).await.map(|_| ()),
+                    Ok(order) if !n.is_multiple_of(5) => pay(app, user, order.id).await.map(|_| ()),
                     Ok(_) => Ok(()),
                     Err(e) => Err(e),
                 };
@@ -277,7 +277,7 @@ async fn postgres_crash_under_order_load_leaves_no_partial_order() {
                     );
                 }
                 tally(&mut outcomes.lock().unwrap(), result);
-                if n % 50 == 0 {
+                if n.is_multiple_of(50) {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
             }

@@ -1,6 +1,11 @@
 //! `ecommerce-loadgen`: load-tests a deployment and checks its invariants. All logic lives in
 //! [`ecommerce::loadgen`] so integration tests drive the same code.
 
+// The same allocator as the server: the load generator shares the machine and should not be
+// the bottleneck of the figures it reports.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     ecommerce::loadgen::cli::main()
 }

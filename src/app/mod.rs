@@ -10,6 +10,7 @@ mod outbox;
 mod payments;
 mod popular;
 mod products;
+mod sold_out;
 
 pub use balance::ChargeCommand;
 pub use coupons::{CouponStock, ReconcileReport};
@@ -90,6 +91,7 @@ struct Inner {
     coupon_gate: CouponGate,
     ranking: Ranking,
     popular_cache: popular::PopularCache,
+    sold_out: sold_out::SoldOutCache,
     outbox_nudge: Notify,
 }
 
@@ -104,6 +106,7 @@ impl App {
                 coupon_gate: CouponGate::default(),
                 ranking: Ranking::default(),
                 popular_cache: popular::PopularCache::default(),
+                sold_out: sold_out::SoldOutCache::default(),
                 outbox_nudge: Notify::new(),
             }),
         }
@@ -135,6 +138,10 @@ impl App {
 
     fn popular_cache(&self) -> &popular::PopularCache {
         &self.inner.popular_cache
+    }
+
+    fn sold_out_cache(&self) -> &sold_out::SoldOutCache {
+        &self.inner.sold_out
     }
 
     /// Asks the outbox job to deliver now (a payment just committed).

@@ -13,13 +13,10 @@ use crate::{
     },
     error::{AppError, Resource},
     metrics,
-    store::{
-        postgres::{
-            balances, coupons,
-            idempotency::{self, Claim, Operation},
-            orders::{self, LineRefusal, NewOrder},
-        },
-        redis::sold_out,
+    store::postgres::{
+        balances, coupons,
+        idempotency::{self, Claim, Operation},
+        orders::{self, LineRefusal, NewOrder},
     },
 };
 
@@ -54,14 +51,10 @@ impl App {
     async fn try_place_order(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
         let product_ids: Vec<ProductId> =
             cmd.lines.as_slice().iter().map(|l| l.product_id).collect();
-        match sold_out::first_marked(self.redis(), &product_ids).await {
-            Ok(Some(product)) => {
-                return Err(AppError::OutOfStock {
-                    product_id: product.get(),
-                });
-            }
-            Ok(None) => {}
-            Err(e) => tracing::debug!(error = %e, "sold-out check skipped"),
+        if let Some(product) = self.first_sold_out(&product_ids).await {
+            return Err(AppError::OutOfStock {
+                product_id: product.get(),
+            });
         }
 
         let mut tx = self.pg().begin().await?;
@@ -153,10 +146,7 @@ impl App {
             },
             LineRefusal::OutOfStock { product, left } => {
                 if left == 0 {
-                    let ttl = self.settings().sold_out_marker_ttl;
-                    if let Err(e) = sold_out::mark(self.redis(), product, ttl).await {
-                        tracing::debug!(error = %e, "could not mark a product sold out");
-                    }
+                    self.mark_sold_out(product).await;
                 }
                 AppError::OutOfStock {
                     product_id: product.get(),
@@ -226,9 +216,7 @@ impl App {
     /// Stock came back: its products are no longer sold out.
     async fn stock_returned(&self, order: &Order) {
         let products: Vec<ProductId> = order.items.iter().map(|i| i.product_id).collect();
-        if let Err(e) = sold_out::clear(self.redis(), &products).await {
-            tracing::warn!(error = %e, "could not clear sold-out markers; they expire by themselves");
-        }
+        self.clear_sold_out(&products).await;
     }
 }
 

@@ -4,10 +4,7 @@ use super::App;
 use crate::{
     domain::{PageSize, PageToken, Product, ProductId},
     error::{AppError, Resource},
-    store::{
-        postgres::products::{self, NewProduct, ProductChanges},
-        redis::sold_out,
-    },
+    store::postgres::products::{self, NewProduct, ProductChanges},
 };
 
 impl App {
@@ -45,9 +42,7 @@ impl App {
                     id: id.get(),
                 })?;
         // New stock or a new status: let Postgres decide the next order, not a stale marker.
-        if let Err(e) = sold_out::clear(self.redis(), &[id]).await {
-            tracing::warn!(error = %e, "could not clear the sold-out marker; it expires by itself");
-        }
+        self.clear_sold_out(&[id]).await;
         Ok(product)
     }
 }

@@ -22,6 +22,9 @@ use crate::{
     },
 };
 
+/// How long this process answers COUPON_SOLD_OUT without asking the gate again. Short: a seat
+/// given back (a failed insert, a repaired crash) is offered again within this long.
+const LOCAL_SOLD_OUT: Duration = Duration::from_millis(250);
 /// How long a request waits for another caller's rebuild of the gate before giving up.
 const REBUILD_PATIENCE: Duration = Duration::from_secs(3);
 /// Pause between looks at a gate another caller is rebuilding.
@@ -92,6 +95,13 @@ impl App {
         coupon_id: CouponId,
         user_id: UserId,
     ) -> Result<UserCoupon, AppError> {
+        if self
+            .coupons_sold_out()
+            .first(&[coupon_id], std::time::Instant::now())
+            .is_some()
+        {
+            return Err(AppError::CouponSoldOut);
+        }
         let patience = Instant::now() + REBUILD_PATIENCE;
         let mut collisions = 0;
         loop {
@@ -109,7 +119,10 @@ impl App {
                 }
                 Decision::OutsideWindow => return Err(AppError::CouponNotIssuable),
                 Decision::AlreadyHolder => return Err(AppError::CouponAlreadyIssued),
-                Decision::SoldOut => return Err(AppError::CouponSoldOut),
+                Decision::SoldOut => {
+                    self.coupons_sold_out().remember(coupon_id, LOCAL_SOLD_OUT);
+                    return Err(AppError::CouponSoldOut);
+                }
                 Decision::NotLoaded => {
                     if Instant::now() >= patience {
                         return Err(AppError::Unavailable {
@@ -159,6 +172,9 @@ impl App {
     /// Undoes a grant that did not become a coupon. If Redis cannot be reached now, the
     /// reconciliation job repairs the gate later; the caller's answer does not wait for it.
     async fn release_grant(&self, coupon: CouponId, user: UserId, grant: &Grant, give_back: bool) {
+        if give_back {
+            self.coupons_sold_out().forget(&[coupon]);
+        }
         if let Err(e) = self
             .coupon_gate()
             .release(self.redis(), coupon, user, grant, give_back)

@@ -91,7 +91,8 @@ struct Inner {
     coupon_gate: CouponGate,
     ranking: Ranking,
     popular_cache: popular::PopularCache,
-    sold_out: sold_out::SoldOutCache,
+    sold_out: sold_out::SoldOutCache<crate::domain::ProductId>,
+    coupons_sold_out: sold_out::SoldOutCache<crate::domain::CouponId>,
     outbox_nudge: Notify,
 }
 
@@ -107,6 +108,7 @@ impl App {
                 ranking: Ranking::default(),
                 popular_cache: popular::PopularCache::default(),
                 sold_out: sold_out::SoldOutCache::default(),
+                coupons_sold_out: sold_out::SoldOutCache::default(),
                 outbox_nudge: Notify::new(),
             }),
         }
@@ -140,8 +142,12 @@ impl App {
         &self.inner.popular_cache
     }
 
-    fn sold_out_cache(&self) -> &sold_out::SoldOutCache {
+    fn sold_out_cache(&self) -> &sold_out::SoldOutCache<crate::domain::ProductId> {
         &self.inner.sold_out
+    }
+
+    fn coupons_sold_out(&self) -> &sold_out::SoldOutCache<crate::domain::CouponId> {
+        &self.inner.coupons_sold_out
     }
 
     /// Asks the outbox job to deliver now (a payment just committed).

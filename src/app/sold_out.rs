@@ -1,4 +1,4 @@
-//! Knowing, without Postgres, that a product is sold out.
+//! Knowing, without Postgres (and mostly without Redis), that a product or a coupon is sold out.
 //!
 //! Two levels: a marker in Redis shared by every replica (`store::redis::sold_out`), and a
 //! short-lived copy in this process, so that the flood of orders for a sold-out product during
@@ -9,6 +9,7 @@
 
 use std::{
     collections::HashMap,
+    hash::Hash,
     sync::RwLock,
     time::{Duration, Instant},
 };
@@ -16,13 +17,22 @@ use std::{
 use super::App;
 use crate::{domain::ProductId, store::redis::sold_out};
 
-#[derive(Default)]
-pub(super) struct SoldOutCache {
-    until: RwLock<HashMap<ProductId, Instant>>,
+/// Keys known sold out until an instant. Reads take a shared lock for a moment; an empty set
+/// (the usual case outside a sale) costs one atomic load.
+pub(super) struct SoldOutCache<K> {
+    until: RwLock<HashMap<K, Instant>>,
 }
 
-impl SoldOutCache {
-    fn first(&self, products: &[ProductId], now: Instant) -> Option<ProductId> {
+impl<K> Default for SoldOutCache<K> {
+    fn default() -> Self {
+        Self {
+            until: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Copy + Eq + Hash> SoldOutCache<K> {
+    pub(super) fn first(&self, products: &[K], now: Instant) -> Option<K> {
         let until = self.until.read().unwrap_or_else(|e| e.into_inner());
         if until.is_empty() {
             return None;
@@ -33,14 +43,14 @@ impl SoldOutCache {
             .find(|p| until.get(p).is_some_and(|t| *t > now))
     }
 
-    fn remember(&self, product: ProductId, for_: Duration) {
+    pub(super) fn remember(&self, product: K, for_: Duration) {
         let now = Instant::now();
         let mut until = self.until.write().unwrap_or_else(|e| e.into_inner());
         until.retain(|_, t| *t > now);
         until.insert(product, now + for_);
     }
 
-    fn forget(&self, products: &[ProductId]) {
+    pub(super) fn forget(&self, products: &[K]) {
         let mut until = self.until.write().unwrap_or_else(|e| e.into_inner());
         for product in products {
             until.remove(product);
@@ -100,7 +110,7 @@ mod tests {
 
     #[test]
     fn entries_expire_and_can_be_forgotten() {
-        let cache = SoldOutCache::default();
+        let cache = SoldOutCache::<ProductId>::default();
         let now = Instant::now();
         assert_eq!(cache.first(&[id(1), id(2)], now), None);
         cache.remember(id(2), Duration::from_secs(60));

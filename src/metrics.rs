@@ -161,7 +161,8 @@ pub fn record_call(path: &str, code: Code, latency: Duration) {
         .record(code, latency);
 }
 
-fn code_name(code: Code) -> &'static str {
+/// The canonical UPPER_SNAKE name of a gRPC code, as metrics label it (and tests report it).
+pub fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",

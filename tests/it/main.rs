@@ -7,6 +7,7 @@ mod admin;
 mod balance;
 mod coupons;
 mod health;
+mod hostile;
 mod orders;
 mod outbox;
 mod popular;

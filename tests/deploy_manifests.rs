@@ -541,9 +541,7 @@ fn the_pods_get_every_variable_the_server_reads_and_no_other() {
     );
     let missing: Vec<_> = reads
         .iter()
-        .filter(|name| {
-            !provided.contains(*name) && !OPTIONAL.contains(&name.as_str())
-        })
+        .filter(|name| !provided.contains(*name) && !OPTIONAL.contains(&name.as_str()))
         .collect();
     assert!(
         missing.is_empty(),

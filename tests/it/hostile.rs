@@ -52,7 +52,9 @@ use crate::{
     coupons::{coupon_request, create_coupon_with, issue},
     products::{create_product, create_product_with_status},
     shop::{charge, get_order, pay, place, place_with, stock},
-    support::{TestApp, eventually, invalid_field, spawn_app, spawn_app_with},
+    support::{
+        TestApp, assert_no_violations, eventually, invalid_field, spawn_app, spawn_app_with,
+    },
 };
 
 /// The server's default `MAX_MESSAGE_BYTES`.
@@ -1036,14 +1038,7 @@ async fn every_rpc_answers_hostile_input_with_a_documented_refusal_and_no_side_e
         let codes: Vec<String> = codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
         eprintln!("  {rpc:<26} {cases:>4} cases: {}", codes.join(", "));
     }
-    for violation in &violations {
-        eprintln!("VIOLATION {violation}");
-    }
-    assert!(
-        violations.is_empty(),
-        "{} violations (listed above)",
-        violations.len()
-    );
+    assert_no_violations(&violations);
     app.stop().await;
 }
 

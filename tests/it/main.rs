@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod balance;
+mod conservation;
 mod coupons;
 mod health;
 mod hostile;

@@ -182,9 +182,10 @@ impl App {
             return Err(AppError::OrderClosed { status: row.status });
         }
         let items = orders::items(&mut *tx, id).await?;
-        let closed = orders::release(&mut tx, &row, &items, OrderStatus::Cancelled).await?;
+        let mut closed =
+            orders::release(&mut tx, &[(&row, &items)], OrderStatus::Cancelled).await?;
         tx.commit().await?;
-        let order = closed.with_items(items);
+        let order = closed.remove(0).with_items(items);
         self.stock_returned(&order).await;
         Ok(order)
     }
@@ -196,13 +197,22 @@ impl App {
         loop {
             let mut tx = self.pg().begin().await?;
             let overdue = orders::lock_overdue(&mut tx, EXPIRY_BATCH).await?;
-            let mut closed = Vec::with_capacity(overdue.len());
+            let mut held = Vec::with_capacity(overdue.len());
             for row in &overdue {
-                let items = orders::items(&mut *tx, row.id).await?;
-                let row = orders::release(&mut tx, row, &items, OrderStatus::Expired).await?;
-                closed.push(row.with_items(items));
+                held.push(orders::items(&mut *tx, row.id).await?);
             }
+            let batch: Vec<_> = overdue
+                .iter()
+                .zip(&held)
+                .map(|(row, items)| (row, items.as_slice()))
+                .collect();
+            let rows = orders::release(&mut tx, &batch, OrderStatus::Expired).await?;
             tx.commit().await?;
+            let closed: Vec<Order> = rows
+                .into_iter()
+                .zip(held)
+                .map(|(row, items)| row.with_items(items))
+                .collect();
             for order in &closed {
                 self.stock_returned(order).await;
             }

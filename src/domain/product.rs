@@ -17,12 +17,24 @@ text_enum!(ProductStatus {
     SoldOut => "SOLD_OUT",
 });
 
-/// Units in stock: never negative.
+/// The most units an admin can put in stock.
+///
+/// Cancelling or expiring an order adds its units back on top of whatever the stock is then, and
+/// the admin may have set it outright in between. Bounded far below `i64::MAX`, that addition
+/// cannot overflow (it would take ~9 quintillion units held by open orders); unbounded, a product
+/// restocked to `i64::MAX` made every release of its units fail, and with it the expiry job's
+/// whole batch, on every run.
+pub const MAX_STOCK: i64 = 1_000_000_000_000;
+
+/// Units in stock, as the admin sets them: 0..=[`MAX_STOCK`].
 pub fn parse_stock(raw: i64, field: &'static str) -> Result<i64, ValidationError> {
-    if raw >= 0 {
+    if (0..=MAX_STOCK).contains(&raw) {
         Ok(raw)
     } else {
-        Err(ValidationError::new(field, "must not be negative"))
+        Err(ValidationError::new(
+            field,
+            "must be between 0 and 1000000000000",
+        ))
     }
 }
 
@@ -41,6 +53,18 @@ pub struct Product {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stock_is_bounded_so_released_units_fit() {
+        assert_eq!(parse_stock(0, "stock"), Ok(0));
+        assert_eq!(parse_stock(MAX_STOCK, "stock"), Ok(MAX_STOCK));
+        for bad in [-1, MAX_STOCK + 1, i64::MAX, i64::MIN] {
+            assert_eq!(parse_stock(bad, "stock").unwrap_err().field, "stock");
+        }
+        // A maximal restock plus a billion open orders of the largest line still fits.
+        let held = i64::from(crate::domain::MAX_QUANTITY) * 1_000_000_000;
+        assert!(MAX_STOCK.checked_add(held).is_some());
+    }
 
     #[test]
     fn status_round_trips_through_text() {

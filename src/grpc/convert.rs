@@ -23,16 +23,30 @@ pub fn optional_timestamp(at: Option<DateTime<Utc>>) -> Option<Timestamp> {
     at.and_then(timestamp)
 }
 
+/// The range `google.protobuf.Timestamp` defines: 0001-01-01T00:00:00Z ..= 9999-12-31T23:59:59Z.
+/// chrono reaches much further (±262,143 years) than Postgres stores (4713 BC .. 294276 AD), so
+/// without this bound a year like -200000 passed validation and failed in Postgres as INTERNAL.
+const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
 /// A required timestamp field.
 pub fn parse_timestamp(
     ts: Option<Timestamp>,
     field: &'static str,
 ) -> Result<DateTime<Utc>, ValidationError> {
     let ts = ts.ok_or_else(|| ValidationError::new(field, "is required"))?;
-    u32::try_from(ts.nanos)
+    // Nanos past 999,999,999 are not a Timestamp, though chrono reads them as a leap second.
+    let nanos = u32::try_from(ts.nanos)
         .ok()
+        .filter(|nanos| *nanos < 1_000_000_000);
+    nanos
+        .filter(|_| TIMESTAMP_SECONDS.contains(&ts.seconds))
         .and_then(|nanos| DateTime::from_timestamp(ts.seconds, nanos))
-        .ok_or_else(|| ValidationError::new(field, "is not a valid timestamp"))
+        .ok_or_else(|| {
+            ValidationError::new(
+                field,
+                "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0..=999999999)",
+            )
+        })
 }
 
 pub fn product_status(status: ProductStatus) -> proto::ProductStatus {
@@ -225,6 +239,24 @@ mod tests {
             nanos: -1,
         };
         assert!(parse_timestamp(Some(negative_nanos), "t").is_err());
+    }
+
+    #[test]
+    fn timestamps_outside_the_protobuf_range_are_refused() {
+        let at = |seconds, nanos| parse_timestamp(Some(Timestamp { seconds, nanos }), "t");
+        assert!(at(-62_135_596_800, 0).is_ok(), "0001-01-01T00:00:00Z");
+        assert!(
+            at(253_402_300_799, 999_999_999).is_ok(),
+            "9999-12-31T23:59:59.999999999Z"
+        );
+        assert!(at(-62_135_596_801, 0).is_err());
+        assert!(at(253_402_300_800, 0).is_err());
+        // chrono accepts these, Postgres does not store them.
+        assert!(at(DateTime::<Utc>::MIN_UTC.timestamp(), 0).is_err());
+        assert!(at(DateTime::<Utc>::MAX_UTC.timestamp(), 0).is_err());
+        // chrono's leap second (nanos >= 1e9 at :59) is not a protobuf Timestamp.
+        assert!(at(1_700_000_039, 1_500_000_000).is_err());
+        assert!(at(1_700_000_039, 1_000_000_000).is_err());
     }
 
     #[test]

@@ -5,9 +5,11 @@ mod support;
 
 mod admin;
 mod balance;
+mod conservation;
 mod coupons;
 mod faults;
 mod health;
+mod hostile;
 mod loadgen;
 mod orders;
 mod outbox;

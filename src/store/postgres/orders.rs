@@ -5,6 +5,8 @@
 //! most one live order. Locks are always taken in the same order (order row, then user coupon,
 //! then products by ascending id) so concurrent transactions never deadlock.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 
@@ -211,44 +213,65 @@ pub async fn lock(tx: &mut PgConnection, id: OrderId) -> Result<Option<OrderRow>
     Ok(row)
 }
 
-/// Closes a PENDING_PAYMENT order as CANCELLED or EXPIRED, giving its coupon and its stock back.
-/// The order row must be locked by this transaction.
+/// Closes PENDING_PAYMENT orders as CANCELLED or EXPIRED, giving their coupons and their stock
+/// back; returns the closed rows in the order given. The order rows must be locked by this
+/// transaction.
+///
+/// Locks follow the global order (orders, then coupons, then products by ascending id) across
+/// the whole batch, not order by order: an expiry batch that gave back order A's product 5
+/// before order B's product 2 deadlocked with an order being placed for products 2 and 5.
 pub async fn release(
     tx: &mut PgConnection,
-    order: &OrderRow,
-    items: &[OrderItem],
+    orders: &[(&OrderRow, &[OrderItem])],
     to: OrderStatus,
-) -> Result<OrderRow, StoreError> {
-    if let Some(coupon) = order.user_coupon_id {
+) -> Result<Vec<OrderRow>, StoreError> {
+    let mut coupons: Vec<(UserCouponId, OrderId)> = orders
+        .iter()
+        .filter_map(|(order, _)| order.user_coupon_id.map(|c| (c, order.id)))
+        .collect();
+    coupons.sort_unstable();
+    for (coupon, order) in coupons {
         sqlx::query(
             "UPDATE user_coupons SET status = 'AVAILABLE', order_id = NULL
              WHERE id = $1 AND order_id = $2 AND status = 'RESERVED'",
         )
         .bind(coupon)
-        .bind(order.id)
+        .bind(order)
         .execute(&mut *tx)
         .await?;
     }
-    let mut items: Vec<&OrderItem> = items.iter().collect();
-    items.sort_by_key(|i| i.product_id);
-    for item in items {
+    for (product, units) in units_to_return(orders.iter().flat_map(|(_, items)| items.iter())) {
         sqlx::query("UPDATE products SET stock = stock + $2, updated_at = now() WHERE id = $1")
-            .bind(item.product_id)
-            .bind(i64::from(item.quantity))
+            .bind(product)
+            .bind(units)
             .execute(&mut *tx)
             .await?;
     }
-    let row = sqlx::query_as(concat!(
-        "UPDATE orders SET status = $2, cancelled_at = now()
-         WHERE id = $1 AND status = 'PENDING_PAYMENT'
-         RETURNING ",
-        order_columns!()
-    ))
-    .bind(order.id)
-    .bind(to)
-    .fetch_one(&mut *tx)
-    .await?;
-    Ok(row)
+    let mut closed = Vec::with_capacity(orders.len());
+    for (order, _) in orders {
+        let row = sqlx::query_as(concat!(
+            "UPDATE orders SET status = $2, cancelled_at = now()
+             WHERE id = $1 AND status = 'PENDING_PAYMENT'
+             RETURNING ",
+            order_columns!()
+        ))
+        .bind(order.id)
+        .bind(to)
+        .fetch_one(&mut *tx)
+        .await?;
+        closed.push(row);
+    }
+    Ok(closed)
+}
+
+/// The units to put back per product, by ascending product id: the order every transaction
+/// locks products in.
+fn units_to_return<'a>(items: impl Iterator<Item = &'a OrderItem>) -> Vec<(ProductId, i64)> {
+    let mut units = BTreeMap::new();
+    for item in items {
+        *units.entry(item.product_id).or_insert(0) += i64::from(item.quantity);
+    }
+    units.into_iter().collect()
 }
 
 /// Open orders past their deadline, locked, skipping those another transaction holds (a
@@ -267,4 +290,28 @@ pub async fn lock_overdue(tx: &mut PgConnection, limit: i64) -> Result<Vec<Order
     .fetch_all(tx)
     .await?;
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(product: i64, quantity: i32) -> OrderItem {
+        OrderItem {
+            product_id: ProductId::parse(product, "product_id").unwrap(),
+            name: format!("product {product}"),
+            unit_price: Won::new(1_000),
+            quantity,
+        }
+    }
+
+    #[test]
+    fn a_batch_gives_stock_back_in_ascending_product_order() {
+        // Two expiring orders: A holds products 5 and 1, B holds 2 and 5.
+        let a = [item(5, 1), item(1, 2)];
+        let b = [item(2, 3), item(5, 4)];
+        let units = units_to_return(a.iter().chain(b.iter()));
+        let units: Vec<(i64, i64)> = units.into_iter().map(|(p, n)| (p.get(), n)).collect();
+        assert_eq!(units, vec![(1, 2), (2, 3), (5, 5)]);
+    }
 }

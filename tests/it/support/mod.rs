@@ -251,6 +251,20 @@ pub fn invalid_field(status: &Status) -> String {
         .unwrap_or_default()
 }
 
+/// Prints every violation a property or workload test collected (all of them, not just the
+/// first), then fails if there was any.
+#[track_caller]
+pub fn assert_no_violations(violations: &[String]) {
+    for violation in violations {
+        eprintln!("VIOLATION {violation}");
+    }
+    assert!(
+        violations.is_empty(),
+        "{} violations (listed above)",
+        violations.len()
+    );
+}
+
 /// Polls `check` every 50 ms until it is true or `within` passes.
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
 where

@@ -17,7 +17,7 @@ use crate::{
     error::{AppError, Resource},
     metrics,
     store::{
-        postgres::coupons::{self, HeldSeat, IssueRefusal, NewCoupon},
+        postgres::coupons::{self, HeldSeat, IssueRefusal, NewCoupon, SeatGrant},
         redis::coupon_gate::{Decision, GateView, Grant, InstallMode},
     },
 };
@@ -139,7 +139,15 @@ impl App {
                     continue;
                 }
             };
-            match coupons::issue(self.pg(), coupon_id, user_id, grant.seat).await {
+            let recorded = self
+                .coupon_recorder()
+                .record(SeatGrant {
+                    coupon_id,
+                    user_id,
+                    seat: grant.seat,
+                })
+                .await;
+            match recorded {
                 Ok(Ok(user_coupon)) => return Ok(user_coupon),
                 Ok(Err(IssueRefusal::SeatTaken)) if collisions < MAX_SEAT_COLLISIONS => {
                     collisions += 1;

@@ -3,6 +3,7 @@
 //! Nothing here knows about gRPC.
 
 mod balance;
+mod coupon_recorder;
 mod coupons;
 mod demo;
 mod orders;
@@ -89,6 +90,7 @@ struct Inner {
     settings: Settings,
     sink: Sink,
     coupon_gate: CouponGate,
+    coupon_recorder: coupon_recorder::CouponRecorder,
     ranking: Ranking,
     popular_cache: popular::PopularCache,
     sold_out: sold_out::SoldOutCache<crate::domain::ProductId>,
@@ -98,8 +100,10 @@ struct Inner {
 
 impl App {
     pub fn new(pg: PgPool, redis: Redis, settings: Settings, sink: Sink) -> Self {
+        let coupon_recorder = coupon_recorder::CouponRecorder::start(pg.clone());
         Self {
             inner: Arc::new(Inner {
+                coupon_recorder,
                 pg,
                 redis,
                 settings,
@@ -132,6 +136,10 @@ impl App {
 
     fn coupon_gate(&self) -> &CouponGate {
         &self.inner.coupon_gate
+    }
+
+    fn coupon_recorder(&self) -> &coupon_recorder::CouponRecorder {
+        &self.inner.coupon_recorder
     }
 
     fn ranking(&self) -> &Ranking {

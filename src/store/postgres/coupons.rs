@@ -299,6 +299,48 @@ pub async fn issue(
     }
 }
 
+/// A seat the gate granted, to be recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeatGrant {
+    pub coupon_id: CouponId,
+    pub user_id: UserId,
+    pub seat: i64,
+}
+
+/// Records several grants in one statement, so they share one transaction and one WAL flush.
+/// A grant that a unique constraint refuses (the user already holds the coupon, the seat is
+/// taken) is left out of the result; [`issue`] tells why, one by one. Any other failure fails
+/// the whole statement.
+pub async fn issue_many(
+    db: impl PgExecutor<'_>,
+    grants: &[SeatGrant],
+) -> Result<Vec<UserCoupon>, StoreError> {
+    let coupon_ids: Vec<CouponId> = grants.iter().map(|g| g.coupon_id).collect();
+    let user_ids: Vec<UserId> = grants.iter().map(|g| g.user_id).collect();
+    let seats: Vec<i64> = grants.iter().map(|g| g.seat).collect();
+    let rows: Vec<UserCouponRow> = sqlx::query_as(concat!(
+        "WITH ins AS (
+             INSERT INTO user_coupons (coupon_id, user_id, seat, expires_at)
+             SELECT g.coupon_id, g.user_id, g.seat, now() + make_interval(days => c.valid_days)
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS g(coupon_id, user_id, seat)
+             JOIN coupons c ON c.id = g.coupon_id
+             ON CONFLICT DO NOTHING
+             RETURNING id, coupon_id, user_id, status, order_id, issued_at, expires_at
+         )
+         SELECT ins.*, ",
+        coupon_columns!("c."),
+        " FROM ins JOIN coupons c ON c.id = ins.coupon_id"
+    ))
+    .bind(&coupon_ids)
+    .bind(&user_ids)
+    .bind(&seats)
+    .fetch_all(db)
+    .await?;
+    rows.into_iter()
+        .map(UserCouponRow::into_user_coupon)
+        .collect()
+}
+
 /// Locks one issued coupon (for an order being placed) and reads it with its terms.
 pub async fn lock_user_coupon(
     tx: &mut sqlx::PgConnection,

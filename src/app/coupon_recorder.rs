@@ -1,0 +1,120 @@
+//! Recording coupon winners in Postgres, in batches.
+//!
+//! In a stampede every winner needs its row committed before it hears "yes", and each commit
+//! waits for a WAL flush. Winners that arrive together are written by one multi-row INSERT (one
+//! transaction, one flush), at most a few batches at a time; while those run, the next winners
+//! queue up and form the next batch. A lone winner is written at once, so quiet traffic gains
+//! no latency. A batch changes nothing about the answer each winner gets: a grant Postgres
+//! refuses is retried alone to learn why.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::{
+    domain::UserCoupon,
+    store::{
+        Dependency, StoreError,
+        postgres::coupons::{self, IssueRefusal, SeatGrant},
+    },
+};
+
+/// Grants written by one statement at most.
+const MAX_BATCH: usize = 256;
+/// Batches in flight at once (each holds one pooled connection).
+const MAX_IN_FLIGHT: usize = 4;
+
+type Outcome = Result<Result<UserCoupon, IssueRefusal>, StoreError>;
+
+struct Pending {
+    grant: SeatGrant,
+    reply: oneshot::Sender<Outcome>,
+}
+
+pub(super) struct CouponRecorder {
+    queue: mpsc::Sender<Pending>,
+}
+
+fn unavailable(why: String) -> StoreError {
+    StoreError::Unavailable {
+        dependency: Dependency::Postgres,
+        source: why.into(),
+    }
+}
+
+impl CouponRecorder {
+    /// Starts the batching task; it stops when the recorder is dropped.
+    pub(super) fn start(pg: PgPool) -> Self {
+        let (queue, pending) = mpsc::channel(MAX_BATCH * MAX_IN_FLIGHT * 4);
+        tokio::spawn(run(pg, pending));
+        Self { queue }
+    }
+
+    pub(super) async fn record(&self, grant: SeatGrant) -> Outcome {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Pending { grant, reply })
+            .await
+            .map_err(|_| unavailable("the coupon recorder has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| unavailable("the coupon recorder dropped a grant".into()))?
+    }
+}
+
+async fn run(pg: PgPool, mut pending: mpsc::Receiver<Pending>) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = pending.recv().await {
+        // Waiting for a slot is what lets the next batch grow.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match pending.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let pg = pg.clone();
+        tokio::spawn(async move {
+            record_batch(&pg, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn record_batch(pg: &PgPool, batch: Vec<Pending>) {
+    let grants: Vec<SeatGrant> = batch.iter().map(|p| p.grant).collect();
+    match coupons::issue_many(pg, &grants).await {
+        Ok(recorded) => {
+            for pending in batch {
+                let g = pending.grant;
+                let row = recorded
+                    .iter()
+                    .find(|uc| uc.coupon_id == g.coupon_id && uc.user_id == g.user_id);
+                let outcome = match row {
+                    Some(uc) => Ok(Ok(uc.clone())),
+                    // Refused by a constraint: ask again alone, to learn which.
+                    None => coupons::issue(pg, g.coupon_id, g.user_id, g.seat).await,
+                };
+                let _ = pending.reply.send(outcome);
+            }
+        }
+        Err(e) if e.is_unavailable() => {
+            let why = e.to_string();
+            for pending in batch {
+                let _ = pending.reply.send(Err(unavailable(why.clone())));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, grants = batch.len(), "batch refused; recording one by one");
+            for pending in batch {
+                let g = pending.grant;
+                let outcome = coupons::issue(pg, g.coupon_id, g.user_id, g.seat).await;
+                let _ = pending.reply.send(outcome);
+            }
+        }
+    }
+}

@@ -27,8 +27,8 @@ use crate::{
 const LOCAL_SOLD_OUT: Duration = Duration::from_millis(250);
 /// How long a request waits for another caller's rebuild of the gate before giving up.
 const REBUILD_PATIENCE: Duration = Duration::from_secs(3);
-/// Pause between looks at a gate another caller is rebuilding.
-const REBUILD_POLL: Duration = Duration::from_millis(20);
+/// Pause between looks at a gate another caller is rebuilding (a rebuild takes milliseconds).
+const REBUILD_POLL: Duration = Duration::from_millis(5);
 /// Retries after the gate granted a seat Postgres already gave away (possible only right after
 /// a rebuild raced with inserts in flight).
 const MAX_SEAT_COLLISIONS: u32 = 5;
@@ -49,9 +49,19 @@ pub struct ReconcileReport {
 impl App {
     pub async fn create_coupon(&self, new: NewCoupon) -> Result<Coupon, AppError> {
         let coupon = coupons::create(self.pg(), new).await?;
-        // A request for this id a moment ago may have cached "no such coupon".
-        if let Err(e) = self.coupon_gate().forget(self.redis(), coupon.id).await {
-            tracing::warn!(coupon = %coupon.id, error = %e, "could not clear the coupon gate");
+        // Load the gate now, so the first wave of a stampede does not queue behind one
+        // caller's rebuild, after dropping a "no such coupon" cached a moment ago. If Redis is
+        // unreachable, the first request after it returns rebuilds the gate instead.
+        let gate = self.coupon_gate();
+        let loaded = match gate.forget(self.redis(), coupon.id).await {
+            Ok(()) => self
+                .rebuild_coupon_gate(coupon.id, InstallMode::Replace)
+                .await
+                .map(drop),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = loaded {
+            tracing::warn!(coupon = %coupon.id, error = %e, "coupon gate not loaded yet");
         }
         Ok(coupon)
     }

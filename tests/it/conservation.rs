@@ -617,8 +617,9 @@ async fn worker(app: &TestApp, shop: &Shop, shared: &Shared, worker: usize, ops:
 // ---------------------------------------------------------------------------------------------
 // The books
 
-/// Rules that must hold on any snapshot, as SQL counting the rows that break them.
-const RULES: &[(&str, &str)] = &[
+/// Rules that must hold on any snapshot, as SQL counting the rows that break them. The fault
+/// tests check the record with them too.
+pub const RULES: &[(&str, &str)] = &[
     (
         "no negative balance",
         "SELECT count(*) FROM user_balances WHERE balance < 0",

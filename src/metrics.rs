@@ -7,7 +7,6 @@
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     sync::{LazyLock, OnceLock},
     time::Duration,
 };
@@ -69,10 +68,6 @@ pub async fn serve(listener: TcpListener, shutdown: CancellationToken) {
         tracing::warn!(error = %e, "metrics endpoint stopped");
     }
     upkeep.abort();
-}
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 /// The metrics of one gRPC method. Series are registered on first use.

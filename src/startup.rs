@@ -72,7 +72,7 @@ impl Application {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("binding {}", config.listen_addr))?;
-        let metrics_listener = crate::metrics::bind(config.metrics_addr)
+        let metrics_listener = TcpListener::bind(config.metrics_addr)
             .await
             .with_context(|| format!("binding the metrics address {}", config.metrics_addr))?;
         Ok(Self {
@@ -94,10 +94,6 @@ impl Application {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
-    }
-
-    pub fn app(&self) -> &App {
-        &self.app
     }
 
     /// Serves until `shutdown` is cancelled, then drains and returns.

@@ -77,10 +77,6 @@ impl Redis {
         self.pool.next()
     }
 
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
     /// The prefix every key of this service starts with.
     pub fn prefix(&self) -> &str {
         &self.prefix

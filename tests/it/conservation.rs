@@ -32,8 +32,8 @@ use ecommerce::{
     error::code_name,
     proto::{
         CancelOrderRequest, ChargeBalanceRequest, CreateCouponRequest, Discount, FixedDiscount,
-        GetBalanceRequest, GetCouponRequest, IssueCouponRequest, Order, OrderLine, OrderStatus,
-        PayRequest, PercentDiscount, PlaceOrderRequest, ProductStatus, discount,
+        GetBalanceRequest, IssueCouponRequest, Order, OrderLine, OrderStatus, PayRequest,
+        PercentDiscount, PlaceOrderRequest, ProductStatus, discount,
     },
 };
 use futures::future::join_all;
@@ -912,15 +912,7 @@ async fn check_rpc_views(app: &TestApp, shop: &Shop, violations: &mut Vec<String
         }
     }
     for (&coupon, &(_, _, total)) in &shop.coupons {
-        let remaining = app
-            .coupons()
-            .get_coupon(GetCouponRequest { coupon_id: coupon })
-            .await
-            .unwrap()
-            .into_inner()
-            .coupon
-            .unwrap()
-            .remaining_quantity;
+        let remaining = crate::coupons::remaining(app, coupon).await;
         let issued: i64 =
             sqlx::query_scalar("SELECT count(*) FROM user_coupons WHERE coupon_id = $1")
                 .bind(coupon)

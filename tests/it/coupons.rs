@@ -93,7 +93,7 @@ async fn issued_in_postgres(app: &TestApp, coupon_id: i64) -> Vec<i64> {
         .unwrap()
 }
 
-async fn remaining(app: &TestApp, coupon_id: i64) -> i64 {
+pub async fn remaining(app: &TestApp, coupon_id: i64) -> i64 {
     app.coupons()
         .get_coupon(GetCouponRequest { coupon_id })
         .await

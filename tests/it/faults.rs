@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use ecommerce::proto::{GetCouponRequest, IssueCouponRequest};
+use ecommerce::proto::IssueCouponRequest;
 use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::time::Instant;
@@ -21,7 +21,7 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    coupons::create_coupon,
+    coupons::{create_coupon, remaining},
     products::create_product,
     shop::{charge, pay, place},
     support::{
@@ -139,16 +139,7 @@ async fn redis_killed_mid_stampede_never_over_issues(_: PgPoolOptions, db: PgCon
     );
     // Postgres and Redis agree again: what the gate still grants is what Postgres has left.
     let left_in_pg = 300 - issued.len() as i64;
-    let remaining = app
-        .coupons()
-        .get_coupon(GetCouponRequest { coupon_id: coupon })
-        .await
-        .unwrap()
-        .into_inner()
-        .coupon
-        .unwrap()
-        .remaining_quantity;
-    assert_eq!(remaining, left_in_pg);
+    assert_eq!(remaining(&app, coupon).await, left_in_pg);
     let probe = (10_001..=10_000 + left_in_pg + 50).map(|user| {
         let mut client = app.coupons();
         async move {

@@ -3,6 +3,7 @@
 
 use sqlx::{PgConnection, PgExecutor};
 
+use super::split_page;
 use crate::{
     domain::{LedgerEntry, PageSize, PageToken, UserId, Won},
     store::StoreError,
@@ -88,20 +89,4 @@ pub async fn history_page(
     .await?;
     let next = split_page(&mut rows, page_size, |e| e.id);
     Ok((rows, next))
-}
-
-/// Keeps the first `page_size` rows of a `page_size + 1` query and says where the next page
-/// starts, if there is one.
-pub fn split_page<T>(
-    rows: &mut Vec<T>,
-    page_size: PageSize,
-    key: impl Fn(&T) -> i64,
-) -> Option<PageToken> {
-    let size = page_size.get() as usize;
-    if rows.len() > size {
-        rows.truncate(size);
-        rows.last().map(|last| PageToken::after(key(last)))
-    } else {
-        None
-    }
 }

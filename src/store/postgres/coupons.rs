@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 
-use super::balances::split_page;
+use super::split_page;
 use crate::{
     domain::{
         Coupon, CouponId, CouponTerms, Discount, DisplayName, IssueWindow, OrderId, PageSize,

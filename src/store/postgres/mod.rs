@@ -18,6 +18,7 @@ use sqlx::{
 };
 
 use super::StoreError;
+use crate::domain::{PageSize, PageToken};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -42,4 +43,20 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
 pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
     sqlx::query("SELECT 1").execute(pool).await?;
     Ok(())
+}
+
+/// Keeps the first `page_size` rows of a `page_size + 1` query and says where the next page
+/// starts, if there is one.
+pub fn split_page<T>(
+    rows: &mut Vec<T>,
+    page_size: PageSize,
+    key: impl Fn(&T) -> i64,
+) -> Option<PageToken> {
+    let size = page_size.get() as usize;
+    if rows.len() > size {
+        rows.truncate(size);
+        rows.last().map(|last| PageToken::after(key(last)))
+    } else {
+        None
+    }
 }

@@ -3,7 +3,7 @@
 
 use sqlx::PgExecutor;
 
-use super::balances::split_page;
+use super::split_page;
 use crate::{
     domain::{DisplayName, PageSize, PageToken, Product, ProductId, ProductStatus, Won},
     store::StoreError,

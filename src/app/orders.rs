@@ -5,6 +5,8 @@
 //! back exactly what it held. Orders for a product known to be sold out are refused from Redis
 //! without touching Postgres.
 
+use std::collections::BTreeSet;
+
 use super::App;
 use crate::{
     domain::{
@@ -206,16 +208,13 @@ impl App {
                 .zip(&held)
                 .map(|(row, items)| (row, items.as_slice()))
                 .collect();
-            let rows = orders::release(&mut tx, &batch, OrderStatus::Expired).await?;
+            let closed = orders::release(&mut tx, &batch, OrderStatus::Expired).await?;
             tx.commit().await?;
-            let closed: Vec<Order> = rows
-                .into_iter()
-                .zip(held)
-                .map(|(row, items)| row.with_items(items))
-                .collect();
-            for order in &closed {
-                self.stock_returned(order).await;
-            }
+            // One clear for the whole batch: its orders often share the same hot products.
+            let products: BTreeSet<ProductId> =
+                held.iter().flatten().map(|item| item.product_id).collect();
+            self.clear_sold_out(&products.into_iter().collect::<Vec<_>>())
+                .await;
             expired += closed.len();
             if (overdue.len() as i64) < EXPIRY_BATCH {
                 return Ok(expired);

@@ -90,7 +90,9 @@ pub struct Config {
     pub order_ttl: Duration,
     pub health_check_interval: Duration,
     pub coupon_reconcile_interval: Duration,
-    /// A gate holder with no coupon row for this long is a crash leftover, not a call in flight.
+    /// A coupon win with no row for this long is an orphan (its insert never ran), not an
+    /// insert in flight: the next call of that user, or the reconciliation job, releases it.
+    /// Inserts are given at most half of it.
     pub coupon_orphan_grace: Duration,
     pub order_expiry_interval: Duration,
     pub outbox_interval: Duration,
@@ -277,7 +279,12 @@ impl Config {
                 1,
                 86_400,
             )),
-            coupon_orphan_grace: r.millis("COUPON_ORPHAN_GRACE_MS", 10_000),
+            coupon_orphan_grace: Duration::from_millis(r.ranged(
+                "COUPON_ORPHAN_GRACE_MS",
+                500,
+                50,
+                60_000,
+            )),
             order_expiry_interval: Duration::from_secs(r.ranged(
                 "ORDER_EXPIRY_INTERVAL_SECS",
                 10,

@@ -81,14 +81,18 @@ pub enum AppError {
     BalanceLimitExceeded { max: Won },
     #[error("the coupon is sold out")]
     CouponSoldOut,
-    #[error("the user already holds this coupon")]
-    CouponAlreadyIssued,
+    #[error("the user already holds this coupon ({user_coupon_id})")]
+    CouponAlreadyIssued { user_coupon_id: i64 },
     #[error("the coupon cannot be issued outside its issue window")]
     CouponNotIssuable,
     #[error("product {product_id} is not on sale")]
     ProductNotSelling { product_id: i64 },
     #[error("product {product_id} does not have enough stock")]
     OutOfStock { product_id: i64 },
+    #[error("the stock is {stock}, not the expected value")]
+    StockChanged { stock: i64 },
+    #[error("the stock would pass the maximum of {max}")]
+    StockLimitExceeded { max: i64 },
     #[error("the coupon cannot be used: {why}")]
     CouponUnusable { why: &'static str },
     #[error("the balance is too low: {required} needed")]
@@ -132,10 +136,14 @@ impl AppError {
             AppError::NotFound { resource, .. } => (Code::NotFound, resource.reason()),
             AppError::BalanceLimitExceeded { .. } => (Code::OutOfRange, "BALANCE_LIMIT_EXCEEDED"),
             AppError::CouponSoldOut => (Code::ResourceExhausted, "COUPON_SOLD_OUT"),
-            AppError::CouponAlreadyIssued => (Code::AlreadyExists, "COUPON_ALREADY_ISSUED"),
+            AppError::CouponAlreadyIssued { .. } => {
+                (Code::AlreadyExists, "COUPON_ALREADY_ISSUED")
+            }
             AppError::CouponNotIssuable => (Code::FailedPrecondition, "COUPON_NOT_ISSUABLE"),
             AppError::ProductNotSelling { .. } => (Code::FailedPrecondition, "PRODUCT_NOT_SELLING"),
             AppError::OutOfStock { .. } => (Code::FailedPrecondition, "OUT_OF_STOCK"),
+            AppError::StockChanged { .. } => (Code::Aborted, "STOCK_CHANGED"),
+            AppError::StockLimitExceeded { .. } => (Code::OutOfRange, "STOCK_LIMIT_EXCEEDED"),
             AppError::CouponUnusable { .. } => (Code::FailedPrecondition, "COUPON_UNUSABLE"),
             AppError::InsufficientBalance { .. } => {
                 (Code::FailedPrecondition, "INSUFFICIENT_BALANCE")
@@ -167,6 +175,11 @@ impl AppError {
             AppError::ProductNotSelling { product_id } | AppError::OutOfStock { product_id } => {
                 put("product_id", product_id.to_string().into())
             }
+            AppError::CouponAlreadyIssued { user_coupon_id } => {
+                put("user_coupon_id", user_coupon_id.to_string().into())
+            }
+            AppError::StockChanged { stock } => put("stock", stock.to_string().into()),
+            AppError::StockLimitExceeded { max } => put("max_stock", max.to_string().into()),
             AppError::CouponUnusable { why } => put("why", Cow::Borrowed(why)),
             AppError::InsufficientBalance { required } => {
                 put("required", required.get().to_string().into())

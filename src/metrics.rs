@@ -168,6 +168,16 @@ pub fn coupon_issue(outcome: &'static str) {
     counter!("ecommerce_coupon_issue_total", "outcome" => outcome).increment(1);
 }
 
+/// A coupon gate rebuilt (or, for `orphan`, repaired) by this process, by reason.
+pub fn coupon_gate_rebuild(reason: &'static str) {
+    counter!("ecommerce_coupon_gate_rebuilds_total", "reason" => reason).increment(1);
+}
+
+/// An orphaned coupon win released by the call that met it.
+pub fn coupon_orphan_released() {
+    counter!("ecommerce_coupon_orphans_released_total").increment(1);
+}
+
 pub fn order_placed(outcome: &'static str) {
     counter!("ecommerce_orders_placed_total", "outcome" => outcome).increment(1);
 }

@@ -3,13 +3,16 @@
 //! Invariant: a balance equals the sum of its ledger and never exceeds the configured maximum;
 //! a retried charge (same idempotency key) credits nothing more.
 
-use super::App;
+use super::{
+    App,
+    idempotency::{NextAction, next_action},
+};
 use crate::{
     domain::{IdempotencyKey, LedgerEntry, PageSize, PageToken, UserId, Won},
     error::AppError,
     store::postgres::{
         balances,
-        idempotency::{self, Claim, Operation},
+        idempotency::{self, Operation},
     },
 };
 
@@ -22,23 +25,25 @@ pub struct ChargeCommand {
 impl App {
     /// Credits the balance and writes the CHARGE entry; returns that entry (its `balance_after`
     /// is the new balance).
+    ///
+    /// Cancel safety: everything happens in one transaction; a call dropped before its commit
+    /// rolls back and credits nothing.
     pub async fn charge_balance(&self, cmd: ChargeCommand) -> Result<LedgerEntry, AppError> {
         let max = self.settings().max_balance;
+        let mut tx = self.pg().begin().await?;
+        let key = cmd.idempotency_key.as_ref();
+        match next_action(&mut tx, cmd.user_id, Operation::Charge, key, || {
+            cmd.amount.get().to_string()
+        })
+        .await?
+        {
+            NextAction::Start => {}
+            NextAction::ReturnSaved(history_id) => {
+                return Ok(balances::ledger_entry(&mut *tx, history_id).await?);
+            }
+        }
         if cmd.amount > max {
             return Err(AppError::BalanceLimitExceeded { max });
-        }
-        let mut tx = self.pg().begin().await?;
-        if let Some(key) = &cmd.idempotency_key {
-            let fingerprint = cmd.amount.get().to_string();
-            match idempotency::claim(&mut tx, cmd.user_id, Operation::Charge, key, &fingerprint)
-                .await?
-            {
-                Claim::Fresh => {}
-                Claim::Replay(history_id) => {
-                    return Ok(balances::ledger_entry(&mut *tx, history_id).await?);
-                }
-                Claim::Mismatch => return Err(AppError::IdempotencyKeyReused),
-            }
         }
         let entry = balances::charge(&mut tx, cmd.user_id, cmd.amount, max)
             .await?

@@ -6,11 +6,18 @@
 //! queue up and form the next batch. A lone winner is written at once, so quiet traffic gains
 //! no latency. A batch changes nothing about the answer each winner gets: a grant Postgres
 //! refuses is retried alone to learn why.
+//!
+//! Bounded wait: a grant that waited longer than `max_wait` (queue and pool) is answered
+//! UNAVAILABLE without being written, so every insert starts well within the orphan grace
+//! after its win, and a later call that finds the win without a row may release it.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use sqlx::PgPool;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::{
+    sync::{Semaphore, mpsc, oneshot},
+    time::Instant,
+};
 
 use crate::{
     domain::UserCoupon,
@@ -29,11 +36,14 @@ type Outcome = Result<Result<UserCoupon, IssueRefusal>, StoreError>;
 
 struct Pending {
     grant: SeatGrant,
+    /// Not written after this.
+    deadline: Instant,
     reply: oneshot::Sender<Outcome>,
 }
 
 pub(super) struct CouponRecorder {
     queue: mpsc::Sender<Pending>,
+    max_wait: Duration,
 }
 
 fn unavailable(why: String) -> StoreError {
@@ -45,16 +55,21 @@ fn unavailable(why: String) -> StoreError {
 
 impl CouponRecorder {
     /// Starts the batching task; it stops when the recorder is dropped.
-    pub(super) fn start(pg: PgPool) -> Self {
+    pub(super) fn start(pg: PgPool, max_wait: Duration) -> Self {
         let (queue, pending) = mpsc::channel(MAX_BATCH * MAX_IN_FLIGHT * 4);
         tokio::spawn(run(pg, pending));
-        Self { queue }
+        Self { queue, max_wait }
     }
 
     pub(super) async fn record(&self, grant: SeatGrant) -> Outcome {
         let (reply, answer) = oneshot::channel();
+        let deadline = Instant::now() + self.max_wait;
         self.queue
-            .send(Pending { grant, reply })
+            .send(Pending {
+                grant,
+                deadline,
+                reply,
+            })
             .await
             .map_err(|_| unavailable("the coupon recorder has stopped".into()))?;
         answer
@@ -86,8 +101,33 @@ async fn run(pg: PgPool, mut pending: mpsc::Receiver<Pending>) {
 }
 
 async fn record_batch(pg: &PgPool, batch: Vec<Pending>) {
+    let now = Instant::now();
+    let (batch, late): (Vec<Pending>, Vec<Pending>) =
+        batch.into_iter().partition(|p| p.deadline > now);
+    for pending in late {
+        let _ = pending
+            .reply
+            .send(Err(unavailable("the coupon could not be recorded in time".into())));
+    }
+    let Some(oldest) = batch.iter().map(|p| p.deadline).min() else {
+        return;
+    };
+    let mut conn = match tokio::time::timeout_at(oldest, pg.acquire()).await {
+        Ok(Ok(conn)) => conn,
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => StoreError::from(e).to_string(),
+                _ => "no Postgres connection in time to record the coupon".into(),
+            };
+            for pending in batch {
+                let _ = pending.reply.send(Err(unavailable(why.clone())));
+            }
+            return;
+        }
+    };
+    let pg = &mut *conn;
     let grants: Vec<SeatGrant> = batch.iter().map(|p| p.grant).collect();
-    match coupons::issue_many(pg, &grants).await {
+    match coupons::issue_many(&mut *pg, &grants).await {
         Ok(recorded) => {
             for pending in batch {
                 let g = pending.grant;
@@ -97,7 +137,7 @@ async fn record_batch(pg: &PgPool, batch: Vec<Pending>) {
                 let outcome = match row {
                     Some(uc) => Ok(Ok(uc.clone())),
                     // Refused by a constraint: ask again alone, to learn which.
-                    None => coupons::issue(pg, g.coupon_id, g.user_id, g.seat).await,
+                    None => coupons::issue(&mut *pg, g.coupon_id, g.user_id, g.seat).await,
                 };
                 let _ = pending.reply.send(outcome);
             }
@@ -112,7 +152,7 @@ async fn record_batch(pg: &PgPool, batch: Vec<Pending>) {
             tracing::debug!(error = %e, grants = batch.len(), "batch refused; recording one by one");
             for pending in batch {
                 let g = pending.grant;
-                let outcome = coupons::issue(pg, g.coupon_id, g.user_id, g.seat).await;
+                let outcome = coupons::issue(&mut *pg, g.coupon_id, g.user_id, g.seat).await;
                 let _ = pending.reply.send(outcome);
             }
         }

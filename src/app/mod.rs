@@ -6,6 +6,7 @@ mod balance;
 mod coupon_recorder;
 mod coupons;
 mod demo;
+mod idempotency;
 mod orders;
 mod outbox;
 mod payments;
@@ -14,7 +15,7 @@ mod products;
 mod sold_out;
 
 pub use balance::ChargeCommand;
-pub use coupons::{CouponStock, ReconcileReport};
+pub use coupons::{CouponStock, GateRepairs, ReconcileReport, RepairReason};
 pub use orders::PlaceOrderCommand;
 pub use outbox::DeliveryReport;
 pub use payments::PayCommand;
@@ -35,7 +36,7 @@ use crate::{
     domain::Won,
     store::{
         data_platform::Sink,
-        redis::{Redis, coupon_gate::CouponGate, ranking::Ranking},
+        redis::{Redis, coupon_gate::CouponGate, ranking::Ranking, sold_out::SoldOutMarkers},
     },
 };
 
@@ -45,6 +46,8 @@ pub struct Settings {
     pub max_balance: Won,
     pub order_ttl: Duration,
     pub sold_out_marker_ttl: Duration,
+    /// A coupon win with no row for this long is an orphan, not an insert in flight.
+    pub coupon_orphan_grace: Duration,
     pub outbox: OutboxSettings,
     pub ranking: RankingSettings,
 }
@@ -63,6 +66,7 @@ impl Settings {
             max_balance: config.max_balance,
             order_ttl: config.order_ttl,
             sold_out_marker_ttl: config.sold_out_marker_ttl,
+            coupon_orphan_grace: config.coupon_orphan_grace,
             outbox: OutboxSettings {
                 batch_size: config.outbox_batch_size as usize,
                 max_attempts: config.outbox_max_attempts,
@@ -91,24 +95,33 @@ struct Inner {
     sink: Sink,
     coupon_gate: CouponGate,
     coupon_recorder: coupon_recorder::CouponRecorder,
+    rebuilds: coupons::Rebuilds,
+    gate_repairs: Arc<GateRepairs>,
     ranking: Ranking,
     popular_cache: popular::PopularCache,
     sold_out: sold_out::SoldOutCache<crate::domain::ProductId>,
+    sold_out_markers: SoldOutMarkers,
     coupons_sold_out: sold_out::SoldOutCache<crate::domain::CouponId>,
     outbox_nudge: Notify,
 }
 
 impl App {
     pub fn new(pg: PgPool, redis: Redis, settings: Settings, sink: Sink) -> Self {
-        let coupon_recorder = coupon_recorder::CouponRecorder::start(pg.clone());
+        // A win's insert must finish well within the orphan grace, or a retry could release a
+        // seat whose row is about to commit.
+        let coupon_recorder =
+            coupon_recorder::CouponRecorder::start(pg.clone(), settings.coupon_orphan_grace / 2);
         Self {
             inner: Arc::new(Inner {
                 coupon_recorder,
+                rebuilds: coupons::Rebuilds::default(),
+                gate_repairs: Arc::default(),
+                coupon_gate: CouponGate::new(redis.clone()),
+                sold_out_markers: SoldOutMarkers::new(redis.clone()),
                 pg,
                 redis,
                 settings,
                 sink,
-                coupon_gate: CouponGate::default(),
                 ranking: Ranking::default(),
                 popular_cache: popular::PopularCache::default(),
                 sold_out: sold_out::SoldOutCache::default(),
@@ -142,6 +155,15 @@ impl App {
         &self.inner.coupon_recorder
     }
 
+    fn inner_rebuilds(&self) -> &coupons::Rebuilds {
+        &self.inner.rebuilds
+    }
+
+    /// The coupon gate repairs this server made.
+    pub fn gate_repairs(&self) -> &Arc<GateRepairs> {
+        &self.inner.gate_repairs
+    }
+
     fn ranking(&self) -> &Ranking {
         &self.inner.ranking
     }
@@ -152,6 +174,10 @@ impl App {
 
     fn sold_out_cache(&self) -> &sold_out::SoldOutCache<crate::domain::ProductId> {
         &self.inner.sold_out
+    }
+
+    fn sold_out_markers(&self) -> &SoldOutMarkers {
+        &self.inner.sold_out_markers
     }
 
     fn coupons_sold_out(&self) -> &sold_out::SoldOutCache<crate::domain::CouponId> {

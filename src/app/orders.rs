@@ -2,12 +2,19 @@
 //!
 //! Invariant: an order reserves all its stock and its coupon, priced and checked against the
 //! balance, in one transaction, or leaves no trace; cancelling or expiring an open order gives
-//! back exactly what it held. Orders for a product known to be sold out are refused from Redis
-//! without touching Postgres.
+//! back exactly what it held. Orders without an idempotency key for a product known to be sold
+//! out are refused from Redis without touching Postgres; keyed orders look their key up first,
+//! so a retry of a success is never refused by that shortcut.
+//!
+//! Cancel safety: placing, cancelling and expiring are each one transaction, so a call dropped
+//! before its commit leaves nothing (the dropped transaction rolls back). After a commit that
+//! gave stock back, the sold-out markers are cleared in a task of their own, which finishes
+//! even if the caller has gone.
 
-use std::collections::BTreeSet;
-
-use super::App;
+use super::{
+    App,
+    idempotency::{NextAction, next_action},
+};
 use crate::{
     domain::{
         IdempotencyKey, Order, OrderId, OrderLines, OrderStatus, Pricing, ProductId, UserCoupon,
@@ -17,7 +24,7 @@ use crate::{
     metrics,
     store::postgres::{
         balances, coupons,
-        idempotency::{self, Claim, Operation},
+        idempotency::Operation,
         orders::{self, LineRefusal, NewOrder},
     },
 };
@@ -53,32 +60,29 @@ impl App {
     async fn try_place_order(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
         let product_ids: Vec<ProductId> =
             cmd.lines.as_slice().iter().map(|l| l.product_id).collect();
-        if let Some(product) = self.first_sold_out(&product_ids).await {
-            return Err(AppError::OutOfStock {
-                product_id: product.get(),
-            });
+        let keyed = cmd.idempotency_key.is_some();
+        if !keyed {
+            self.refuse_sold_out(&product_ids).await?;
         }
 
         let mut tx = self.pg().begin().await?;
-        if let Some(key) = &cmd.idempotency_key {
-            match idempotency::claim(
-                &mut tx,
-                cmd.user_id,
-                Operation::PlaceOrder,
-                key,
-                &cmd.fingerprint(),
-            )
-            .await?
-            {
-                Claim::Fresh => {}
-                Claim::Replay(order_id) => {
-                    let id = OrderId::parse(order_id, "order_id")?;
-                    return orders::get(&mut tx, id).await?.ok_or_else(|| {
-                        AppError::internal(format!("idempotency result {id} has no order"))
-                    });
-                }
-                Claim::Mismatch => return Err(AppError::IdempotencyKeyReused),
+        let key = cmd.idempotency_key.as_ref();
+        match next_action(&mut tx, cmd.user_id, Operation::PlaceOrder, key, || {
+            cmd.fingerprint()
+        })
+        .await?
+        {
+            NextAction::Start => {}
+            NextAction::ReturnSaved(order_id) => {
+                let id = OrderId::parse(order_id, "order_id")?;
+                return orders::get(&mut tx, id).await?.ok_or_else(|| {
+                    AppError::internal(format!("idempotency result {id} has no order"))
+                });
             }
+        }
+        if keyed {
+            // A fresh key: the shortcut may refuse now (the claim rolls back with the refusal).
+            self.refuse_sold_out(&product_ids).await?;
         }
         // Lock order: the coupon first, then products by ascending id (the lines are sorted).
         let coupon = match cmd.user_coupon_id {
@@ -135,6 +139,16 @@ impl App {
         Ok(order)
     }
 
+    /// OUT_OF_STOCK when one of `products` is known to be sold out.
+    async fn refuse_sold_out(&self, products: &[ProductId]) -> Result<(), AppError> {
+        match self.first_sold_out(products).await {
+            Some(product) => Err(AppError::OutOfStock {
+                product_id: product.get(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// The error for a line that could not be reserved; a product found with no stock at all
     /// is marked sold out so the next orders for it are refused from Redis.
     async fn refused_line(&self, refusal: LineRefusal) -> AppError {
@@ -146,9 +160,13 @@ impl App {
             LineRefusal::NotSelling(id) => AppError::ProductNotSelling {
                 product_id: id.get(),
             },
-            LineRefusal::OutOfStock { product, left } => {
+            LineRefusal::OutOfStock {
+                product,
+                left,
+                stock_gen,
+            } => {
                 if left == 0 {
-                    self.mark_sold_out(product).await;
+                    self.mark_sold_out(product, stock_gen).await;
                 }
                 AppError::OutOfStock {
                     product_id: product.get(),
@@ -184,12 +202,11 @@ impl App {
             return Err(AppError::OrderClosed { status: row.status });
         }
         let items = orders::items(&mut *tx, id).await?;
-        let mut closed =
+        let mut released =
             orders::release(&mut tx, &[(&row, &items)], OrderStatus::Cancelled).await?;
         tx.commit().await?;
-        let order = closed.remove(0).with_items(items);
-        self.stock_returned(&order).await;
-        Ok(order)
+        self.clear_sold_out(released.restocks).await;
+        Ok(released.orders.remove(0).with_items(items))
     }
 
     /// Closes every open order past its deadline as EXPIRED, giving back its stock and coupon.
@@ -208,24 +225,15 @@ impl App {
                 .zip(&held)
                 .map(|(row, items)| (row, items.as_slice()))
                 .collect();
-            let closed = orders::release(&mut tx, &batch, OrderStatus::Expired).await?;
+            let released = orders::release(&mut tx, &batch, OrderStatus::Expired).await?;
             tx.commit().await?;
             // One clear for the whole batch: its orders often share the same hot products.
-            let products: BTreeSet<ProductId> =
-                held.iter().flatten().map(|item| item.product_id).collect();
-            self.clear_sold_out(&products.into_iter().collect::<Vec<_>>())
-                .await;
-            expired += closed.len();
+            self.clear_sold_out(released.restocks).await;
+            expired += released.orders.len();
             if (overdue.len() as i64) < EXPIRY_BATCH {
                 return Ok(expired);
             }
         }
-    }
-
-    /// Stock came back: its products are no longer sold out.
-    async fn stock_returned(&self, order: &Order) {
-        let products: Vec<ProductId> = order.items.iter().map(|i| i.product_id).collect();
-        self.clear_sold_out(&products).await;
     }
 }
 

@@ -4,17 +4,23 @@
 //! equals its ledger; every payment has exactly one PaymentCompleted event in the outbox,
 //! written in the payment's transaction, so the data platform gets every payment even if this
 //! process dies right after the commit.
+//!
+//! Cancel safety: the payment is one transaction, so a call dropped before its commit leaves
+//! nothing; after the commit, the ranking bump runs in its own task and finishes regardless.
 
 use chrono::Utc;
 use uuid::Uuid;
 
-use super::App;
+use super::{
+    App,
+    idempotency::{NextAction, next_action},
+};
 use crate::{
     domain::{IdempotencyKey, OrderId, OrderStatus, Payment, PaymentCompleted, PaymentId, UserId},
     error::{AppError, Resource},
     metrics,
     store::postgres::{
-        idempotency::{self, Claim, Operation},
+        idempotency::{self, Operation},
         orders, outbox,
         payments::{self, PaymentRecord},
     },
@@ -35,19 +41,18 @@ impl App {
 
     async fn try_pay(&self, cmd: PayCommand) -> Result<Payment, AppError> {
         let mut tx = self.pg().begin().await?;
-        if let Some(key) = &cmd.idempotency_key {
-            let fingerprint = cmd.order_id.get().to_string();
-            match idempotency::claim(&mut tx, cmd.user_id, Operation::Pay, key, &fingerprint)
-                .await?
-            {
-                Claim::Fresh => {}
-                Claim::Replay(payment_id) => {
-                    let id = PaymentId::parse(payment_id, "payment_id")?;
-                    return payments::get(&mut *tx, id).await?.ok_or_else(|| {
-                        AppError::internal(format!("idempotency result {id} has no payment"))
-                    });
-                }
-                Claim::Mismatch => return Err(AppError::IdempotencyKeyReused),
+        let key = cmd.idempotency_key.as_ref();
+        match next_action(&mut tx, cmd.user_id, Operation::Pay, key, || {
+            cmd.order_id.get().to_string()
+        })
+        .await?
+        {
+            NextAction::Start => {}
+            NextAction::ReturnSaved(payment_id) => {
+                let id = PaymentId::parse(payment_id, "payment_id")?;
+                return payments::get(&mut *tx, id).await?.ok_or_else(|| {
+                    AppError::internal(format!("idempotency result {id} has no payment"))
+                });
             }
         }
 
@@ -112,7 +117,10 @@ impl App {
         tx.commit().await?;
 
         self.nudge_outbox();
-        self.record_sale(&event.items, payment.paid_at).await;
+        // The ranking bump runs to the end even if the caller has gone (the ranking job would
+        // only restore a lost bump at its next run).
+        let (app, items, paid_at) = (self.clone(), event.items, payment.paid_at);
+        let _ = tokio::spawn(async move { app.record_sale(&items, paid_at).await }).await;
         Ok(payment)
     }
 }

@@ -1,10 +1,14 @@
 //! The catalog: listing what is on sale, reading a product, and the admin's changes.
+//!
+//! Invariant: stock never goes below zero, whoever changes it and however concurrently (every
+//! change is one conditional statement), and any increase clears the sold-out shortcuts on
+//! every replica.
 
 use super::App;
 use crate::{
-    domain::{PageSize, PageToken, Product, ProductId},
+    domain::{MAX_STOCK, PageSize, PageToken, Product, ProductId, Restock},
     error::{AppError, Resource},
-    store::postgres::products::{self, NewProduct, ProductChanges},
+    store::postgres::products::{self, Changed, NewProduct, ProductChanges, StockRefusal},
 };
 
 impl App {
@@ -19,30 +23,62 @@ impl App {
     pub async fn product(&self, id: ProductId) -> Result<Product, AppError> {
         products::get(self.pg(), id)
             .await?
-            .ok_or(AppError::NotFound {
-                resource: Resource::Product,
-                id: id.get(),
-            })
+            .ok_or(product_not_found(id))
     }
 
     pub async fn create_product(&self, new: NewProduct) -> Result<Product, AppError> {
         Ok(products::create(self.pg(), new).await?)
     }
 
+    /// Changes the fields that are set; with `expected_stock`, only if the stock still is that
+    /// (ABORTED with the current stock otherwise).
     pub async fn update_product(
         &self,
         id: ProductId,
         changes: ProductChanges,
     ) -> Result<Product, AppError> {
-        let product =
-            products::update(self.pg(), id, changes)
-                .await?
-                .ok_or(AppError::NotFound {
-                    resource: Resource::Product,
-                    id: id.get(),
-                })?;
-        // New stock or a new status: let Postgres decide the next order, not a stale marker.
-        self.clear_sold_out(&[id]).await;
-        Ok(product)
+        let mut conn = self.pg().acquire().await?;
+        match products::update(&mut conn, id, changes).await? {
+            // New stock or a new status: let Postgres decide the next order, not a stale marker.
+            Ok(changed) => Ok(self.restocked(id, changed).await),
+            Err(StockRefusal::NoProduct) => Err(product_not_found(id)),
+            Err(StockRefusal::StockIs(stock)) => Err(AppError::StockChanged { stock }),
+        }
+    }
+
+    /// Adds `delta` units to the stock (takes them away when negative), atomically: never below
+    /// zero (OUT_OF_STOCK), an increase never past [`MAX_STOCK`] (OUT_OF_RANGE).
+    pub async fn adjust_stock(&self, id: ProductId, delta: i64) -> Result<Product, AppError> {
+        if delta > MAX_STOCK {
+            return Err(AppError::StockLimitExceeded { max: MAX_STOCK });
+        }
+        let mut conn = self.pg().acquire().await?;
+        match products::adjust_stock(&mut conn, id, delta, MAX_STOCK).await? {
+            Ok(changed) if delta > 0 => Ok(self.restocked(id, changed).await),
+            Ok(changed) => Ok(changed.product),
+            Err(StockRefusal::NoProduct) => Err(product_not_found(id)),
+            Err(StockRefusal::StockIs(stock)) if i128::from(stock) + i128::from(delta) < 0 => {
+                Err(AppError::OutOfStock {
+                    product_id: id.get(),
+                })
+            }
+            Err(StockRefusal::StockIs(_)) => Err(AppError::StockLimitExceeded { max: MAX_STOCK }),
+        }
+    }
+
+    async fn restocked(&self, id: ProductId, changed: Changed) -> Product {
+        self.clear_sold_out(vec![Restock {
+            product: id,
+            stock_gen: changed.stock_gen,
+        }])
+        .await;
+        changed.product
+    }
+}
+
+fn product_not_found(id: ProductId) -> AppError {
+    AppError::NotFound {
+        resource: Resource::Product,
+        id: id.get(),
     }
 }

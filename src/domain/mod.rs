@@ -32,5 +32,5 @@ pub use order::{
     Pricing, Quantity,
 };
 pub use pagination::{PageSize, PageToken};
-pub use product::{MAX_STOCK, Product, ProductStatus, parse_stock};
+pub use product::{MAX_STOCK, Product, ProductStatus, Restock, parse_stock};
 pub use validation::ValidationError;

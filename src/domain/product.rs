@@ -50,6 +50,14 @@ pub struct Product {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A product's stock went up, at this stock generation (every increase bumps it). Sold-out
+/// shortcuts older than the generation no longer hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Restock {
+    pub product: ProductId,
+    pub stock_gen: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

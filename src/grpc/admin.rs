@@ -9,12 +9,14 @@ use super::convert;
 use crate::{
     app::{App, CouponStock, NewCoupon, NewProduct, ProductChanges},
     domain::{
-        DisplayName, IssueWindow, ProductId, ValidDays, Won, parse_stock, parse_total_quantity,
+        DisplayName, IssueWindow, ProductId, ValidDays, ValidationError, Won, parse_stock,
+        parse_total_quantity,
     },
     error::AppError,
     proto::{
-        CreateCouponRequest, CreateCouponResponse, CreateProductRequest, CreateProductResponse,
-        UpdateProductRequest, UpdateProductResponse, admin_service_server::AdminService,
+        AdjustStockRequest, AdjustStockResponse, CreateCouponRequest, CreateCouponResponse,
+        CreateProductRequest, CreateProductResponse, UpdateProductRequest, UpdateProductResponse,
+        admin_service_server::AdminService,
     },
 };
 
@@ -89,9 +91,28 @@ impl AdminService for AdminHandler {
                 .status
                 .map(|s| convert::parse_product_status(s, "status"))
                 .transpose()?,
+            expected_stock: req
+                .expected_stock
+                .map(|s| parse_stock(s, "expected_stock"))
+                .transpose()?,
         };
         let product = self.app.update_product(id, changes).await?;
         Ok(Response::new(UpdateProductResponse {
+            product: Some(convert::product(product)),
+        }))
+    }
+
+    async fn adjust_stock(
+        &self,
+        request: Request<AdjustStockRequest>,
+    ) -> Result<Response<AdjustStockResponse>, Status> {
+        let req = request.into_inner();
+        let id = ProductId::parse(req.product_id, "product_id")?;
+        if req.delta == 0 {
+            return Err(ValidationError::new("delta", "must not be 0").into());
+        }
+        let product = self.app.adjust_stock(id, req.delta).await?;
+        Ok(Response::new(AdjustStockResponse {
             product: Some(convert::product(product)),
         }))
     }

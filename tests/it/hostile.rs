@@ -25,7 +25,7 @@ use ecommerce::{
     domain::MAX_STOCK,
     error::code_name,
     proto::{
-        CancelOrderRequest, ChargeBalanceRequest, CreateCouponRequest, CreateProductRequest,
+        AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CreateCouponRequest, CreateProductRequest,
         Discount, FixedDiscount, GetBalanceRequest, GetCouponRequest, GetOrderRequest,
         GetPopularProductsRequest, GetProductRequest, IssueCouponRequest,
         ListBalanceHistoryRequest, ListProductsRequest, ListUserCouponsRequest, OrderLine,
@@ -80,6 +80,7 @@ const DOCUMENTED: &[Code] = &[
     Code::AlreadyExists,
     Code::ResourceExhausted,
     Code::OutOfRange,
+    Code::Aborted,
     Code::PermissionDenied,
     Code::Unauthenticated,
 ];
@@ -389,6 +390,7 @@ enum Call {
     Pay(PayRequest),
     CreateProduct(Auth, CreateProductRequest),
     UpdateProduct(Auth, UpdateProductRequest),
+    AdjustStock(Auth, AdjustStockRequest),
     CreateCoupon(Auth, CreateCouponRequest),
 }
 
@@ -411,6 +413,7 @@ impl fmt::Debug for Call {
             Call::Pay(r) => format!("{r:?}"),
             Call::CreateProduct(a, r) => format!("{a:?} {r:?}"),
             Call::UpdateProduct(a, r) => format!("{a:?} {r:?}"),
+            Call::AdjustStock(a, r) => format!("{a:?} {r:?}"),
             Call::CreateCoupon(a, r) => format!("{a:?} {r:?}"),
         };
         if full.len() > 600 {
@@ -448,6 +451,8 @@ impl Call {
             Call::CreateProduct(..) => "CreateProduct (no token)",
             Call::UpdateProduct(Auth::Admin, _) => "UpdateProduct",
             Call::UpdateProduct(..) => "UpdateProduct (no token)",
+            Call::AdjustStock(Auth::Admin, _) => "AdjustStock",
+            Call::AdjustStock(..) => "AdjustStock (no token)",
             Call::CreateCoupon(Auth::Admin, _) => "CreateCoupon",
             Call::CreateCoupon(..) => "CreateCoupon (no token)",
         }
@@ -469,9 +474,10 @@ impl Call {
 
     fn auth(&self) -> Option<Auth> {
         match self {
-            Call::CreateProduct(a, _) | Call::UpdateProduct(a, _) | Call::CreateCoupon(a, _) => {
-                Some(*a)
-            }
+            Call::CreateProduct(a, _)
+            | Call::UpdateProduct(a, _)
+            | Call::AdjustStock(a, _)
+            | Call::CreateCoupon(a, _) => Some(*a),
             _ => None,
         }
     }
@@ -493,6 +499,7 @@ impl Call {
             Call::Pay(r) => r.encoded_len(),
             Call::CreateProduct(_, r) => r.encoded_len(),
             Call::UpdateProduct(_, r) => r.encoded_len(),
+            Call::AdjustStock(_, r) => r.encoded_len(),
             Call::CreateCoupon(_, r) => r.encoded_len(),
         }
     }
@@ -529,8 +536,10 @@ impl Call {
                 bad(r.product_id)
                     || r.price.is_some_and(|p| p < 0)
                     || r.stock.is_some_and(|s| s < 0)
+                    || r.expected_stock.is_some_and(|s| s < 0)
                     || r.status.is_some_and(|s| !(1..=3).contains(&s))
             }
+            Call::AdjustStock(_, r) => bad(r.product_id) || r.delta == 0,
             Call::CreateCoupon(_, r) => {
                 r.discount.as_ref().and_then(|d| d.kind.as_ref()).is_none()
                     || r.min_order_amount < 0
@@ -565,6 +574,7 @@ impl Call {
             Call::Pay(r) => app.payments().pay(r).await.map(drop),
             Call::CreateProduct(a, r) => admin(a).create_product(r).await.map(drop),
             Call::UpdateProduct(a, r) => admin(a).update_product(r).await.map(drop),
+            Call::AdjustStock(a, r) => admin(a).adjust_stock(r).await.map(drop),
             Call::CreateCoupon(a, r) => admin(a).create_coupon(r).await.map(drop),
         }
     }
@@ -594,19 +604,29 @@ fn update_product_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Valu
         prop::option::of(sane_or_hostile(0..=100_000i64, hostile_i64())),
         prop::option::of(sane_or_hostile(0..=1_000i64, hostile_i64())),
         prop::option::of(enum_number()),
+        prop::option::of(sane_or_hostile(0..=1_000i64, hostile_i64())),
     )
-        .prop_map(|(auth, product_id, name, price, stock, status)| {
-            Call::UpdateProduct(
-                auth,
-                UpdateProductRequest {
-                    product_id,
-                    name,
-                    price,
-                    stock,
-                    status,
-                },
-            )
-        })
+        .prop_map(
+            |(auth, product_id, name, price, stock, status, expected_stock)| {
+                Call::UpdateProduct(
+                    auth,
+                    UpdateProductRequest {
+                        product_id,
+                        name,
+                        price,
+                        stock,
+                        status,
+                        expected_stock,
+                    },
+                )
+            },
+        )
+}
+
+fn adjust_stock_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    (auth, id(), sane_or_hostile(-50..=50i64, hostile_i64())).prop_map(
+        |(auth, product_id, delta)| Call::AdjustStock(auth, AdjustStockRequest { product_id, delta }),
+    )
 }
 
 fn create_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
@@ -770,6 +790,7 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
         ),
         (create_product_calls(Just(Auth::Admin)).boxed(), CASES),
         (update_product_calls(Just(Auth::Admin)).boxed(), CASES),
+        (adjust_stock_calls(Just(Auth::Admin)).boxed(), CASES),
         (create_coupon_calls(Just(Auth::Admin)).boxed(), CASES),
         (
             create_product_calls(no_admin()).boxed(),
@@ -777,6 +798,10 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
         ),
         (
             update_product_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
+        (
+            adjust_stock_calls(no_admin()).boxed(),
             UNAUTHENTICATED_CASES,
         ),
         (

@@ -248,6 +248,45 @@ pub async fn held_seats(
     Ok(seats)
 }
 
+/// How many coupons of `coupon_id` have been issued.
+pub async fn count_issued(db: impl PgExecutor<'_>, coupon_id: CouponId) -> Result<i64, StoreError> {
+    let issued = sqlx::query_scalar("SELECT count(*) FROM user_coupons WHERE coupon_id = $1")
+        .bind(coupon_id)
+        .fetch_one(db)
+        .await?;
+    Ok(issued)
+}
+
+/// The id of `user_id`'s coupon of `coupon_id`, if they hold one.
+pub async fn user_coupon_id(
+    db: impl PgExecutor<'_>,
+    coupon_id: CouponId,
+    user_id: UserId,
+) -> Result<Option<i64>, StoreError> {
+    let id = sqlx::query_scalar("SELECT id FROM user_coupons WHERE coupon_id = $1 AND user_id = $2")
+        .bind(coupon_id)
+        .bind(user_id)
+        .fetch_optional(db)
+        .await?;
+    Ok(id)
+}
+
+/// Which of `users` hold a coupon of `coupon_id`.
+pub async fn holders_among(
+    db: impl PgExecutor<'_>,
+    coupon_id: CouponId,
+    users: &[i64],
+) -> Result<Vec<i64>, StoreError> {
+    let holders = sqlx::query_scalar(
+        "SELECT user_id FROM user_coupons WHERE coupon_id = $1 AND user_id = ANY($2)",
+    )
+    .bind(coupon_id)
+    .bind(users)
+    .fetch_all(db)
+    .await?;
+    Ok(holders)
+}
+
 /// Why Postgres refused to record a coupon the gate had granted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IssueRefusal {

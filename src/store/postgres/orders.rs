@@ -13,7 +13,7 @@ use sqlx::{PgConnection, PgExecutor};
 use crate::{
     domain::{
         IdempotencyKey, Order, OrderId, OrderItem, OrderLine, OrderStatus, Pricing, ProductId,
-        ProductStatus, UserCouponId, UserId, Won,
+        ProductStatus, Restock, UserCouponId, UserId, Won,
     },
     store::StoreError,
 };
@@ -67,10 +67,11 @@ impl OrderRow {
 pub enum LineRefusal {
     NoProduct(ProductId),
     NotSelling(ProductId),
-    /// Not enough stock; `left` is what there is.
+    /// Not enough stock; `left` is what there is, at stock generation `stock_gen`.
     OutOfStock {
         product: ProductId,
         left: i64,
+        stock_gen: i64,
     },
 }
 
@@ -97,16 +98,17 @@ pub async fn reserve_line(
             quantity: line.quantity.get(),
         }));
     }
-    let found: Option<(ProductStatus, i64)> =
-        sqlx::query_as("SELECT status, stock FROM products WHERE id = $1")
+    let found: Option<(ProductStatus, i64, i64)> =
+        sqlx::query_as("SELECT status, stock, stock_gen FROM products WHERE id = $1")
             .bind(line.product_id)
             .fetch_optional(&mut *tx)
             .await?;
     Ok(Err(match found {
         None => LineRefusal::NoProduct(line.product_id),
-        Some((ProductStatus::Selling, left)) => LineRefusal::OutOfStock {
+        Some((ProductStatus::Selling, left, stock_gen)) => LineRefusal::OutOfStock {
             product: line.product_id,
             left,
+            stock_gen,
         },
         Some(_) => LineRefusal::NotSelling(line.product_id),
     }))
@@ -213,9 +215,16 @@ pub async fn lock(tx: &mut PgConnection, id: OrderId) -> Result<Option<OrderRow>
     Ok(row)
 }
 
+/// What closing open orders gave back.
+pub struct Released {
+    /// The closed rows, in the order given.
+    pub orders: Vec<OrderRow>,
+    /// The products whose stock went up, with their new stock generation.
+    pub restocks: Vec<Restock>,
+}
+
 /// Closes PENDING_PAYMENT orders as CANCELLED or EXPIRED, giving their coupons and their stock
-/// back; returns the closed rows in the order given. The order rows must be locked by this
-/// transaction.
+/// back. The order rows must be locked by this transaction.
 ///
 /// Locks follow the global order (orders, then coupons, then products by ascending id) across
 /// the whole batch, not order by order: an expiry batch that gave back order A's product 5
@@ -224,7 +233,7 @@ pub async fn release(
     tx: &mut PgConnection,
     orders: &[(&OrderRow, &[OrderItem])],
     to: OrderStatus,
-) -> Result<Vec<OrderRow>, StoreError> {
+) -> Result<Released, StoreError> {
     let mut coupons: Vec<(UserCouponId, OrderId)> = orders
         .iter()
         .filter_map(|(order, _)| order.user_coupon_id.map(|c| (c, order.id)))
@@ -240,12 +249,18 @@ pub async fn release(
         .execute(&mut *tx)
         .await?;
     }
+    let mut restocks = Vec::new();
     for (product, units) in units_to_return(orders.iter().flat_map(|(_, items)| items.iter())) {
-        sqlx::query("UPDATE products SET stock = stock + $2, updated_at = now() WHERE id = $1")
-            .bind(product)
-            .bind(units)
-            .execute(&mut *tx)
-            .await?;
+        let stock_gen: i64 = sqlx::query_scalar(
+            "UPDATE products SET stock = stock + $2, stock_gen = stock_gen + 1, updated_at = now()
+             WHERE id = $1
+             RETURNING stock_gen",
+        )
+        .bind(product)
+        .bind(units)
+        .fetch_one(&mut *tx)
+        .await?;
+        restocks.push(Restock { product, stock_gen });
     }
     let mut closed = Vec::with_capacity(orders.len());
     for (order, _) in orders {
@@ -261,7 +276,10 @@ pub async fn release(
         .await?;
         closed.push(row);
     }
-    Ok(closed)
+    Ok(Released {
+        orders: closed,
+        restocks,
+    })
 }
 
 /// The units to put back per product, by ascending product id: the order every transaction

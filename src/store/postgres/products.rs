@@ -1,7 +1,9 @@
-//! The catalog. Stock moves only through conditional updates (see the orders module); here the
-//! admin sets it outright.
+//! The catalog. Stock moves only through conditional updates: orders take it (see the orders
+//! module), the admin sets it outright (optionally only if it still is what they saw) or
+//! adjusts it by a delta that can never take it below zero. Every admin change bumps the
+//! product's stock generation, which retires older sold-out markers.
 
-use sqlx::PgExecutor;
+use sqlx::{PgConnection, PgExecutor};
 
 use super::split_page;
 use crate::{
@@ -30,6 +32,24 @@ pub struct ProductChanges {
     pub price: Option<Won>,
     pub stock: Option<i64>,
     pub status: Option<ProductStatus>,
+    /// Change nothing unless the stock is exactly this (an optimistic check).
+    pub expected_stock: Option<i64>,
+}
+
+/// Why a conditional stock change changed nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StockRefusal {
+    NoProduct,
+    /// The stock is `0`, not what the change expected or needed.
+    StockIs(i64),
+}
+
+/// A product as a change left it, with its stock generation.
+#[derive(sqlx::FromRow)]
+pub struct Changed {
+    #[sqlx(flatten)]
+    pub product: Product,
+    pub stock_gen: i64,
 }
 
 pub async fn create(db: impl PgExecutor<'_>, new: NewProduct) -> Result<Product, StoreError> {
@@ -49,19 +69,20 @@ pub async fn create(db: impl PgExecutor<'_>, new: NewProduct) -> Result<Product,
 }
 
 pub async fn update(
-    db: impl PgExecutor<'_>,
+    conn: &mut PgConnection,
     id: ProductId,
     changes: ProductChanges,
-) -> Result<Option<Product>, StoreError> {
-    let product = sqlx::query_as(concat!(
+) -> Result<Result<Changed, StockRefusal>, StoreError> {
+    let changed = sqlx::query_as(concat!(
         "UPDATE products SET
              name = COALESCE($2, name),
              price = COALESCE($3, price),
              stock = COALESCE($4, stock),
              status = COALESCE($5, status),
+             stock_gen = stock_gen + 1,
              updated_at = now()
-         WHERE id = $1
-         RETURNING ",
+         WHERE id = $1 AND ($6::bigint IS NULL OR stock = $6)
+         RETURNING stock_gen, ",
         product_columns!(),
         ""
     ))
@@ -70,9 +91,55 @@ pub async fn update(
     .bind(changes.price)
     .bind(changes.stock)
     .bind(changes.status)
-    .fetch_optional(db)
+    .bind(changes.expected_stock)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(product)
+    match changed {
+        Some(changed) => Ok(Ok(changed)),
+        None => refusal(conn, id).await.map(Err),
+    }
+}
+
+/// Adds `delta` units (negative: takes them away) in one conditional statement: never below
+/// zero, and an increase never past `max_stock`. A decrease always passes the upper bound
+/// (releases may have put the stock above it).
+pub async fn adjust_stock(
+    conn: &mut PgConnection,
+    id: ProductId,
+    delta: i64,
+    max_stock: i64,
+) -> Result<Result<Changed, StockRefusal>, StoreError> {
+    // numeric: the sum of two bigints cannot overflow while it is being checked.
+    let changed = sqlx::query_as(concat!(
+        "UPDATE products SET
+             stock = stock + $2,
+             stock_gen = stock_gen + CASE WHEN $2 > 0 THEN 1 ELSE 0 END,
+             updated_at = now()
+         WHERE id = $1
+             AND stock::numeric + $2 >= 0
+             AND ($2 < 0 OR stock::numeric + $2 <= $3)
+         RETURNING stock_gen, ",
+        product_columns!(),
+        ""
+    ))
+    .bind(id)
+    .bind(delta)
+    .bind(max_stock)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match changed {
+        Some(changed) => Ok(Ok(changed)),
+        None => refusal(conn, id).await.map(Err),
+    }
+}
+
+/// Why a conditional change to product `id` matched no row.
+async fn refusal(conn: &mut PgConnection, id: ProductId) -> Result<StockRefusal, StoreError> {
+    let stock: Option<i64> = sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
+    Ok(stock.map_or(StockRefusal::NoProduct, StockRefusal::StockIs))
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: ProductId) -> Result<Option<Product>, StoreError> {

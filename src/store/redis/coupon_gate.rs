@@ -2,14 +2,20 @@
 //!
 //! Keys (all under the prefix and the hash tag `{<coupon id>}`, so one coupon lives in one
 //! cluster slot): `coupon:{id}:state` (total, next fresh seat, issue window, generation),
-//! `coupon:{id}:holders` (user -> "seat:won_at_ms"), `coupon:{id}:free` (seats given back) and
+//! `coupon:{id}:holders` (user -> "seat:won_at_ms"), `coupon:{id}:free` (seats given back),
+//! `coupon:{id}:pending` (wins not yet confirmed in Postgres, by win time) and
 //! `coupon:{id}:lock` (who is rebuilding).
 //!
 //! The gate decides fast; Postgres records. A seat granted here becomes a coupon only once its
 //! row is inserted, and the schema refuses a second coupon per user or a seat beyond the total,
 //! so a gate that forgot or repeated something can slow a caller down but never over-issue.
+//!
+//! Seat conservation holds inside the gate at every instant: holders + seats left = total.
+//! Every holder is either pending (its row may not exist yet) or known to have its row, so the
+//! reconciliation job compares the gate with Postgres by counts and by the pending wins only,
+//! in bounded steps, never by reading a whole holders hash.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use fred::{
@@ -30,12 +36,26 @@ const MISSING_TTL: Duration = Duration::from_secs(5);
 /// Holders and free seats are staged in chunks of this many entries.
 const STAGE_CHUNK: usize = 1000;
 
-/// A granted seat, with what is needed to undo it.
+/// A seat held at the gate, with what is needed to undo it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
     pub seat: i64,
+    /// When the seat was won (ms since the epoch); 0 for a holder loaded from Postgres.
+    pub won_at_ms: i64,
     holder: String,
     generation: String,
+}
+
+impl Grant {
+    fn parse(holder: &str, generation: &str) -> Option<Self> {
+        let (seat, won_at) = holder.split_once(':')?;
+        Some(Self {
+            seat: seat.parse().ok()?,
+            won_at_ms: won_at.parse().ok()?,
+            holder: holder.to_owned(),
+            generation: generation.to_owned(),
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +65,8 @@ pub enum Decision {
     NotLoaded,
     NoSuchCoupon,
     OutsideWindow,
-    AlreadyHolder,
+    /// The user already holds a seat (recorded in Postgres, being recorded, or orphaned).
+    AlreadyHolder(Grant),
     SoldOut,
 }
 
@@ -58,141 +79,169 @@ pub enum InstallMode {
     Replace,
 }
 
-/// A holder as the gate records it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GateHolder {
-    pub seat: i64,
-    pub won_at_ms: i64,
-}
-
-/// The whole gate of one coupon at one instant.
+/// The counts of one coupon's gate at one instant.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GateView {
+pub struct GateSummary {
     pub total: i64,
     pub next_seat: i64,
     pub free_seats: i64,
-    pub holders: HashMap<i64, GateHolder>,
+    pub holders: i64,
+    pub pending: i64,
 }
 
-impl GateView {
+impl GateSummary {
     /// Seats the gate would still grant.
     pub fn remaining(&self) -> i64 {
         (self.total - self.next_seat + 1).max(0) + self.free_seats
     }
 }
 
+/// A win pending longer than the grace, as the job found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingWin {
+    pub user: i64,
+    /// `None` when the holder is gone (released meanwhile).
+    pub grant: Option<Grant>,
+}
+
+/// One chunk of pending wins, read in one step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingChunk {
+    generation: String,
+    pub wins: Vec<PendingWin>,
+}
+
 /// The proof of holding a coupon's rebuild lock.
 pub struct LockToken(String);
 
 pub struct CouponGate {
+    redis: Redis,
     issue: LuaScript,
     release: LuaScript,
     install: LuaScript,
     unlock: LuaScript,
-    view: LuaScript,
+    summary: LuaScript,
+    pending: LuaScript,
+    settle: LuaScript,
 }
 
-impl Default for CouponGate {
-    fn default() -> Self {
-        Self {
-            issue: LuaScript::new(include_str!("lua/issue_coupon.lua")),
-            release: LuaScript::new(include_str!("lua/release_seat.lua")),
-            install: LuaScript::new(include_str!("lua/load_coupon.lua")),
-            unlock: LuaScript::new(include_str!("lua/unlock.lua")),
-            view: LuaScript::new(include_str!("lua/view_coupon.lua")),
-        }
-    }
-}
-
+/// The keys every gate script takes, in this order.
 struct Keys {
     state: String,
     holders: String,
     free: String,
+    pending: String,
 }
 
-fn keys(redis: &Redis, coupon: CouponId) -> Keys {
-    Keys {
-        state: redis.key(format_args!("coupon:{{{coupon}}}:state")),
-        holders: redis.key(format_args!("coupon:{{{coupon}}}:holders")),
-        free: redis.key(format_args!("coupon:{{{coupon}}}:free")),
+impl Keys {
+    fn all(&self) -> [&str; 4] {
+        [&self.state, &self.holders, &self.free, &self.pending]
     }
 }
 
-fn lock_key(redis: &Redis, coupon: CouponId) -> String {
-    redis.key(format_args!("coupon:{{{coupon}}}:lock"))
-}
-
 impl CouponGate {
+    pub fn new(redis: Redis) -> Self {
+        Self {
+            redis,
+            issue: LuaScript::new(include_str!("lua/issue_coupon.lua")),
+            release: LuaScript::new(include_str!("lua/release_seat.lua")),
+            install: LuaScript::new(include_str!("lua/load_coupon.lua")),
+            unlock: LuaScript::new(include_str!("lua/unlock.lua")),
+            summary: LuaScript::new(include_str!("lua/gate_summary.lua")),
+            pending: LuaScript::new(include_str!("lua/pending_wins.lua")),
+            settle: LuaScript::new(include_str!("lua/settle_wins.lua")),
+        }
+    }
+
+    fn keys(&self, coupon: CouponId) -> Keys {
+        Keys {
+            state: self.redis.key(format_args!("coupon:{{{coupon}}}:state")),
+            holders: self.redis.key(format_args!("coupon:{{{coupon}}}:holders")),
+            free: self.redis.key(format_args!("coupon:{{{coupon}}}:free")),
+            pending: self.redis.key(format_args!("coupon:{{{coupon}}}:pending")),
+        }
+    }
+
+    fn lock_key(&self, coupon: CouponId) -> String {
+        self.redis.key(format_args!("coupon:{{{coupon}}}:lock"))
+    }
+
     /// Decides one request in one atomic script.
     pub async fn decide(
         &self,
-        redis: &Redis,
         coupon: CouponId,
         user: UserId,
         now: DateTime<Utc>,
     ) -> Result<Decision, StoreError> {
-        let k = keys(redis, coupon);
+        let k = self.keys(coupon);
         let user = user.get().to_string();
         let now_ms = now.timestamp_millis().to_string();
         let reply: Vec<String> = self
             .issue
-            .call(redis, &[&k.state, &k.holders, &k.free], &[&user, &now_ms])
+            .call(&self.redis, &k.all(), &[&user, &now_ms])
             .await?;
         let unexpected = || StoreError::Inconsistent(format!("issue script replied {reply:?}"));
-        Ok(match reply.first().map(String::as_str) {
-            Some("OK") => match reply.as_slice() {
-                [_, seat, holder, generation] => Decision::Granted(Grant {
-                    seat: seat.parse().map_err(|_| unexpected())?,
-                    holder: holder.clone(),
-                    generation: generation.clone(),
-                }),
+        Ok(match reply.as_slice() {
+            [ok, _, holder, generation] if ok == "OK" => {
+                Decision::Granted(Grant::parse(holder, generation).ok_or_else(unexpected)?)
+            }
+            [already, holder, generation] if already == "ALREADY" => {
+                Decision::AlreadyHolder(Grant::parse(holder, generation).ok_or_else(unexpected)?)
+            }
+            [word] => match word.as_str() {
+                "NOT_LOADED" => Decision::NotLoaded,
+                "NOT_FOUND" => Decision::NoSuchCoupon,
+                "NOT_ISSUABLE" => Decision::OutsideWindow,
+                "SOLD_OUT" => Decision::SoldOut,
                 _ => return Err(unexpected()),
             },
-            Some("NOT_LOADED") => Decision::NotLoaded,
-            Some("NOT_FOUND") => Decision::NoSuchCoupon,
-            Some("NOT_ISSUABLE") => Decision::OutsideWindow,
-            Some("ALREADY") => Decision::AlreadyHolder,
-            Some("SOLD_OUT") => Decision::SoldOut,
             _ => return Err(unexpected()),
         })
     }
 
-    /// Undoes a grant whose coupon could not be recorded. `give_seat_back` is false when the
-    /// seat is taken in Postgres after all. Returns whether anything was undone.
+    /// Undoes a grant that did not become a coupon (or an orphan): removes the holder if it is
+    /// still exactly this grant. `give_seat_back` is false when the seat is taken in Postgres
+    /// after all. Returns whether anything was undone.
     pub async fn release(
         &self,
-        redis: &Redis,
         coupon: CouponId,
         user: UserId,
         grant: &Grant,
         give_seat_back: bool,
     ) -> Result<bool, StoreError> {
-        let k = keys(redis, coupon);
-        let user = user.get().to_string();
+        self.release_raw(coupon, &user.get().to_string(), grant, give_seat_back)
+            .await
+    }
+
+    async fn release_raw(
+        &self,
+        coupon: CouponId,
+        user: &str,
+        grant: &Grant,
+        give_seat_back: bool,
+    ) -> Result<bool, StoreError> {
+        let k = self.keys(coupon);
         let seat = grant.seat.to_string();
         let give_back = if give_seat_back { "1" } else { "0" };
         let undone: i64 = self
             .release
             .call(
-                redis,
-                &[&k.state, &k.holders, &k.free],
-                &[&user, &grant.holder, &grant.generation, give_back, &seat],
+                &self.redis,
+                &k.all(),
+                &[user, &grant.holder, &grant.generation, give_back, &seat],
             )
             .await?;
         Ok(undone == 1)
     }
 
     /// Takes the coupon's rebuild lock, if no one else holds it.
-    pub async fn try_lock(
-        &self,
-        redis: &Redis,
-        coupon: CouponId,
-    ) -> Result<Option<LockToken>, StoreError> {
+    pub async fn try_lock(&self, coupon: CouponId) -> Result<Option<LockToken>, StoreError> {
         let token = uuid::Uuid::new_v4().simple().to_string();
-        let set: Option<String> = redis
+        let set: Option<String> = self
+            .redis
             .client()
             .set(
-                lock_key(redis, coupon),
+                self.lock_key(coupon),
                 token.as_str(),
                 Some(Expiration::PX(LOCK_TTL.as_millis() as i64)),
                 Some(SetOptions::NX),
@@ -202,21 +251,16 @@ impl CouponGate {
         Ok(set.map(|_| LockToken(token)))
     }
 
-    pub async fn unlock(
-        &self,
-        redis: &Redis,
-        coupon: CouponId,
-        token: LockToken,
-    ) -> Result<(), StoreError> {
-        let key = lock_key(redis, coupon);
-        let _: i64 = self.unlock.call(redis, &[&key], &[&token.0]).await?;
+    pub async fn unlock(&self, coupon: CouponId, token: LockToken) -> Result<(), StoreError> {
+        let key = self.lock_key(coupon);
+        let _: i64 = self.unlock.call(&self.redis, &[&key], &[&token.0]).await?;
         Ok(())
     }
 
     /// Remembers for a few seconds that the coupon does not exist.
-    pub async fn mark_missing(&self, redis: &Redis, coupon: CouponId) -> Result<(), StoreError> {
-        let k = keys(redis, coupon);
-        let client = redis.client();
+    pub async fn mark_missing(&self, coupon: CouponId) -> Result<(), StoreError> {
+        let k = self.keys(coupon);
+        let client = self.redis.client();
         let _: i64 = client.hsetnx(&k.state, "missing", 1).await?;
         let _: i64 = client
             .pexpire(&k.state, MISSING_TTL.as_millis() as i64, None)
@@ -225,18 +269,18 @@ impl CouponGate {
     }
 
     /// Drops whatever the gate knows of a coupon (a new coupon must not meet a stale "missing").
-    pub async fn forget(&self, redis: &Redis, coupon: CouponId) -> Result<(), StoreError> {
-        let k = keys(redis, coupon);
-        let _: i64 = redis.client().del(k.state).await?;
+    pub async fn forget(&self, coupon: CouponId) -> Result<(), StoreError> {
+        let k = self.keys(coupon);
+        let _: i64 = self.redis.client().del(k.state).await?;
         Ok(())
     }
 
     /// Installs the gate of `coupon` from its Postgres record: `held` are the seats issued in
     /// Postgres. Free seats are the gaps below the highest held seat; fresh seats follow it.
-    /// Returns whether the gate was installed.
+    /// Returns whether the gate was installed (false: the lock was lost, or in
+    /// [`InstallMode::IfAbsent`] another caller loaded it first).
     pub async fn install(
         &self,
-        redis: &Redis,
         token: &LockToken,
         coupon: &Coupon,
         held: &[(UserId, i64)],
@@ -244,16 +288,20 @@ impl CouponGate {
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         let id = coupon.id;
-        let k = keys(redis, id);
-        let staged_holders = redis.key(format_args!("coupon:{{{id}}}:staged-holders:{}", token.0));
-        let staged_free = redis.key(format_args!("coupon:{{{id}}}:staged-free:{}", token.0));
+        let k = self.keys(id);
+        let staged_holders = self
+            .redis
+            .key(format_args!("coupon:{{{id}}}:staged-holders:{}", token.0));
+        let staged_free = self
+            .redis
+            .key(format_args!("coupon:{{{id}}}:staged-free:{}", token.0));
         let plan = SeatPlan::from_held(held.iter().map(|(_, seat)| *seat));
-        let client = redis.client();
+        let client = self.redis.client();
         let stage_ttl = LOCK_TTL.as_millis() as i64 * 2;
         for chunk in held.chunks(STAGE_CHUNK) {
             let fields: Vec<(String, String)> = chunk
                 .iter()
-                // Seats recorded in Postgres are settled: won "at 0", never orphans.
+                // Seats recorded in Postgres are settled: won "at 0", never pending.
                 .map(|(user, seat)| (user.get().to_string(), format!("{seat}:0")))
                 .collect();
             let _: i64 = client.hset(&staged_holders, fields).await?;
@@ -265,7 +313,7 @@ impl CouponGate {
             let _: i64 = client.pexpire(&staged_free, stage_ttl, None).await?;
         }
 
-        let lock = lock_key(redis, id);
+        let lock = self.lock_key(id);
         let mode = match mode {
             InstallMode::IfAbsent => "absent",
             InstallMode::Replace => "replace",
@@ -289,7 +337,7 @@ impl CouponGate {
         let installed: i64 = self
             .install
             .call(
-                redis,
+                &self.redis,
                 &[
                     &k.state,
                     &k.holders,
@@ -297,6 +345,7 @@ impl CouponGate {
                     &lock,
                     &staged_holders,
                     &staged_free,
+                    &k.pending,
                 ],
                 &args.each_ref().map(String::as_str),
             )
@@ -304,48 +353,101 @@ impl CouponGate {
         Ok(installed == 1)
     }
 
-    /// The gate's state, read atomically; `None` when nothing is loaded.
-    pub async fn view(
-        &self,
-        redis: &Redis,
-        coupon: CouponId,
-    ) -> Result<Option<GateView>, StoreError> {
-        let k = keys(redis, coupon);
-        let reply: Vec<Value> = self
-            .view
-            .call(redis, &[&k.state, &k.holders, &k.free], &[])
-            .await?;
-        let unexpected = || StoreError::Inconsistent(format!("coupon {coupon}: bad gate view"));
+    /// The gate's counts, read atomically in constant time; `None` when nothing is loaded.
+    pub async fn summary(&self, coupon: CouponId) -> Result<Option<GateSummary>, StoreError> {
+        let k = self.keys(coupon);
+        let reply: Vec<Value> = self.summary.call(&self.redis, &k.all(), &[]).await?;
+        let unexpected = || StoreError::Inconsistent(format!("coupon {coupon}: bad gate summary"));
         let int = |v: &Value| v.as_i64().ok_or_else(unexpected);
-        let [total, next_seat, free_seats, holders] = reply.as_slice() else {
+        let [total, next_seat, free_seats, holders, pending, _gen] = reply.as_slice() else {
             return Ok(None);
         };
-        let mut map = HashMap::new();
-        let pairs = holders.clone().into_array();
-        for pair in pairs.chunks(2) {
-            let [user, value] = pair else {
-                return Err(unexpected());
-            };
-            let user = user.as_string().ok_or_else(unexpected)?;
-            if user == "_" {
-                continue;
-            }
-            let value = value.as_string().ok_or_else(unexpected)?;
-            let (seat, won_at) = value.split_once(':').ok_or_else(unexpected)?;
-            map.insert(
-                user.parse().map_err(|_| unexpected())?,
-                GateHolder {
-                    seat: seat.parse().map_err(|_| unexpected())?,
-                    won_at_ms: won_at.parse().map_err(|_| unexpected())?,
-                },
-            );
-        }
-        Ok(Some(GateView {
+        Ok(Some(GateSummary {
             total: int(total)?,
             next_seat: int(next_seat)?,
             free_seats: int(free_seats)?,
-            holders: map,
+            holders: int(holders)?,
+            pending: int(pending)?,
         }))
+    }
+
+    /// Up to `limit` wins pending since `won_by` or earlier, oldest first; `None` when nothing
+    /// is loaded.
+    pub async fn pending_since(
+        &self,
+        coupon: CouponId,
+        won_by: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Option<PendingChunk>, StoreError> {
+        let k = self.keys(coupon);
+        let reply: Vec<String> = self
+            .pending
+            .call(
+                &self.redis,
+                &k.all(),
+                &[&won_by.timestamp_millis().to_string(), &limit.to_string()],
+            )
+            .await?;
+        let unexpected = || StoreError::Inconsistent(format!("coupon {coupon}: bad pending wins"));
+        let Some((generation, rest)) = reply.split_first() else {
+            return Ok(None);
+        };
+        let mut wins = Vec::with_capacity(rest.len() / 2);
+        for pair in rest.chunks(2) {
+            let [user, holder] = pair else {
+                return Err(unexpected());
+            };
+            wins.push(PendingWin {
+                user: user.parse().map_err(|_| unexpected())?,
+                grant: if holder.is_empty() {
+                    None
+                } else {
+                    Some(Grant::parse(holder, generation).ok_or_else(unexpected)?)
+                },
+            });
+        }
+        Ok(Some(PendingChunk {
+            generation: generation.clone(),
+            wins,
+        }))
+    }
+
+    /// Clears the pending mark of these wins (Postgres has their rows), where the holder is
+    /// still the one the chunk saw. Returns how many were settled.
+    pub async fn settle(
+        &self,
+        coupon: CouponId,
+        chunk: &PendingChunk,
+        recorded: impl Fn(i64) -> bool,
+    ) -> Result<usize, StoreError> {
+        let mut args = vec![chunk.generation.clone()];
+        for win in chunk.wins.iter().filter(|w| recorded(w.user)) {
+            args.push(win.user.to_string());
+            args.push(win.grant.as_ref().map_or(String::new(), |g| g.holder.clone()));
+        }
+        if args.len() == 1 {
+            return Ok(0);
+        }
+        let k = self.keys(coupon);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let settled: i64 = self.settle.call(&self.redis, &k.all(), &args).await?;
+        Ok(settled as usize)
+    }
+
+    /// Releases an orphaned win the job found (no row in Postgres long after the win) and gives
+    /// its seat back. Returns whether it was released.
+    pub async fn release_orphan(
+        &self,
+        coupon: CouponId,
+        win: &PendingWin,
+    ) -> Result<bool, StoreError> {
+        match &win.grant {
+            Some(grant) => {
+                self.release_raw(coupon, &win.user.to_string(), grant, true)
+                    .await
+            }
+            None => Ok(false),
+        }
     }
 }
 
@@ -410,18 +512,27 @@ mod tests {
 
     #[test]
     fn remaining_counts_fresh_and_returned_seats() {
-        let view = GateView {
+        let summary = GateSummary {
             total: 10,
             next_seat: 8,
             free_seats: 2,
-            holders: HashMap::new(),
+            holders: 5,
+            pending: 0,
         };
-        assert_eq!(view.remaining(), 5);
-        let exhausted = GateView {
+        assert_eq!(summary.remaining(), 5);
+        let exhausted = GateSummary {
             next_seat: 11,
             free_seats: 0,
-            ..view
+            ..summary
         };
         assert_eq!(exhausted.remaining(), 0);
+    }
+
+    #[test]
+    fn grants_parse_seat_and_win_time() {
+        let grant = Grant::parse("7:1700000000123", "g1").unwrap();
+        assert_eq!((grant.seat, grant.won_at_ms), (7, 1_700_000_000_123));
+        assert_eq!(Grant::parse("7", "g1"), None);
+        assert_eq!(Grant::parse("x:1", "g1"), None);
     }
 }

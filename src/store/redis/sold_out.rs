@@ -2,57 +2,102 @@
 //! Redis for a few seconds instead of queueing on its Postgres row lock.
 //!
 //! A marker is only a shortcut. It expires by itself (bounding how long a stale one can refuse
-//! orders after stock comes back) and is deleted whenever stock is released or changed. When
-//! Redis is unreachable the check is skipped and Postgres decides.
+//! orders after stock comes back) and is deleted whenever stock is released or changed. Each
+//! marker carries the product's stock generation as the refused order read it, and a release
+//! records its own (newer) generation, so a marker set late by an order that looked before the
+//! release is refused. When Redis is unreachable the check is skipped and Postgres decides.
 
 use std::time::Duration;
 
-use fred::{interfaces::KeysInterface, types::Expiration};
+use fred::interfaces::KeysInterface;
 
-use super::Redis;
-use crate::{domain::ProductId, store::StoreError};
+use super::{LuaScript, Redis};
+use crate::{
+    domain::{ProductId, Restock},
+    store::StoreError,
+};
 
-// One hash tag for all markers: an order's markers are read with one MGET, also on a cluster.
-fn key(redis: &Redis, product: ProductId) -> String {
-    redis.key(format_args!("product:{{products}}:{product}:sold-out"))
+/// How long a release's generation is remembered: far longer than any order can take between
+/// reading the stock and marking the product.
+const RESTOCK_MEMORY: Duration = Duration::from_secs(600);
+
+pub struct SoldOutMarkers {
+    redis: Redis,
+    mark: LuaScript,
+    clear: LuaScript,
 }
 
-/// The first of `products` currently marked sold out.
-pub async fn first_marked(
-    redis: &Redis,
-    products: &[ProductId],
-) -> Result<Option<ProductId>, StoreError> {
-    let keys: Vec<String> = products.iter().map(|p| key(redis, *p)).collect();
-    let marks: Vec<Option<String>> = if keys.len() == 1 {
-        vec![redis.client().get(&keys[0]).await?]
-    } else {
-        redis.client().mget(keys).await?
-    };
-    Ok(products
-        .iter()
-        .zip(marks)
-        .find_map(|(product, mark)| mark.map(|_| *product)))
-}
-
-pub async fn mark(redis: &Redis, product: ProductId, ttl: Duration) -> Result<(), StoreError> {
-    let _: () = redis
-        .client()
-        .set(
-            key(redis, product),
-            "1",
-            Some(Expiration::PX(ttl.as_millis() as i64)),
-            None,
-            false,
-        )
-        .await?;
-    Ok(())
-}
-
-pub async fn clear(redis: &Redis, products: &[ProductId]) -> Result<(), StoreError> {
-    if products.is_empty() {
-        return Ok(());
+impl SoldOutMarkers {
+    pub fn new(redis: Redis) -> Self {
+        Self {
+            redis,
+            mark: LuaScript::new(include_str!("lua/mark_sold_out.lua")),
+            clear: LuaScript::new(include_str!("lua/clear_sold_out.lua")),
+        }
     }
-    let keys: Vec<String> = products.iter().map(|p| key(redis, *p)).collect();
-    let _: i64 = redis.client().del(keys).await?;
-    Ok(())
+
+    // One hash tag for all markers: an order's markers are read with one MGET, also on a
+    // cluster, and a release clears several products in one script.
+    fn marker(&self, product: ProductId) -> String {
+        self.redis
+            .key(format_args!("product:{{products}}:{product}:sold-out"))
+    }
+
+    fn restocked(&self, product: ProductId) -> String {
+        self.redis
+            .key(format_args!("product:{{products}}:{product}:restocked"))
+    }
+
+    /// The first of `products` currently marked sold out.
+    pub async fn first_marked(
+        &self,
+        products: &[ProductId],
+    ) -> Result<Option<ProductId>, StoreError> {
+        let client = self.redis.client();
+        let marks: Vec<Option<String>> = if let [product] = products {
+            vec![client.get(self.marker(*product)).await?]
+        } else {
+            let keys: Vec<String> = products.iter().map(|p| self.marker(*p)).collect();
+            client.mget(keys).await?
+        };
+        Ok(products
+            .iter()
+            .zip(marks)
+            .find_map(|(product, mark)| mark.map(|_| *product)))
+    }
+
+    /// Marks `product` sold out as of `stock_gen`, unless its stock came back since.
+    pub async fn mark(
+        &self,
+        product: ProductId,
+        stock_gen: i64,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let keys = [self.marker(product), self.restocked(product)];
+        let marked: i64 = self
+            .mark
+            .call(
+                &self.redis,
+                &keys.each_ref().map(String::as_str),
+                &[&stock_gen.to_string(), &ttl.as_millis().to_string()],
+            )
+            .await?;
+        Ok(marked == 1)
+    }
+
+    pub async fn clear(&self, restocks: &[Restock]) -> Result<(), StoreError> {
+        if restocks.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = restocks
+            .iter()
+            .flat_map(|r| [self.marker(r.product), self.restocked(r.product)])
+            .collect();
+        let mut args: Vec<String> = restocks.iter().map(|r| r.stock_gen.to_string()).collect();
+        args.push(RESTOCK_MEMORY.as_millis().to_string());
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _: i64 = self.clear.call(&self.redis, &keys, &args).await?;
+        Ok(())
+    }
 }

@@ -1,13 +1,16 @@
 -- Decides one coupon request atomically: loaded? in the issue window? already a holder? a seat
--- left? then takes the seat and records the holder.
+-- left? then takes the seat, records the holder and marks the win pending (not yet known to be
+-- recorded in Postgres).
 --
 -- KEYS[1] state   hash: total, next (next never-used seat), starts, ends (ms), gen; or missing=1
 -- KEYS[2] holders hash: user id -> "seat:won_at_ms" (and the sentinel field "_")
--- KEYS[3] free    list: seats given back (failed inserts, repaired crashes)
+-- KEYS[3] free    list: seats given back (failed inserts, released orphans)
+-- KEYS[4] pending zset: user id -> won_at_ms, wins not yet confirmed in Postgres (and the
+--                 sentinel member "_" at +inf)
 -- ARGV[1] user id, ARGV[2] now (ms)
 --
 -- Returns {"OK", seat, holder value, gen} | {"NOT_LOADED"} | {"NOT_FOUND"} | {"NOT_ISSUABLE"}
---       | {"ALREADY"} | {"SOLD_OUT"}
+--       | {"ALREADY", holder value, gen} | {"SOLD_OUT"}
 local state = redis.call('HMGET', KEYS[1], 'total', 'next', 'starts', 'ends', 'gen', 'missing')
 if not state[1] then
   if state[6] then
@@ -19,8 +22,9 @@ local now = tonumber(ARGV[2])
 if now < tonumber(state[3]) or now >= tonumber(state[4]) then
   return {'NOT_ISSUABLE'}
 end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
-  return {'ALREADY'}
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if held then
+  return {'ALREADY', held, state[5]}
 end
 local seat = redis.call('LPOP', KEYS[3])
 if not seat then
@@ -33,4 +37,5 @@ if not seat then
 end
 local holder = seat .. ':' .. ARGV[2]
 redis.call('HSET', KEYS[2], ARGV[1], holder)
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
 return {'OK', seat, holder, state[5]}

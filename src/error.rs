@@ -136,9 +136,7 @@ impl AppError {
             AppError::NotFound { resource, .. } => (Code::NotFound, resource.reason()),
             AppError::BalanceLimitExceeded { .. } => (Code::OutOfRange, "BALANCE_LIMIT_EXCEEDED"),
             AppError::CouponSoldOut => (Code::ResourceExhausted, "COUPON_SOLD_OUT"),
-            AppError::CouponAlreadyIssued { .. } => {
-                (Code::AlreadyExists, "COUPON_ALREADY_ISSUED")
-            }
+            AppError::CouponAlreadyIssued { .. } => (Code::AlreadyExists, "COUPON_ALREADY_ISSUED"),
             AppError::CouponNotIssuable => (Code::FailedPrecondition, "COUPON_NOT_ISSUABLE"),
             AppError::ProductNotSelling { .. } => (Code::FailedPrecondition, "PRODUCT_NOT_SELLING"),
             AppError::OutOfStock { .. } => (Code::FailedPrecondition, "OUT_OF_STOCK"),

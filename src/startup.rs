@@ -84,6 +84,11 @@ impl Application {
         })
     }
 
+    /// What this server does to its coupon gates (repairs, checks), for its operators' tests.
+    pub fn coupon_gate_stats(&self) -> std::sync::Arc<crate::app::CouponGateStats> {
+        self.app.coupon_gate_stats().clone()
+    }
+
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_listener
             .local_addr()
@@ -142,7 +147,11 @@ impl Application {
         .add_service(health_service);
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         tracing::info!(addr = %config.listen_addr, "serving gRPC");
-        let mut server = Server::builder();
+        // Callers with short deadlines reset many streams before the server takes them up; h2's
+        // default (20 pending resets) would then close the whole connection, failing every
+        // other call on it. Allow as many as the server admits calls at once.
+        let mut server = Server::builder()
+            .http2_max_pending_accept_reset_streams(Some(config.max_concurrent_requests));
         if let Some(tls) = tls {
             server = server.tls_config(tls).context("configuring TLS")?;
         }

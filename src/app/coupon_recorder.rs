@@ -105,9 +105,9 @@ async fn record_batch(pg: &PgPool, batch: Vec<Pending>) {
     let (batch, late): (Vec<Pending>, Vec<Pending>) =
         batch.into_iter().partition(|p| p.deadline > now);
     for pending in late {
-        let _ = pending
-            .reply
-            .send(Err(unavailable("the coupon could not be recorded in time".into())));
+        let _ = pending.reply.send(Err(unavailable(
+            "the coupon could not be recorded in time".into(),
+        )));
     }
     let Some(oldest) = batch.iter().map(|p| p.deadline).min() else {
         return;

@@ -87,17 +87,35 @@ impl RepairReason {
     }
 }
 
-/// The gate repairs this process made, by reason (the Prometheus counters add up every
-/// process of the exporter; these count this server alone).
+/// What this server did to its coupon gates: repairs by reason, and the reconciliation job's
+/// checks. (The Prometheus counters are process-wide; these count this server alone.)
 #[derive(Debug, Default)]
-pub struct GateRepairs {
+pub struct CouponGateStats {
     missing: AtomicU64,
     disagrees: AtomicU64,
     orphan: AtomicU64,
     orphans_released: AtomicU64,
+    checks: AtomicU64,
+    longest_check_us: AtomicU64,
 }
 
-impl GateRepairs {
+impl CouponGateStats {
+    /// Gates the reconciliation job compared with Postgres.
+    pub fn checks(&self) -> u64 {
+        self.checks.load(Ordering::Relaxed)
+    }
+
+    /// The longest comparison of one gate with Postgres (counts, then pending wins).
+    pub fn longest_check(&self) -> Duration {
+        Duration::from_micros(self.longest_check_us.load(Ordering::Relaxed))
+    }
+
+    fn checked(&self, took: Duration) {
+        self.checks.fetch_add(1, Ordering::Relaxed);
+        self.longest_check_us
+            .fetch_max(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
     pub fn rebuilds(&self, reason: RepairReason) -> u64 {
         self.slot(reason).load(Ordering::Relaxed)
     }
@@ -282,8 +300,12 @@ impl App {
                     collisions += 1;
                     if collisions >= MAX_SEAT_COLLISIONS {
                         tracing::warn!(coupon = %coupon_id, "coupon gate keeps granting taken seats: rebuilding");
-                        self.rebuild_gate(coupon_id, InstallMode::Replace, Some(RepairReason::Disagrees))
-                            .await?;
+                        self.rebuild_gate(
+                            coupon_id,
+                            InstallMode::Replace,
+                            Some(RepairReason::Disagrees),
+                        )
+                        .await?;
                         collisions = 0;
                     }
                     if Instant::now() >= patience {
@@ -336,7 +358,7 @@ impl App {
         }
         if self.coupon_gate().release(coupon, user, held, true).await? {
             self.coupons_sold_out().forget(&[coupon]);
-            self.gate_repairs().orphan_released();
+            self.coupon_gate_stats().orphan_released();
             tracing::info!(%coupon, %user, seat = held.seat, "released an orphaned coupon seat");
         }
         Ok(Held::Released)
@@ -368,7 +390,9 @@ impl App {
             Ok(Ok(false)) => {
                 tokio::time::sleep(REBUILD_POLL).await;
                 if Instant::now() >= patience {
-                    return Err(gate_unavailable("the coupon gate could not be rebuilt in time"));
+                    return Err(gate_unavailable(
+                        "the coupon gate could not be rebuilt in time",
+                    ));
                 }
                 Ok(())
             }
@@ -439,18 +463,14 @@ impl App {
                 gate.mark_missing(coupon_id).await?;
                 return Ok(false);
             };
-            let held: Vec<_> = coupons::held_seats(self.pg(), coupon_id)
-                .await?
-                .into_iter()
-                .map(|h| (h.user_id, h.seat))
-                .collect();
+            let held = coupons::held_seats(self.pg(), coupon_id).await?;
             let installed = gate
                 .install(&token, &coupon, &held, mode, Utc::now())
                 .await?;
             if installed {
                 self.coupons_sold_out().forget(&[coupon_id]);
                 if let Some(reason) = reason {
-                    self.gate_repairs().rebuilt(reason);
+                    self.coupon_gate_stats().rebuilt(reason);
                     tracing::info!(coupon = %coupon_id, issued = held.len(), reason = reason.as_str(),
                         "coupon gate rebuilt from Postgres");
                 }
@@ -476,6 +496,7 @@ impl App {
         let mut report = ReconcileReport::default();
         for coupon in coupons::issuable_around(self.pg(), now).await? {
             report.checked += 1;
+            let started = Instant::now();
             // Postgres first: every row counted here was won at the gate before the gate is
             // read below, so its holder is in the summary; rows committed after the count are
             // pending there.
@@ -483,7 +504,11 @@ impl App {
             let Some(summary) = self.coupon_gate().summary(coupon.id).await? else {
                 if coupon.window.contains(now)
                     && self
-                        .rebuild_gate(coupon.id, InstallMode::IfAbsent, Some(RepairReason::Missing))
+                        .rebuild_gate(
+                            coupon.id,
+                            InstallMode::IfAbsent,
+                            Some(RepairReason::Missing),
+                        )
                         .await?
                 {
                     report.repaired.push(coupon.id);
@@ -494,7 +519,11 @@ impl App {
                 tracing::warn!(coupon = %coupon.id, why, ?summary, recorded,
                     "coupon gate disagrees with Postgres: rebuilding");
                 if self
-                    .rebuild_gate(coupon.id, InstallMode::Replace, Some(RepairReason::Disagrees))
+                    .rebuild_gate(
+                        coupon.id,
+                        InstallMode::Replace,
+                        Some(RepairReason::Disagrees),
+                    )
                     .await?
                 {
                     report.repaired.push(coupon.id);
@@ -502,12 +531,12 @@ impl App {
                 continue;
             }
             let won_by = now - chrono::Duration::from_std(grace).unwrap_or_default();
-            if self
+            let released = self
                 .settle_pending_wins(coupon.id, won_by, summary.pending)
-                .await?
-                > 0
-            {
-                self.gate_repairs().rebuilt(RepairReason::Orphan);
+                .await?;
+            self.coupon_gate_stats().checked(started.elapsed());
+            if released > 0 {
+                self.coupon_gate_stats().rebuilt(RepairReason::Orphan);
                 report.repaired.push(coupon.id);
             }
         }

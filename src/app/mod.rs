@@ -15,7 +15,7 @@ mod products;
 mod sold_out;
 
 pub use balance::ChargeCommand;
-pub use coupons::{CouponStock, GateRepairs, ReconcileReport, RepairReason};
+pub use coupons::{CouponGateStats, CouponStock, ReconcileReport, RepairReason};
 pub use orders::PlaceOrderCommand;
 pub use outbox::DeliveryReport;
 pub use payments::PayCommand;
@@ -96,7 +96,7 @@ struct Inner {
     coupon_gate: CouponGate,
     coupon_recorder: coupon_recorder::CouponRecorder,
     rebuilds: coupons::Rebuilds,
-    gate_repairs: Arc<GateRepairs>,
+    coupon_gate_stats: Arc<CouponGateStats>,
     ranking: Ranking,
     popular_cache: popular::PopularCache,
     sold_out: sold_out::SoldOutCache<crate::domain::ProductId>,
@@ -115,7 +115,7 @@ impl App {
             inner: Arc::new(Inner {
                 coupon_recorder,
                 rebuilds: coupons::Rebuilds::default(),
-                gate_repairs: Arc::default(),
+                coupon_gate_stats: Arc::default(),
                 coupon_gate: CouponGate::new(redis.clone()),
                 sold_out_markers: SoldOutMarkers::new(redis.clone()),
                 pg,
@@ -159,9 +159,9 @@ impl App {
         &self.inner.rebuilds
     }
 
-    /// The coupon gate repairs this server made.
-    pub fn gate_repairs(&self) -> &Arc<GateRepairs> {
-        &self.inner.gate_repairs
+    /// What this server did to its coupon gates.
+    pub fn coupon_gate_stats(&self) -> &Arc<CouponGateStats> {
+        &self.inner.coupon_gate_stats
     }
 
     fn ranking(&self) -> &Ranking {

@@ -57,11 +57,11 @@ impl App {
             Ok(changed) if delta > 0 => Ok(self.restocked(id, changed).await),
             Ok(changed) => Ok(changed.product),
             Err(StockRefusal::NoProduct) => Err(product_not_found(id)),
-            Err(StockRefusal::StockIs(stock)) if i128::from(stock) + i128::from(delta) < 0 => {
-                Err(AppError::OutOfStock {
-                    product_id: id.get(),
-                })
-            }
+            // A removal fails only for want of stock, an addition only at the limit (the stock
+            // read back may have moved since).
+            Err(StockRefusal::StockIs(_)) if delta < 0 => Err(AppError::OutOfStock {
+                product_id: id.get(),
+            }),
             Err(StockRefusal::StockIs(_)) => Err(AppError::StockLimitExceeded { max: MAX_STOCK }),
         }
     }

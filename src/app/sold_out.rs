@@ -86,11 +86,7 @@ impl App {
     pub(super) async fn mark_sold_out(&self, product: ProductId, stock_gen: i64) {
         self.sold_out_cache().remember(product, LOCAL_SOLD_OUT);
         let ttl = self.settings().sold_out_marker_ttl;
-        if let Err(e) = self
-            .sold_out_markers()
-            .mark(product, stock_gen, ttl)
-            .await
-        {
+        if let Err(e) = self.sold_out_markers().mark(product, stock_gen, ttl).await {
             tracing::debug!(error = %e, "could not mark a product sold out");
         }
     }

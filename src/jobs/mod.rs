@@ -2,9 +2,16 @@
 //! takes a Postgres advisory lock named after the job and skips its turn if another replica
 //! holds it. Within a replica a run never overlaps the previous one.
 //!
+//! The scheduler ticks every second (a cron schedule) and each job runs once its interval has
+//! passed since its last start. Not the scheduler's "repeated" jobs: those compute the next
+//! tick from the previous one, so a scheduler delayed by more than one interval (a starved
+//! runtime) never runs the job again.
+//!
 //! Stopping waits for the runs in progress, so a job never stops halfway through a batch.
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use tokio::time::Instant;
 
 use anyhow::Context as _;
 use sqlx::PgPool;
@@ -12,6 +19,12 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{app::App, config::Config, error::AppError};
+
+/// The scheduler's tick (seconds, minutes, hours, days, months, weekdays).
+const EVERY_SECOND: &str = "* * * * * *";
+/// Ticks come every second give or take the scheduler's half-second polling: a job is due a
+/// little before its interval has fully passed, so a 1 s job runs on every tick.
+const TICK_SLACK: Duration = Duration::from_millis(600);
 
 /// Advisory lock ids: one per job, the same on every replica.
 #[derive(Clone, Copy, Debug)]
@@ -137,15 +150,15 @@ impl Jobs {
             name,
             lock,
             run: Arc::new(move |app| Box::pin(run(app))),
-            running: Arc::new(tokio::sync::Mutex::new(())),
+            running: Arc::new(tokio::sync::Mutex::new(None)),
             stopping: self.stopping.clone(),
         };
         let tracker = self.tracker.clone();
-        let job = Job::new_repeated_async(interval, {
+        let job = Job::new_async(EVERY_SECOND, {
             let runner = runner.clone();
             move |_, _| {
                 let (app, runner) = (app.clone(), runner.clone());
-                Box::pin(tracker.track_future(async move { runner.run(app).await }))
+                Box::pin(tracker.track_future(async move { runner.tick(app, interval).await }))
             }
         })
         .with_context(|| format!("creating job {name}"))?;
@@ -176,19 +189,32 @@ struct Runner {
     name: &'static str,
     lock: JobLock,
     run: Arc<JobFn>,
-    running: Arc<tokio::sync::Mutex<()>>,
+    /// Held for a run; holds when the last run started.
+    running: Arc<tokio::sync::Mutex<Option<Instant>>>,
     stopping: CancellationToken,
 }
 
 impl Runner {
+    /// A scheduler tick: runs the job if `interval` has passed since its last start.
+    async fn tick(&self, app: App, interval: Duration) {
+        let due = match self.running.try_lock() {
+            Ok(last) => last.is_none_or(|at| at.elapsed() + TICK_SLACK >= interval),
+            Err(_) => false,
+        };
+        if due {
+            self.run(app).await;
+        }
+    }
+
     async fn run(&self, app: App) {
         if self.stopping.is_cancelled() {
             return;
         }
-        let Ok(_guard) = self.running.try_lock() else {
+        let Ok(mut last) = self.running.try_lock() else {
             tracing::debug!(job = self.name, "previous run still in progress: skipping");
             return;
         };
+        *last = Some(Instant::now());
         let pg = app.pg().clone();
         match singleton(&pg, self.lock, (self.run)(app)).await {
             Ok(Some(())) => {}

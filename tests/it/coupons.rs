@@ -68,7 +68,7 @@ pub async fn issue(app: &TestApp, coupon_id: i64, user_id: i64) -> Result<i64, t
 }
 
 /// Issues to every user at once; returns the winners and a count per (code, reason).
-async fn stampede(
+pub async fn stampede(
     app: &TestApp,
     coupon_id: i64,
     users: impl Iterator<Item = i64>,
@@ -85,7 +85,7 @@ async fn stampede(
     (winners, refusals)
 }
 
-async fn issued_in_postgres(app: &TestApp, coupon_id: i64) -> Vec<i64> {
+pub async fn issued_in_postgres(app: &TestApp, coupon_id: i64) -> Vec<i64> {
     sqlx::query_scalar("SELECT user_id FROM user_coupons WHERE coupon_id = $1 ORDER BY user_id")
         .bind(coupon_id)
         .fetch_all(&app.pg)
@@ -104,7 +104,7 @@ pub async fn remaining(app: &TestApp, coupon_id: i64) -> i64 {
         .remaining_quantity
 }
 
-fn sold_out() -> (Code, String) {
+pub fn sold_out() -> (Code, String) {
     (Code::ResourceExhausted, "COUPON_SOLD_OUT".into())
 }
 
@@ -178,7 +178,7 @@ async fn two_stampedes_at_once_do_not_interfere(_: PgPoolOptions, db: PgConnectO
 }
 
 /// What the gate in Redis believes: holders and seats left.
-async fn gate_state(app: &TestApp, coupon: i64) -> Option<(HashSet<i64>, i64)> {
+pub async fn gate_state(app: &TestApp, coupon: i64) -> Option<(HashSet<i64>, i64)> {
     let state = format!("{}coupon:{{{coupon}}}:state", app.redis_prefix);
     let holders = format!("{}coupon:{{{coupon}}}:holders", app.redis_prefix);
     let free = format!("{}coupon:{{{coupon}}}:free", app.redis_prefix);
@@ -195,7 +195,7 @@ async fn gate_state(app: &TestApp, coupon: i64) -> Option<(HashSet<i64>, i64)> {
 }
 
 /// True when the gate has exactly Postgres's holders and seats.
-async fn gate_agrees(app: &TestApp, coupon: i64, total: i64) -> bool {
+pub async fn gate_agrees(app: &TestApp, coupon: i64, total: i64) -> bool {
     let in_pg: HashSet<i64> = issued_in_postgres(app, coupon).await.into_iter().collect();
     match gate_state(app, coupon).await {
         Some((holders, left)) => holders == in_pg && left == total - in_pg.len() as i64,

@@ -25,9 +25,9 @@ use ecommerce::{
     domain::MAX_STOCK,
     error::code_name,
     proto::{
-        AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CreateCouponRequest, CreateProductRequest,
-        Discount, FixedDiscount, GetBalanceRequest, GetCouponRequest, GetOrderRequest,
-        GetPopularProductsRequest, GetProductRequest, IssueCouponRequest,
+        AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CreateCouponRequest,
+        CreateProductRequest, Discount, FixedDiscount, GetBalanceRequest, GetCouponRequest,
+        GetOrderRequest, GetPopularProductsRequest, GetProductRequest, IssueCouponRequest,
         ListBalanceHistoryRequest, ListProductsRequest, ListUserCouponsRequest, OrderLine,
         OrderStatus, PayRequest, PercentDiscount, PlaceOrderRequest, ProductStatus,
         UpdateProductRequest, discount,
@@ -625,7 +625,9 @@ fn update_product_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Valu
 
 fn adjust_stock_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
     (auth, id(), sane_or_hostile(-50..=50i64, hostile_i64())).prop_map(
-        |(auth, product_id, delta)| Call::AdjustStock(auth, AdjustStockRequest { product_id, delta }),
+        |(auth, product_id, delta)| {
+            Call::AdjustStock(auth, AdjustStockRequest { product_id, delta })
+        },
     )
 }
 

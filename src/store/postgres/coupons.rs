@@ -227,24 +227,15 @@ pub async fn issuable_around(
     rows.into_iter().map(CouponRow::into_coupon).collect()
 }
 
-/// A seat held in Postgres.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::FromRow)]
-pub struct HeldSeat {
-    pub user_id: UserId,
-    pub seat: i64,
-    pub issued_at: DateTime<Utc>,
-}
-
+/// Every seat issued for `coupon_id`, as (user, seat), in no particular order.
 pub async fn held_seats(
     db: impl PgExecutor<'_>,
     coupon_id: CouponId,
-) -> Result<Vec<HeldSeat>, StoreError> {
-    let seats = sqlx::query_as(
-        "SELECT user_id, seat, issued_at FROM user_coupons WHERE coupon_id = $1 ORDER BY seat",
-    )
-    .bind(coupon_id)
-    .fetch_all(db)
-    .await?;
+) -> Result<Vec<(UserId, i64)>, StoreError> {
+    let seats = sqlx::query_as("SELECT user_id, seat FROM user_coupons WHERE coupon_id = $1")
+        .bind(coupon_id)
+        .fetch_all(db)
+        .await?;
     Ok(seats)
 }
 
@@ -263,11 +254,12 @@ pub async fn user_coupon_id(
     coupon_id: CouponId,
     user_id: UserId,
 ) -> Result<Option<i64>, StoreError> {
-    let id = sqlx::query_scalar("SELECT id FROM user_coupons WHERE coupon_id = $1 AND user_id = $2")
-        .bind(coupon_id)
-        .bind(user_id)
-        .fetch_optional(db)
-        .await?;
+    let id =
+        sqlx::query_scalar("SELECT id FROM user_coupons WHERE coupon_id = $1 AND user_id = $2")
+            .bind(coupon_id)
+            .bind(user_id)
+            .fetch_optional(db)
+            .await?;
     Ok(id)
 }
 

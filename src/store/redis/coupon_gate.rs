@@ -35,6 +35,12 @@ const LOCK_TTL: Duration = Duration::from_secs(10);
 const MISSING_TTL: Duration = Duration::from_secs(5);
 /// Holders and free seats are staged in chunks of this many entries.
 const STAGE_CHUNK: usize = 1000;
+/// Staged chunks between two extensions of the lock (a rebuild of 1,000,000 holders takes
+/// longer than one lock TTL).
+const CHUNKS_PER_EXTENSION: usize = 10;
+/// Staged keys outlive the lock, so an extension always finds them; a rebuild that dies leaves
+/// them to expire.
+const STAGE_TTL: Duration = Duration::from_secs(60);
 
 /// A seat held at the gate, with what is needed to undo it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,6 +129,7 @@ pub struct CouponGate {
     summary: LuaScript,
     pending: LuaScript,
     settle: LuaScript,
+    extend: LuaScript,
 }
 
 /// The keys every gate script takes, in this order.
@@ -150,6 +157,7 @@ impl CouponGate {
             summary: LuaScript::new(include_str!("lua/gate_summary.lua")),
             pending: LuaScript::new(include_str!("lua/pending_wins.lua")),
             settle: LuaScript::new(include_str!("lua/settle_wins.lua")),
+            extend: LuaScript::new(include_str!("lua/extend_lock.lua")),
         }
     }
 
@@ -279,6 +287,9 @@ impl CouponGate {
     /// Postgres. Free seats are the gaps below the highest held seat; fresh seats follow it.
     /// Returns whether the gate was installed (false: the lock was lost, or in
     /// [`InstallMode::IfAbsent`] another caller loaded it first).
+    ///
+    /// Holders and free seats are staged in chunks first (no single command over a large
+    /// coupon), keeping the lock alive as they go, then swapped in by one script.
     pub async fn install(
         &self,
         token: &LockToken,
@@ -288,32 +299,91 @@ impl CouponGate {
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
         let id = coupon.id;
-        let k = self.keys(id);
-        let staged_holders = self
-            .redis
-            .key(format_args!("coupon:{{{id}}}:staged-holders:{}", token.0));
-        let staged_free = self
-            .redis
-            .key(format_args!("coupon:{{{id}}}:staged-free:{}", token.0));
+        let staged = [
+            self.redis
+                .key(format_args!("coupon:{{{id}}}:staged-holders:{}", token.0)),
+            self.redis
+                .key(format_args!("coupon:{{{id}}}:staged-free:{}", token.0)),
+        ];
         let plan = SeatPlan::from_held(held.iter().map(|(_, seat)| *seat));
-        let client = self.redis.client();
-        let stage_ttl = LOCK_TTL.as_millis() as i64 * 2;
-        for chunk in held.chunks(STAGE_CHUNK) {
-            let fields: Vec<(String, String)> = chunk
-                .iter()
-                // Seats recorded in Postgres are settled: won "at 0", never pending.
-                .map(|(user, seat)| (user.get().to_string(), format!("{seat}:0")))
-                .collect();
-            let _: i64 = client.hset(&staged_holders, fields).await?;
-            let _: i64 = client.pexpire(&staged_holders, stage_ttl, None).await?;
+        let installed = match self.stage(token, id, held, &plan.free, &staged).await {
+            Ok(true) => {
+                self.swap_in(token, coupon, plan.next, &staged, mode, now)
+                    .await
+            }
+            other => other,
+        };
+        if !matches!(installed, Ok(true)) {
+            // Freed in the background: a large staged hash must not block Redis.
+            let _: Result<i64, _> = self.redis.client().unlink(staged.to_vec()).await;
         }
-        for chunk in plan.free.chunks(STAGE_CHUNK) {
-            let seats: Vec<Value> = chunk.iter().map(|s| Value::from(*s)).collect();
-            let _: i64 = client.rpush(&staged_free, seats).await?;
-            let _: i64 = client.pexpire(&staged_free, stage_ttl, None).await?;
-        }
+        installed
+    }
 
+    /// Writes the holders and the free seats to the staged keys; false when the lock was lost
+    /// on the way.
+    async fn stage(
+        &self,
+        token: &LockToken,
+        id: CouponId,
+        held: &[(UserId, i64)],
+        free: &[i64],
+        [staged_holders, staged_free]: &[String; 2],
+    ) -> Result<bool, StoreError> {
+        let client = self.redis.client();
         let lock = self.lock_key(id);
+        let ttls = [
+            LOCK_TTL.as_millis().to_string(),
+            STAGE_TTL.as_millis().to_string(),
+        ];
+        let extend = || async {
+            let extended: i64 = self
+                .extend
+                .call(
+                    &self.redis,
+                    &[&lock, staged_holders, staged_free],
+                    &[&token.0, &ttls[0], &ttls[1]],
+                )
+                .await?;
+            Ok::<_, StoreError>(extended == 1)
+        };
+        let holder_chunks = held.chunks(STAGE_CHUNK).len();
+        let chunks = holder_chunks + free.chunks(STAGE_CHUNK).len();
+        let mut holders = held.chunks(STAGE_CHUNK);
+        let mut free = free.chunks(STAGE_CHUNK);
+        for i in 0..chunks {
+            if let Some(chunk) = holders.next() {
+                let fields: Vec<(String, String)> = chunk
+                    .iter()
+                    // Seats recorded in Postgres are settled: won "at 0", never pending.
+                    .map(|(user, seat)| (user.get().to_string(), format!("{seat}:0")))
+                    .collect();
+                let _: i64 = client.hset(staged_holders, fields).await?;
+            } else if let Some(chunk) = free.next() {
+                let seats: Vec<Value> = chunk.iter().map(|s| Value::from(*s)).collect();
+                let _: i64 = client.rpush(staged_free, seats).await?;
+            }
+            // Also right after the first free seats, so the staged list gets its TTL at once.
+            let due = i % CHUNKS_PER_EXTENSION == 0 || i == holder_chunks;
+            if due && !extend().await? {
+                return Ok(false);
+            }
+        }
+        extend().await
+    }
+
+    /// Swaps the staged state in, atomically.
+    async fn swap_in(
+        &self,
+        token: &LockToken,
+        coupon: &Coupon,
+        next_seat: i64,
+        [staged_holders, staged_free]: &[String; 2],
+        mode: InstallMode,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let k = self.keys(coupon.id);
+        let lock = self.lock_key(coupon.id);
         let mode = match mode {
             InstallMode::IfAbsent => "absent",
             InstallMode::Replace => "replace",
@@ -328,7 +398,7 @@ impl CouponGate {
             token.0.clone(),
             mode.to_owned(),
             coupon.total_quantity.to_string(),
-            plan.next.to_string(),
+            next_seat.to_string(),
             coupon.window.starts_at().timestamp_millis().to_string(),
             coupon.window.ends_at().timestamp_millis().to_string(),
             uuid::Uuid::new_v4().simple().to_string(),
@@ -343,8 +413,8 @@ impl CouponGate {
                     &k.holders,
                     &k.free,
                     &lock,
-                    &staged_holders,
-                    &staged_free,
+                    staged_holders,
+                    staged_free,
                     &k.pending,
                 ],
                 &args.each_ref().map(String::as_str),
@@ -423,7 +493,11 @@ impl CouponGate {
         let mut args = vec![chunk.generation.clone()];
         for win in chunk.wins.iter().filter(|w| recorded(w.user)) {
             args.push(win.user.to_string());
-            args.push(win.grant.as_ref().map_or(String::new(), |g| g.holder.clone()));
+            args.push(
+                win.grant
+                    .as_ref()
+                    .map_or(String::new(), |g| g.holder.clone()),
+            );
         }
         if args.len() == 1 {
             return Ok(0);

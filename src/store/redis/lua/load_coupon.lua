@@ -9,7 +9,8 @@
 -- ARGV[3] total, ARGV[4] next, ARGV[5] starts, ARGV[6] ends, ARGV[7] gen, ARGV[8] expire at (ms)
 -- Returns 1 when installed, 0 when not (lock lost, or already loaded in "absent" mode).
 local function drop_staged()
-  redis.call('DEL', KEYS[5], KEYS[6])
+  -- UNLINK: staged holders of a large coupon are freed in the background.
+  redis.call('UNLINK', KEYS[5], KEYS[6])
 end
 if redis.call('GET', KEYS[4]) ~= ARGV[1] then
   drop_staged()
@@ -19,7 +20,8 @@ if ARGV[2] == 'absent' and redis.call('HEXISTS', KEYS[1], 'total') == 1 then
   drop_staged()
   return 0
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[7])
+-- UNLINK: a large holders hash is freed in the background instead of blocking Redis.
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[7])
 if redis.call('EXISTS', KEYS[5]) == 1 then
   redis.call('RENAME', KEYS[5], KEYS[2])
 end

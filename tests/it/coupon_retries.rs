@@ -1,0 +1,129 @@
+//! Coupon calls abandoned by their callers, then retried: every answer is true when given.
+
+use std::{collections::HashMap, time::Duration};
+
+use ecommerce::proto::IssueCouponRequest;
+use futures::future::join_all;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+use crate::{
+    coupons::{create_coupon, gate_agrees, issue, issued_in_postgres},
+    support::{TestApp, eventually, reason, spawn_app},
+};
+
+/// One IssueCoupon whose caller gives up after `deadline` (the server sees the same deadline).
+async fn issue_within(
+    app: &TestApp,
+    coupon_id: i64,
+    user_id: i64,
+    deadline: Duration,
+) -> Result<i64, tonic::Status> {
+    let mut request = Request::new(IssueCouponRequest { user_id, coupon_id });
+    request.set_timeout(deadline);
+    let mut client = app.coupons();
+    match tokio::time::timeout(deadline, client.issue_coupon(request)).await {
+        Ok(answer) => answer.map(|r| r.into_inner().user_coupon.expect("user coupon").id),
+        Err(_) => Err(tonic::Status::deadline_exceeded("abandoned by the caller")),
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn abandoned_calls_then_retries_leave_everyone_exactly_one_coupon(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app(db).await;
+    let coupon = create_coupon(&app, 400).await;
+    let users: Vec<i64> = (1..=300).collect();
+
+    // Each first call is abandoned after 1-10 ms, many of them after the gate granted a seat.
+    let first = join_all(users.iter().map(|&user| {
+        let deadline = Duration::from_millis(1 + user as u64 % 10);
+        let app = &app;
+        async move { issue_within(app, coupon, user, deadline).await }
+    }))
+    .await;
+    let abandoned: Vec<i64> = users
+        .iter()
+        .zip(&first)
+        .filter(|(_, r)| {
+            r.as_ref()
+                .is_err_and(|s| matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled))
+        })
+        .map(|(u, _)| *u)
+        .collect();
+    for result in &first {
+        if let Err(status) = result {
+            assert!(
+                matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+                "first calls either succeed or are abandoned: {status:?}"
+            );
+        }
+    }
+    assert!(
+        abandoned.len() >= 30,
+        "only {} of 300 first calls were abandoned",
+        abandoned.len()
+    );
+
+    // Every user retries once, normally.
+    let retries = join_all(users.iter().map(|&user| issue(&app, coupon, user))).await;
+    let mut answers: HashMap<(Code, String), usize> = HashMap::new();
+    for (&user, retry) in users.iter().zip(&retries) {
+        match retry {
+            Ok(_) => *answers.entry((Code::Ok, String::new())).or_default() += 1,
+            Err(status) => {
+                let why = reason(status);
+                assert_eq!(
+                    why,
+                    (Code::AlreadyExists, "COUPON_ALREADY_ISSUED".to_string()),
+                    "user {user}: {status:?}"
+                );
+                // True when told: the coupon the answer names exists and is this user's.
+                let id: i64 = status.get_details_error_info().unwrap().metadata["user_coupon_id"]
+                    .parse()
+                    .unwrap();
+                let owner: Option<i64> = sqlx::query_scalar(
+                    "SELECT user_id FROM user_coupons WHERE id = $1 AND coupon_id = $2",
+                )
+                .bind(id)
+                .bind(coupon)
+                .fetch_optional(&app.pg)
+                .await
+                .unwrap();
+                assert_eq!(
+                    owner,
+                    Some(user),
+                    "ALREADY_EXISTS names user {user}'s coupon"
+                );
+                *answers.entry(why).or_default() += 1;
+            }
+        }
+    }
+    // The abandoned calls that reached the gate were carried through: their users hear
+    // ALREADY_EXISTS (or, for a win that never got recorded, get a seat now).
+    let already = answers
+        .get(&(Code::AlreadyExists, "COUPON_ALREADY_ISSUED".to_string()))
+        .copied()
+        .unwrap_or(0);
+    let succeeded_first = first.iter().filter(|r| r.is_ok()).count();
+    eprintln!(
+        "first calls: {succeeded_first} answered, {} abandoned; retries: {answers:?}",
+        abandoned.len()
+    );
+    assert!(
+        already >= succeeded_first + 10,
+        "abandoned calls reached the gate and were recorded: {answers:?}, {succeeded_first} \
+         first calls succeeded"
+    );
+
+    let holders: Vec<i64> = issued_in_postgres(&app, coupon).await;
+    assert_eq!(holders, users, "all 300 end with exactly one coupon");
+    assert!(
+        eventually(Duration::from_secs(5), || gate_agrees(&app, coupon, 400)).await,
+        "the gate agrees with Postgres"
+    );
+    app.stop().await;
+}

@@ -8,7 +8,7 @@ use ecommerce::proto::{
     CreateCouponRequest, Discount, FixedDiscount, GetCouponRequest, IssueCouponRequest,
     ListUserCouponsRequest, PercentDiscount, UserCouponStatus, discount,
 };
-use fred::interfaces::{HashesInterface, ListInterface};
+use fred::interfaces::{HashesInterface, ListInterface, SortedSetsInterface};
 use futures::future::join_all;
 use prost_types::Timestamp;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -328,14 +328,28 @@ async fn a_crash_between_gate_and_insert_is_repaired(_: PgPoolOptions, db: PgCon
         .await
         .expect("loads the gate and takes seat 1");
 
-    // What a replica that died right after winning seat 2 for user 99 leaves behind.
+    // What a replica that died right after winning seat 2 for user 99 leaves behind: the seat
+    // taken, the holder, and its win pending (never confirmed in Postgres).
     let state = format!("{}coupon:{{{coupon}}}:state", app.redis_prefix);
     let holders = format!("{}coupon:{{{coupon}}}:holders", app.redis_prefix);
-    let won_a_minute_ago = (Utc::now().timestamp_millis() - 60_000).to_string();
+    let pending = format!("{}coupon:{{{coupon}}}:pending", app.redis_prefix);
+    let won_a_minute_ago = Utc::now().timestamp_millis() - 60_000;
     let _: i64 = app.redis.hincrby(&state, "next", 1).await.unwrap();
     let _: i64 = app
         .redis
         .hset(&holders, ("99", format!("2:{won_a_minute_ago}")))
+        .await
+        .unwrap();
+    let _: i64 = app
+        .redis
+        .zadd(
+            &pending,
+            None,
+            None,
+            false,
+            false,
+            (won_a_minute_ago as f64, "99"),
+        )
         .await
         .unwrap();
     // Until the repair, the lost seat looks taken. The job may already have repaired it.
@@ -355,6 +369,52 @@ async fn a_crash_between_gate_and_insert_is_repaired(_: PgPoolOptions, db: PgCon
         Code::ResourceExhausted,
         "COUPON_SOLD_OUT",
     );
+    // The orphan was released (by the job, or by user 2's call that found no seat), not
+    // repaired by rebuilding the gate.
+    assert_eq!(
+        app.gate_stats
+            .rebuilds(ecommerce::app::RepairReason::Disagrees),
+        0
+    );
+    assert!(
+        app.gate_stats
+            .rebuilds(ecommerce::app::RepairReason::Orphan)
+            >= 1
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_retry_releases_its_own_orphaned_win(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app_with(db, |s| {
+        s.set("COUPON_ORPHAN_GRACE_MS", 200);
+    })
+    .await;
+    let coupon = create_coupon(&app, 1).await;
+    // User 7 won the only seat a minute ago on a replica that died before the insert.
+    let state = format!("{}coupon:{{{coupon}}}:state", app.redis_prefix);
+    let holders = format!("{}coupon:{{{coupon}}}:holders", app.redis_prefix);
+    let pending = format!("{}coupon:{{{coupon}}}:pending", app.redis_prefix);
+    let won = Utc::now().timestamp_millis() - 60_000;
+    let _: i64 = app.redis.hincrby(&state, "next", 1).await.unwrap();
+    let _: i64 = app
+        .redis
+        .hset(&holders, ("7", format!("1:{won}")))
+        .await
+        .unwrap();
+    let _: i64 = app
+        .redis
+        .zadd(&pending, None, None, false, false, (won as f64, "7"))
+        .await
+        .unwrap();
+    // Their retry is not told ALREADY_EXISTS (no coupon exists): it releases the orphan and
+    // gets the seat.
+    issue(&app, coupon, 7)
+        .await
+        .expect("the retry gets the coupon");
+    assert_eq!(issued_in_postgres(&app, coupon).await, vec![7]);
+    assert_eq!(app.gate_stats.orphans_released(), 1);
+    assert!(gate_agrees(&app, coupon, 1).await);
     app.stop().await;
 }
 

@@ -5,7 +5,7 @@
 //! period (so load balancers stop routing here first), then it stops accepting, finishes the
 //! calls in flight, and only then the jobs stop and the pools close.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use sqlx::PgPool;
@@ -14,23 +14,33 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 
 use crate::{
-    app::{App, Settings},
+    app::{
+        Balances, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings, Payments,
+        Popular, RankingSettings, SoldOut, seed_catalog,
+    },
     config::{Config, TlsFiles},
     grpc::{
-        self, AdminAuth, Limits,
+        self, AdminAuth, Limits, Services,
         middleware::{DeadlineLayer, ServiceAuthLayer, ShedLayer, TooLargeLayer},
         observe::ObserveLayer,
     },
     health::HealthWatcher,
-    jobs::Jobs,
-    store::{data_platform::Sink, postgres, redis::Redis},
+    jobs::{JobServices, Jobs},
+    store::{
+        data_platform::Sink,
+        postgres,
+        redis::{Redis, coupon_gate::CouponGate, ranking::Ranking, sold_out::SoldOutMarkers},
+    },
 };
 
 pub struct Application {
     listener: TcpListener,
     metrics_listener: TcpListener,
     tls: Option<ServerTlsConfig>,
-    app: App,
+    pg: PgPool,
+    redis: Redis,
+    services: Services,
+    outbox: Arc<Outbox>,
     config: Config,
 }
 
@@ -61,10 +71,9 @@ impl Application {
         }
         let sink = Sink::new(&config.data_platform_sink, config.data_platform_timeout)
             .context("configuring the data platform sink")?;
-        let app = App::new(pg, redis, Settings::from_config(&config), sink);
+        let (services, outbox) = build_services(&pg, &redis, sink, &config);
         if config.seed_demo_data {
-            let created = app
-                .seed_demo_catalog()
+            let created = seed_catalog(&services.catalog)
                 .await
                 .map_err(|e| anyhow::anyhow!("seeding the demo catalog: {e}"))?;
             tracing::info!(created, "demo catalog");
@@ -79,14 +88,17 @@ impl Application {
             listener,
             metrics_listener,
             tls,
-            app,
+            pg,
+            redis,
+            services,
+            outbox,
             config,
         })
     }
 
     /// What this server does to its coupon gates (repairs, checks), for its operators' tests.
-    pub fn coupon_gate_stats(&self) -> std::sync::Arc<crate::app::CouponGateStats> {
-        self.app.coupon_gate_stats().clone()
+    pub fn coupon_gate_stats(&self) -> Arc<CouponGateStats> {
+        self.services.coupons.stats().clone()
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
@@ -107,19 +119,28 @@ impl Application {
             listener,
             metrics_listener,
             tls,
-            app,
+            pg,
+            redis,
+            services,
+            outbox,
             config,
         } = self;
         let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, shutdown.clone()));
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let watcher = HealthWatcher {
             reporter,
-            pg: app.pg().clone(),
-            redis: app.redis().clone(),
+            pg: pg.clone(),
+            redis: redis.clone(),
             interval: config.health_check_interval,
         };
         let health_task = tokio::spawn(watcher.run(shutdown.clone()));
-        let jobs = Jobs::start(app.clone(), &config).await?;
+        let job_services = JobServices {
+            coupons: services.coupons.clone(),
+            orders: services.orders.clone(),
+            outbox,
+            popular: services.popular.clone(),
+        };
+        let jobs = Jobs::start(pg.clone(), job_services, &config).await?;
 
         let stop_serving = CancellationToken::new();
         let drain = config.shutdown_drain;
@@ -138,7 +159,7 @@ impl Application {
         });
 
         let routes = grpc::routes(
-            app.clone(),
+            services,
             AdminAuth::new(config.admin_token.expose()),
             Limits {
                 max_message_bytes: config.max_message_bytes,
@@ -174,7 +195,8 @@ impl Application {
         jobs.stop().await;
         let _ = health_task.await;
         let _ = metrics_task.await;
-        close(app.pg(), &app).await;
+        redis.quit().await;
+        pg.close().await;
         tracing::info!("stopped");
         served.context("serving gRPC")
     }
@@ -193,9 +215,49 @@ fn load_tls(files: &TlsFiles) -> anyhow::Result<ServerTlsConfig> {
     Ok(tls)
 }
 
-async fn close(pg: &PgPool, app: &App) {
-    app.redis().quit().await;
-    pg.close().await;
+/// Every use case, built once over the shared pools.
+fn build_services(
+    pg: &PgPool,
+    redis: &Redis,
+    sink: Sink,
+    config: &Config,
+) -> (Services, Arc<Outbox>) {
+    let sold_out = Arc::new(SoldOut::new(
+        SoldOutMarkers::new(redis.clone()),
+        config.sold_out_marker_ttl,
+    ));
+    let popular = Arc::new(Popular::new(
+        pg.clone(),
+        Ranking::new(redis.clone()),
+        RankingSettings {
+            timezone: config.ranking_timezone,
+            retention_days: config.ranking_retention_days,
+            cache_ttl: config.popular_cache_ttl,
+        },
+    ));
+    let outbox = Arc::new(Outbox::new(
+        pg.clone(),
+        sink,
+        OutboxSettings {
+            batch_size: config.outbox_batch_size as usize,
+            max_attempts: config.outbox_max_attempts,
+            retry_base: config.outbox_retry_base,
+            retry_max: config.outbox_retry_max,
+        },
+    ));
+    let services = Services {
+        balances: Arc::new(Balances::new(pg.clone(), config.max_balance)),
+        catalog: Arc::new(Catalog::new(pg.clone(), sold_out.clone())),
+        coupons: Arc::new(Coupons::new(
+            pg.clone(),
+            CouponGate::new(redis.clone()),
+            config.coupon_orphan_grace,
+        )),
+        orders: Arc::new(Orders::new(pg.clone(), sold_out, config.order_ttl)),
+        payments: Arc::new(Payments::new(pg.clone(), popular.clone(), outbox.nudge())),
+        popular,
+    };
+    (services, outbox)
 }
 
 /// Postgres may still be starting (a fresh pod next to a fresh database): retry for a minute.

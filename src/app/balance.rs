@@ -2,11 +2,13 @@
 //!
 //! Invariant: a balance equals the sum of its ledger and never exceeds the configured maximum;
 //! a retried charge (same idempotency key) credits nothing more.
+//!
+//! Cancel safety: a charge is one transaction; a call dropped before its commit rolls back and
+//! credits nothing.
 
-use super::{
-    App,
-    idempotency::{NextAction, next_action},
-};
+use sqlx::PgPool;
+
+use super::idempotency::{NextAction, next_action};
 use crate::{
     domain::{IdempotencyKey, LedgerEntry, PageSize, PageToken, UserId, Won},
     error::AppError,
@@ -22,15 +24,23 @@ pub struct ChargeCommand {
     pub idempotency_key: Option<IdempotencyKey>,
 }
 
-impl App {
+/// The balance flows.
+pub struct Balances {
+    pg: PgPool,
+    /// A charge that would take a balance past this is refused.
+    max_balance: Won,
+}
+
+impl Balances {
+    pub fn new(pg: PgPool, max_balance: Won) -> Self {
+        Self { pg, max_balance }
+    }
+
     /// Credits the balance and writes the CHARGE entry; returns that entry (its `balance_after`
     /// is the new balance).
-    ///
-    /// Cancel safety: everything happens in one transaction; a call dropped before its commit
-    /// rolls back and credits nothing.
-    pub async fn charge_balance(&self, cmd: ChargeCommand) -> Result<LedgerEntry, AppError> {
-        let max = self.settings().max_balance;
-        let mut tx = self.pg().begin().await?;
+    pub async fn charge(&self, cmd: ChargeCommand) -> Result<LedgerEntry, AppError> {
+        let max = self.max_balance;
+        let mut tx = self.pg.begin().await?;
         let key = cmd.idempotency_key.as_ref();
         match next_action(&mut tx, cmd.user_id, Operation::Charge, key, || {
             cmd.amount.get().to_string()
@@ -56,15 +66,15 @@ impl App {
     }
 
     pub async fn balance(&self, user_id: UserId) -> Result<Won, AppError> {
-        Ok(balances::balance(self.pg(), user_id).await?)
+        Ok(balances::balance(&self.pg, user_id).await?)
     }
 
-    pub async fn balance_history(
+    pub async fn history(
         &self,
         user_id: UserId,
         page_size: PageSize,
         after: Option<PageToken>,
     ) -> Result<(Vec<LedgerEntry>, Option<PageToken>), AppError> {
-        Ok(balances::history_page(self.pg(), user_id, page_size, after).await?)
+        Ok(balances::history_page(&self.pg, user_id, page_size, after).await?)
     }
 }

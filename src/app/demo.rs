@@ -2,11 +2,10 @@
 //! Written through the same use cases as the Admin RPCs, and only into an empty catalog, so
 //! restarting never duplicates it.
 
-use super::{App, NewProduct};
+use super::Catalog;
 use crate::{
-    domain::{DisplayName, ProductStatus, Won},
+    domain::{DisplayName, NewProduct, ProductStatus, Won},
     error::AppError,
-    store::postgres::products,
 };
 
 const PRODUCTS: &[(&str, i64, i64, ProductStatus)] = &[
@@ -17,21 +16,20 @@ const PRODUCTS: &[(&str, i64, i64, ProductStatus)] = &[
     ("Laptop stand", 39_000, 50, ProductStatus::Stopped),
 ];
 
-impl App {
-    /// Returns how many products were created (0 when the catalog already had some).
-    pub async fn seed_demo_catalog(&self) -> Result<usize, AppError> {
-        if products::any_exist(self.pg()).await? {
-            return Ok(0);
-        }
-        for (name, price, stock, status) in PRODUCTS {
-            self.create_product(NewProduct {
+/// Returns how many products were created (0 when the catalog already had some).
+pub async fn seed_catalog(catalog: &Catalog) -> Result<usize, AppError> {
+    if !catalog.is_empty().await? {
+        return Ok(0);
+    }
+    for (name, price, stock, status) in PRODUCTS {
+        catalog
+            .create(NewProduct {
                 name: DisplayName::parse((*name).to_owned(), "name")?,
                 price: Won::new(*price),
                 stock: *stock,
                 status: *status,
             })
             .await?;
-        }
-        Ok(PRODUCTS.len())
     }
+    Ok(PRODUCTS.len())
 }

@@ -11,9 +11,13 @@
 //! gave stock back, the sold-out markers are cleared in a task of their own, which finishes
 //! even if the caller has gone.
 
+use std::{sync::Arc, time::Duration};
+
+use sqlx::PgPool;
+
 use super::{
-    App,
     idempotency::{NextAction, next_action},
+    sold_out::SoldOut,
 };
 use crate::{
     domain::{
@@ -50,14 +54,30 @@ impl PlaceOrderCommand {
 /// How many overdue orders one expiry transaction closes.
 const EXPIRY_BATCH: i64 = 100;
 
-impl App {
-    pub async fn place_order(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
-        let result = self.try_place_order(cmd).await;
+/// The order flows.
+pub struct Orders {
+    pg: PgPool,
+    sold_out: Arc<SoldOut>,
+    /// An unpaid order expires after this.
+    order_ttl: Duration,
+}
+
+impl Orders {
+    pub fn new(pg: PgPool, sold_out: Arc<SoldOut>, order_ttl: Duration) -> Self {
+        Self {
+            pg,
+            sold_out,
+            order_ttl,
+        }
+    }
+
+    pub async fn place(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
+        let result = self.try_place(cmd).await;
         metrics::order_placed(metrics::outcome(&result));
         result
     }
 
-    async fn try_place_order(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
+    async fn try_place(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
         let product_ids: Vec<ProductId> =
             cmd.lines.as_slice().iter().map(|l| l.product_id).collect();
         let keyed = cmd.idempotency_key.is_some();
@@ -65,7 +85,7 @@ impl App {
             self.refuse_sold_out(&product_ids).await?;
         }
 
-        let mut tx = self.pg().begin().await?;
+        let mut tx = self.pg.begin().await?;
         let key = cmd.idempotency_key.as_ref();
         match next_action(&mut tx, cmd.user_id, Operation::PlaceOrder, key, || {
             cmd.fingerprint()
@@ -130,7 +150,7 @@ impl App {
                 items: &items,
                 pricing,
                 user_coupon_id: cmd.user_coupon_id,
-                ttl_secs: self.settings().order_ttl.as_secs_f64(),
+                ttl_secs: self.order_ttl.as_secs_f64(),
                 idempotency_key: cmd.idempotency_key.as_ref(),
             },
         )
@@ -141,7 +161,7 @@ impl App {
 
     /// OUT_OF_STOCK when one of `products` is known to be sold out.
     async fn refuse_sold_out(&self, products: &[ProductId]) -> Result<(), AppError> {
-        match self.first_sold_out(products).await {
+        match self.sold_out.first(products).await {
             Some(product) => Err(AppError::OutOfStock {
                 product_id: product.get(),
             }),
@@ -166,7 +186,7 @@ impl App {
                 stock_gen,
             } => {
                 if left == 0 {
-                    self.mark_sold_out(product, stock_gen).await;
+                    self.sold_out.mark(product, stock_gen).await;
                 }
                 AppError::OutOfStock {
                     product_id: product.get(),
@@ -175,8 +195,8 @@ impl App {
         }
     }
 
-    pub async fn order(&self, id: OrderId, user_id: UserId) -> Result<Order, AppError> {
-        let mut conn = self.pg().acquire().await?;
+    pub async fn get(&self, id: OrderId, user_id: UserId) -> Result<Order, AppError> {
+        let mut conn = self.pg.acquire().await?;
         let order = orders::get(&mut conn, id)
             .await?
             .ok_or(AppError::NotFound {
@@ -189,8 +209,8 @@ impl App {
         Ok(order)
     }
 
-    pub async fn cancel_order(&self, id: OrderId, user_id: UserId) -> Result<Order, AppError> {
-        let mut tx = self.pg().begin().await?;
+    pub async fn cancel(&self, id: OrderId, user_id: UserId) -> Result<Order, AppError> {
+        let mut tx = self.pg.begin().await?;
         let row = orders::lock(&mut tx, id).await?.ok_or(AppError::NotFound {
             resource: Resource::Order,
             id: id.get(),
@@ -205,16 +225,16 @@ impl App {
         let mut released =
             orders::release(&mut tx, &[(&row, &items)], OrderStatus::Cancelled).await?;
         tx.commit().await?;
-        self.clear_sold_out(released.restocks).await;
+        self.sold_out.clear(released.restocks).await;
         Ok(released.orders.remove(0).with_items(items))
     }
 
     /// Closes every open order past its deadline as EXPIRED, giving back its stock and coupon.
     /// Returns how many were closed.
-    pub async fn expire_overdue_orders(&self) -> Result<usize, AppError> {
+    pub async fn expire_overdue(&self) -> Result<usize, AppError> {
         let mut expired = 0;
         loop {
-            let mut tx = self.pg().begin().await?;
+            let mut tx = self.pg.begin().await?;
             let overdue = orders::lock_overdue(&mut tx, EXPIRY_BATCH).await?;
             let mut held = Vec::with_capacity(overdue.len());
             for row in &overdue {
@@ -228,7 +248,7 @@ impl App {
             let released = orders::release(&mut tx, &batch, OrderStatus::Expired).await?;
             tx.commit().await?;
             // One clear for the whole batch: its orders often share the same hot products.
-            self.clear_sold_out(released.restocks).await;
+            self.sold_out.clear(released.restocks).await;
             expired += released.orders.len();
             if (overdue.len() as i64) < EXPIRY_BATCH {
                 return Ok(expired);

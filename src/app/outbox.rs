@@ -5,8 +5,25 @@
 //! same event at the same moment. Failures back off exponentially; an event that keeps failing
 //! is parked (status PARKED, a warning per event) for an operator instead of blocking the rest.
 
-use super::App;
-use crate::{error::AppError, metrics, store::postgres::outbox};
+use std::{sync::Arc, time::Duration};
+
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+use crate::{
+    error::AppError,
+    metrics,
+    store::{data_platform::Sink, postgres::outbox},
+};
+
+/// How the outbox delivers and retries.
+#[derive(Clone, Debug)]
+pub struct OutboxSettings {
+    pub batch_size: usize,
+    pub max_attempts: u32,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+}
 
 /// What one delivery pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -19,13 +36,41 @@ pub struct DeliveryReport {
 /// Passes per run: a large backlog is drained in batches, but one run stays bounded.
 const MAX_BATCHES_PER_RUN: usize = 50;
 
-impl App {
+/// The outbox delivery flow.
+pub struct Outbox {
+    pg: PgPool,
+    sink: Sink,
+    settings: OutboxSettings,
+    /// Payments ring it when they commit, so their events leave at once.
+    nudge: Arc<Notify>,
+}
+
+impl Outbox {
+    pub fn new(pg: PgPool, sink: Sink, settings: OutboxSettings) -> Self {
+        Self {
+            pg,
+            sink,
+            settings,
+            nudge: Arc::new(Notify::new()),
+        }
+    }
+
+    /// What a payment rings after its commit.
+    pub fn nudge(&self) -> Arc<Notify> {
+        self.nudge.clone()
+    }
+
+    /// Resolves when a payment asked for a delivery since the last call.
+    pub async fn nudged(&self) {
+        self.nudge.notified().await;
+    }
+
     /// Delivers due events, batch after batch, until none are due (or a batch fails).
-    pub async fn deliver_outbox(&self) -> Result<DeliveryReport, AppError> {
+    pub async fn deliver(&self) -> Result<DeliveryReport, AppError> {
         let mut report = DeliveryReport::default();
         for _ in 0..MAX_BATCHES_PER_RUN {
-            let batch = self.deliver_outbox_batch().await?;
-            let full = batch.delivered + batch.failed == self.settings().outbox.batch_size;
+            let batch = self.deliver_batch().await?;
+            let full = batch.delivered + batch.failed == self.settings.batch_size;
             let failed = batch.failed > 0;
             report.delivered += batch.delivered;
             report.failed += batch.failed;
@@ -35,20 +80,20 @@ impl App {
             }
         }
         metrics::outbox_delivery(report.delivered, report.failed, report.parked);
-        let (pending, parked) = outbox::backlog(self.pg()).await?;
+        let (pending, parked) = outbox::backlog(&self.pg).await?;
         metrics::outbox_backlog(pending, parked);
         Ok(report)
     }
 
-    async fn deliver_outbox_batch(&self) -> Result<DeliveryReport, AppError> {
-        let settings = &self.settings().outbox;
-        let mut tx = self.pg().begin().await?;
+    async fn deliver_batch(&self) -> Result<DeliveryReport, AppError> {
+        let settings = &self.settings;
+        let mut tx = self.pg.begin().await?;
         let events = outbox::claim_due(&mut tx, settings.batch_size as i64).await?;
         if events.is_empty() {
             return Ok(DeliveryReport::default());
         }
         let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
-        let report = match self.sink().deliver(&events).await {
+        let report = match self.sink.deliver(&events).await {
             Ok(()) => {
                 outbox::mark_delivered(&mut tx, &ids).await?;
                 DeliveryReport {

@@ -8,11 +8,15 @@
 //! Cancel safety: the payment is one transaction, so a call dropped before its commit leaves
 //! nothing; after the commit, the ranking bump runs in its own task and finishes regardless.
 
+use std::sync::Arc;
+
 use chrono::Utc;
+use sqlx::PgPool;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{
-    App,
+    Popular,
     idempotency::{NextAction, next_action},
 };
 use crate::{
@@ -32,7 +36,24 @@ pub struct PayCommand {
     pub idempotency_key: Option<IdempotencyKey>,
 }
 
-impl App {
+/// The payment flow.
+pub struct Payments {
+    pg: PgPool,
+    /// Counts each payment's items in the ranking.
+    popular: Arc<Popular>,
+    /// Wakes the outbox job: a payment's event should leave at once.
+    outbox_nudge: Arc<Notify>,
+}
+
+impl Payments {
+    pub fn new(pg: PgPool, popular: Arc<Popular>, outbox_nudge: Arc<Notify>) -> Self {
+        Self {
+            pg,
+            popular,
+            outbox_nudge,
+        }
+    }
+
     pub async fn pay(&self, cmd: PayCommand) -> Result<Payment, AppError> {
         let result = self.try_pay(cmd).await;
         metrics::payment(metrics::outcome(&result));
@@ -40,7 +61,7 @@ impl App {
     }
 
     async fn try_pay(&self, cmd: PayCommand) -> Result<Payment, AppError> {
-        let mut tx = self.pg().begin().await?;
+        let mut tx = self.pg.begin().await?;
         let key = cmd.idempotency_key.as_ref();
         match next_action(&mut tx, cmd.user_id, Operation::Pay, key, || {
             cmd.order_id.get().to_string()
@@ -116,11 +137,11 @@ impl App {
         }
         tx.commit().await?;
 
-        self.nudge_outbox();
+        self.outbox_nudge.notify_one();
         // The ranking bump runs to the end even if the caller has gone (the ranking job would
         // only restore a lost bump at its next run).
-        let (app, items, paid_at) = (self.clone(), event.items, payment.paid_at);
-        let _ = tokio::spawn(async move { app.record_sale(&items, paid_at).await }).await;
+        let (popular, items, paid_at) = (self.popular.clone(), event.items, payment.paid_at);
+        let _ = tokio::spawn(async move { popular.record_sale(&items, paid_at).await }).await;
         Ok(payment)
     }
 }

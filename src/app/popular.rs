@@ -13,13 +13,16 @@ use std::{
 };
 
 use chrono::{DateTime, Days, NaiveDate, Utc};
+use sqlx::PgPool;
 use tokio::{sync::Mutex, time::Instant};
 
-use super::App;
 use crate::{
     domain::{OrderItem, Product, ProductId, ValidationError},
     error::AppError,
-    store::postgres::{products, sales},
+    store::{
+        postgres::{products, sales},
+        redis::ranking::Ranking,
+    },
 };
 
 /// How many of the top sellers are kept per window; `limit` can ask for at most this many.
@@ -63,7 +66,7 @@ pub struct PopularProduct {
 /// The cached top of each window. Reads take a shared lock for a moment; a stale window is
 /// refreshed by one caller while the others wait for it (no stampede on Redis or Postgres).
 #[derive(Default)]
-pub struct PopularCache {
+struct PopularCache {
     fresh: RwLock<HashMap<PopularDays, Cached>>,
     refresh: Mutex<()>,
 }
@@ -88,10 +91,26 @@ fn window(today: NaiveDate, days: PopularDays) -> Vec<NaiveDate> {
         .collect()
 }
 
-impl App {
+/// The ranking flows: counting sales, reading the best sellers, rebuilding from Postgres.
+pub struct Popular {
+    pg: PgPool,
+    ranking: Ranking,
+    cache: PopularCache,
+    settings: RankingSettings,
+}
+
+impl Popular {
+    pub fn new(pg: PgPool, ranking: Ranking, settings: RankingSettings) -> Self {
+        Self {
+            pg,
+            ranking,
+            cache: PopularCache::default(),
+            settings,
+        }
+    }
+
     fn today(&self, now: DateTime<Utc>) -> NaiveDate {
-        now.with_timezone(&self.settings().ranking.timezone)
-            .date_naive()
+        now.with_timezone(&self.settings.timezone).date_naive()
     }
 
     /// Counts a committed payment's items in its day's bucket. Best effort: if Redis misses
@@ -102,25 +121,21 @@ impl App {
             .map(|i| (i.product_id, i64::from(i.quantity)))
             .collect();
         let day = self.today(paid_at);
-        let retention = self.settings().ranking.bucket_ttl();
-        if let Err(e) = self
-            .ranking()
-            .add(self.redis(), day, &sold, retention)
-            .await
-        {
+        let retention = self.settings.bucket_ttl();
+        if let Err(e) = self.ranking.add(day, &sold, retention).await {
             tracing::warn!(error = %e, "ranking bump lost; the ranking job will restore it");
         }
     }
 
-    pub async fn popular_products(
+    pub async fn top(
         &self,
         days: PopularDays,
         limit: PopularLimit,
     ) -> Result<Vec<PopularProduct>, AppError> {
         let take =
             |top: &[PopularProduct]| top.iter().take(usize::from(limit.0)).cloned().collect();
-        let cache = self.popular_cache();
-        let ttl = self.settings().ranking.cache_ttl;
+        let cache = &self.cache;
+        let ttl = self.settings.cache_ttl;
         let fresh = |cache: &PopularCache| -> Option<Arc<Vec<PopularProduct>>> {
             let windows = cache.fresh.read().unwrap_or_else(|e| e.into_inner());
             windows
@@ -152,10 +167,10 @@ impl App {
 
     async fn compute_popular(&self, days: PopularDays) -> Result<Vec<PopularProduct>, AppError> {
         let window = window(self.today(Utc::now()), days);
-        let totals = self.ranking().totals(self.redis(), &window).await?;
+        let totals = self.ranking.totals(&window).await?;
         let top = top_sellers(totals, MAX_POPULAR);
         let ids: Vec<i64> = top.iter().map(|(id, _)| *id).collect();
-        let mut details: HashMap<i64, Product> = products::get_many(self.pg(), &ids)
+        let mut details: HashMap<i64, Product> = products::get_many(&self.pg, &ids)
             .await?
             .into_iter()
             .map(|p| (p.id.get(), p))
@@ -174,8 +189,8 @@ impl App {
 
     /// Recomputes every day bucket of the retention window from Postgres and swaps it in.
     /// Returns how many buckets hold sales.
-    pub async fn reconcile_ranking(&self) -> Result<usize, AppError> {
-        let ranking = &self.settings().ranking;
+    pub async fn reconcile(&self) -> Result<usize, AppError> {
+        let ranking = &self.settings;
         let today = self.today(Utc::now());
         let first = today
             .checked_sub_days(Days::new(u64::from(ranking.retention_days) - 1))
@@ -184,7 +199,7 @@ impl App {
             .and_hms_opt(0, 0, 0)
             .and_then(|midnight| midnight.and_local_timezone(ranking.timezone).earliest())
             .map_or_else(Utc::now, |at| at.with_timezone(&Utc));
-        let rows = sales::daily_since(self.pg(), ranking.timezone, since).await?;
+        let rows = sales::daily_since(&self.pg, ranking.timezone, since).await?;
         let mut by_day: HashMap<NaiveDate, Vec<(ProductId, i64)>> = HashMap::new();
         for row in rows {
             by_day
@@ -195,8 +210,8 @@ impl App {
         let mut day = first;
         while day <= today {
             let sold = by_day.get(&day).map(Vec::as_slice).unwrap_or_default();
-            self.ranking()
-                .replace(self.redis(), day, sold, ranking.bucket_ttl())
+            self.ranking
+                .replace(day, sold, ranking.bucket_ttl())
                 .await?;
             day = day.succ_opt().unwrap_or(today + Days::new(1));
         }

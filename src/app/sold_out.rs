@@ -12,12 +12,14 @@
 use std::{
     collections::HashMap,
     hash::Hash,
-    sync::RwLock,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
-use super::App;
-use crate::domain::{ProductId, Restock};
+use crate::{
+    domain::{ProductId, Restock},
+    store::redis::sold_out::SoldOutMarkers,
+};
 
 /// How long this process remembers "sold out" without asking Redis again.
 pub(super) const LOCAL_SOLD_OUT: Duration = Duration::from_millis(50);
@@ -63,15 +65,31 @@ impl<K: Copy + Eq + Hash> SoldOutCache<K> {
     }
 }
 
-impl App {
+/// Sold-out products: the Redis markers every replica shares, and this replica's brief copy.
+pub struct SoldOut {
+    local: SoldOutCache<ProductId>,
+    markers: SoldOutMarkers,
+    /// How long a marker refuses orders without Postgres being asked.
+    marker_ttl: Duration,
+}
+
+impl SoldOut {
+    pub fn new(markers: SoldOutMarkers, marker_ttl: Duration) -> Self {
+        Self {
+            local: SoldOutCache::default(),
+            markers,
+            marker_ttl,
+        }
+    }
+
     /// The first of `products` known to be sold out, if any. A Redis failure means "unknown".
-    pub(super) async fn first_sold_out(&self, products: &[ProductId]) -> Option<ProductId> {
-        if let Some(product) = self.sold_out_cache().first(products, Instant::now()) {
+    pub(super) async fn first(&self, products: &[ProductId]) -> Option<ProductId> {
+        if let Some(product) = self.local.first(products, Instant::now()) {
             return Some(product);
         }
-        match self.sold_out_markers().first_marked(products).await {
+        match self.markers.first_marked(products).await {
             Ok(Some(product)) => {
-                self.sold_out_cache().remember(product, LOCAL_SOLD_OUT);
+                self.local.remember(product, LOCAL_SOLD_OUT);
                 Some(product)
             }
             Ok(None) => None,
@@ -83,10 +101,9 @@ impl App {
     }
 
     /// `product` had no stock left at `stock_gen`.
-    pub(super) async fn mark_sold_out(&self, product: ProductId, stock_gen: i64) {
-        self.sold_out_cache().remember(product, LOCAL_SOLD_OUT);
-        let ttl = self.settings().sold_out_marker_ttl;
-        if let Err(e) = self.sold_out_markers().mark(product, stock_gen, ttl).await {
+    pub(super) async fn mark(&self, product: ProductId, stock_gen: i64) {
+        self.local.remember(product, LOCAL_SOLD_OUT);
+        if let Err(e) = self.markers.mark(product, stock_gen, self.marker_ttl).await {
             tracing::debug!(error = %e, "could not mark a product sold out");
         }
     }
@@ -94,15 +111,15 @@ impl App {
     /// Stock came back (released or restocked): the products are no longer sold out. The
     /// markers are cleared in a task of their own, so a caller that goes away cannot leave
     /// one behind to refuse orders on every replica until it expires.
-    pub(super) async fn clear_sold_out(&self, restocks: Vec<Restock>) {
+    pub(super) async fn clear(self: &Arc<Self>, restocks: Vec<Restock>) {
         if restocks.is_empty() {
             return;
         }
         let products: Vec<ProductId> = restocks.iter().map(|r| r.product).collect();
-        self.sold_out_cache().forget(&products);
-        let app = self.clone();
+        self.local.forget(&products);
+        let this = self.clone();
         let cleared = tokio::spawn(async move {
-            if let Err(e) = app.sold_out_markers().clear(&restocks).await {
+            if let Err(e) = this.markers.clear(&restocks).await {
                 tracing::warn!(error = %e, "could not clear sold-out markers; they expire by themselves");
             }
         });

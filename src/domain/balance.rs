@@ -18,16 +18,6 @@ text_enum!(LedgerKind {
     Refund => "REFUND",
 });
 
-impl LedgerKind {
-    /// The entry's effect on the balance.
-    pub fn signed(self, amount: Won) -> i64 {
-        match self {
-            LedgerKind::Charge | LedgerKind::Refund => amount.get(),
-            LedgerKind::Use => -amount.get(),
-        }
-    }
-}
-
 /// One ledger entry: what changed a balance, by how much, and what the balance became.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct LedgerEntry {
@@ -38,23 +28,4 @@ pub struct LedgerEntry {
     pub balance_after: Won,
     pub order_id: Option<OrderId>,
     pub created_at: DateTime<Utc>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uses_subtract_and_the_others_add() {
-        let ledger = [
-            (LedgerKind::Charge, 10_000),
-            (LedgerKind::Use, 3_000),
-            (LedgerKind::Refund, 1_000),
-        ];
-        let sum: i64 = ledger
-            .iter()
-            .map(|(kind, amount)| kind.signed(Won::new(*amount)))
-            .sum();
-        assert_eq!(sum, 8_000);
-    }
 }

@@ -1,7 +1,7 @@
 //! Coupon terms and rules: how much a coupon takes off an order, when it can be issued, and
 //! what a held coupon's status is at a given moment.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 
 use super::{
     CouponId, DisplayName, OrderId, UserCouponId, UserId, ValidationError, Won, macros::text_enum,
@@ -74,6 +74,16 @@ impl Discount {
     }
 }
 
+/// A coupon to create, validated.
+pub struct NewCoupon {
+    pub name: DisplayName,
+    pub discount: Discount,
+    pub min_order_amount: Won,
+    pub total_quantity: i64,
+    pub window: IssueWindow,
+    pub valid_days: ValidDays,
+}
+
 /// How long an issued coupon stays usable: 1..=3650 days.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ValidDays(i32);
@@ -92,10 +102,6 @@ impl ValidDays {
 
     pub fn get(self) -> i32 {
         self.0
-    }
-
-    pub fn expiry_from(self, issued_at: DateTime<Utc>) -> DateTime<Utc> {
-        issued_at + Duration::days(i64::from(self.0))
     }
 }
 
@@ -203,6 +209,8 @@ pub struct UserCoupon {
 
 #[cfg(test)]
 mod tests {
+    use chrono::Duration;
+
     use super::*;
 
     fn won(v: i64) -> Won {
@@ -273,10 +281,5 @@ mod tests {
     fn valid_days_bounds() {
         assert!(ValidDays::parse(0).is_err());
         assert!(ValidDays::parse(3651).is_err());
-        let issued = DateTime::from_timestamp(0, 0).unwrap();
-        assert_eq!(
-            ValidDays::parse(2).unwrap().expiry_from(issued),
-            issued + Duration::days(2)
-        );
     }
 }

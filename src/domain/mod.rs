@@ -19,7 +19,7 @@ mod validation;
 
 pub use balance::{LedgerEntry, LedgerKind};
 pub use coupon::{
-    Coupon, CouponTerms, Discount, IssueWindow, UserCoupon, UserCouponStatus, ValidDays,
+    Coupon, CouponTerms, Discount, IssueWindow, NewCoupon, UserCoupon, UserCouponStatus, ValidDays,
     parse_total_quantity,
 };
 pub use events::PaymentCompleted;
@@ -32,5 +32,7 @@ pub use order::{
     Pricing, Quantity,
 };
 pub use pagination::{PageSize, PageToken};
-pub use product::{MAX_STOCK, Product, ProductStatus, Restock, parse_stock};
+pub use product::{
+    MAX_STOCK, NewProduct, Product, ProductChanges, ProductStatus, Restock, parse_stock,
+};
 pub use validation::ValidationError;

@@ -77,10 +77,6 @@ impl OrderLines {
         &self.0
     }
 
-    pub fn product_ids(&self) -> Vec<i64> {
-        self.0.iter().map(|line| line.product_id.get()).collect()
-    }
-
     /// A canonical text of the lines, used to recognise a retried request.
     pub fn fingerprint(&self) -> String {
         self.0

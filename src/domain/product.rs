@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{ProductId, ValidationError, Won, macros::text_enum};
+use super::{DisplayName, ProductId, ValidationError, Won, macros::text_enum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProductStatus {
@@ -48,6 +48,25 @@ pub struct Product {
     pub status: ProductStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A product to create, validated.
+pub struct NewProduct {
+    pub name: DisplayName,
+    pub price: Won,
+    pub stock: i64,
+    pub status: ProductStatus,
+}
+
+/// An admin's change to a product; fields left `None` keep their value.
+#[derive(Default)]
+pub struct ProductChanges {
+    pub name: Option<DisplayName>,
+    pub price: Option<Won>,
+    pub stock: Option<i64>,
+    pub status: Option<ProductStatus>,
+    /// Change nothing unless the stock is exactly this (an optimistic check).
+    pub expected_stock: Option<i64>,
 }
 
 /// A product's stock went up, at this stock generation (every increase bumps it). Sold-out

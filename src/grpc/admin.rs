@@ -7,10 +7,10 @@ use tonic::{Request, Response, Status, service::Interceptor};
 
 use super::convert;
 use crate::{
-    app::{App, CouponStock, NewCoupon, NewProduct, ProductChanges},
+    app::{Catalog, Coupons},
     domain::{
-        DisplayName, IssueWindow, ProductId, ValidDays, ValidationError, Won, parse_stock,
-        parse_total_quantity,
+        DisplayName, IssueWindow, NewCoupon, NewProduct, ProductChanges, ProductId, ValidDays,
+        ValidationError, Won, parse_stock, parse_total_quantity,
     },
     error::AppError,
     proto::{
@@ -49,7 +49,8 @@ impl Interceptor for AdminAuth {
 }
 
 pub struct AdminHandler {
-    pub app: App,
+    pub catalog: Arc<Catalog>,
+    pub coupons: Arc<Coupons>,
 }
 
 #[tonic::async_trait]
@@ -65,7 +66,7 @@ impl AdminService for AdminHandler {
             stock: parse_stock(req.stock, "stock")?,
             status: convert::parse_product_status(req.status, "status")?,
         };
-        let product = self.app.create_product(new).await?;
+        let product = self.catalog.create(new).await?;
         Ok(Response::new(CreateProductResponse {
             product: Some(convert::product(product)),
         }))
@@ -96,7 +97,7 @@ impl AdminService for AdminHandler {
                 .map(|s| parse_stock(s, "expected_stock"))
                 .transpose()?,
         };
-        let product = self.app.update_product(id, changes).await?;
+        let product = self.catalog.update(id, changes).await?;
         Ok(Response::new(UpdateProductResponse {
             product: Some(convert::product(product)),
         }))
@@ -111,7 +112,7 @@ impl AdminService for AdminHandler {
         if req.delta == 0 {
             return Err(ValidationError::new("delta", "must not be 0").into());
         }
-        let product = self.app.adjust_stock(id, req.delta).await?;
+        let product = self.catalog.adjust_stock(id, req.delta).await?;
         Ok(Response::new(AdjustStockResponse {
             product: Some(convert::product(product)),
         }))
@@ -133,10 +134,9 @@ impl AdminService for AdminHandler {
             )?,
             valid_days: ValidDays::parse(req.valid_days)?,
         };
-        let coupon = self.app.create_coupon(new).await?;
-        let remaining = coupon.total_quantity;
+        let stock = self.coupons.create(new).await?;
         Ok(Response::new(CreateCouponResponse {
-            coupon: Some(convert::coupon(CouponStock { coupon, remaining })),
+            coupon: Some(convert::coupon(stock)),
         }))
     }
 }

@@ -1,10 +1,12 @@
 //! BalanceService: decode, validate, call the use case, encode.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::{
-    app::{App, ChargeCommand},
+    app::{Balances, ChargeCommand},
     domain::{IdempotencyKey, PageSize, PageToken, UserId, Won},
     proto::{
         ChargeBalanceRequest, ChargeBalanceResponse, GetBalanceRequest, GetBalanceResponse,
@@ -13,9 +15,7 @@ use crate::{
     },
 };
 
-pub struct BalanceHandler {
-    pub app: App,
-}
+pub struct BalanceHandler(pub Arc<Balances>);
 
 #[tonic::async_trait]
 impl BalanceService for BalanceHandler {
@@ -29,7 +29,7 @@ impl BalanceService for BalanceHandler {
             amount: Won::parse_positive(req.amount, "amount")?,
             idempotency_key: IdempotencyKey::parse(req.idempotency_key)?,
         };
-        let entry = self.app.charge_balance(cmd).await?;
+        let entry = self.0.charge(cmd).await?;
         Ok(Response::new(ChargeBalanceResponse {
             user_id: entry.user_id.get(),
             balance: entry.balance_after.get(),
@@ -42,7 +42,7 @@ impl BalanceService for BalanceHandler {
         request: Request<GetBalanceRequest>,
     ) -> Result<Response<GetBalanceResponse>, Status> {
         let user_id = UserId::parse(request.into_inner().user_id, "user_id")?;
-        let balance = self.app.balance(user_id).await?;
+        let balance = self.0.balance(user_id).await?;
         Ok(Response::new(GetBalanceResponse {
             user_id: user_id.get(),
             balance: balance.get(),
@@ -57,7 +57,7 @@ impl BalanceService for BalanceHandler {
         let user_id = UserId::parse(req.user_id, "user_id")?;
         let page_size = PageSize::parse(req.page_size)?;
         let after = PageToken::parse(&req.page_token)?;
-        let (entries, next) = self.app.balance_history(user_id, page_size, after).await?;
+        let (entries, next) = self.0.history(user_id, page_size, after).await?;
         Ok(Response::new(ListBalanceHistoryResponse {
             entries: entries.into_iter().map(convert::ledger_entry).collect(),
             next_page_token: next.map(PageToken::encode).unwrap_or_default(),

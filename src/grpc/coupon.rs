@@ -1,11 +1,13 @@
 //! CouponService: decode, validate, call the use case, encode.
 
+use std::sync::Arc;
+
 use chrono::Utc;
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::{
-    app::App,
+    app::Coupons,
     domain::{CouponId, PageSize, PageToken, UserId},
     proto::{
         GetCouponRequest, GetCouponResponse, IssueCouponRequest, IssueCouponResponse,
@@ -13,9 +15,7 @@ use crate::{
     },
 };
 
-pub struct CouponHandler {
-    pub app: App,
-}
+pub struct CouponHandler(pub Arc<Coupons>);
 
 #[tonic::async_trait]
 impl CouponService for CouponHandler {
@@ -26,7 +26,7 @@ impl CouponService for CouponHandler {
         let req = request.into_inner();
         let user_id = UserId::parse(req.user_id, "user_id")?;
         let coupon_id = CouponId::parse(req.coupon_id, "coupon_id")?;
-        let issued = self.app.issue_coupon(coupon_id, user_id).await?;
+        let issued = self.0.issue(coupon_id, user_id).await?;
         Ok(Response::new(IssueCouponResponse {
             user_coupon: Some(convert::user_coupon(issued, Utc::now())),
         }))
@@ -37,7 +37,7 @@ impl CouponService for CouponHandler {
         request: Request<GetCouponRequest>,
     ) -> Result<Response<GetCouponResponse>, Status> {
         let id = CouponId::parse(request.into_inner().coupon_id, "coupon_id")?;
-        let stock = self.app.coupon_stock(id).await?;
+        let stock = self.0.stock(id).await?;
         Ok(Response::new(GetCouponResponse {
             coupon: Some(convert::coupon(stock)),
         }))
@@ -51,7 +51,7 @@ impl CouponService for CouponHandler {
         let user_id = UserId::parse(req.user_id, "user_id")?;
         let page_size = PageSize::parse(req.page_size)?;
         let after = PageToken::parse(&req.page_token)?;
-        let (coupons, next) = self.app.user_coupons(user_id, page_size, after).await?;
+        let (coupons, next) = self.0.user_coupons(user_id, page_size, after).await?;
         let now = Utc::now();
         Ok(Response::new(ListUserCouponsResponse {
             user_coupons: coupons

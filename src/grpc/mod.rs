@@ -11,10 +11,12 @@ mod order;
 mod payment;
 mod product;
 
+use std::sync::Arc;
+
 use tonic::{server::NamedService, service::Routes};
 
 use crate::{
-    app::App,
+    app::{Balances, Catalog, Coupons, Orders, Payments, Popular},
     proto::{
         FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
         balance_service_server::BalanceServiceServer, coupon_service_server::CouponServiceServer,
@@ -62,9 +64,27 @@ pub struct Limits {
     pub max_message_bytes: usize,
 }
 
+/// The use cases the handlers call; each handler gets only the ones it needs.
+pub struct Services {
+    pub balances: Arc<Balances>,
+    pub catalog: Arc<Catalog>,
+    pub coupons: Arc<Coupons>,
+    pub orders: Arc<Orders>,
+    pub payments: Arc<Payments>,
+    pub popular: Arc<Popular>,
+}
+
 /// The `ecommerce.v1` services and server reflection (v1 and v1alpha: grpcurl 1.8 asks for the
 /// latter).
-pub fn routes(app: App, admin_auth: AdminAuth, limits: Limits) -> Routes {
+pub fn routes(services: Services, admin_auth: AdminAuth, limits: Limits) -> Routes {
+    let Services {
+        balances,
+        catalog,
+        coupons,
+        orders,
+        payments,
+        popular,
+    } = services;
     let max = limits.max_message_bytes;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -76,27 +96,30 @@ pub fn routes(app: App, admin_auth: AdminAuth, limits: Limits) -> Routes {
     let mut routes = Routes::default();
     routes = routes
         .add_service(
-            BalanceServiceServer::new(balance::BalanceHandler { app: app.clone() })
+            BalanceServiceServer::new(balance::BalanceHandler(balances))
                 .max_decoding_message_size(max),
         )
         .add_service(
-            ProductServiceServer::new(product::ProductHandler { app: app.clone() })
+            ProductServiceServer::new(product::ProductHandler {
+                catalog: catalog.clone(),
+                popular,
+            })
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            CouponServiceServer::new(coupon::CouponHandler(coupons.clone()))
                 .max_decoding_message_size(max),
         )
         .add_service(
-            CouponServiceServer::new(coupon::CouponHandler { app: app.clone() })
-                .max_decoding_message_size(max),
+            OrderServiceServer::new(order::OrderHandler(orders)).max_decoding_message_size(max),
         )
         .add_service(
-            OrderServiceServer::new(order::OrderHandler { app: app.clone() })
-                .max_decoding_message_size(max),
-        )
-        .add_service(
-            PaymentServiceServer::new(payment::PaymentHandler { app: app.clone() })
+            PaymentServiceServer::new(payment::PaymentHandler(payments))
                 .max_decoding_message_size(max),
         )
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            AdminServiceServer::new(admin::AdminHandler { app }).max_decoding_message_size(max),
+            AdminServiceServer::new(admin::AdminHandler { catalog, coupons })
+                .max_decoding_message_size(max),
             admin_auth,
         ))
         .add_service(

@@ -1,10 +1,12 @@
 //! OrderService: decode, validate, call the use case, encode.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::{
-    app::{App, PlaceOrderCommand},
+    app::{Orders, PlaceOrderCommand},
     domain::{IdempotencyKey, OrderId, OrderLines, UserCouponId, UserId},
     proto::{
         CancelOrderRequest, CancelOrderResponse, GetOrderRequest, GetOrderResponse,
@@ -12,9 +14,7 @@ use crate::{
     },
 };
 
-pub struct OrderHandler {
-    pub app: App,
-}
+pub struct OrderHandler(pub Arc<Orders>);
 
 #[tonic::async_trait]
 impl OrderService for OrderHandler {
@@ -32,7 +32,7 @@ impl OrderService for OrderHandler {
             },
             idempotency_key: IdempotencyKey::parse(req.idempotency_key)?,
         };
-        let order = self.app.place_order(cmd).await?;
+        let order = self.0.place(cmd).await?;
         Ok(Response::new(PlaceOrderResponse {
             order: Some(convert::order(order)),
         }))
@@ -45,7 +45,7 @@ impl OrderService for OrderHandler {
         let req = request.into_inner();
         let order_id = OrderId::parse(req.order_id, "order_id")?;
         let user_id = UserId::parse(req.user_id, "user_id")?;
-        let order = self.app.order(order_id, user_id).await?;
+        let order = self.0.get(order_id, user_id).await?;
         Ok(Response::new(GetOrderResponse {
             order: Some(convert::order(order)),
         }))
@@ -58,7 +58,7 @@ impl OrderService for OrderHandler {
         let req = request.into_inner();
         let order_id = OrderId::parse(req.order_id, "order_id")?;
         let user_id = UserId::parse(req.user_id, "user_id")?;
-        let order = self.app.cancel_order(order_id, user_id).await?;
+        let order = self.0.cancel(order_id, user_id).await?;
         Ok(Response::new(CancelOrderResponse {
             order: Some(convert::order(order)),
         }))

@@ -1,17 +1,17 @@
 //! PaymentService: decode, validate, call the use case, encode.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::{
-    app::{App, PayCommand},
+    app::{PayCommand, Payments},
     domain::{IdempotencyKey, OrderId, UserId},
     proto::{PayRequest, PayResponse, payment_service_server::PaymentService},
 };
 
-pub struct PaymentHandler {
-    pub app: App,
-}
+pub struct PaymentHandler(pub Arc<Payments>);
 
 #[tonic::async_trait]
 impl PaymentService for PaymentHandler {
@@ -22,7 +22,7 @@ impl PaymentService for PaymentHandler {
             user_id: UserId::parse(req.user_id, "user_id")?,
             idempotency_key: IdempotencyKey::parse(req.idempotency_key)?,
         };
-        let payment = self.app.pay(cmd).await?;
+        let payment = self.0.pay(cmd).await?;
         Ok(Response::new(PayResponse {
             payment: Some(convert::payment(payment)),
         }))

@@ -1,10 +1,12 @@
 //! ProductService: decode, validate, call the use case, encode.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use super::convert;
 use crate::{
-    app::{App, PopularDays, PopularLimit},
+    app::{Catalog, Popular, PopularDays, PopularLimit},
     domain::{PageSize, PageToken, ProductId},
     proto::{
         GetPopularProductsRequest, GetPopularProductsResponse, GetProductRequest,
@@ -14,7 +16,8 @@ use crate::{
 };
 
 pub struct ProductHandler {
-    pub app: App,
+    pub catalog: Arc<Catalog>,
+    pub popular: Arc<Popular>,
 }
 
 #[tonic::async_trait]
@@ -26,7 +29,7 @@ impl ProductService for ProductHandler {
         let req = request.into_inner();
         let page_size = PageSize::parse(req.page_size)?;
         let after = PageToken::parse(&req.page_token)?;
-        let (products, next) = self.app.selling_products(page_size, after).await?;
+        let (products, next) = self.catalog.selling(page_size, after).await?;
         Ok(Response::new(ListProductsResponse {
             products: products.into_iter().map(convert::product).collect(),
             next_page_token: next.map(PageToken::encode).unwrap_or_default(),
@@ -38,7 +41,7 @@ impl ProductService for ProductHandler {
         request: Request<GetProductRequest>,
     ) -> Result<Response<GetProductResponse>, Status> {
         let id = ProductId::parse(request.into_inner().product_id, "product_id")?;
-        let product = self.app.product(id).await?;
+        let product = self.catalog.product(id).await?;
         Ok(Response::new(GetProductResponse {
             product: Some(convert::product(product)),
         }))
@@ -51,7 +54,7 @@ impl ProductService for ProductHandler {
         let req = request.into_inner();
         let days = PopularDays::parse(req.days)?;
         let limit = PopularLimit::parse(req.limit)?;
-        let items = self.app.popular_products(days, limit).await?;
+        let items = self.popular.top(days, limit).await?;
         Ok(Response::new(GetPopularProductsResponse {
             items: items.into_iter().map(convert::popular_product).collect(),
         }))

@@ -18,7 +18,20 @@ use sqlx::PgPool;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{app::App, config::Config, error::AppError};
+use crate::{
+    app::{Coupons, Orders, Outbox, Popular},
+    config::Config,
+    error::AppError,
+    store::postgres::job_lock,
+};
+
+/// The services the jobs run.
+pub struct JobServices {
+    pub coupons: Arc<Coupons>,
+    pub orders: Arc<Orders>,
+    pub outbox: Arc<Outbox>,
+    pub popular: Arc<Popular>,
+}
 
 /// The scheduler's tick (seconds, minutes, hours, days, months, weekdays).
 const EVERY_SECOND: &str = "* * * * * *";
@@ -42,7 +55,13 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    pub async fn start(app: App, config: &Config) -> anyhow::Result<Self> {
+    pub async fn start(pg: PgPool, services: JobServices, config: &Config) -> anyhow::Result<Self> {
+        let JobServices {
+            coupons,
+            orders,
+            outbox,
+            popular,
+        } = services;
         let scheduler = JobScheduler::new()
             .await
             .context("creating the scheduler")?;
@@ -56,13 +75,16 @@ impl Jobs {
             "coupon-reconcile",
             config.coupon_reconcile_interval,
             JobLock::CouponReconcile,
-            app.clone(),
-            move |app| async move {
-                let report = app.reconcile_coupon_gates(grace).await?;
-                if !report.repaired.is_empty() {
-                    tracing::warn!(repaired = ?report.repaired, "coupon gates repaired");
+            pg.clone(),
+            move || {
+                let coupons = coupons.clone();
+                async move {
+                    let report = coupons.reconcile(grace).await?;
+                    if !report.repaired.is_empty() {
+                        tracing::warn!(repaired = ?report.repaired, "coupon gates repaired");
+                    }
+                    Ok(())
                 }
-                Ok(())
             },
         )
         .await?;
@@ -70,39 +92,48 @@ impl Jobs {
             "order-expiry",
             config.order_expiry_interval,
             JobLock::OrderExpiry,
-            app.clone(),
-            |app| async move {
-                let expired = app.expire_overdue_orders().await?;
-                if expired > 0 {
-                    tracing::info!(expired, "overdue orders expired");
+            pg.clone(),
+            move || {
+                let orders = orders.clone();
+                async move {
+                    let expired = orders.expire_overdue().await?;
+                    if expired > 0 {
+                        tracing::info!(expired, "overdue orders expired");
+                    }
+                    Ok(())
                 }
-                Ok(())
             },
         )
         .await?;
-        let outbox = jobs
+        let outbox_runner = jobs
             .every(
                 "outbox-delivery",
                 config.outbox_interval,
                 JobLock::OutboxDelivery,
-                app.clone(),
-                |app| async move {
-                    let report = app.deliver_outbox().await?;
-                    if report.delivered > 0 {
-                        tracing::debug!(delivered = report.delivered, "outbox delivered");
+                pg.clone(),
+                {
+                    let outbox = outbox.clone();
+                    move || {
+                        let outbox = outbox.clone();
+                        async move {
+                            let report = outbox.deliver().await?;
+                            if report.delivered > 0 {
+                                tracing::debug!(delivered = report.delivered, "outbox delivered");
+                            }
+                            Ok(())
+                        }
                     }
-                    Ok(())
                 },
             )
             .await?;
         // A payment nudges the outbox so its event leaves at once instead of at the next tick.
         jobs.tracker.spawn({
-            let (app, stopping) = (app.clone(), jobs.stopping.clone());
+            let (runner, stopping) = (outbox_runner, jobs.stopping.clone());
             async move {
                 loop {
                     tokio::select! {
                         _ = stopping.cancelled() => return,
-                        _ = app.outbox_nudged() => outbox.run(app.clone()).await,
+                        _ = outbox.nudged() => runner.run().await,
                     }
                 }
             }
@@ -112,19 +143,19 @@ impl Jobs {
                 "ranking-reconcile",
                 config.ranking_reconcile_interval,
                 JobLock::RankingReconcile,
-                app.clone(),
-                |app| async move {
-                    let days = app.reconcile_ranking().await?;
-                    tracing::debug!(days, "ranking rebuilt from Postgres");
-                    Ok(())
+                pg.clone(),
+                move || {
+                    let popular = popular.clone();
+                    async move {
+                        let days = popular.reconcile().await?;
+                        tracing::debug!(days, "ranking rebuilt from Postgres");
+                        Ok(())
+                    }
                 },
             )
             .await?;
         // Once at start-up too, so a Redis that restarted empty is refilled right away.
-        jobs.tracker.spawn({
-            let app = app.clone();
-            async move { ranking.run(app).await }
-        });
+        jobs.tracker.spawn(async move { ranking.run().await });
         jobs.scheduler
             .start()
             .await
@@ -139,17 +170,18 @@ impl Jobs {
         name: &'static str,
         interval: Duration,
         lock: JobLock,
-        app: App,
+        pg: PgPool,
         run: F,
     ) -> anyhow::Result<Runner>
     where
-        F: Fn(App) -> Fut + Send + Sync + 'static,
+        F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), AppError>> + Send + 'static,
     {
         let runner = Runner {
             name,
             lock,
-            run: Arc::new(move |app| Box::pin(run(app))),
+            pg,
+            run: Arc::new(move || Box::pin(run())),
             running: Arc::new(tokio::sync::Mutex::new(None)),
             stopping: self.stopping.clone(),
         };
@@ -157,8 +189,8 @@ impl Jobs {
         let job = Job::new_async(EVERY_SECOND, {
             let runner = runner.clone();
             move |_, _| {
-                let (app, runner) = (app.clone(), runner.clone());
-                Box::pin(tracker.track_future(async move { runner.tick(app, interval).await }))
+                let runner = runner.clone();
+                Box::pin(tracker.track_future(async move { runner.tick(interval).await }))
             }
         })
         .with_context(|| format!("creating job {name}"))?;
@@ -180,14 +212,14 @@ impl Jobs {
     }
 }
 
-type JobFn =
-    dyn Fn(App) -> Pin<Box<dyn Future<Output = Result<(), AppError>> + Send>> + Send + Sync;
+type JobFn = dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), AppError>> + Send>> + Send + Sync;
 
 /// One job with its guards: never two runs at once in this process, never two replicas at once.
 #[derive(Clone)]
 struct Runner {
     name: &'static str,
     lock: JobLock,
+    pg: PgPool,
     run: Arc<JobFn>,
     /// Held for a run; holds when the last run started.
     running: Arc<tokio::sync::Mutex<Option<Instant>>>,
@@ -196,17 +228,17 @@ struct Runner {
 
 impl Runner {
     /// A scheduler tick: runs the job if `interval` has passed since its last start.
-    async fn tick(&self, app: App, interval: Duration) {
+    async fn tick(&self, interval: Duration) {
         let due = match self.running.try_lock() {
             Ok(last) => last.is_none_or(|at| at.elapsed() + TICK_SLACK >= interval),
             Err(_) => false,
         };
         if due {
-            self.run(app).await;
+            self.run().await;
         }
     }
 
-    async fn run(&self, app: App) {
+    async fn run(&self) {
         if self.stopping.is_cancelled() {
             return;
         }
@@ -215,8 +247,7 @@ impl Runner {
             return;
         };
         *last = Some(Instant::now());
-        let pg = app.pg().clone();
-        match singleton(&pg, self.lock, (self.run)(app)).await {
+        match singleton(&self.pg, self.lock, (self.run)()).await {
             Ok(Some(())) => {}
             Ok(None) => tracing::debug!(job = self.name, "another replica holds the job"),
             Err(e) => tracing::warn!(job = self.name, error = %e, "job run failed"),
@@ -233,17 +264,10 @@ async fn singleton<T>(
     work: impl Future<Output = Result<T, AppError>>,
 ) -> Result<Option<T>, AppError> {
     let mut conn = pg.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(lock as i64)
-        .fetch_one(&mut *conn)
-        .await?;
-    if !locked {
+    if !job_lock::try_lock(&mut conn, lock as i64).await? {
         return Ok(None);
     }
     let result = work.await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(lock as i64)
-        .execute(&mut *conn)
-        .await;
+    let _ = job_lock::unlock(&mut conn, lock as i64).await;
     result.map(Some)
 }

@@ -10,8 +10,8 @@ use sqlx::PgExecutor;
 use super::split_page;
 use crate::{
     domain::{
-        Coupon, CouponId, CouponTerms, Discount, DisplayName, IssueWindow, OrderId, PageSize,
-        PageToken, UserCoupon, UserCouponId, UserCouponStatus, UserId, ValidDays, Won,
+        Coupon, CouponId, CouponTerms, Discount, DisplayName, IssueWindow, NewCoupon, OrderId,
+        PageSize, PageToken, UserCoupon, UserCouponId, UserCouponStatus, UserId, ValidDays, Won,
     },
     store::StoreError,
 };
@@ -125,15 +125,6 @@ impl UserCouponRow {
             terms: self.coupon.into_coupon()?.terms,
         })
     }
-}
-
-pub struct NewCoupon {
-    pub name: DisplayName,
-    pub discount: Discount,
-    pub min_order_amount: Won,
-    pub total_quantity: i64,
-    pub window: IssueWindow,
-    pub valid_days: ValidDays,
 }
 
 pub async fn create(db: impl PgExecutor<'_>, new: NewCoupon) -> Result<Coupon, StoreError> {

@@ -2,8 +2,10 @@
 //! whose writes are conditional (`... WHERE stock >= $n`), so a failed step leaves nothing.
 
 pub mod balances;
+pub mod coupon_recorder;
 pub mod coupons;
 pub mod idempotency;
+pub mod job_lock;
 pub mod orders;
 pub mod outbox;
 pub mod payments;

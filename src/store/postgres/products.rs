@@ -7,7 +7,7 @@ use sqlx::{PgConnection, PgExecutor};
 
 use super::split_page;
 use crate::{
-    domain::{DisplayName, PageSize, PageToken, Product, ProductId, ProductStatus, Won},
+    domain::{DisplayName, NewProduct, PageSize, PageToken, Product, ProductChanges, ProductId},
     store::StoreError,
 };
 
@@ -16,24 +16,6 @@ macro_rules! product_columns {
     () => {
         "id, name, price, stock, status, created_at, updated_at"
     };
-}
-
-pub struct NewProduct {
-    pub name: DisplayName,
-    pub price: Won,
-    pub stock: i64,
-    pub status: ProductStatus,
-}
-
-/// Fields left `None` keep their value.
-#[derive(Default)]
-pub struct ProductChanges {
-    pub name: Option<DisplayName>,
-    pub price: Option<Won>,
-    pub stock: Option<i64>,
-    pub status: Option<ProductStatus>,
-    /// Change nothing unless the stock is exactly this (an optimistic check).
-    pub expected_stock: Option<i64>,
 }
 
 /// Why a conditional stock change changed nothing.

@@ -77,11 +77,6 @@ impl Redis {
         self.pool.next()
     }
 
-    /// The prefix every key of this service starts with.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// `prefix + suffix`.
     pub fn key(&self, suffix: std::fmt::Arguments<'_>) -> String {
         let mut key = String::with_capacity(self.prefix.len() + 32);

@@ -17,15 +17,8 @@ use super::{LuaScript, Redis};
 use crate::{domain::ProductId, store::StoreError};
 
 pub struct Ranking {
+    redis: Redis,
     bump: LuaScript,
-}
-
-impl Default for Ranking {
-    fn default() -> Self {
-        Self {
-            bump: LuaScript::new(include_str!("lua/rank_bump.lua")),
-        }
-    }
 }
 
 fn bucket(redis: &Redis, day: NaiveDate) -> String {
@@ -33,15 +26,21 @@ fn bucket(redis: &Redis, day: NaiveDate) -> String {
 }
 
 impl Ranking {
+    pub fn new(redis: Redis) -> Self {
+        Self {
+            redis,
+            bump: LuaScript::new(include_str!("lua/rank_bump.lua")),
+        }
+    }
+
     /// Adds `sold` (product, quantity) to `day`'s bucket.
     pub async fn add(
         &self,
-        redis: &Redis,
         day: NaiveDate,
         sold: &[(ProductId, i64)],
         retention: Duration,
     ) -> Result<(), StoreError> {
-        let key = bucket(redis, day);
+        let key = bucket(&self.redis, day);
         let mut args = Vec::with_capacity(1 + sold.len() * 2);
         args.push(retention.as_secs().to_string());
         for (product, quantity) in sold {
@@ -49,18 +48,14 @@ impl Ranking {
             args.push(quantity.to_string());
         }
         let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let _: i64 = self.bump.call(redis, &[&key], &arg_refs).await?;
+        let _: i64 = self.bump.call(&self.redis, &[&key], &arg_refs).await?;
         Ok(())
     }
 
     /// Paid quantity per product summed over `days`, unsorted.
-    pub async fn totals(
-        &self,
-        redis: &Redis,
-        days: &[NaiveDate],
-    ) -> Result<Vec<(i64, i64)>, StoreError> {
-        let keys: Vec<String> = days.iter().map(|d| bucket(redis, *d)).collect();
-        let reply: Value = redis.client().zunion(keys, None, None, true).await?;
+    pub async fn totals(&self, days: &[NaiveDate]) -> Result<Vec<(i64, i64)>, StoreError> {
+        let keys: Vec<String> = days.iter().map(|d| bucket(&self.redis, *d)).collect();
+        let reply: Value = self.redis.client().zunion(keys, None, None, true).await?;
         let flat = reply.into_array();
         let mut totals = Vec::with_capacity(flat.len() / 2);
         for pair in flat.chunks(2) {
@@ -84,13 +79,12 @@ impl Ranking {
     /// Replaces `day`'s bucket with `sold`, atomically: readers see the old bucket or the new one.
     pub async fn replace(
         &self,
-        redis: &Redis,
         day: NaiveDate,
         sold: &[(ProductId, i64)],
         retention: Duration,
     ) -> Result<(), StoreError> {
-        let key = bucket(redis, day);
-        let client = redis.client();
+        let key = bucket(&self.redis, day);
+        let client = self.redis.client();
         if sold.is_empty() {
             let _: i64 = client.del(&key).await?;
             return Ok(());

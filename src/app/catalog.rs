@@ -4,40 +4,61 @@
 //! change is one conditional statement), and any increase clears the sold-out shortcuts on
 //! every replica.
 
-use super::App;
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use super::sold_out::SoldOut;
 use crate::{
-    domain::{MAX_STOCK, PageSize, PageToken, Product, ProductId, Restock},
+    domain::{
+        MAX_STOCK, NewProduct, PageSize, PageToken, Product, ProductChanges, ProductId, Restock,
+    },
     error::{AppError, Resource},
-    store::postgres::products::{self, Changed, NewProduct, ProductChanges, StockRefusal},
+    store::postgres::products::{self, Changed, StockRefusal},
 };
 
-impl App {
-    pub async fn selling_products(
+/// The catalog flows.
+pub struct Catalog {
+    pg: PgPool,
+    sold_out: Arc<SoldOut>,
+}
+
+impl Catalog {
+    pub fn new(pg: PgPool, sold_out: Arc<SoldOut>) -> Self {
+        Self { pg, sold_out }
+    }
+
+    pub async fn selling(
         &self,
         page_size: PageSize,
         after: Option<PageToken>,
     ) -> Result<(Vec<Product>, Option<PageToken>), AppError> {
-        Ok(products::selling_page(self.pg(), page_size, after).await?)
+        Ok(products::selling_page(&self.pg, page_size, after).await?)
     }
 
     pub async fn product(&self, id: ProductId) -> Result<Product, AppError> {
-        products::get(self.pg(), id)
+        products::get(&self.pg, id)
             .await?
             .ok_or(product_not_found(id))
     }
 
-    pub async fn create_product(&self, new: NewProduct) -> Result<Product, AppError> {
-        Ok(products::create(self.pg(), new).await?)
+    pub async fn create(&self, new: NewProduct) -> Result<Product, AppError> {
+        Ok(products::create(&self.pg, new).await?)
+    }
+
+    /// Whether the catalog has any product at all.
+    pub(super) async fn is_empty(&self) -> Result<bool, AppError> {
+        Ok(!products::any_exist(&self.pg).await?)
     }
 
     /// Changes the fields that are set; with `expected_stock`, only if the stock still is that
     /// (ABORTED with the current stock otherwise).
-    pub async fn update_product(
+    pub async fn update(
         &self,
         id: ProductId,
         changes: ProductChanges,
     ) -> Result<Product, AppError> {
-        let mut conn = self.pg().acquire().await?;
+        let mut conn = self.pg.acquire().await?;
         match products::update(&mut conn, id, changes).await? {
             // New stock or a new status: let Postgres decide the next order, not a stale marker.
             Ok(changed) => Ok(self.restocked(id, changed).await),
@@ -52,7 +73,7 @@ impl App {
         if delta > MAX_STOCK {
             return Err(AppError::StockLimitExceeded { max: MAX_STOCK });
         }
-        let mut conn = self.pg().acquire().await?;
+        let mut conn = self.pg.acquire().await?;
         match products::adjust_stock(&mut conn, id, delta, MAX_STOCK).await? {
             Ok(changed) if delta > 0 => Ok(self.restocked(id, changed).await),
             Ok(changed) => Ok(changed.product),
@@ -67,11 +88,12 @@ impl App {
     }
 
     async fn restocked(&self, id: ProductId, changed: Changed) -> Product {
-        self.clear_sold_out(vec![Restock {
-            product: id,
-            stock_gen: changed.stock_gen,
-        }])
-        .await;
+        self.sold_out
+            .clear(vec![Restock {
+                product: id,
+                stock_gen: changed.stock_gen,
+            }])
+            .await;
         changed.product
     }
 }

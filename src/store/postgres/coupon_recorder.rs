@@ -19,12 +19,10 @@ use tokio::{
     time::Instant,
 };
 
+use super::coupons::{self, IssueRefusal, SeatGrant};
 use crate::{
     domain::UserCoupon,
-    store::{
-        Dependency, StoreError,
-        postgres::coupons::{self, IssueRefusal, SeatGrant},
-    },
+    store::{Dependency, StoreError},
 };
 
 /// Grants written by one statement at most.
@@ -32,7 +30,7 @@ const MAX_BATCH: usize = 256;
 /// Batches in flight at once (each holds one pooled connection).
 const MAX_IN_FLIGHT: usize = 4;
 
-type Outcome = Result<Result<UserCoupon, IssueRefusal>, StoreError>;
+pub type Outcome = Result<Result<UserCoupon, IssueRefusal>, StoreError>;
 
 struct Pending {
     grant: SeatGrant,
@@ -41,7 +39,7 @@ struct Pending {
     reply: oneshot::Sender<Outcome>,
 }
 
-pub(super) struct CouponRecorder {
+pub struct CouponRecorder {
     queue: mpsc::Sender<Pending>,
     max_wait: Duration,
 }
@@ -55,13 +53,13 @@ fn unavailable(why: String) -> StoreError {
 
 impl CouponRecorder {
     /// Starts the batching task; it stops when the recorder is dropped.
-    pub(super) fn start(pg: PgPool, max_wait: Duration) -> Self {
+    pub fn start(pg: PgPool, max_wait: Duration) -> Self {
         let (queue, pending) = mpsc::channel(MAX_BATCH * MAX_IN_FLIGHT * 4);
         tokio::spawn(run(pg, pending));
         Self { queue, max_wait }
     }
 
-    pub(super) async fn record(&self, grant: SeatGrant) -> Outcome {
+    pub async fn record(&self, grant: SeatGrant) -> Outcome {
         let (reply, answer) = oneshot::channel();
         let deadline = Instant::now() + self.max_wait;
         self.queue

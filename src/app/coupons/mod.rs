@@ -1,0 +1,316 @@
+//! First-come-first-served coupon issuance.
+//!
+//! Invariant: issued <= total and at most one coupon per user, even if Redis forgets
+//! everything. Redis (one Lua script) decides who gets a seat at Redis speed, so losers never
+//! touch Postgres; Postgres records each winner before the call succeeds, and its constraints
+//! refuse anything the gate got wrong. A failed record gives the seat back.
+//!
+//! Answers are true when given and stay true on a retry: COUPON_ALREADY_ISSUED only once the
+//! user's row exists in Postgres (its id goes with the answer); a win whose row never appeared
+//! (an orphan) is released by the user's next call once it is older than the orphan grace, and
+//! by the reconciliation job otherwise.
+//!
+//! Cancel safety: a caller may go away at any await. [`App::issue_coupon`] therefore runs the
+//! gate decision, the durable insert and any undo in a spawned task and only awaits its answer,
+//! so dropping the call changes nothing about the outcome; the caller just does not hear it.
+//! Gate rebuilds run in their own task too, shared by every caller of this process that needs
+//! the same gate, and always unlock what they locked.
+
+mod rebuild;
+mod reconcile;
+mod stats;
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+pub use self::{
+    reconcile::ReconcileReport,
+    stats::{CouponGateStats, RepairReason},
+};
+use super::sold_out::{LOCAL_SOLD_OUT, SoldOutCache};
+use crate::{
+    domain::{Coupon, CouponId, NewCoupon, PageSize, PageToken, UserCoupon, UserId},
+    error::{AppError, Resource},
+    metrics,
+    store::{
+        Dependency, StoreError,
+        postgres::{
+            coupon_recorder::CouponRecorder,
+            coupons::{self, IssueRefusal, SeatGrant},
+        },
+        redis::coupon_gate::{CouponGate, Decision, Grant, InstallMode},
+    },
+};
+
+/// How long a request waits for a rebuild of the gate before giving up.
+const REBUILD_PATIENCE: Duration = Duration::from_secs(3);
+/// Pause between looks at a gate another replica is rebuilding (a rebuild takes milliseconds).
+const REBUILD_POLL: Duration = Duration::from_millis(5);
+/// Pause between looks at a win of the same user whose insert is still running.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(10);
+/// Seat collisions (the gate granted a seat Postgres already gave away, possible only right
+/// after a rebuild raced with inserts in flight) before the gate is rebuilt.
+const MAX_SEAT_COLLISIONS: u32 = 5;
+
+/// A coupon and how many are left.
+pub struct CouponStock {
+    pub coupon: Coupon,
+    pub remaining: i64,
+}
+
+/// The coupon flows: issuing, reading, and keeping the Redis gates true to Postgres.
+pub struct Coupons {
+    pg: PgPool,
+    gate: CouponGate,
+    recorder: CouponRecorder,
+    /// Coupons this replica found sold out a moment ago.
+    sold_out: SoldOutCache<CouponId>,
+    rebuilds: rebuild::Rebuilds,
+    stats: Arc<CouponGateStats>,
+    /// A win with no row for this long is an orphan, not an insert in flight.
+    orphan_grace: Duration,
+}
+
+/// What a call learns about a seat the gate says the user already holds.
+enum Held {
+    /// The coupon row exists: the user has it.
+    Recorded(i64),
+    /// Won a moment ago by another call of this user, whose insert is still running.
+    InFlight,
+    /// An orphan, now released: ask the gate again.
+    Released,
+}
+
+impl Coupons {
+    pub fn new(pg: PgPool, gate: CouponGate, orphan_grace: Duration) -> Self {
+        // A win's insert must finish well within the orphan grace, or a retry could release a
+        // seat whose row is about to commit.
+        let recorder = CouponRecorder::start(pg.clone(), orphan_grace / 2);
+        Self {
+            pg,
+            gate,
+            recorder,
+            sold_out: SoldOutCache::default(),
+            rebuilds: rebuild::Rebuilds::default(),
+            stats: Arc::default(),
+            orphan_grace,
+        }
+    }
+
+    /// What this server did to its coupon gates.
+    pub fn stats(&self) -> &Arc<CouponGateStats> {
+        &self.stats
+    }
+
+    /// Creates a coupon (all its seats left) and loads its gate.
+    pub async fn create(self: &Arc<Self>, new: NewCoupon) -> Result<CouponStock, AppError> {
+        let coupon = coupons::create(&self.pg, new).await?;
+        // Load the gate now, so the first wave of a stampede does not queue behind one
+        // caller's rebuild, after dropping a "no such coupon" cached a moment ago. If Redis is
+        // unreachable, the first request after it returns rebuilds the gate instead.
+        let loaded = match self.gate.forget(coupon.id).await {
+            Ok(()) => self
+                .rebuild_gate(coupon.id, InstallMode::Replace, None)
+                .await
+                .map(drop)
+                .map_err(AppError::from),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = loaded {
+            tracing::warn!(coupon = %coupon.id, error = %e, "coupon gate not loaded yet");
+        }
+        Ok(CouponStock {
+            remaining: coupon.total_quantity,
+            coupon,
+        })
+    }
+
+    pub async fn stock(&self, id: CouponId) -> Result<CouponStock, AppError> {
+        let (coupon, issued) =
+            coupons::get_with_issued(&self.pg, id)
+                .await?
+                .ok_or(AppError::NotFound {
+                    resource: Resource::Coupon,
+                    id: id.get(),
+                })?;
+        Ok(CouponStock {
+            remaining: coupon.total_quantity - issued,
+            coupon,
+        })
+    }
+
+    pub async fn user_coupons(
+        &self,
+        user_id: UserId,
+        page_size: PageSize,
+        after: Option<PageToken>,
+    ) -> Result<(Vec<UserCoupon>, Option<PageToken>), AppError> {
+        Ok(coupons::user_coupons_page(&self.pg, user_id, page_size, after).await?)
+    }
+
+    /// Issues one coupon to one user. Cancel-safe: see the module docs.
+    pub async fn issue(
+        self: &Arc<Self>,
+        coupon_id: CouponId,
+        user_id: UserId,
+    ) -> Result<UserCoupon, AppError> {
+        if self
+            .sold_out
+            .first(&[coupon_id], std::time::Instant::now())
+            .is_some()
+        {
+            let refused = Err(AppError::CouponSoldOut);
+            metrics::coupon_issue(metrics::outcome(&refused));
+            return refused;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let result = this.try_issue(coupon_id, user_id).await;
+            metrics::coupon_issue(metrics::outcome(&result));
+            result
+        })
+        .await
+        .unwrap_or_else(|e| Err(AppError::internal(format!("coupon issue task failed: {e}"))))
+    }
+
+    async fn try_issue(
+        self: &Arc<Self>,
+        coupon_id: CouponId,
+        user_id: UserId,
+    ) -> Result<UserCoupon, AppError> {
+        let patience = Instant::now() + REBUILD_PATIENCE;
+        let mut collisions = 0;
+        loop {
+            let decision = self.gate.decide(coupon_id, user_id, Utc::now()).await?;
+            let grant = match decision {
+                Decision::Granted(grant) => grant,
+                Decision::NoSuchCoupon => return Err(coupon_not_found(coupon_id)),
+                Decision::OutsideWindow => return Err(AppError::CouponNotIssuable),
+                Decision::SoldOut => {
+                    self.sold_out.remember(coupon_id, LOCAL_SOLD_OUT);
+                    return Err(AppError::CouponSoldOut);
+                }
+                Decision::NotLoaded => {
+                    self.await_rebuild(coupon_id, patience).await?;
+                    continue;
+                }
+                Decision::AlreadyHolder(held) => {
+                    match self.already_held(coupon_id, user_id, &held).await? {
+                        Held::Recorded(user_coupon_id) => {
+                            return Err(AppError::CouponAlreadyIssued { user_coupon_id });
+                        }
+                        Held::InFlight => tokio::time::sleep(IN_FLIGHT_POLL).await,
+                        Held::Released => {}
+                    }
+                    continue;
+                }
+            };
+            let recorded = self
+                .recorder
+                .record(SeatGrant {
+                    coupon_id,
+                    user_id,
+                    seat: grant.seat,
+                })
+                .await;
+            match recorded {
+                Ok(Ok(user_coupon)) => return Ok(user_coupon),
+                Ok(Err(IssueRefusal::SeatTaken)) => {
+                    // The seat is someone else's in Postgres: keep it out of the gate's pool.
+                    self.release_grant(coupon_id, user_id, &grant, false).await;
+                    collisions += 1;
+                    if collisions >= MAX_SEAT_COLLISIONS {
+                        tracing::warn!(coupon = %coupon_id, "coupon gate keeps granting taken seats: rebuilding");
+                        self.rebuild_gate(
+                            coupon_id,
+                            InstallMode::Replace,
+                            Some(RepairReason::Disagrees),
+                        )
+                        .await?;
+                        collisions = 0;
+                    }
+                    if Instant::now() >= patience {
+                        return Err(gate_unavailable("the coupon gate disagrees with Postgres"));
+                    }
+                }
+                Ok(Err(IssueRefusal::AlreadyIssued)) => {
+                    // Postgres has this user's coupon although the gate had lost them: this
+                    // grant's seat goes back, and the answer names the coupon they hold.
+                    self.release_grant(coupon_id, user_id, &grant, true).await;
+                    let user_coupon_id = coupons::user_coupon_id(&self.pg, coupon_id, user_id)
+                        .await?
+                        .ok_or_else(|| {
+                            AppError::internal("an issued coupon vanished from Postgres")
+                        })?;
+                    return Err(AppError::CouponAlreadyIssued { user_coupon_id });
+                }
+                Ok(Err(IssueRefusal::NoCoupon)) => {
+                    self.release_grant(coupon_id, user_id, &grant, true).await;
+                    return Err(coupon_not_found(coupon_id));
+                }
+                Ok(Err(IssueRefusal::SeatBeyondTotal)) => {
+                    self.release_grant(coupon_id, user_id, &grant, false).await;
+                    return Err(AppError::CouponSoldOut);
+                }
+                Err(e) => {
+                    // Nothing was recorded: the seat goes back to the pool.
+                    self.release_grant(coupon_id, user_id, &grant, true).await;
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Decides what a seat the gate says `user` holds means: their coupon, a win of theirs
+    /// still being recorded, or an orphan (released here, once older than the grace).
+    async fn already_held(
+        &self,
+        coupon: CouponId,
+        user: UserId,
+        held: &Grant,
+    ) -> Result<Held, AppError> {
+        if let Some(id) = coupons::user_coupon_id(&self.pg, coupon, user).await? {
+            return Ok(Held::Recorded(id));
+        }
+        let age_ms = Utc::now().timestamp_millis() - held.won_at_ms;
+        // Holders loaded from Postgres (won "at 0") always have their row.
+        if held.won_at_ms > 0 && age_ms < self.orphan_grace.as_millis() as i64 {
+            return Ok(Held::InFlight);
+        }
+        if self.gate.release(coupon, user, held, true).await? {
+            self.sold_out.forget(&[coupon]);
+            self.stats.orphan_released();
+            tracing::info!(%coupon, %user, seat = held.seat, "released an orphaned coupon seat");
+        }
+        Ok(Held::Released)
+    }
+
+    /// Undoes a grant that did not become a coupon. If Redis cannot be reached now, the
+    /// reconciliation job releases the orphan later; the caller's answer does not wait for it.
+    async fn release_grant(&self, coupon: CouponId, user: UserId, grant: &Grant, give_back: bool) {
+        if give_back {
+            self.sold_out.forget(&[coupon]);
+        }
+        if let Err(e) = self.gate.release(coupon, user, grant, give_back).await {
+            tracing::warn!(%coupon, %user, seat = grant.seat, error = %e,
+                "could not release a coupon seat; the reconciliation job will");
+        }
+    }
+}
+
+fn coupon_not_found(id: CouponId) -> AppError {
+    AppError::NotFound {
+        resource: Resource::Coupon,
+        id: id.get(),
+    }
+}
+
+fn gate_unavailable(why: &'static str) -> AppError {
+    AppError::from(StoreError::Unavailable {
+        dependency: Dependency::Redis,
+        source: why.into(),
+    })
+}

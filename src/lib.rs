@@ -2,8 +2,8 @@
 //!
 //! Layers, outside in: [`grpc`] (thin handlers) -> [`app`] (one use case per flow) ->
 //! [`domain`] (pure rules) -> [`store`] (Postgres, the record; Redis, the fast gate).
-//! [`startup`] wires them; [`health`] reports dependency health. [`loadgen`] is the load
-//! generator behind the `ecommerce-loadgen` binary.
+//! [`startup`] wires them; [`health`] reports dependency health. The load generator is the
+//! `loadgen/` member crate.
 
 pub mod app;
 pub mod config;
@@ -12,7 +12,6 @@ pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod jobs;
-pub mod loadgen;
 pub mod metrics;
 pub mod proto;
 pub mod startup;

@@ -21,8 +21,8 @@ use crate::{
     config::{Config, TlsFiles},
     grpc::{
         self, AdminAuth, Limits, Services,
+        access::AccessLayer,
         middleware::{DeadlineLayer, ServiceAuthLayer, ShedLayer, TooLargeLayer},
-        observe::ObserveLayer,
     },
     health::HealthWatcher,
     jobs::{JobServices, Jobs},
@@ -179,7 +179,7 @@ impl Application {
         // Outermost first: every call is observed, then authenticated, admitted, given a
         // deadline, and finally routed.
         let served = server
-            .layer(ObserveLayer)
+            .layer(AccessLayer)
             .layer(ServiceAuthLayer::new(
                 config.service_token.as_ref().map(|t| t.expose()),
             ))

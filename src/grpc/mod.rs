@@ -1,12 +1,12 @@
 //! The gRPC edge: thin handlers that decode and validate requests into domain values, call the
 //! use case, and encode the answer. Errors become statuses in one place (`crate::error`).
 
+pub mod access;
 mod admin;
 mod balance;
 mod convert;
 mod coupon;
 pub mod middleware;
-pub mod observe;
 mod order;
 mod payment;
 mod product;

@@ -4,10 +4,8 @@
 
 use std::time::Duration;
 
-use ecommerce::{
-    loadgen::{self, Mixed, Options, Report, Scenario},
-    proto::ChargeBalanceRequest,
-};
+use ecommerce::proto::ChargeBalanceRequest;
+use ecommerce_loadgen::{self as loadgen, Mixed, Options, Report, Scenario};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::support::{ADMIN_TOKEN, TestApp, spawn_app};

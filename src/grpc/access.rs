@@ -20,18 +20,18 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ObserveLayer;
+pub struct AccessLayer;
 
-impl<S> Layer<S> for ObserveLayer {
-    type Service = Observe<S>;
+impl<S> Layer<S> for AccessLayer {
+    type Service = Access<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Observe { inner }
+        Access { inner }
     }
 }
 
 #[derive(Clone, Debug)]
-pub struct Observe<S> {
+pub struct Access<S> {
     inner: S,
 }
 
@@ -65,7 +65,7 @@ fn grpc_status(headers: &HeaderMap) -> Option<Code> {
     Some(Code::from_i32(code))
 }
 
-impl<S, B, ResBody> Service<Request<B>> for Observe<S>
+impl<S, B, ResBody> Service<Request<B>> for Access<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
 {

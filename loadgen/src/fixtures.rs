@@ -17,7 +17,7 @@ use super::{
     scenario::{COUPON_DISCOUNT, PRICE, Plan},
     users::UserSpace,
 };
-use crate::proto::{
+use ecommerce::proto::{
     ChargeBalanceRequest, CreateCouponRequest, CreateProductRequest, Discount, FixedDiscount,
     GetBalanceRequest, ProductStatus, balance_service_client::BalanceServiceClient, discount,
 };

@@ -10,12 +10,12 @@ use tonic::{Code, transport::Channel};
 use super::{
     connect::describe,
     judge::popular_problem,
-    observe::{Observed, PaymentSeen, PlacedOrder},
+    seen::{Observed, PaymentSeen, PlacedOrder},
     stats::{Class, Recorder, Rpc},
     users::{UserSpace, worker_seed},
     weights::{Op, Weights},
 };
-use crate::proto::{
+use ecommerce::proto::{
     ChargeBalanceRequest, GetPopularProductsRequest, IssueCouponRequest, OrderLine, PayRequest,
     PlaceOrderRequest, balance_service_client::BalanceServiceClient,
     coupon_service_client::CouponServiceClient, order_service_client::OrderServiceClient,

@@ -25,9 +25,9 @@ mod driver;
 mod fixtures;
 pub mod judge;
 pub mod ledger;
-pub mod observe;
 pub mod report;
 mod scenario;
+pub mod seen;
 pub mod stats;
 mod users;
 mod verify;
@@ -50,7 +50,7 @@ pub use weights::Weights;
 use self::{
     connect::Connections,
     judge::{BalanceFacts, Check, CouponFacts, OrderFacts},
-    observe::Observed,
+    seen::Observed,
     stats::Rpc,
     users::UserSpace,
     weights::Op,

@@ -18,7 +18,7 @@ use super::{
     Options,
     stats::{Class, code_name},
 };
-use crate::proto::admin_service_client::AdminServiceClient;
+use ecommerce::proto::admin_service_client::AdminServiceClient;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts of a set-up or verification call whose outcome was unknown.

@@ -15,9 +15,9 @@ use super::{
     connect::{Connections, retry},
     fixtures::Fixtures,
     judge::{DbCoupon, DbPayments, LedgerMismatch, OrderState},
-    observe::Observed,
+    seen::Observed,
 };
-use crate::proto::{
+use ecommerce::proto::{
     GetBalanceRequest, GetCouponRequest, GetOrderRequest, GetProductRequest, OrderStatus,
     balance_service_client::BalanceServiceClient, coupon_service_client::CouponServiceClient,
     order_service_client::OrderServiceClient, product_service_client::ProductServiceClient,

@@ -14,10 +14,10 @@ use tonic::Code;
 
 use super::{
     ledger::BalanceBook,
-    observe::{Observed, Problems},
+    seen::{Observed, Problems},
     stats::{Class, Outcomes},
 };
-use crate::proto::{OrderStatus, PopularProduct};
+use ecommerce::proto::{OrderStatus, PopularProduct};
 
 /// One invariant and whether it held, with the numbers that show it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -530,8 +530,8 @@ fn to_i64(n: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loadgen::observe::{PaymentSeen, PlacedOrder};
-    use crate::proto::Product;
+    use crate::seen::{PaymentSeen, PlacedOrder};
+    use ecommerce::proto::Product;
 
     fn outcomes(entries: &[(Code, &str, u64)]) -> Outcomes {
         let mut o = Outcomes::default();

@@ -1,0 +1,261 @@
+//! The first-come-first-served gate of one coupon, in Redis.
+//!
+//! Keys (all under the prefix and the hash tag `{<coupon id>}`, so one coupon lives in one
+//! cluster slot): `coupon:{id}:state` (total, next fresh seat, issue window, generation),
+//! `coupon:{id}:holders` (user -> "seat:won_at_ms"), `coupon:{id}:free` (seats given back),
+//! `coupon:{id}:pending` (wins not yet confirmed in Postgres, by win time) and
+//! `coupon:{id}:lock` (who is rebuilding).
+//!
+//! The gate decides fast; Postgres records. A seat granted here becomes a coupon only once its
+//! row is inserted, and the schema refuses a second coupon per user or a seat beyond the total,
+//! so a gate that forgot or repeated something can slow a caller down but never over-issue.
+//!
+//! Seat conservation holds inside the gate at every instant: holders + seats left = total.
+//! Every holder is either pending (its row may not exist yet) or known to have its row, so the
+//! reconciliation job compares the gate with Postgres by counts and by the pending wins only,
+//! in bounded steps, never by reading a whole holders hash.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fred::{
+    interfaces::{HashesInterface, KeysInterface},
+    types::{Expiration, SetOptions},
+};
+
+mod audit;
+mod install;
+
+pub use self::audit::{GateSummary, PendingChunk, PendingWin};
+use super::{LuaScript, Redis};
+use crate::{
+    domain::{CouponId, UserId},
+    store::StoreError,
+};
+
+/// How long one rebuild may hold the coupon's lock.
+const LOCK_TTL: Duration = Duration::from_secs(10);
+/// How long "no such coupon" is remembered, so unknown ids do not reach Postgres every time.
+const MISSING_TTL: Duration = Duration::from_secs(5);
+/// A seat held at the gate, with what is needed to undo it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub seat: i64,
+    /// When the seat was won (ms since the epoch); 0 for a holder loaded from Postgres.
+    pub won_at_ms: i64,
+    holder: String,
+    generation: String,
+}
+
+impl Grant {
+    fn parse(holder: &str, generation: &str) -> Option<Self> {
+        let (seat, won_at) = holder.split_once(':')?;
+        Some(Self {
+            seat: seat.parse().ok()?,
+            won_at_ms: won_at.parse().ok()?,
+            holder: holder.to_owned(),
+            generation: generation.to_owned(),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Granted(Grant),
+    /// The gate holds no state for this coupon: rebuild it from Postgres.
+    NotLoaded,
+    NoSuchCoupon,
+    OutsideWindow,
+    /// The user already holds a seat (recorded in Postgres, being recorded, or orphaned).
+    AlreadyHolder(Grant),
+    SoldOut,
+}
+
+/// Whether a rebuild may overwrite a loaded gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstallMode {
+    /// Only if nothing is loaded (first use, or after Redis lost it).
+    IfAbsent,
+    /// Replace whatever is there (repair).
+    Replace,
+}
+
+/// The proof of holding a coupon's rebuild lock.
+pub struct LockToken(String);
+
+pub struct CouponGate {
+    redis: Redis,
+    issue: LuaScript,
+    release: LuaScript,
+    install: LuaScript,
+    unlock: LuaScript,
+    summary: LuaScript,
+    pending: LuaScript,
+    settle: LuaScript,
+    extend: LuaScript,
+}
+
+/// The keys every gate script takes, in this order.
+struct Keys {
+    state: String,
+    holders: String,
+    free: String,
+    pending: String,
+}
+
+impl Keys {
+    fn all(&self) -> [&str; 4] {
+        [&self.state, &self.holders, &self.free, &self.pending]
+    }
+}
+
+impl CouponGate {
+    pub fn new(redis: Redis) -> Self {
+        Self {
+            redis,
+            issue: LuaScript::new(include_str!("../lua/issue_coupon.lua")),
+            release: LuaScript::new(include_str!("../lua/release_seat.lua")),
+            install: LuaScript::new(include_str!("../lua/load_coupon.lua")),
+            unlock: LuaScript::new(include_str!("../lua/unlock.lua")),
+            summary: LuaScript::new(include_str!("../lua/gate_summary.lua")),
+            pending: LuaScript::new(include_str!("../lua/pending_wins.lua")),
+            settle: LuaScript::new(include_str!("../lua/settle_wins.lua")),
+            extend: LuaScript::new(include_str!("../lua/extend_lock.lua")),
+        }
+    }
+
+    fn keys(&self, coupon: CouponId) -> Keys {
+        Keys {
+            state: self.redis.key(format_args!("coupon:{{{coupon}}}:state")),
+            holders: self.redis.key(format_args!("coupon:{{{coupon}}}:holders")),
+            free: self.redis.key(format_args!("coupon:{{{coupon}}}:free")),
+            pending: self.redis.key(format_args!("coupon:{{{coupon}}}:pending")),
+        }
+    }
+
+    fn lock_key(&self, coupon: CouponId) -> String {
+        self.redis.key(format_args!("coupon:{{{coupon}}}:lock"))
+    }
+
+    /// Decides one request in one atomic script.
+    pub async fn decide(
+        &self,
+        coupon: CouponId,
+        user: UserId,
+        now: DateTime<Utc>,
+    ) -> Result<Decision, StoreError> {
+        let k = self.keys(coupon);
+        let user = user.get().to_string();
+        let now_ms = now.timestamp_millis().to_string();
+        let reply: Vec<String> = self
+            .issue
+            .call(&self.redis, &k.all(), &[&user, &now_ms])
+            .await?;
+        let unexpected = || StoreError::Inconsistent(format!("issue script replied {reply:?}"));
+        Ok(match reply.as_slice() {
+            [ok, _, holder, generation] if ok == "OK" => {
+                Decision::Granted(Grant::parse(holder, generation).ok_or_else(unexpected)?)
+            }
+            [already, holder, generation] if already == "ALREADY" => {
+                Decision::AlreadyHolder(Grant::parse(holder, generation).ok_or_else(unexpected)?)
+            }
+            [word] => match word.as_str() {
+                "NOT_LOADED" => Decision::NotLoaded,
+                "NOT_FOUND" => Decision::NoSuchCoupon,
+                "NOT_ISSUABLE" => Decision::OutsideWindow,
+                "SOLD_OUT" => Decision::SoldOut,
+                _ => return Err(unexpected()),
+            },
+            _ => return Err(unexpected()),
+        })
+    }
+
+    /// Undoes a grant that did not become a coupon (or an orphan): removes the holder if it is
+    /// still exactly this grant. `give_seat_back` is false when the seat is taken in Postgres
+    /// after all. Returns whether anything was undone.
+    pub async fn release(
+        &self,
+        coupon: CouponId,
+        user: UserId,
+        grant: &Grant,
+        give_seat_back: bool,
+    ) -> Result<bool, StoreError> {
+        self.release_raw(coupon, &user.get().to_string(), grant, give_seat_back)
+            .await
+    }
+
+    async fn release_raw(
+        &self,
+        coupon: CouponId,
+        user: &str,
+        grant: &Grant,
+        give_seat_back: bool,
+    ) -> Result<bool, StoreError> {
+        let k = self.keys(coupon);
+        let seat = grant.seat.to_string();
+        let give_back = if give_seat_back { "1" } else { "0" };
+        let undone: i64 = self
+            .release
+            .call(
+                &self.redis,
+                &k.all(),
+                &[user, &grant.holder, &grant.generation, give_back, &seat],
+            )
+            .await?;
+        Ok(undone == 1)
+    }
+
+    /// Takes the coupon's rebuild lock, if no one else holds it.
+    pub async fn try_lock(&self, coupon: CouponId) -> Result<Option<LockToken>, StoreError> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let set: Option<String> = self
+            .redis
+            .client()
+            .set(
+                self.lock_key(coupon),
+                token.as_str(),
+                Some(Expiration::PX(LOCK_TTL.as_millis() as i64)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        Ok(set.map(|_| LockToken(token)))
+    }
+
+    pub async fn unlock(&self, coupon: CouponId, token: LockToken) -> Result<(), StoreError> {
+        let key = self.lock_key(coupon);
+        let _: i64 = self.unlock.call(&self.redis, &[&key], &[&token.0]).await?;
+        Ok(())
+    }
+
+    /// Remembers for a few seconds that the coupon does not exist.
+    pub async fn mark_missing(&self, coupon: CouponId) -> Result<(), StoreError> {
+        let k = self.keys(coupon);
+        let client = self.redis.client();
+        let _: i64 = client.hsetnx(&k.state, "missing", 1).await?;
+        let _: i64 = client
+            .pexpire(&k.state, MISSING_TTL.as_millis() as i64, None)
+            .await?;
+        Ok(())
+    }
+
+    /// Drops whatever the gate knows of a coupon (a new coupon must not meet a stale "missing").
+    pub async fn forget(&self, coupon: CouponId) -> Result<(), StoreError> {
+        let k = self.keys(coupon);
+        let _: i64 = self.redis.client().del(k.state).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_parse_seat_and_win_time() {
+        let grant = Grant::parse("7:1700000000123", "g1").unwrap();
+        assert_eq!((grant.seat, grant.won_at_ms), (7, 1_700_000_000_123));
+        assert_eq!(Grant::parse("7", "g1"), None);
+        assert_eq!(Grant::parse("x:1", "g1"), None);
+    }
+}

@@ -2,16 +2,19 @@
 //!
 //! Layers, outside in: [`grpc`] (thin handlers) -> [`app`] (one use case per flow) ->
 //! [`domain`] (pure rules) -> [`store`] (Postgres, the record; Redis, the fast gate).
-//! [`startup`] wires them; [`health`] reports dependency health. [`loadgen`] is the load
+//! [`startup`] wires them and [`connections`] serves the gRPC port; [`health`] reports
+//! readiness from the dependencies and [`liveness`] from the runtime. [`loadgen`] is the load
 //! generator behind the `ecommerce-loadgen` binary.
 
 pub mod app;
 pub mod config;
+pub mod connections;
 pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod jobs;
+pub mod liveness;
 pub mod loadgen;
 pub mod metrics;
 pub mod proto;

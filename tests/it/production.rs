@@ -29,7 +29,7 @@ use crate::{
     },
 };
 
-async fn metrics_text(app: &TestApp) -> String {
+pub(crate) async fn metrics_text(app: &TestApp) -> String {
     reqwest::get(format!("http://{}/metrics", app.metrics_addr))
         .await
         .expect("metrics endpoint answers")
@@ -39,7 +39,7 @@ async fn metrics_text(app: &TestApp) -> String {
 }
 
 /// The value of the series that starts with `prefix` (name and labels), if present.
-fn series_value(text: &str, prefix: &str) -> Option<f64> {
+pub(crate) fn series_value(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
         .find(|line| line.starts_with(prefix))
         .and_then(|line| line.rsplit(' ').next())
@@ -287,7 +287,7 @@ async fn oversized_requests_are_refused(_: PgPoolOptions, db: PgConnectOptions) 
 }
 
 /// Holds a product's row lock until dropped, so orders for it wait in Postgres: a slow path.
-async fn lock_product(db: &PgConnectOptions, product: i64) -> PgConnection {
+pub(crate) async fn lock_product(db: &PgConnectOptions, product: i64) -> PgConnection {
     let mut conn = PgConnection::connect_with(db).await.unwrap();
     sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
     sqlx::query("SELECT id FROM products WHERE id = $1 FOR UPDATE")

@@ -1,0 +1,175 @@
+//! Connection ageing (`MAX_CONNECTION_AGE_SECS`): the server moves clients to new connections,
+//! so to any replica behind a Service, without failing their calls; a connection still busy one
+//! grace after its GOAWAY is closed.
+//!
+//! Clients connect through a [`TcpProxy`], which counts the connections they open.
+
+use std::{error::Error as _, time::Duration};
+
+use ecommerce::proto::{
+    GetBalanceRequest, PlaceOrderRequest, balance_service_client::BalanceServiceClient,
+    order_service_client::OrderServiceClient,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::time::Instant;
+use tonic::{Code, Status, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::{
+    production::{lock_product, metrics_text, series_value},
+    products::create_product,
+    shop::{charge, lines},
+    support::{TestApp, eventually, proxy::TcpProxy, spawn_app_with},
+};
+
+async fn aged_app(db: PgConnectOptions, age_secs: u64, grace_secs: u64) -> (TestApp, TcpProxy) {
+    let app = spawn_app_with(db, |s| {
+        s.set("MAX_CONNECTION_AGE_SECS", age_secs)
+            .set("MAX_CONNECTION_AGE_GRACE_SECS", grace_secs);
+    })
+    .await;
+    let proxy = TcpProxy::start(app.addr).await;
+    (app, proxy)
+}
+
+fn channel_through(proxy: &TcpProxy) -> Channel {
+    Channel::from_shared(format!("http://{}", proxy.addr))
+        .unwrap()
+        .connect_lazy()
+}
+
+/// tonic 0.14's client fails a call it never sent when the call races a GOAWAY that arrived
+/// on the connection before the close did (hyper hands the request back, "connection closed").
+/// grpc-go and grpc-java retry such calls transparently; so does this test, and only those:
+/// any call that reached the server and failed is a failure.
+fn never_sent(status: &Status) -> bool {
+    let mut source = status.source();
+    while let Some(error) = source {
+        if error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+async fn max_age_closes(app: &TestApp, reason: &str) -> f64 {
+    let series = format!(r#"grpc_server_connections_closed_total{{reason="{reason}"}}"#);
+    series_value(&metrics_text(app).await, &series).unwrap_or(0.0)
+}
+
+#[sqlx::test(migrations = false)]
+async fn calls_move_to_new_connections_at_the_age_and_none_fails(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let (app, proxy) = aged_app(db, 2, 30).await;
+    let closed_before = max_age_closes(&app, "max_age").await;
+    let mut client = BalanceServiceClient::new(channel_through(&proxy));
+    let (mut ok, mut failed, mut retried) = (0, Vec::new(), 0);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        match client.get_balance(GetBalanceRequest { user_id: 1 }).await {
+            Ok(_) => ok += 1,
+            Err(status) if never_sent(&status) => retried += 1,
+            Err(status) => failed.push(status),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} calls failed: {failed:?}",
+        failed.len()
+    );
+    // One connection, then at least one more per age (2 s ±10%) in 8 s.
+    let connections = proxy.connections();
+    assert!(
+        connections >= 4,
+        "{connections} connections: the server did not close them at their age"
+    );
+    // A caller issuing one call at a time strands at most one per GOAWAY.
+    assert!(retried < connections, "{retried} retried");
+    assert!(ok > 100, "only {ok} calls in 8 s");
+    let closed = max_age_closes(&app, "max_age").await - closed_before;
+    assert!(closed >= 3.0, "{closed} connections closed for their age");
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_call_in_flight_at_the_age_finishes_during_the_grace(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let (app, proxy) = aged_app(db.clone(), 1, 30).await;
+    let product = create_product(&app, "slow", 1_000, 10).await;
+    charge(&app, 1, 10_000).await;
+    let channel = channel_through(&proxy);
+    let lock = lock_product(&db, product).await;
+
+    let mut orders = OrderServiceClient::new(channel.clone());
+    let slow = tokio::spawn(async move {
+        orders
+            .place_order(PlaceOrderRequest {
+                user_id: 1,
+                items: lines(&[(product, 1)]),
+                ..Default::default()
+            })
+            .await
+    });
+    // Past the age (1 s + 10%), a new call needs a new connection: the old one got GOAWAY.
+    let balances = BalanceServiceClient::new(channel);
+    let moved = eventually(Duration::from_secs(5), || {
+        let (mut balances, proxy) = (balances.clone(), &proxy);
+        async move {
+            let call = balances.get_balance(GetBalanceRequest { user_id: 1 }).await;
+            call.is_ok() && proxy.connections() >= 2
+        }
+    })
+    .await;
+    assert!(moved, "no GOAWAY at the age");
+    assert!(!slow.is_finished(), "the slow call must still be in flight");
+
+    drop(lock);
+    let placed = slow.await.unwrap();
+    assert!(placed.is_ok(), "cut during the grace: {placed:?}");
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_stream_still_open_one_grace_after_the_goaway_is_closed(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let (app, proxy) = aged_app(db, 1, 1).await;
+    let cut_before = max_age_closes(&app, "max_age_grace").await;
+    let started = Instant::now();
+    let mut watch = HealthClient::new(channel_through(&proxy))
+        .watch(HealthCheckRequest {
+            service: "liveness".into(),
+        })
+        .await
+        .expect("Watch starts")
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some());
+
+    // The status never changes, so the stream only ends when the connection does.
+    let ended = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the connection was never closed");
+    let lived = started.elapsed();
+    let status = ended.expect_err("the stream was cut, not finished");
+    assert_ne!(status.code(), Code::Ok);
+    // Age 1 s ±10%, then the grace of 1 s.
+    assert!(
+        (Duration::from_millis(1800)..Duration::from_millis(4000)).contains(&lived),
+        "closed after {lived:?}"
+    );
+    let cut = eventually(Duration::from_secs(5), || async {
+        max_age_closes(&app, "max_age_grace").await > cut_before
+    })
+    .await;
+    assert!(cut, "not counted as closed at the end of the grace");
+    app.stop().await;
+}

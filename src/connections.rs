@@ -17,7 +17,7 @@
 //! - nothing is added per call: the work here is per connection (one task, one timer, one
 //!   random draw), and calls go straight to hyper and the service.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use http::{Request, Response};
@@ -35,6 +35,7 @@ use tokio_rustls::{
         pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
         server::WebPkiClientVerifier,
     },
+    server::TlsStream,
 };
 use tokio_util::{either::Either, sync::CancellationToken, task::TaskTracker};
 use tower::Service;
@@ -134,90 +135,93 @@ pub async fn serve<S, B>(
                 continue;
             }
         };
-        connections.spawn(connection(
-            tcp,
-            tls.clone(),
-            service.clone(),
-            http.clone(),
-            ageing,
-            stop.clone(),
-        ));
+        let (tls, service, http, stop) = (tls.clone(), service.clone(), http.clone(), stop.clone());
+        connections.spawn(async move {
+            let Some(io) = secured(tcp, tls, &stop).await else {
+                return;
+            };
+            metrics::connection_opened();
+            let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+            let conn = std::pin::pin!(conn);
+            let closed = until_closed(conn, |conn| conn.graceful_shutdown(), ageing, &stop).await;
+            metrics::connection_closed(closed);
+        });
     }
     drop(listener);
     connections.close();
     connections.wait().await;
 }
 
-async fn connection<S, B>(
+/// The accepted connection, after the TLS handshake when there is TLS; `None` when the
+/// handshake fails, takes too long, or the server stops meanwhile.
+async fn secured(
     tcp: TcpStream,
     tls: Option<TlsAcceptor>,
-    service: S,
-    http: Arc<http2::Builder<TokioExecutor>>,
-    ageing: Option<Ageing>,
-    stop: CancellationToken,
-) where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+    stop: &CancellationToken,
+) -> Option<Either<TcpStream, TlsStream<TcpStream>>> {
     // gRPC messages are small and latency matters more than packet count.
     let _ = tcp.set_nodelay(true);
-    let io = match tls {
-        None => Either::Left(tcp),
-        Some(tls) => {
-            let handshake = tokio::select! {
-                _ = stop.cancelled() => return,
-                handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)) => handshake,
-            };
-            match handshake {
-                Ok(Ok(stream)) => Either::Right(stream),
-                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
-                Err(_) => return tracing::debug!("TLS handshake timed out"),
-            }
-        }
+    let Some(tls) = tls else {
+        return Some(Either::Left(tcp));
     };
+    let handshake = tokio::select! {
+        _ = stop.cancelled() => return None,
+        handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)) => handshake,
+    };
+    match handshake {
+        Ok(Ok(stream)) => Some(Either::Right(stream)),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
+}
 
-    metrics::connection_opened();
-    let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
-    let mut conn = std::pin::pin!(conn);
+/// Drives a connection to its end and says why it ended. `goaway` starts its graceful
+/// shutdown: hyper sends GOAWAY (twice, around a PING, so no call the client sent before the
+/// first is lost), and the connection resolves when its calls in flight are done.
+async fn until_closed<C>(
+    mut conn: Pin<&mut C>,
+    goaway: impl Fn(Pin<&mut C>),
+    ageing: Option<Ageing>,
+    stop: &CancellationToken,
+) -> ConnectionClosed
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
     let age_reached = async {
         match ageing {
             Some(ageing) => tokio::time::sleep(ageing.draw()).await,
             None => std::future::pending().await,
         }
     };
-    // Each arm says how the connection ends. hyper's graceful shutdown sends GOAWAY (twice,
-    // around a PING, so no call the client sent before the first is lost) and resolves when
-    // the calls in flight are done.
-    let closed = tokio::select! {
+    tokio::select! {
         ended = conn.as_mut() => {
             log_error(ended);
             ConnectionClosed::Peer
         }
         _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            log_error(conn.as_mut().await);
+            goaway(conn.as_mut());
+            log_error(conn.await);
             ConnectionClosed::Shutdown
         }
         () = age_reached => {
-            conn.as_mut().graceful_shutdown();
+            goaway(conn.as_mut());
             let grace = ageing.map_or(Duration::ZERO, |ageing| ageing.grace);
-            match tokio::time::timeout(grace, conn.as_mut()).await {
+            match tokio::time::timeout(grace, conn).await {
                 Ok(ended) => {
                     log_error(ended);
                     ConnectionClosed::MaxAge
                 }
-                // Returning drops the connection: its socket closes under the calls left.
+                // The caller then drops the connection: its socket closes under the calls left.
                 Err(_) => ConnectionClosed::MaxAgeGrace,
             }
         }
-    };
-    metrics::connection_closed(closed);
+    }
 }
 
 fn log_error(ended: Result<(), hyper::Error>) {

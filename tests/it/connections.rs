@@ -56,7 +56,7 @@ fn never_sent(status: &Status) -> bool {
     false
 }
 
-async fn max_age_closes(app: &TestApp, reason: &str) -> f64 {
+async fn closed_for(app: &TestApp, reason: &str) -> f64 {
     let series = format!(r#"grpc_server_connections_closed_total{{reason="{reason}"}}"#);
     series_value(&metrics_text(app).await, &series).unwrap_or(0.0)
 }
@@ -67,7 +67,7 @@ async fn calls_move_to_new_connections_at_the_age_and_none_fails(
     db: PgConnectOptions,
 ) {
     let (app, proxy) = aged_app(db, 2, 30).await;
-    let closed_before = max_age_closes(&app, "max_age").await;
+    let closed_before = closed_for(&app, "max_age").await;
     let mut client = BalanceServiceClient::new(channel_through(&proxy));
     let (mut ok, mut failed, mut retried) = (0, Vec::new(), 0);
     let started = Instant::now();
@@ -92,7 +92,7 @@ async fn calls_move_to_new_connections_at_the_age_and_none_fails(
     // A caller issuing one call at a time strands at most one per GOAWAY.
     assert!(retried < connections, "{retried} retried");
     assert!(ok > 100, "only {ok} calls in 8 s");
-    let closed = max_age_closes(&app, "max_age").await - closed_before;
+    let closed = closed_for(&app, "max_age").await - closed_before;
     assert!(closed >= 3.0, "{closed} connections closed for their age");
     app.stop().await;
 }
@@ -143,7 +143,7 @@ async fn a_stream_still_open_one_grace_after_the_goaway_is_closed(
     db: PgConnectOptions,
 ) {
     let (app, proxy) = aged_app(db, 1, 1).await;
-    let cut_before = max_age_closes(&app, "max_age_grace").await;
+    let cut_before = closed_for(&app, "max_age_grace").await;
     let started = Instant::now();
     let mut watch = HealthClient::new(channel_through(&proxy))
         .watch(HealthCheckRequest {
@@ -167,7 +167,7 @@ async fn a_stream_still_open_one_grace_after_the_goaway_is_closed(
         "closed after {lived:?}"
     );
     let cut = eventually(Duration::from_secs(5), || async {
-        max_age_closes(&app, "max_age_grace").await > cut_before
+        closed_for(&app, "max_age_grace").await > cut_before
     })
     .await;
     assert!(cut, "not counted as closed at the end of the grace");

@@ -15,7 +15,9 @@
 //! - on stop, the listener closes at once (new clients are refused, not left hanging), every
 //!   connection gets GOAWAY, and [`serve`] returns when their calls in flight have finished;
 //! - nothing is added per call: the work here is per connection (one task, one timer, one
-//!   random draw), and calls go straight to hyper and the service.
+//!   random draw), and calls go straight to hyper and the service. (tonic's server also boxed
+//!   each request body and attached its connection info; nothing here reads
+//!   `Request::remote_addr` or `peer_certs`, so calls carry neither.)
 
 use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc, time::Duration};
 
@@ -32,6 +34,7 @@ use tokio_rustls::{
     TlsAcceptor,
     rustls::{
         RootCertStore, ServerConfig,
+        crypto::ring,
         pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
         server::WebPkiClientVerifier,
     },
@@ -74,7 +77,12 @@ pub fn tls_acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
         .with_context(|| format!("parsing the certificates in {}", files.cert.display()))?;
     let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
         .with_context(|| format!("parsing the private key in {}", files.key.display()))?;
-    let builder = ServerConfig::builder();
+    // Named rather than the process default, which would be ambiguous (a panic at start-up) if
+    // another dependency ever enabled a second provider.
+    let provider = Arc::new(ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
@@ -85,7 +93,7 @@ pub fn tls_acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
                     .with_context(|| format!("adding the client CA in {}", ca.display()))?;
             }
             builder.with_client_cert_verifier(
-                WebPkiClientVerifier::builder(roots.into())
+                WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
                     .build()
                     .context("building the client certificate verifier")?,
             )

@@ -3,8 +3,8 @@
 //!
 //! Shutdown order: readiness (every health name but `liveness`) goes NOT_SERVING at once, the
 //! server keeps answering for the drain period (so load balancers stop routing here first),
-//! then it stops accepting, finishes the calls in flight, and only then the jobs stop and the
-//! pools close.
+//! then it stops accepting, sends GOAWAY, ends health Watch streams, finishes the calls in
+//! flight, and only then the jobs stop and the pools close.
 
 use std::{net::SocketAddr, time::Duration};
 

@@ -152,7 +152,7 @@ async fn postgres_outage_flips_health_and_recovers(_: PgPoolOptions, db: PgConne
         )
         .await
     );
-    // Longer than several health intervals: liveness never changed during the outage.
+    // Several dependency pings into the outage (every 200 ms in the tests).
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(status(&app, "liveness").await, Some(ServingStatus::Serving));
     let during = app
@@ -220,10 +220,9 @@ async fn liveness_turns_not_serving_while_the_runtime_is_wedged(
     })
     .await;
     assert!(becomes(&app, "liveness", ServingStatus::Serving).await);
-    // Dependency health is not what this checks: record it to show it is not what changes.
-    assert!(becomes(&app, "", ServingStatus::Serving).await);
 
-    // Twice as many blocking tasks as workers: every worker runs one, then another.
+    // More blocking tasks than workers, so that every worker gets one whatever the scheduler
+    // does: nothing else runs on the server's runtime for at least 1.5 s.
     for _ in 0..WORKERS * 2 {
         server_runtime.spawn(async { std::thread::sleep(Duration::from_millis(1500)) });
     }

@@ -460,16 +460,34 @@ async fn sigterm_drains_calls_in_flight_and_exits_zero(_: PgPoolOptions, db: PgC
         .await
         .unwrap();
     assert!(kill.success());
-    let not_serving = eventually(Duration::from_secs(2), || async {
-        HealthClient::new(channel.clone())
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .is_ok_and(|r| r.into_inner().status() == ServingStatus::NotServing)
+    let health = |service: &'static str| {
+        let mut client = HealthClient::new(channel.clone());
+        async move {
+            let request = HealthCheckRequest {
+                service: service.into(),
+            };
+            client
+                .check(request)
+                .await
+                .ok()
+                .map(|r| r.into_inner().status())
+        }
+    };
+    // Readiness goes NOT_SERVING at once; liveness stays SERVING: the process is draining, not
+    // dead.
+    let draining = eventually(Duration::from_secs(2), || async {
+        let (ready, alive) = tokio::join!(health(""), health("liveness"));
+        (ready, alive)
+            == (
+                Some(ServingStatus::NotServing),
+                Some(ServingStatus::Serving),
+            )
     })
     .await;
-    assert!(not_serving, "health goes NOT_SERVING at once");
+    assert!(
+        draining,
+        "readiness goes NOT_SERVING at once, liveness stays"
+    );
 
     // After the drain period the listener is closed: a new client is refused.
     tokio::time::sleep(Duration::from_millis(800)).await;

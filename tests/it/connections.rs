@@ -73,15 +73,19 @@ async fn calls_move_to_new_connections_at_the_age_and_none_fails(
 ) {
     let (app, proxy) = aged_app(db, 2, 30).await;
     let closed_before = closed_for(&app, "max_age").await;
-    // Several calls in flight at once, so every GOAWAY finds some of them under way.
+    // Several callers, so that GOAWAYs find calls under way. Each calls every 20 ms rather than
+    // flat out: tests run in parallel, and one that takes every core of a small machine makes
+    // the timing checks of others fail.
     const CALLERS: usize = 4;
     let channel = channel_through(&proxy);
     let started = Instant::now();
     let callers = (0..CALLERS).map(|_| {
         let mut client = BalanceServiceClient::new(channel.clone());
+        let mut pace = tokio::time::interval(Duration::from_millis(20));
         async move {
             let (mut ok, mut retried, mut failed) = (0, 0, Vec::new());
             while started.elapsed() < Duration::from_secs(8) {
+                pace.tick().await;
                 match client.get_balance(GetBalanceRequest { user_id: 1 }).await {
                     Ok(_) => ok += 1,
                     Err(status) if never_processed(&status) => retried += 1,

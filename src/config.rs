@@ -89,6 +89,8 @@ pub struct Config {
     pub max_balance: Won,
     pub order_ttl: Duration,
     pub health_check_interval: Duration,
+    /// Liveness turns NOT_SERVING when the runtime has not run its heartbeat task for this long.
+    pub liveness_stall: Duration,
     pub coupon_reconcile_interval: Duration,
     /// A coupon win with no row for this long is an orphan (its insert never ran), not an
     /// insert in flight: the next call of that user, or the reconciliation job, releases it.
@@ -122,6 +124,12 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// The deadline of a call whose caller sets none (and the cap of those that do).
     pub default_deadline: Duration,
+    /// A connection is told to go away (GOAWAY) after about this long (±10% per connection),
+    /// so clients reconnect through the Service and spread over new replicas. `None`: never.
+    pub max_connection_age: Option<Duration>,
+    /// After that GOAWAY, the calls in flight get this long to finish before the connection is
+    /// closed under them.
+    pub max_connection_age_grace: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -151,6 +159,7 @@ impl fmt::Debug for Config {
             .field("tls", &self.tls)
             .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("default_deadline", &self.default_deadline)
+            .field("max_connection_age", &self.max_connection_age)
             .finish_non_exhaustive()
     }
 }
@@ -273,6 +282,12 @@ impl Config {
             max_balance: Won::new(max_balance),
             order_ttl: Duration::from_secs(r.ranged("ORDER_TTL_SECS", 900, 1, 86_400 * 7)),
             health_check_interval: r.millis("HEALTH_CHECK_INTERVAL_MS", 1000),
+            liveness_stall: Duration::from_millis(r.ranged(
+                "LIVENESS_STALL_MS",
+                10_000,
+                100,
+                600_000,
+            )),
             coupon_reconcile_interval: Duration::from_secs(r.ranged(
                 "COUPON_RECONCILE_INTERVAL_SECS",
                 30,
@@ -317,6 +332,16 @@ impl Config {
             tls,
             max_concurrent_requests: r.ranged("MAX_CONCURRENT_REQUESTS", 1024, 1, 1_000_000),
             default_deadline: r.millis("DEFAULT_DEADLINE_MS", 30_000),
+            // 0, the default, keeps connections for as long as the clients do.
+            max_connection_age: Some(r.ranged("MAX_CONNECTION_AGE_SECS", 0, 0, 86_400))
+                .filter(|secs| *secs > 0)
+                .map(Duration::from_secs),
+            max_connection_age_grace: Duration::from_secs(r.ranged(
+                "MAX_CONNECTION_AGE_GRACE_SECS",
+                30,
+                1,
+                3600,
+            )),
         };
         if r.errors.is_empty() {
             Ok(config)
@@ -411,6 +436,23 @@ mod tests {
         assert_eq!(c.order_ttl, Duration::from_secs(900));
         assert_eq!(c.data_platform_sink, SinkKind::Log);
         assert_eq!(c.ranking_timezone, chrono_tz::Asia::Seoul);
+        assert_eq!(c.max_connection_age, None);
+        assert_eq!(c.max_connection_age_grace, Duration::from_secs(30));
+        assert_eq!(c.liveness_stall, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_connection_age_of_zero_means_none() {
+        let age = |value: &str| {
+            config(&[
+                ("ADMIN_TOKEN", "0123456789"),
+                ("MAX_CONNECTION_AGE_SECS", value),
+            ])
+            .map(|c| c.max_connection_age)
+        };
+        assert_eq!(age("0").unwrap(), None);
+        assert_eq!(age("300").unwrap(), Some(Duration::from_secs(300)));
+        assert!(age("-1").is_err());
     }
 
     #[test]
@@ -423,6 +465,8 @@ mod tests {
             ("DATA_PLATFORM_SINK", "http"),
             ("TLS_KEY_PATH", "/only/the/key.pem"),
             ("SERVICE_TOKEN", "short"),
+            ("MAX_CONNECTION_AGE_GRACE_SECS", "0"),
+            ("LIVENESS_STALL_MS", "5"),
         ])
         .unwrap_err();
         let text = err.to_string();
@@ -435,6 +479,8 @@ mod tests {
             "DATA_PLATFORM_URL",
             "TLS_CERT_PATH",
             "SERVICE_TOKEN",
+            "MAX_CONNECTION_AGE_GRACE_SECS",
+            "LIVENESS_STALL_MS",
         ] {
             assert!(text.contains(key), "{key} missing from {text}");
         }

@@ -203,6 +203,44 @@ pub fn db_pool(size: u32, idle: usize, max: u32) {
     gauge!("ecommerce_db_pool_max_connections").set(f64::from(max));
 }
 
+/// The liveness watchdog found the runtime not running its heartbeat.
+pub fn runtime_stall() {
+    counter!("ecommerce_runtime_stalls_total").increment(1);
+}
+
+/// Why the server's side of a gRPC connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionClosed {
+    /// The client closed it, or it broke.
+    Peer,
+    /// GOAWAY at the connection's age, and its calls finished within the grace.
+    MaxAge,
+    /// GOAWAY at the connection's age, and calls were still running when the grace ran out.
+    MaxAgeGrace,
+    /// The server stopped.
+    Shutdown,
+}
+
+impl ConnectionClosed {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Peer => "peer",
+            Self::MaxAge => "max_age",
+            Self::MaxAgeGrace => "max_age_grace",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+pub fn connection_opened() {
+    gauge!("grpc_server_connections_open").increment(1.0);
+}
+
+pub fn connection_closed(reason: ConnectionClosed) {
+    gauge!("grpc_server_connections_open").decrement(1.0);
+    counter!("grpc_server_connections_closed_total", "reason" => reason.label()).increment(1);
+}
+
 pub fn dependency_ping(dependency: &'static str, up: bool, round_trip: Duration) {
     gauge!("ecommerce_dependency_up", "dependency" => dependency).set(if up { 1.0 } else { 0.0 });
     if up {

@@ -1,31 +1,34 @@
 //! Building and running the service: the same path for `main` and for the tests, which bind
 //! port 0 and read the address back.
 //!
-//! Shutdown order: health goes NOT_SERVING at once, the server keeps answering for the drain
-//! period (so load balancers stop routing here first), then it stops accepting, finishes the
-//! calls in flight, and only then the jobs stop and the pools close.
+//! Shutdown order: readiness (every health name but `liveness`) goes NOT_SERVING at once, the
+//! server keeps answering for the drain period (so load balancers stop routing here first),
+//! then it stops accepting, sends GOAWAY, ends health Watch streams, finishes the calls in
+//! flight, and only then the jobs stop and the pools close.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 
 use crate::{
     app::{
         Balances, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings, Payments,
         Popular, RankingSettings, SoldOut, seed_catalog,
     },
-    config::{Config, TlsFiles},
+    config::Config,
+    connections::{self, Ageing},
     grpc::{
         self, AdminAuth, Limits, Services,
         access::AccessLayer,
         middleware::{DeadlineLayer, ServiceAuthLayer, ShedLayer, TooLargeLayer},
     },
-    health::HealthWatcher,
+    health::{Health, HealthWatcher},
     jobs::{JobServices, Jobs},
+    liveness::Watchdog,
     store::{
         data_platform::Sink,
         postgres,
@@ -36,7 +39,7 @@ use crate::{
 pub struct Application {
     listener: TcpListener,
     metrics_listener: TcpListener,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<TlsAcceptor>,
     pg: PgPool,
     redis: Redis,
     services: Services,
@@ -50,7 +53,11 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         // Before anything records a metric: handles registered earlier would go nowhere.
         crate::metrics::recorder();
-        let tls = config.tls.as_ref().map(load_tls).transpose()?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(connections::tls_acceptor)
+            .transpose()?;
         let pg = postgres::pool(
             config.database.clone(),
             config.database_max_connections,
@@ -126,9 +133,12 @@ impl Application {
             config,
         } = self;
         let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, shutdown.clone()));
-        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = Health::new();
+        // Held to the end: dropping it stops the heartbeat and the watchdog thread.
+        let _watchdog = Watchdog::start(health.clone(), config.liveness_stall)
+            .context("starting the liveness watchdog")?;
         let watcher = HealthWatcher {
-            reporter,
+            health: health.clone(),
             pg: pg.clone(),
             redis: redis.clone(),
             interval: config.health_check_interval,
@@ -165,20 +175,10 @@ impl Application {
                 max_message_bytes: config.max_message_bytes,
             },
         )
-        .add_service(health_service);
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        tracing::info!(addr = %config.listen_addr, "serving gRPC");
-        // Callers with short deadlines reset many streams before the server takes them up; h2's
-        // default (20 pending resets) would then close the whole connection, failing every
-        // other call on it. Allow as many as the server admits calls at once.
-        let mut server = Server::builder()
-            .http2_max_pending_accept_reset_streams(Some(config.max_concurrent_requests));
-        if let Some(tls) = tls {
-            server = server.tls_config(tls).context("configuring TLS")?;
-        }
+        .add_service(health.service(stop_serving.clone()));
         // Outermost first: every call is observed, then authenticated, admitted, given a
         // deadline, and finally routed.
-        let served = server
+        let service = tower::ServiceBuilder::new()
             .layer(AccessLayer)
             .layer(ServiceAuthLayer::new(
                 config.service_token.as_ref().map(|t| t.expose()),
@@ -186,33 +186,30 @@ impl Application {
             .layer(ShedLayer::new(config.max_concurrent_requests))
             .layer(DeadlineLayer::new(config.default_deadline))
             .layer(TooLargeLayer)
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, stop_serving.cancelled_owned())
-            .await;
+            .service(routes.prepare());
+        let ageing = config.max_connection_age.map(|max_age| Ageing {
+            max_age,
+            grace: config.max_connection_age_grace,
+        });
+        tracing::info!(addr = %config.listen_addr, "serving gRPC");
+        connections::serve(
+            listener,
+            tls,
+            service,
+            ageing,
+            config.max_concurrent_requests,
+            stop_serving,
+        )
+        .await;
 
-        // The server returns early only on an error; make sure the health task stops either way.
-        shutdown.cancel();
         jobs.stop().await;
         let _ = health_task.await;
         let _ = metrics_task.await;
         redis.quit().await;
         pg.close().await;
         tracing::info!("stopped");
-        served.context("serving gRPC")
+        Ok(())
     }
-}
-
-/// Reads the certificate, key and client CA; a missing or unreadable file stops start-up.
-fn load_tls(files: &TlsFiles) -> anyhow::Result<ServerTlsConfig> {
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
-    };
-    let mut tls =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
-    if let Some(ca) = &files.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(tls)
 }
 
 /// Every use case, built once over the shared pools.

@@ -395,7 +395,12 @@ fn readiness_and_liveness_are_grpc_health_checks_on_the_grpc_port() {
     let deployment = object("Deployment");
     let grpc = container_port(&deployment, "grpc");
     let container = container(&deployment);
-    for probe in ["readinessProbe", "livenessProbe"] {
+    // Readiness follows the overall health (Postgres and Redis, NOT_SERVING from SIGTERM on);
+    // liveness follows the process alone, so a dependency outage never restarts the pods.
+    for (probe, service) in [
+        ("readinessProbe", ""),
+        ("livenessProbe", ecommerce::health::LIVENESS),
+    ] {
         let check = &container[probe]["grpc"];
         assert!(check.is_mapping(), "{probe} must be a native grpc probe");
         // Kubernetes' gRPC probes take a number only, not a port name.
@@ -404,10 +409,10 @@ fn readiness_and_liveness_are_grpc_health_checks_on_the_grpc_port() {
             Some(grpc),
             "{probe} must check the grpc port"
         );
-        // The overall health ("") is the one that reflects both Postgres and Redis.
-        assert!(
-            check["service"].is_null() || check["service"].as_str() == Some(""),
-            "{probe} must check the overall health"
+        assert_eq!(
+            check["service"].as_str().unwrap_or_default(),
+            service,
+            "{probe} checks the wrong health name"
         );
     }
 
@@ -417,18 +422,57 @@ fn readiness_and_liveness_are_grpc_health_checks_on_the_grpc_port() {
         let failures = probe_value["failureThreshold"].as_u64().unwrap_or(3);
         period * failures
     };
-    // Overall health is NOT_SERVING during a dependency outage and during the shutdown drain;
-    // liveness must tolerate both for far longer than readiness takes to move traffic away.
-    let drain_secs = filled_config().shutdown_drain.as_secs();
+    // After a stall, liveness stays NOT_SERVING for one more threshold: a single stall just
+    // past the threshold must not be enough to restart the pod.
+    let stall = filled_config().liveness_stall.as_secs();
     assert!(
-        window("livenessProbe") >= 60.max(drain_secs * 3),
-        "liveness gives up after {} s: a short dependency outage would restart every pod",
+        window("livenessProbe") > 2 * stall,
+        "liveness gives up after {} s: one stall of LIVENESS_STALL_MS ({stall} s) would restart \
+         the pod",
         window("livenessProbe")
     );
     assert!(window("readinessProbe") < window("livenessProbe"));
     assert!(
         container["startupProbe"].is_mapping(),
         "a startupProbe covers migrations at start-up"
+    );
+}
+
+#[test]
+fn connections_age_with_a_grace_no_call_outlives() {
+    let config = filled_config();
+    assert!(
+        config.max_connection_age.is_some(),
+        "without MAX_CONNECTION_AGE_SECS, pods the HPA adds get no calls from connected clients"
+    );
+    // Every unary call ends by its deadline (capped by DEFAULT_DEADLINE_MS), so a grace at
+    // least that long lets every call in flight at the GOAWAY finish.
+    assert!(
+        config.max_connection_age_grace >= config.default_deadline,
+        "MAX_CONNECTION_AGE_GRACE_SECS ({:?}) would cut calls that DEFAULT_DEADLINE_MS ({:?}) \
+         still allows",
+        config.max_connection_age_grace,
+        config.default_deadline
+    );
+}
+
+#[test]
+fn the_readme_documents_every_variable_the_server_reads() {
+    let readme = read(&repo().join("README.md"));
+    let start = readme
+        .find("## Configuration")
+        .expect("README has a Configuration section");
+    let section = &readme[start..];
+    let table = &section[..section[2..]
+        .find("\n## ")
+        .map_or(section.len(), |end| end + 2)];
+    let missing: Vec<_> = variables_the_server_reads()
+        .into_iter()
+        .filter(|name| !table.contains(&format!("`{name}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README's configuration table lacks {missing:?}"
     );
 }
 

@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod balance;
+mod connections;
 mod conservation;
 mod coupon_retries;
 mod coupons;

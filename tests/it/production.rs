@@ -29,7 +29,7 @@ use crate::{
     },
 };
 
-async fn metrics_text(app: &TestApp) -> String {
+pub(crate) async fn metrics_text(app: &TestApp) -> String {
     reqwest::get(format!("http://{}/metrics", app.metrics_addr))
         .await
         .expect("metrics endpoint answers")
@@ -39,7 +39,7 @@ async fn metrics_text(app: &TestApp) -> String {
 }
 
 /// The value of the series that starts with `prefix` (name and labels), if present.
-fn series_value(text: &str, prefix: &str) -> Option<f64> {
+pub(crate) fn series_value(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
         .find(|line| line.starts_with(prefix))
         .and_then(|line| line.rsplit(' ').next())
@@ -287,7 +287,7 @@ async fn oversized_requests_are_refused(_: PgPoolOptions, db: PgConnectOptions) 
 }
 
 /// Holds a product's row lock until dropped, so orders for it wait in Postgres: a slow path.
-async fn lock_product(db: &PgConnectOptions, product: i64) -> PgConnection {
+pub(crate) async fn lock_product(db: &PgConnectOptions, product: i64) -> PgConnection {
     let mut conn = PgConnection::connect_with(db).await.unwrap();
     sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
     sqlx::query("SELECT id FROM products WHERE id = $1 FOR UPDATE")
@@ -460,16 +460,34 @@ async fn sigterm_drains_calls_in_flight_and_exits_zero(_: PgPoolOptions, db: PgC
         .await
         .unwrap();
     assert!(kill.success());
-    let not_serving = eventually(Duration::from_secs(2), || async {
-        HealthClient::new(channel.clone())
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .is_ok_and(|r| r.into_inner().status() == ServingStatus::NotServing)
+    let health = |service: &'static str| {
+        let mut client = HealthClient::new(channel.clone());
+        async move {
+            let request = HealthCheckRequest {
+                service: service.into(),
+            };
+            client
+                .check(request)
+                .await
+                .ok()
+                .map(|r| r.into_inner().status())
+        }
+    };
+    // Readiness goes NOT_SERVING at once; liveness stays SERVING: the process is draining, not
+    // dead.
+    let draining = eventually(Duration::from_secs(2), || async {
+        let (ready, alive) = tokio::join!(health(""), health("liveness"));
+        (ready, alive)
+            == (
+                Some(ServingStatus::NotServing),
+                Some(ServingStatus::Serving),
+            )
     })
     .await;
-    assert!(not_serving, "health goes NOT_SERVING at once");
+    assert!(
+        draining,
+        "readiness goes NOT_SERVING at once, liveness stays"
+    );
 
     // After the drain period the listener is closed: a new client is refused.
     tokio::time::sleep(Duration::from_millis(800)).await;

@@ -18,7 +18,7 @@ use ecommerce::{
 };
 use fred::interfaces::{ClientLike, KeysInterface};
 use sqlx::{PgPool, postgres::PgConnectOptions};
-use tokio::task::JoinHandle;
+use tokio::{runtime::Handle, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     Code, Request, Status,
@@ -70,6 +70,16 @@ pub async fn spawn_app_with(
     database: PgConnectOptions,
     customize: impl FnOnce(&mut TestSettings),
 ) -> TestApp {
+    spawn_app_on(&Handle::current(), database, customize).await
+}
+
+/// Runs the server on `runtime` (the test's own by default): a test that blocks the server's
+/// runtime needs it apart from the one its client runs on.
+pub async fn spawn_app_on(
+    runtime: &Handle,
+    database: PgConnectOptions,
+    customize: impl FnOnce(&mut TestSettings),
+) -> TestApp {
     let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
     let mut settings = TestSettings {
         vars: HashMap::from([
@@ -97,12 +107,24 @@ pub async fn spawn_app_with(
     config.database = settings.database;
     ecommerce::telemetry::init(config.log_format, &config.log_filter);
 
-    let application = Application::build(config).await.expect("server builds");
-    let addr = application.local_addr();
-    let metrics_addr = application.metrics_addr();
-    let gate_stats = application.coupon_gate_stats();
+    // Built on `runtime` too: the pools' and the Redis client's tasks belong to the server.
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(application.run_until_stopped(shutdown.clone()));
+    let (built, addresses) = tokio::sync::oneshot::channel();
+    let server = runtime.spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let application = Application::build(config).await?;
+            let _ = built.send((
+                application.local_addr(),
+                application.metrics_addr(),
+                application.coupon_gate_stats(),
+            ));
+            application.run_until_stopped(shutdown).await
+        }
+    });
+    let Ok((addr, metrics_addr, gate_stats)) = addresses.await else {
+        panic!("the server does not build: {:?}", server.await);
+    };
 
     // Lazy: a TLS server's tests build their own channels; this plaintext one then stays idle.
     let channel = Channel::from_shared(format!("http://{addr}"))

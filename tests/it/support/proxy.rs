@@ -1,7 +1,13 @@
 //! A TCP forwarder that a test can cut and restore, to make a dependency "stop answering"
 //! without touching the shared Postgres or Redis.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
@@ -13,6 +19,7 @@ pub struct TcpProxy {
     pub addr: SocketAddr,
     target: SocketAddr,
     running: Arc<Mutex<Option<JoinSet<()>>>>,
+    accepted: Arc<AtomicUsize>,
 }
 
 impl TcpProxy {
@@ -23,6 +30,7 @@ impl TcpProxy {
             addr,
             target,
             running: Arc::new(Mutex::new(None)),
+            accepted: Arc::default(),
         };
         proxy.serve(listener).await;
         proxy
@@ -36,6 +44,11 @@ impl TcpProxy {
         }
     }
 
+    /// How many connections clients have opened through the proxy.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
     /// Listens again on the same port.
     pub async fn restore(&self) {
         let listener = bind(self.addr).await;
@@ -45,6 +58,7 @@ impl TcpProxy {
     async fn serve(&self, listener: TcpListener) {
         let mut tasks = JoinSet::new();
         let target = self.target;
+        let accepted = self.accepted.clone();
         tasks.spawn(async move {
             // Dropping this set (when the accept task is aborted) aborts every forward.
             let mut connections = JoinSet::new();
@@ -52,6 +66,7 @@ impl TcpProxy {
                 let Ok((inbound, _)) = listener.accept().await else {
                     return;
                 };
+                accepted.fetch_add(1, Ordering::Relaxed);
                 while connections.try_join_next().is_some() {}
                 connections.spawn(forward(inbound, target));
             }

@@ -23,11 +23,12 @@ use tonic_health::pb::{
 use crate::{
     coupons::{create_coupon, remaining},
     products::create_product,
-    shop::{charge, pay, place},
     support::{
         TestApp, eventually,
         private::{PrivatePostgres, PrivateRedis},
-        reason, spawn_app_with,
+        reason,
+        shop::{charge, pay, place},
+        spawn_app_with,
     },
 };
 

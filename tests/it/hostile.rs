@@ -51,9 +51,10 @@ use tonic_types::StatusExt;
 use crate::{
     coupons::{coupon_request, create_coupon_with, issue},
     products::{create_product, create_product_with_status},
-    shop::{charge, get_order, pay, place, place_with, stock},
     support::{
-        TestApp, assert_no_violations, eventually, invalid_field, spawn_app, spawn_app_with,
+        TestApp, assert_no_violations, eventually, invalid_field,
+        shop::{charge, get_order, pay, place, place_with, stock},
+        spawn_app, spawn_app_with,
     },
 };
 

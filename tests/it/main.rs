@@ -20,5 +20,4 @@ mod products;
 mod reconcile;
 mod replay;
 mod replicas;
-mod shop;
 mod stock;

@@ -11,12 +11,13 @@ use tonic::Code;
 use crate::{
     coupons::{coupon_request, create_coupon_with, issue},
     products::{create_product, create_product_with_status},
-    shop::{
-        assert_ledger_matches, balance, charge, get_order, lines, pay, pay_with_key, place,
-        place_with, stock,
-    },
     support::{
-        TestApp, assert_error, eventually, invalid_field, reason, spawn_app, spawn_app_with,
+        TestApp, assert_error, eventually, invalid_field, reason,
+        shop::{
+            assert_ledger_matches, balance, charge, get_order, lines, pay, pay_with_key, place,
+            place_with, stock,
+        },
+        spawn_app, spawn_app_with,
     },
 };
 

@@ -11,8 +11,11 @@ use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
     products::create_product,
-    shop::{charge, pay, place},
-    support::{TestApp, eventually, spawn_app_with},
+    support::{
+        TestApp, eventually,
+        shop::{charge, pay, place},
+        spawn_app_with,
+    },
 };
 
 /// A real HTTP receiver standing in for the data platform: it fails the first `fail_first`

@@ -7,8 +7,11 @@ use tonic::Code;
 
 use crate::{
     products::create_product,
-    shop::{charge, pay, place},
-    support::{TestApp, delete_keys, eventually, invalid_field, spawn_app_with},
+    support::{
+        TestApp, delete_keys, eventually, invalid_field,
+        shop::{charge, pay, place},
+        spawn_app_with,
+    },
 };
 
 /// Fast ranking job and a short cache, so tests see the job's work quickly.

@@ -22,10 +22,10 @@ use tonic_health::pb::{
 
 use crate::{
     products::create_product,
-    shop::{charge, place},
     support::{
-        ADMIN_TOKEN, BearerToken, TestApp, assert_error, eventually, redis_url, spawn_app,
-        spawn_app_with,
+        ADMIN_TOKEN, BearerToken, TestApp, assert_error, eventually, redis_url,
+        shop::{charge, place},
+        spawn_app, spawn_app_with,
     },
 };
 
@@ -307,7 +307,7 @@ async fn a_caller_deadline_is_honoured(_: PgPoolOptions, db: PgConnectOptions) {
 
     let mut request = Request::new(ecommerce::proto::PlaceOrderRequest {
         user_id: 1,
-        items: crate::shop::lines(&[(product, 1)]),
+        items: crate::support::shop::lines(&[(product, 1)]),
         ..Default::default()
     });
     request.set_timeout(Duration::from_millis(50));
@@ -320,7 +320,7 @@ async fn a_caller_deadline_is_honoured(_: PgPoolOptions, db: PgConnectOptions) {
     // The abandoned order rolled back.
     assert!(
         eventually(Duration::from_secs(5), || async {
-            crate::shop::stock(&app, product).await == 10
+            crate::support::shop::stock(&app, product).await == 10
         })
         .await
     );
@@ -443,7 +443,7 @@ async fn sigterm_drains_calls_in_flight_and_exits_zero(_: PgPoolOptions, db: PgC
                 orders
                     .place_order(ecommerce::proto::PlaceOrderRequest {
                         user_id: user,
-                        items: crate::shop::lines(&[(product, 1)]),
+                        items: crate::support::shop::lines(&[(product, 1)]),
                         ..Default::default()
                     })
                     .await

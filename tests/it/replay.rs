@@ -6,8 +6,11 @@ use tonic::Code;
 
 use crate::{
     products::create_product,
-    shop::{charge, lines, pay_with_key, place, place_with},
-    support::{assert_error, spawn_app},
+    support::{
+        assert_error,
+        shop::{charge, lines, pay_with_key, place, place_with},
+        spawn_app,
+    },
 };
 
 #[sqlx::test(migrations = false)]

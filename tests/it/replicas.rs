@@ -15,8 +15,11 @@ use tonic::Code;
 use crate::{
     coupons::{create_coupon, gate_agrees, issue, issued_in_postgres, sold_out},
     products::create_product,
-    shop::{charge, place},
-    support::{TestApp, assert_error, reason, redis_url, spawn_app_with},
+    support::{
+        TestApp, assert_error, reason, redis_url,
+        shop::{charge, place},
+        spawn_app_with,
+    },
 };
 
 async fn replicas(db: PgConnectOptions) -> [TestApp; 3] {

@@ -3,6 +3,7 @@
 
 pub mod private;
 pub mod proxy;
+pub mod shop;
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 

@@ -47,8 +47,9 @@ use tonic_types::StatusExt;
 
 use crate::{
     coupons::{coupon_request, create_coupon_with},
-    products::create_product_with_status,
-    support::{TestApp, assert_no_violations, eventually, spawn_app_with},
+    support::{
+        TestApp, assert_no_violations, eventually, shop::create_product_with_status, spawn_app_with,
+    },
 };
 
 const DEFAULT_SEED: u64 = 20_261_125;

@@ -22,12 +22,11 @@ use tonic_health::pb::{
 
 use crate::{
     coupons::{create_coupon, remaining},
-    products::create_product,
     support::{
         TestApp, eventually,
         private::{PrivatePostgres, PrivateRedis},
         reason,
-        shop::{charge, pay, place},
+        shop::{charge, create_product, pay, place},
         spawn_app_with,
     },
 };

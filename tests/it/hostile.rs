@@ -50,10 +50,12 @@ use tonic_types::StatusExt;
 
 use crate::{
     coupons::{coupon_request, create_coupon_with, issue},
-    products::{create_product, create_product_with_status},
     support::{
         TestApp, assert_no_violations, eventually, invalid_field,
-        shop::{charge, get_order, pay, place, place_with, stock},
+        shop::{
+            charge, create_product, create_product_with_status, get_order, pay, place, place_with,
+            stock,
+        },
         spawn_app, spawn_app_with,
     },
 };

@@ -10,12 +10,11 @@ use tonic::Code;
 
 use crate::{
     coupons::{coupon_request, create_coupon_with, issue},
-    products::{create_product, create_product_with_status},
     support::{
         TestApp, assert_error, eventually, invalid_field, reason,
         shop::{
-            assert_ledger_matches, balance, charge, get_order, lines, pay, pay_with_key, place,
-            place_with, stock,
+            assert_ledger_matches, balance, charge, create_product, create_product_with_status,
+            get_order, lines, pay, pay_with_key, place, place_with, stock,
         },
         spawn_app, spawn_app_with,
     },

@@ -5,13 +5,10 @@ use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::{
-    products::create_product,
-    support::{
-        TestApp, delete_keys, eventually, invalid_field,
-        shop::{charge, pay, place},
-        spawn_app_with,
-    },
+use crate::support::{
+    TestApp, delete_keys, eventually, invalid_field,
+    shop::{charge, create_product, pay, place},
+    spawn_app_with,
 };
 
 /// Fast ranking job and a short cache, so tests see the job's work quickly.

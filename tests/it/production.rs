@@ -20,13 +20,10 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::{
-    products::create_product,
-    support::{
-        ADMIN_TOKEN, BearerToken, TestApp, assert_error, eventually, redis_url,
-        shop::{charge, place},
-        spawn_app, spawn_app_with,
-    },
+use crate::support::{
+    ADMIN_TOKEN, BearerToken, TestApp, assert_error, eventually, redis_url,
+    shop::{charge, create_product, place},
+    spawn_app, spawn_app_with,
 };
 
 async fn metrics_text(app: &TestApp) -> String {

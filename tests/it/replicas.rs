@@ -14,10 +14,9 @@ use tonic::Code;
 
 use crate::{
     coupons::{create_coupon, gate_agrees, issue, issued_in_postgres, sold_out},
-    products::create_product,
     support::{
         TestApp, assert_error, reason, redis_url,
-        shop::{charge, place},
+        shop::{charge, create_product, place},
         spawn_app_with,
     },
 };

@@ -45,11 +45,12 @@ use sqlx::{
 use tonic::Status;
 use tonic_types::StatusExt;
 
-use crate::{
-    coupons::{coupon_request, create_coupon_with},
-    support::{
-        TestApp, assert_no_violations, eventually, shop::create_product_with_status, spawn_app_with,
-    },
+use crate::support::{
+    TestApp, assert_no_violations,
+    coupons::{coupon_request, create_coupon_with, remaining},
+    eventually,
+    shop::create_product_with_status,
+    spawn_app_with,
 };
 
 const DEFAULT_SEED: u64 = 20_261_125;
@@ -913,7 +914,7 @@ async fn check_rpc_views(app: &TestApp, shop: &Shop, violations: &mut Vec<String
         }
     }
     for (&coupon, &(_, _, total)) in &shop.coupons {
-        let remaining = crate::coupons::remaining(app, coupon).await;
+        let remaining = remaining(app, coupon).await;
         let issued: i64 =
             sqlx::query_scalar("SELECT count(*) FROM user_coupons WHERE coupon_id = $1")
                 .bind(coupon)

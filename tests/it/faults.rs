@@ -20,15 +20,14 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::{
+use crate::support::{
+    TestApp,
     coupons::{create_coupon, remaining},
-    support::{
-        TestApp, eventually,
-        private::{PrivatePostgres, PrivateRedis},
-        reason,
-        shop::{charge, create_product, pay, place},
-        spawn_app_with,
-    },
+    eventually,
+    private::{PrivatePostgres, PrivateRedis},
+    reason,
+    shop::{charge, create_product, pay, place},
+    spawn_app_with,
 };
 
 async fn health(app: &TestApp) -> Option<ServingStatus> {

@@ -48,16 +48,15 @@ use tonic_health::pb::{
 };
 use tonic_types::StatusExt;
 
-use crate::{
+use crate::support::{
+    TestApp, assert_no_violations,
     coupons::{coupon_request, create_coupon_with, issue},
-    support::{
-        TestApp, assert_no_violations, eventually, invalid_field,
-        shop::{
-            charge, create_product, create_product_with_status, get_order, pay, place, place_with,
-            stock,
-        },
-        spawn_app, spawn_app_with,
+    eventually, invalid_field,
+    shop::{
+        charge, create_product, create_product_with_status, get_order, pay, place, place_with,
+        stock,
     },
+    spawn_app, spawn_app_with,
 };
 
 /// The server's default `MAX_MESSAGE_BYTES`.

@@ -21,8 +21,8 @@ use tonic_health::pb::{
 };
 
 use crate::support::{
-    ADMIN_TOKEN, BearerToken, TestApp, assert_error, eventually, redis_url,
-    shop::{charge, create_product, place},
+    ADMIN_TOKEN, BearerToken, TestApp, assert_error, coupons, eventually, redis_url,
+    shop::{self, charge, create_product, place},
     spawn_app, spawn_app_with,
 };
 
@@ -62,9 +62,9 @@ async fn metrics_count_calls_by_method_and_code(_: PgPoolOptions, db: PgConnectO
             })
             .await;
     }
-    let coupon = crate::coupons::create_coupon(&app, 1).await;
-    crate::coupons::issue(&app, coupon, 1).await.unwrap();
-    let _ = crate::coupons::issue(&app, coupon, 2).await;
+    let coupon = coupons::create_coupon(&app, 1).await;
+    coupons::issue(&app, coupon, 1).await.unwrap();
+    let _ = coupons::issue(&app, coupon, 2).await;
 
     // Other tests in this process share the recorder: counts are at least ours.
     let ok = r#"grpc_server_handled_total{grpc_service="ecommerce.v1.BalanceService",grpc_method="GetBalance",grpc_code="OK"}"#;
@@ -304,7 +304,7 @@ async fn a_caller_deadline_is_honoured(_: PgPoolOptions, db: PgConnectOptions) {
 
     let mut request = Request::new(ecommerce::proto::PlaceOrderRequest {
         user_id: 1,
-        items: crate::support::shop::lines(&[(product, 1)]),
+        items: shop::lines(&[(product, 1)]),
         ..Default::default()
     });
     request.set_timeout(Duration::from_millis(50));
@@ -317,7 +317,7 @@ async fn a_caller_deadline_is_honoured(_: PgPoolOptions, db: PgConnectOptions) {
     // The abandoned order rolled back.
     assert!(
         eventually(Duration::from_secs(5), || async {
-            crate::support::shop::stock(&app, product).await == 10
+            shop::stock(&app, product).await == 10
         })
         .await
     );
@@ -440,7 +440,7 @@ async fn sigterm_drains_calls_in_flight_and_exits_zero(_: PgPoolOptions, db: PgC
                 orders
                     .place_order(ecommerce::proto::PlaceOrderRequest {
                         user_id: user,
-                        items: crate::support::shop::lines(&[(product, 1)]),
+                        items: shop::lines(&[(product, 1)]),
                         ..Default::default()
                     })
                     .await

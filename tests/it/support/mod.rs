@@ -1,6 +1,7 @@
 //! The test harness: `spawn_app` starts the server exactly as `main` does (same `Application`
 //! path), on port 0, against the test's own database and Redis key prefix.
 
+pub mod coupons;
 pub mod private;
 pub mod proxy;
 pub mod shop;

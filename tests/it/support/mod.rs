@@ -4,6 +4,7 @@
 pub mod coupons;
 pub mod private;
 pub mod proxy;
+pub mod rules;
 pub mod shop;
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};

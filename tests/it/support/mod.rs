@@ -1,5 +1,8 @@
 //! The test harness: `spawn_app` starts the server exactly as `main` does (same `Application`
 //! path), on port 0, against the test's own database and Redis key prefix.
+//!
+//! Beside it, the helpers the test files share: `shop` and `coupons` drive the RPCs, `rules`
+//! judges the books, `private` and `proxy` stand in for dependencies a test must kill or cut.
 
 pub mod coupons;
 pub mod private;

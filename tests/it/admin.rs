@@ -2,10 +2,7 @@ use ecommerce::proto::{CreateProductRequest, ProductStatus, UpdateProductRequest
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::{
-    products::create_product,
-    support::{assert_error, invalid_field, spawn_app},
-};
+use crate::support::{assert_error, invalid_field, shop::create_product, spawn_app};
 
 fn product(name: &str, price: i64, stock: i64, status: i32) -> CreateProductRequest {
     CreateProductRequest {

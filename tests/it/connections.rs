@@ -15,11 +15,12 @@ use tokio::time::Instant;
 use tonic::{Code, Status, transport::Channel};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::{
-    production::{lock_product, metrics_text, series_value},
-    products::create_product,
-    shop::{charge, lines},
-    support::{TestApp, eventually, proxy::TcpProxy, spawn_app_with},
+use crate::support::{
+    TestApp, eventually,
+    metrics::{metrics_text, series_value},
+    proxy::TcpProxy,
+    shop::{charge, create_product, lines, lock_product},
+    spawn_app_with,
 };
 
 async fn aged_app(db: PgConnectOptions, age_secs: u64, grace_secs: u64) -> (TestApp, TcpProxy) {

@@ -8,9 +8,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
-use crate::{
+use crate::support::{
+    TestApp,
     coupons::{create_coupon, gate_agrees, issue, issued_in_postgres},
-    support::{TestApp, eventually, reason, spawn_app},
+    eventually, reason, spawn_app,
 };
 
 /// One IssueCoupon whose caller gives up after `deadline` (the server sees the same deadline).

@@ -20,15 +20,15 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::{
+use crate::support::{
+    TestApp,
     coupons::{create_coupon, remaining},
-    products::create_product,
-    shop::{charge, pay, place},
-    support::{
-        TestApp, eventually,
-        private::{PrivatePostgres, PrivateRedis},
-        reason, spawn_app_with,
-    },
+    eventually,
+    private::{PrivatePostgres, PrivateRedis},
+    reason,
+    rules::RULES,
+    shop::{charge, create_product, pay, place},
+    spawn_app_with,
 };
 
 async fn health(app: &TestApp) -> Option<ServingStatus> {
@@ -170,7 +170,7 @@ async fn assert_record_is_whole(app: &TestApp, initial_stock: i64) -> BTreeMap<&
              (SELECT 1 FROM order_items i WHERE i.order_id = o.id)",
     );
     let mut figures = BTreeMap::new();
-    for &(what, sql) in crate::conservation::RULES.iter().chain([&no_items]) {
+    for &(what, sql) in RULES.iter().chain([&no_items]) {
         let violations: i64 = sqlx::query_scalar(sql).fetch_one(&app.pg).await.unwrap();
         assert_eq!(violations, 0, "{what}");
     }

@@ -1,5 +1,9 @@
 //! Integration tests: each starts the real server on port 0 with its own database
 //! (`#[sqlx::test]`) and its own Redis key prefix, and talks gRPC to it over TCP.
+//!
+//! What tests share lives in `support`; every other module holds tests, so that a test file never
+//! has to be read as a library. A test too big for one file is a folder whose `mod.rs` holds the
+//! tests and whose other files hold its parts.
 
 mod support;
 
@@ -21,5 +25,4 @@ mod products;
 mod reconcile;
 mod replay;
 mod replicas;
-mod shop;
 mod stock;

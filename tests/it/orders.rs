@@ -8,16 +8,15 @@ use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::{
+use crate::support::{
+    TestApp, assert_error,
     coupons::{coupon_request, create_coupon_with, issue},
-    products::{create_product, create_product_with_status},
+    eventually, invalid_field, reason,
     shop::{
-        assert_ledger_matches, balance, charge, get_order, lines, pay, pay_with_key, place,
-        place_with, stock,
+        assert_ledger_matches, balance, charge, create_product, create_product_with_status,
+        get_order, lines, pay, pay_with_key, place, place_with, stock,
     },
-    support::{
-        TestApp, assert_error, eventually, invalid_field, reason, spawn_app, spawn_app_with,
-    },
+    spawn_app, spawn_app_with,
 };
 
 fn percent(percent: i32, max_discount: i64) -> Option<Discount> {

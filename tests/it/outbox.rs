@@ -9,10 +9,10 @@ use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::{
-    products::create_product,
-    shop::{charge, pay, place},
-    support::{TestApp, eventually, spawn_app_with},
+use crate::support::{
+    TestApp, eventually,
+    shop::{charge, create_product, pay, place},
+    spawn_app_with,
 };
 
 /// A real HTTP receiver standing in for the data platform: it fails the first `fail_first`

@@ -5,10 +5,10 @@ use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::{
-    products::create_product,
-    shop::{charge, pay, place},
-    support::{TestApp, delete_keys, eventually, invalid_field, spawn_app_with},
+use crate::support::{
+    TestApp, delete_keys, eventually, invalid_field,
+    shop::{charge, create_product, pay, place},
+    spawn_app_with,
 };
 
 /// Fast ranking job and a short cache, so tests see the job's work quickly.

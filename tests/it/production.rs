@@ -20,31 +20,13 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::{
-    products::create_product,
-    shop::{charge, place},
-    support::{
-        ADMIN_TOKEN, BearerToken, TestApp, assert_error, eventually, redis_url, spawn_app,
-        spawn_app_with,
-    },
+use crate::support::{
+    ADMIN_TOKEN, BearerToken, TestApp, assert_error, coupons, eventually,
+    metrics::{metrics_text, series_value},
+    redis_url,
+    shop::{self, charge, create_product, lock_product, place},
+    spawn_app, spawn_app_with,
 };
-
-pub(crate) async fn metrics_text(app: &TestApp) -> String {
-    reqwest::get(format!("http://{}/metrics", app.metrics_addr))
-        .await
-        .expect("metrics endpoint answers")
-        .text()
-        .await
-        .unwrap()
-}
-
-/// The value of the series that starts with `prefix` (name and labels), if present.
-pub(crate) fn series_value(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 #[sqlx::test(migrations = false)]
 async fn metrics_count_calls_by_method_and_code(_: PgPoolOptions, db: PgConnectOptions) {
@@ -65,9 +47,9 @@ async fn metrics_count_calls_by_method_and_code(_: PgPoolOptions, db: PgConnectO
             })
             .await;
     }
-    let coupon = crate::coupons::create_coupon(&app, 1).await;
-    crate::coupons::issue(&app, coupon, 1).await.unwrap();
-    let _ = crate::coupons::issue(&app, coupon, 2).await;
+    let coupon = coupons::create_coupon(&app, 1).await;
+    coupons::issue(&app, coupon, 1).await.unwrap();
+    let _ = coupons::issue(&app, coupon, 2).await;
 
     // Other tests in this process share the recorder: counts are at least ours.
     let ok = r#"grpc_server_handled_total{grpc_service="ecommerce.v1.BalanceService",grpc_method="GetBalance",grpc_code="OK"}"#;
@@ -286,18 +268,6 @@ async fn oversized_requests_are_refused(_: PgPoolOptions, db: PgConnectOptions) 
     app.stop().await;
 }
 
-/// Holds a product's row lock until dropped, so orders for it wait in Postgres: a slow path.
-pub(crate) async fn lock_product(db: &PgConnectOptions, product: i64) -> PgConnection {
-    let mut conn = PgConnection::connect_with(db).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-    sqlx::query("SELECT id FROM products WHERE id = $1 FOR UPDATE")
-        .bind(product)
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn
-}
-
 #[sqlx::test(migrations = false)]
 async fn a_caller_deadline_is_honoured(_: PgPoolOptions, db: PgConnectOptions) {
     let app = spawn_app(db.clone()).await;
@@ -307,7 +277,7 @@ async fn a_caller_deadline_is_honoured(_: PgPoolOptions, db: PgConnectOptions) {
 
     let mut request = Request::new(ecommerce::proto::PlaceOrderRequest {
         user_id: 1,
-        items: crate::shop::lines(&[(product, 1)]),
+        items: shop::lines(&[(product, 1)]),
         ..Default::default()
     });
     request.set_timeout(Duration::from_millis(50));
@@ -320,7 +290,7 @@ async fn a_caller_deadline_is_honoured(_: PgPoolOptions, db: PgConnectOptions) {
     // The abandoned order rolled back.
     assert!(
         eventually(Duration::from_secs(5), || async {
-            crate::shop::stock(&app, product).await == 10
+            shop::stock(&app, product).await == 10
         })
         .await
     );
@@ -443,7 +413,7 @@ async fn sigterm_drains_calls_in_flight_and_exits_zero(_: PgPoolOptions, db: PgC
                 orders
                     .place_order(ecommerce::proto::PlaceOrderRequest {
                         user_id: user,
-                        items: crate::shop::lines(&[(product, 1)]),
+                        items: shop::lines(&[(product, 1)]),
                         ..Default::default()
                     })
                     .await

@@ -1,39 +1,15 @@
+//! The catalog as buyers read it: listings page through selling products only, in id order,
+//! without gaps or repeats; a single product is found whatever its status.
+
 use std::collections::HashSet;
 
 use ecommerce::proto::{
-    CreateProductRequest, GetProductRequest, ListProductsRequest, ProductStatus,
-    UpdateProductRequest,
+    GetProductRequest, ListProductsRequest, ProductStatus, UpdateProductRequest,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::support::{TestApp, assert_error, invalid_field, spawn_app};
-
-pub async fn create_product(app: &TestApp, name: &str, price: i64, stock: i64) -> i64 {
-    create_product_with_status(app, name, price, stock, ProductStatus::Selling).await
-}
-
-pub async fn create_product_with_status(
-    app: &TestApp,
-    name: &str,
-    price: i64,
-    stock: i64,
-    status: ProductStatus,
-) -> i64 {
-    app.admin()
-        .create_product(CreateProductRequest {
-            name: name.into(),
-            price,
-            stock,
-            status: status.into(),
-        })
-        .await
-        .expect("create product")
-        .into_inner()
-        .product
-        .expect("product")
-        .id
-}
+use crate::support::{assert_error, invalid_field, shop::create_product_with_status, spawn_app};
 
 #[sqlx::test(migrations = false)]
 async fn listing_pages_through_selling_products_only(_: PgPoolOptions, db: PgConnectOptions) {

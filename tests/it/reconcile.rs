@@ -11,9 +11,10 @@ use futures::{StreamExt, stream};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::{
+use crate::support::{
+    TestApp,
     coupons::{create_coupon, gate_agrees, issue, issued_in_postgres, sold_out},
-    support::{TestApp, eventually, reason, spawn_app_with},
+    eventually, reason, spawn_app_with,
 };
 use ecommerce::app::RepairReason;
 

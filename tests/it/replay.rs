@@ -4,10 +4,10 @@ use ecommerce::proto::PlaceOrderRequest;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::{
-    products::create_product,
-    shop::{charge, lines, pay_with_key, place, place_with},
-    support::{assert_error, spawn_app},
+use crate::support::{
+    assert_error,
+    shop::{charge, create_product, lines, pay_with_key, place, place_with},
+    spawn_app,
 };
 
 #[sqlx::test(migrations = false)]

@@ -12,11 +12,12 @@ use futures::{StreamExt, stream};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::{
+use crate::support::{
+    TestApp, assert_error,
     coupons::{create_coupon, gate_agrees, issue, issued_in_postgres, sold_out},
-    products::create_product,
-    shop::{charge, place},
-    support::{TestApp, assert_error, reason, redis_url, spawn_app_with},
+    reason, redis_url,
+    shop::{charge, create_product, place},
+    spawn_app_with,
 };
 
 async fn replicas(db: PgConnectOptions) -> [TestApp; 3] {

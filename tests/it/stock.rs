@@ -7,10 +7,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::{
-    products::create_product,
-    shop::{charge, place, stock},
-    support::{TestApp, assert_error, invalid_field, spawn_app},
+use crate::support::{
+    TestApp, assert_error, invalid_field,
+    shop::{charge, create_product, place, stock},
+    spawn_app,
 };
 
 async fn adjust(app: &TestApp, product_id: i64, delta: i64) -> Result<i64, tonic::Status> {

@@ -1,8 +1,15 @@
 //! The test harness: `spawn_app` starts the server exactly as `main` does (same `Application`
 //! path), on port 0, against the test's own database and Redis key prefix.
+//!
+//! Beside it, the helpers the test files share: `shop` and `coupons` drive the RPCs, `rules`
+//! judges the books, `private` and `proxy` stand in for dependencies a test must kill or cut.
 
+pub mod coupons;
+pub mod metrics;
 pub mod private;
 pub mod proxy;
+pub mod rules;
+pub mod shop;
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 

@@ -1,13 +1,40 @@
-//! Helpers shared by the order, payment and ranking tests: fund a buyer, place and pay orders,
-//! check that money adds up.
+//! The shop as tests drive it through the RPCs: stock the catalog, fund a buyer, place and pay
+//! orders, check that money adds up.
 
 use ecommerce::proto::{
-    ChargeBalanceRequest, GetBalanceRequest, GetOrderRequest, GetProductRequest, Order, OrderLine,
-    PayRequest, Payment, PlaceOrderRequest,
+    ChargeBalanceRequest, CreateProductRequest, GetBalanceRequest, GetOrderRequest,
+    GetProductRequest, Order, OrderLine, PayRequest, Payment, PlaceOrderRequest, ProductStatus,
 };
+use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use tonic::Status;
 
 use crate::support::TestApp;
+
+pub async fn create_product(app: &TestApp, name: &str, price: i64, stock: i64) -> i64 {
+    create_product_with_status(app, name, price, stock, ProductStatus::Selling).await
+}
+
+pub async fn create_product_with_status(
+    app: &TestApp,
+    name: &str,
+    price: i64,
+    stock: i64,
+    status: ProductStatus,
+) -> i64 {
+    app.admin()
+        .create_product(CreateProductRequest {
+            name: name.into(),
+            price,
+            stock,
+            status: status.into(),
+        })
+        .await
+        .expect("create product")
+        .into_inner()
+        .product
+        .expect("product")
+        .id
+}
 
 pub async fn charge(app: &TestApp, user_id: i64, amount: i64) {
     app.balance()
@@ -114,4 +141,16 @@ pub async fn assert_ledger_matches(app: &TestApp, user_id: i64) -> i64 {
         "balance of user {user_id} != its ledger"
     );
     balance
+}
+
+/// Holds a product's row lock until dropped, so orders for it wait in Postgres: a slow path.
+pub async fn lock_product(db: &PgConnectOptions, product: i64) -> PgConnection {
+    let mut conn = PgConnection::connect_with(db).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    sqlx::query("SELECT id FROM products WHERE id = $1 FOR UPDATE")
+        .bind(product)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn
 }

@@ -1,0 +1,223 @@
+//! The books, read on one consistent snapshot: the shared rules and stock conservation, which hold
+//! at any moment of the workload; and, once it is over, every balance, order, payment, coupon and
+//! charge against what the RPCs reported.
+
+use std::collections::{HashMap, HashSet};
+
+use ecommerce::proto::GetBalanceRequest;
+use sqlx::Row;
+
+use super::{USERS, record::Record, shop::Shop};
+use crate::support::{TestApp, coupons::remaining, rules::RULES};
+
+/// Opens a transaction that sees one snapshot for all its queries: the workers and the expiry
+/// and outbox jobs keep writing meanwhile.
+pub(super) async fn snapshot(app: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = app.pg.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+/// The invariants that hold on any snapshot, even in the middle of the workload: [`RULES`], and
+/// every unit of stock on the shelf, in an open order or in a paid one. Returns how many were
+/// checked.
+pub(super) async fn audit(
+    tx: &mut sqlx::PgConnection,
+    shop: &Shop,
+    violations: &mut Vec<String>,
+    when: &str,
+) -> usize {
+    let mut checked = 0;
+    let mut fail = |message: String| violations.push(format!("{when}: {message}"));
+    for &(rule, sql) in RULES {
+        let broken: i64 = sqlx::query_scalar(sql).fetch_one(&mut *tx).await.unwrap();
+        checked += 1;
+        if broken != 0 {
+            fail(format!("{rule}: {broken} rows break it"));
+        }
+    }
+
+    // Stock: every unit is on the shelf, in an open order or in a paid one.
+    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT p.id, p.stock,
+                coalesce(sum(i.quantity) FILTER (WHERE o.status = 'PENDING_PAYMENT'), 0)::bigint,
+                coalesce(sum(i.quantity) FILTER (WHERE o.status = 'PAID'), 0)::bigint
+         FROM products p
+         LEFT JOIN order_items i ON i.product_id = p.id
+         LEFT JOIN orders o ON o.id = i.order_id
+         GROUP BY p.id, p.stock ORDER BY p.id",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    for (product, stock, open, paid) in rows {
+        let initial = shop.products.iter().find(|p| p.0 == product).unwrap().2;
+        checked += 1;
+        if stock + open + paid != initial {
+            fail(format!(
+                "product {product}: stock {stock} + open {open} + paid {paid} != {initial}"
+            ));
+        }
+    }
+
+    checked
+}
+
+/// Checks the books against what the RPCs reported, on one snapshot taken after the workload;
+/// returns how many invariants were checked.
+pub(super) async fn check_books(
+    app: &TestApp,
+    shop: &Shop,
+    record: &Record,
+    violations: &mut Vec<String>,
+    when: &str,
+) -> usize {
+    let mut tx = snapshot(app).await;
+    let mut checked = audit(&mut tx, shop, violations, when).await;
+    let mut fail = |message: String| violations.push(format!("{when}: {message}"));
+
+    // Balances: what the RPCs reported, per user, against the ledger.
+    let mut expected: HashMap<i64, (i64, i64, i64)> = HashMap::new(); // charged, charges, paid
+    for (user, amount) in record.charges.values() {
+        let e = expected.entry(*user).or_default();
+        e.0 += amount;
+        e.1 += 1;
+    }
+    for (user, _, amount) in record.payments.values() {
+        expected.entry(*user).or_default().2 += amount;
+    }
+    let rows = sqlx::query(
+        "SELECT u.user_id,
+                coalesce((SELECT balance FROM user_balances b WHERE b.user_id = u.user_id), 0),
+                coalesce(sum(h.amount) FILTER (WHERE h.kind = 'CHARGE'), 0)::bigint,
+                count(h.id) FILTER (WHERE h.kind = 'CHARGE'),
+                coalesce(sum(h.amount) FILTER (WHERE h.kind = 'USE'), 0)::bigint,
+                count(h.id) FILTER (WHERE h.kind = 'REFUND')
+         FROM generate_series(1, $1::bigint) AS u(user_id)
+         LEFT JOIN balance_history h ON h.user_id = u.user_id
+         GROUP BY u.user_id ORDER BY u.user_id",
+    )
+    .bind(USERS)
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    for row in rows {
+        let user: i64 = row.get(0);
+        let balance: i64 = row.get(1);
+        let ledger = (
+            row.get::<i64, _>(2),
+            row.get::<i64, _>(3),
+            row.get::<i64, _>(4),
+        );
+        let refunds: i64 = row.get(5);
+        let (charged, charges, paid) = expected.get(&user).copied().unwrap_or_default();
+        checked += 3;
+        if ledger != (charged, charges, paid) {
+            fail(format!(
+                "user {user}: ledger charges {} in {} entries, uses {}; the RPCs reported \
+                 charges {charged} in {charges}, payments {paid}",
+                ledger.0, ledger.1, ledger.2
+            ));
+        }
+        if balance != charged - paid || refunds != 0 {
+            fail(format!(
+                "user {user}: balance {balance} != {charged} charged - {paid} paid"
+            ));
+        }
+        if balance < 0 {
+            fail(format!("user {user}: negative balance {balance}"));
+        }
+    }
+
+    // What exists is exactly what the RPCs reported: no phantom or lost orders, payments,
+    // coupons or charges.
+    let sets: [(&str, &str, HashSet<i64>); 4] = [
+        (
+            "orders",
+            "SELECT id FROM orders",
+            record.orders.keys().copied().collect(),
+        ),
+        (
+            "payments",
+            "SELECT id FROM payments",
+            record.payments.keys().copied().collect(),
+        ),
+        (
+            "user coupons",
+            "SELECT id FROM user_coupons",
+            record.issued.keys().copied().collect(),
+        ),
+        (
+            "charges",
+            "SELECT id FROM balance_history WHERE kind = 'CHARGE'",
+            record.charges.keys().copied().collect(),
+        ),
+    ];
+    for (what, sql, reported) in sets {
+        let stored: HashSet<i64> = sqlx::query_scalar(sql)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        checked += 1;
+        if stored != reported {
+            let phantom: Vec<_> = stored.difference(&reported).take(10).collect();
+            let lost: Vec<_> = reported.difference(&stored).take(10).collect();
+            fail(format!(
+                "{what}: stored but never reported {phantom:?}, reported but not stored {lost:?}"
+            ));
+        }
+    }
+    tx.rollback().await.unwrap();
+    checked
+}
+
+/// Balances and coupon stock as the RPCs tell them, against the books.
+pub(super) async fn check_rpc_views(
+    app: &TestApp,
+    shop: &Shop,
+    violations: &mut Vec<String>,
+) -> usize {
+    let mut checked = 0;
+    for user in 1..=USERS {
+        let balance = app
+            .balance()
+            .get_balance(GetBalanceRequest { user_id: user })
+            .await
+            .unwrap()
+            .into_inner()
+            .balance;
+        let ledger: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(CASE kind WHEN 'USE' THEN -amount ELSE amount END), 0)::bigint
+             FROM balance_history WHERE user_id = $1",
+        )
+        .bind(user)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+        checked += 1;
+        if balance != ledger || balance < 0 {
+            violations.push(format!("GetBalance({user}) = {balance}, ledger {ledger}"));
+        }
+    }
+    for (&coupon, &(_, _, total)) in &shop.coupons {
+        let remaining = remaining(app, coupon).await;
+        let issued: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM user_coupons WHERE coupon_id = $1")
+                .bind(coupon)
+                .fetch_one(&app.pg)
+                .await
+                .unwrap();
+        checked += 1;
+        if remaining != total - issued || remaining < 0 {
+            violations.push(format!(
+                "coupon {coupon}: remaining {remaining}, issued {issued} of {total}"
+            ));
+        }
+    }
+    checked
+}

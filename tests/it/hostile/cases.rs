@@ -1,0 +1,300 @@
+//! The cases of a run: a strategy per RPC (and per admin RPC without the token), how many cases
+//! each gets, and the draw that turns a seed into one shuffled list of calls.
+
+use ecommerce::proto::{
+    AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CreateCouponRequest,
+    CreateProductRequest, GetBalanceRequest, GetCouponRequest, GetOrderRequest,
+    GetPopularProductsRequest, GetProductRequest, IssueCouponRequest, ListBalanceHistoryRequest,
+    ListProductsRequest, ListUserCouponsRequest, PayRequest, PlaceOrderRequest,
+    UpdateProductRequest,
+};
+use proptest::{
+    prelude::*,
+    strategy::ValueTree,
+    test_runner::{Config, RngAlgorithm, TestRng, TestRunner},
+};
+
+use super::{
+    calls::{Auth, Call},
+    fields::{
+        amount, discount, enum_number, hostile_i64, id, idempotency_key, int32, lines, name,
+        order_id, page_token, sane_or_hostile, timestamp, user_id,
+    },
+};
+
+/// Cases per RPC (and per RPC without the admin token). Sized so the whole run stays well
+/// under a minute on two shared cores.
+const CASES: usize = 300;
+const UNAUTHENTICATED_CASES: usize = 80;
+
+fn no_admin() -> impl Strategy<Value = Auth> {
+    prop_oneof![Just(Auth::Missing), Just(Auth::Wrong)]
+}
+
+fn create_product_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    let stock = sane_or_hostile(0..=1_000i64, hostile_i64());
+    let price = sane_or_hostile(0..=100_000i64, hostile_i64());
+    (auth, name(), price, stock, enum_number()).prop_map(|(auth, name, price, stock, status)| {
+        Call::CreateProduct(
+            auth,
+            CreateProductRequest {
+                name,
+                price,
+                stock,
+                status,
+            },
+        )
+    })
+}
+
+fn update_product_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    (
+        auth,
+        id(),
+        prop::option::of(name()),
+        prop::option::of(sane_or_hostile(0..=100_000i64, hostile_i64())),
+        prop::option::of(sane_or_hostile(0..=1_000i64, hostile_i64())),
+        prop::option::of(enum_number()),
+        prop::option::of(sane_or_hostile(0..=1_000i64, hostile_i64())),
+    )
+        .prop_map(
+            |(auth, product_id, name, price, stock, status, expected_stock)| {
+                Call::UpdateProduct(
+                    auth,
+                    UpdateProductRequest {
+                        product_id,
+                        name,
+                        price,
+                        stock,
+                        status,
+                        expected_stock,
+                    },
+                )
+            },
+        )
+}
+
+fn adjust_stock_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    (auth, id(), sane_or_hostile(-50..=50i64, hostile_i64())).prop_map(
+        |(auth, product_id, delta)| {
+            Call::AdjustStock(auth, AdjustStockRequest { product_id, delta })
+        },
+    )
+}
+
+fn create_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    let total = sane_or_hostile(1..=20i64, hostile_i64());
+    let min_order_amount = sane_or_hostile(0..=20_000i64, hostile_i64());
+    (
+        auth,
+        name(),
+        discount(),
+        min_order_amount,
+        total,
+        timestamp(-3_600..0),
+        timestamp(3_600..86_400),
+        int32(1..=30),
+    )
+        .prop_map(
+            |(auth, name, discount, min_order_amount, total_quantity, starts, ends, valid_days)| {
+                Call::CreateCoupon(
+                    auth,
+                    CreateCouponRequest {
+                        name,
+                        discount,
+                        min_order_amount,
+                        total_quantity,
+                        issue_starts_at: starts,
+                        issue_ends_at: ends,
+                        valid_days,
+                    },
+                )
+            },
+        )
+}
+
+/// Every RPC's strategy, with how many cases to draw from it.
+fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
+    vec![
+        (
+            (user_id(), amount(), idempotency_key())
+                .prop_map(|(user_id, amount, idempotency_key)| {
+                    Call::ChargeBalance(ChargeBalanceRequest {
+                        user_id,
+                        amount,
+                        idempotency_key,
+                    })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            user_id()
+                .prop_map(|user_id| Call::GetBalance(GetBalanceRequest { user_id }))
+                .boxed(),
+            CASES,
+        ),
+        (
+            (user_id(), int32(0..=100), page_token())
+                .prop_map(|(user_id, page_size, page_token)| {
+                    Call::ListBalanceHistory(ListBalanceHistoryRequest {
+                        user_id,
+                        page_size,
+                        page_token,
+                    })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            (int32(0..=100), page_token())
+                .prop_map(|(page_size, page_token)| {
+                    Call::ListProducts(ListProductsRequest {
+                        page_size,
+                        page_token,
+                    })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            id().prop_map(|product_id| Call::GetProduct(GetProductRequest { product_id }))
+                .boxed(),
+            CASES,
+        ),
+        (
+            (int32(0..=30), int32(0..=100))
+                .prop_map(|(days, limit)| {
+                    Call::GetPopularProducts(GetPopularProductsRequest { days, limit })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            (user_id(), id())
+                .prop_map(|(user_id, coupon_id)| {
+                    Call::IssueCoupon(IssueCouponRequest { user_id, coupon_id })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            id().prop_map(|coupon_id| Call::GetCoupon(GetCouponRequest { coupon_id }))
+                .boxed(),
+            CASES,
+        ),
+        (
+            (user_id(), int32(0..=100), page_token())
+                .prop_map(|(user_id, page_size, page_token)| {
+                    Call::ListUserCoupons(ListUserCouponsRequest {
+                        user_id,
+                        page_size,
+                        page_token,
+                    })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            (
+                user_id(),
+                lines(),
+                prop_oneof![3 => Just(0i64), 2 => id()],
+                idempotency_key(),
+            )
+                .prop_map(|(user_id, items, user_coupon_id, idempotency_key)| {
+                    Call::PlaceOrder(PlaceOrderRequest {
+                        user_id,
+                        items,
+                        user_coupon_id,
+                        idempotency_key,
+                    })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            (order_id(), user_id())
+                .prop_map(|(order_id, user_id)| {
+                    Call::GetOrder(GetOrderRequest { order_id, user_id })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            (order_id(), user_id())
+                .prop_map(|(order_id, user_id)| {
+                    Call::CancelOrder(CancelOrderRequest { order_id, user_id })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            (order_id(), user_id(), idempotency_key())
+                .prop_map(|(order_id, user_id, idempotency_key)| {
+                    Call::Pay(PayRequest {
+                        order_id,
+                        user_id,
+                        idempotency_key,
+                    })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (create_product_calls(Just(Auth::Admin)).boxed(), CASES),
+        (update_product_calls(Just(Auth::Admin)).boxed(), CASES),
+        (adjust_stock_calls(Just(Auth::Admin)).boxed(), CASES),
+        (create_coupon_calls(Just(Auth::Admin)).boxed(), CASES),
+        (
+            create_product_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
+        (
+            update_product_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
+        (
+            adjust_stock_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
+        (
+            create_coupon_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
+    ]
+}
+
+fn runner(seed: u64) -> TestRunner {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &bytes),
+    )
+}
+
+/// Draws every RPC's cases and shuffles them together.
+pub(super) fn draw_calls(seed: u64) -> Vec<Call> {
+    let mut calls = Vec::new();
+    for (i, (strategy, cases)) in strategies().into_iter().enumerate() {
+        let mut runner = runner(seed.wrapping_add(i as u64 + 1));
+        for _ in 0..cases {
+            calls.push(
+                strategy
+                    .new_tree(&mut runner)
+                    .expect("strategies never reject")
+                    .current(),
+            );
+        }
+    }
+    let order = Just((0..calls.len()).collect::<Vec<usize>>())
+        .prop_shuffle()
+        .new_tree(&mut runner(seed))
+        .expect("a shuffle never rejects")
+        .current();
+    let mut slots: Vec<Option<Call>> = calls.into_iter().map(Some).collect();
+    order
+        .into_iter()
+        .map(|i| slots[i].take().expect("a permutation"))
+        .collect()
+}

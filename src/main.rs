@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(config.log_format, &config.log_filter);
+    telemetry::init(config.telemetry.log_format, &config.telemetry.log_filter);
     tracing::info!(?config, "starting");
 
     let application = match Application::build(config).await {

@@ -54,43 +54,46 @@ impl Application {
         // Before anything records a metric: handles registered earlier would go nowhere.
         crate::metrics::recorder();
         let tls = config
+            .security
             .tls
             .as_ref()
             .map(connections::tls_acceptor)
             .transpose()?;
         let pg = postgres::pool(
-            config.database.clone(),
-            config.database_max_connections,
-            config.database_acquire_timeout,
+            config.postgres.database.0.clone(),
+            config.postgres.max_connections,
+            config.postgres.acquire_timeout,
         );
-        if config.run_migrations {
+        if config.postgres.run_migrations {
             migrate_with_retry(&pg).await?;
         }
         let redis = Redis::connect(
-            &config.redis_url,
-            config.redis_pool_size,
-            config.redis_command_timeout,
-            &config.redis_key_prefix,
+            &config.redis.url,
+            config.redis.pool_size,
+            config.redis.command_timeout,
+            &config.redis.key_prefix,
         )
         .context("configuring the Redis client")?;
         if !redis.wait_connected(Duration::from_secs(5)).await {
             tracing::warn!("Redis is not reachable yet; starting anyway (NOT_SERVING until it is)");
         }
-        let sink = Sink::new(&config.data_platform_sink, config.data_platform_timeout)
+        let sink = Sink::new(&config.outbox.sink, config.outbox.sink_timeout)
             .context("configuring the data platform sink")?;
         let (services, outbox) = build_services(&pg, &redis, sink, &config);
-        if config.seed_demo_data {
+        if config.server.seed_demo_data {
             let created = seed_catalog(&services.catalog)
                 .await
                 .map_err(|e| anyhow::anyhow!("seeding the demo catalog: {e}"))?;
             tracing::info!(created, "demo catalog");
         }
-        let listener = TcpListener::bind(config.listen_addr)
+        let listener = TcpListener::bind(config.server.listen_addr)
             .await
-            .with_context(|| format!("binding {}", config.listen_addr))?;
-        let metrics_listener = TcpListener::bind(config.metrics_addr)
+            .with_context(|| format!("binding {}", config.server.listen_addr))?;
+        let metrics_listener = TcpListener::bind(config.server.metrics_addr)
             .await
-            .with_context(|| format!("binding the metrics address {}", config.metrics_addr))?;
+            .with_context(|| {
+                format!("binding the metrics address {}", config.server.metrics_addr)
+            })?;
         Ok(Self {
             listener,
             metrics_listener,
@@ -135,13 +138,13 @@ impl Application {
         let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, shutdown.clone()));
         let health = Health::new();
         // Held to the end: dropping it stops the heartbeat and the watchdog thread.
-        let _watchdog = Watchdog::start(health.clone(), config.liveness_stall)
+        let _watchdog = Watchdog::start(health.clone(), config.server.liveness_stall)
             .context("starting the liveness watchdog")?;
         let watcher = HealthWatcher {
             health: health.clone(),
             pg: pg.clone(),
             redis: redis.clone(),
-            interval: config.health_check_interval,
+            interval: config.server.health_check_interval,
         };
         let health_task = tokio::spawn(watcher.run(shutdown.clone()));
         let job_services = JobServices {
@@ -153,7 +156,7 @@ impl Application {
         let jobs = Jobs::start(pg.clone(), job_services, &config).await?;
 
         let stop_serving = CancellationToken::new();
-        let drain = config.shutdown_drain;
+        let drain = config.server.shutdown_drain;
         tokio::spawn({
             let shutdown = shutdown.clone();
             let stop_serving = stop_serving.clone();
@@ -170,9 +173,9 @@ impl Application {
 
         let routes = grpc::routes(
             services,
-            AdminAuth::new(config.admin_token.expose()),
+            AdminAuth::new(config.security.admin_token.expose()),
             Limits {
-                max_message_bytes: config.max_message_bytes,
+                max_message_bytes: config.server.max_message_bytes,
             },
         )
         .add_service(health.service(stop_serving.clone()));
@@ -181,23 +184,23 @@ impl Application {
         let service = tower::ServiceBuilder::new()
             .layer(AccessLayer)
             .layer(ServiceAuthLayer::new(
-                config.service_token.as_ref().map(|t| t.expose()),
+                config.security.service_token.as_ref().map(|t| t.expose()),
             ))
-            .layer(ShedLayer::new(config.max_concurrent_requests))
-            .layer(DeadlineLayer::new(config.default_deadline))
+            .layer(ShedLayer::new(config.server.max_concurrent_requests))
+            .layer(DeadlineLayer::new(config.server.default_deadline))
             .layer(TooLargeLayer)
             .service(routes.prepare());
-        let ageing = config.max_connection_age.map(|max_age| Ageing {
+        let ageing = config.server.max_connection_age.map(|max_age| Ageing {
             max_age,
-            grace: config.max_connection_age_grace,
+            grace: config.server.max_connection_age_grace,
         });
-        tracing::info!(addr = %config.listen_addr, "serving gRPC");
+        tracing::info!(addr = %config.server.listen_addr, "serving gRPC");
         connections::serve(
             listener,
             tls,
             service,
             ageing,
-            config.max_concurrent_requests,
+            config.server.max_concurrent_requests,
             stop_serving,
         )
         .await;
@@ -221,36 +224,36 @@ fn build_services(
 ) -> (Services, Arc<Outbox>) {
     let sold_out = Arc::new(SoldOut::new(
         SoldOutMarkers::new(redis.clone()),
-        config.sold_out_marker_ttl,
+        config.orders.sold_out_marker_ttl,
     ));
     let popular = Arc::new(Popular::new(
         pg.clone(),
         Ranking::new(redis.clone()),
         RankingSettings {
-            timezone: config.ranking_timezone,
-            retention_days: config.ranking_retention_days,
-            cache_ttl: config.popular_cache_ttl,
+            timezone: config.ranking.timezone,
+            retention_days: config.ranking.retention_days,
+            cache_ttl: config.ranking.popular_cache_ttl,
         },
     ));
     let outbox = Arc::new(Outbox::new(
         pg.clone(),
         sink,
         OutboxSettings {
-            batch_size: config.outbox_batch_size as usize,
-            max_attempts: config.outbox_max_attempts,
-            retry_base: config.outbox_retry_base,
-            retry_max: config.outbox_retry_max,
+            batch_size: config.outbox.batch_size as usize,
+            max_attempts: config.outbox.max_attempts,
+            retry_base: config.outbox.retry_base,
+            retry_max: config.outbox.retry_max,
         },
     ));
     let services = Services {
-        balances: Arc::new(Balances::new(pg.clone(), config.max_balance)),
+        balances: Arc::new(Balances::new(pg.clone(), config.orders.max_balance)),
         catalog: Arc::new(Catalog::new(pg.clone(), sold_out.clone())),
         coupons: Arc::new(Coupons::new(
             pg.clone(),
             CouponGate::new(redis.clone()),
-            config.coupon_orphan_grace,
+            config.coupons.orphan_grace,
         )),
-        orders: Arc::new(Orders::new(pg.clone(), sold_out, config.order_ttl)),
+        orders: Arc::new(Orders::new(pg.clone(), sold_out, config.orders.order_ttl)),
         payments: Arc::new(Payments::new(pg.clone(), popular.clone(), outbox.nudge())),
         popular,
     };

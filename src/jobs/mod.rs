@@ -70,10 +70,10 @@ impl Jobs {
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
         };
-        let grace = config.coupon_orphan_grace;
+        let grace = config.coupons.orphan_grace;
         jobs.every(
             "coupon-reconcile",
-            config.coupon_reconcile_interval,
+            config.coupons.reconcile_interval,
             JobLock::CouponReconcile,
             pg.clone(),
             move || {
@@ -90,7 +90,7 @@ impl Jobs {
         .await?;
         jobs.every(
             "order-expiry",
-            config.order_expiry_interval,
+            config.orders.expiry_interval,
             JobLock::OrderExpiry,
             pg.clone(),
             move || {
@@ -108,7 +108,7 @@ impl Jobs {
         let outbox_runner = jobs
             .every(
                 "outbox-delivery",
-                config.outbox_interval,
+                config.outbox.interval,
                 JobLock::OutboxDelivery,
                 pg.clone(),
                 {
@@ -141,7 +141,7 @@ impl Jobs {
         let ranking = jobs
             .every(
                 "ranking-reconcile",
-                config.ranking_reconcile_interval,
+                config.ranking.reconcile_interval,
                 JobLock::RankingReconcile,
                 pg.clone(),
                 move || {

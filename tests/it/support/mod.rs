@@ -111,8 +111,8 @@ pub async fn spawn_app_on(
     // Replicas of one test share a prefix the test chose.
     let prefix = vars["REDIS_KEY_PREFIX"].clone();
     let mut config = Config::from_lookup(|k| vars.get(k).cloned()).expect("valid test config");
-    config.database = settings.database;
-    ecommerce::telemetry::init(config.log_format, &config.log_filter);
+    config.postgres.database.0 = settings.database;
+    ecommerce::telemetry::init(config.telemetry.log_format, &config.telemetry.log_filter);
 
     // Built on `runtime` too: the pools' and the Redis client's tasks belong to the server.
     let shutdown = CancellationToken::new();

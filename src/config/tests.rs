@@ -1,0 +1,123 @@
+use std::collections::HashMap;
+
+use super::{variables::VARIABLES, *};
+
+fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let map: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::from_lookup(move |k| map.get(k).cloned())
+}
+
+#[test]
+fn defaults_need_only_the_admin_token() {
+    let c = config(&[("ADMIN_TOKEN", "0123456789")]).expect("valid");
+    assert_eq!(c.server.listen_addr.port(), 50051);
+    assert_eq!(c.redis.key_prefix, "ecommerce:");
+    assert_eq!(c.orders.max_balance, Won::new(1_000_000_000_000));
+    assert_eq!(c.orders.order_ttl, Duration::from_secs(900));
+    assert_eq!(c.outbox.sink, SinkKind::Log);
+    assert_eq!(c.ranking.timezone, chrono_tz::Asia::Seoul);
+    assert_eq!(c.server.max_connection_age, None);
+    assert_eq!(c.server.max_connection_age_grace, Duration::from_secs(30));
+    assert_eq!(c.server.liveness_stall, Duration::from_secs(10));
+    assert_eq!(c.coupons.orphan_grace, Duration::from_millis(500));
+}
+
+#[test]
+fn every_value_at_the_edges_of_its_range_is_accepted_and_past_them_refused() {
+    for variable in VARIABLES {
+        let (min, max) = match variable.range {
+            variables::Range::Integer { min, max } => (min, max),
+            variables::Range::Millis { min, max } | variables::Range::Seconds { min, max } => {
+                (min as i64, max as i64)
+            }
+            _ => continue,
+        };
+        for (value, ok) in [(min, true), (max, true), (min - 1, false), (max + 1, false)] {
+            let value = value.to_string();
+            let result = config(&[("ADMIN_TOKEN", "0123456789"), (variable.name, &value)]);
+            assert_eq!(result.is_ok(), ok, "{}={value}: {result:?}", variable.name);
+        }
+    }
+}
+
+#[test]
+fn a_connection_age_of_zero_means_none() {
+    let age = |value: &str| {
+        config(&[
+            ("ADMIN_TOKEN", "0123456789"),
+            ("MAX_CONNECTION_AGE_SECS", value),
+        ])
+        .map(|c| c.server.max_connection_age)
+    };
+    assert_eq!(age("0").unwrap(), None);
+    assert_eq!(age("300").unwrap(), Some(Duration::from_secs(300)));
+    assert!(age("-1").is_err());
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let err = config(&[
+        ("LISTEN_ADDR", "nowhere"),
+        ("REDIS_KEY_PREFIX", "a{b}"),
+        ("DATABASE_MAX_CONNECTIONS", "0"),
+        ("LOG_FORMAT", "xml"),
+        ("DATA_PLATFORM_SINK", "http"),
+        ("TLS_KEY_PATH", "/only/the/key.pem"),
+        ("SERVICE_TOKEN", "short"),
+        ("MAX_CONNECTION_AGE_GRACE_SECS", "0"),
+        ("LIVENESS_STALL_MS", "5"),
+        ("SEED_DEMO_DATA", "maybe"),
+    ])
+    .unwrap_err();
+    let text = err.to_string();
+    for key in [
+        "LISTEN_ADDR",
+        "REDIS_KEY_PREFIX",
+        "DATABASE_MAX_CONNECTIONS",
+        "LOG_FORMAT",
+        "ADMIN_TOKEN",
+        "DATA_PLATFORM_URL",
+        "TLS_CERT_PATH",
+        "SERVICE_TOKEN",
+        "MAX_CONNECTION_AGE_GRACE_SECS",
+        "LIVENESS_STALL_MS",
+        "SEED_DEMO_DATA",
+    ] {
+        assert!(text.contains(key), "{key} missing from {text}");
+    }
+}
+
+#[test]
+fn words_outside_their_list_are_refused() {
+    assert!(
+        config(&[
+            ("ADMIN_TOKEN", "0123456789"),
+            ("DATA_PLATFORM_SINK", "kafka")
+        ])
+        .is_err()
+    );
+    assert!(config(&[("ADMIN_TOKEN", "0123456789"), ("LOG_FORMAT", "JSON")]).is_ok());
+}
+
+#[test]
+fn secrets_do_not_leak_through_debug() {
+    let c = config(&[
+        ("ADMIN_TOKEN", "super-secret-token"),
+        ("SERVICE_TOKEN", "service-secret-token-123"),
+        ("DATABASE_URL", "postgres://app:db-password@db:5432/shop"),
+        ("REDIS_URL", "redis://:redis-password@cache:6379"),
+    ])
+    .expect("valid");
+    let text = format!("{c:?}");
+    for secret in [
+        "super-secret-token",
+        "service-secret-token-123",
+        "db-password",
+        "redis-password",
+    ] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+}

@@ -89,7 +89,7 @@ impl Class {
     }
 }
 
-pub use ecommerce::error::code_name;
+pub use ecommerce::code_name;
 
 /// A gRPC code and the ErrorInfo reason that came with it (empty when none did).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

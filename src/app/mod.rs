@@ -16,10 +16,10 @@ mod sold_out;
 
 pub use balance::{Balances, ChargeCommand};
 pub use catalog::Catalog;
-pub use coupons::{CouponGateStats, CouponStock, Coupons, ReconcileReport, RepairReason};
+pub use coupons::{CouponGateStats, CouponStock, Coupons, RepairReason};
 pub use demo::seed_catalog;
 pub use orders::{Orders, PlaceOrderCommand};
-pub use outbox::{DeliveryReport, Outbox, OutboxSettings};
+pub use outbox::{Outbox, OutboxSettings};
 pub use payments::{PayCommand, Payments};
 pub use popular::{Popular, PopularDays, PopularLimit, PopularProduct, RankingSettings};
 pub use sold_out::SoldOut;

@@ -3,8 +3,6 @@
 macro_rules! text_enum {
     ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
         impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
             pub const fn as_str(self) -> &'static str {
                 match self {
                     $($name::$variant => $text),+

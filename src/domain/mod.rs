@@ -27,10 +27,7 @@ pub use idempotency::IdempotencyKey;
 pub use ids::{CouponId, OrderId, PaymentId, ProductId, UserCouponId, UserId};
 pub use money::Won;
 pub use name::DisplayName;
-pub use order::{
-    MAX_ORDER_LINES, MAX_QUANTITY, Order, OrderItem, OrderLine, OrderLines, OrderStatus, Payment,
-    Pricing, Quantity,
-};
+pub use order::{Order, OrderItem, OrderLine, OrderLines, OrderStatus, Payment, Pricing};
 pub use pagination::{PageSize, PageToken};
 pub use product::{
     MAX_STOCK, NewProduct, Product, ProductChanges, ProductStatus, Restock, parse_stock,

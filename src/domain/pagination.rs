@@ -12,11 +12,11 @@ impl PageSize {
     pub const DEFAULT: u16 = 20;
     pub const MAX: u16 = 100;
 
-    /// 0 means the default; otherwise 1..=100.
+    /// 0 means the default; otherwise 1..=[`Self::MAX`].
     pub fn parse(raw: i32) -> Result<Self, ValidationError> {
         match raw {
             0 => Ok(Self(Self::DEFAULT)),
-            1..=100 => Ok(Self(raw as u16)),
+            1.. if raw <= i32::from(Self::MAX) => Ok(Self(raw as u16)),
             _ => Err(ValidationError::new(
                 "page_size",
                 "must be between 1 and 100",

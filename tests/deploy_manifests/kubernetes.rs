@@ -132,7 +132,7 @@ fn readiness_and_liveness_are_grpc_health_checks_on_the_grpc_port() {
     // liveness follows the process alone, so a dependency outage never restarts the pods.
     for (probe, service) in [
         ("readinessProbe", ""),
-        ("livenessProbe", ecommerce::health::LIVENESS),
+        ("livenessProbe", ecommerce::LIVENESS),
     ] {
         let check = &container[probe]["grpc"];
         assert!(check.is_mapping(), "{probe} must be a native grpc probe");

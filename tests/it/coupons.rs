@@ -263,15 +263,10 @@ async fn a_crash_between_gate_and_insert_is_repaired(_: PgPoolOptions, db: PgCon
     // The orphan was released (by the job, or by user 2's call that found no seat), not
     // repaired by rebuilding the gate.
     assert_eq!(
-        app.gate_stats
-            .rebuilds(ecommerce::app::RepairReason::Disagrees),
+        app.gate_stats.rebuilds(ecommerce::RepairReason::Disagrees),
         0
     );
-    assert!(
-        app.gate_stats
-            .rebuilds(ecommerce::app::RepairReason::Orphan)
-            >= 1
-    );
+    assert!(app.gate_stats.rebuilds(ecommerce::RepairReason::Orphan) >= 1);
     app.stop().await;
 }
 

@@ -16,7 +16,7 @@ use crate::support::{
     coupons::{create_coupon, gate_agrees, issue, issued_in_postgres, sold_out},
     eventually, reason, spawn_app_with,
 };
-use ecommerce::app::RepairReason;
+use ecommerce::RepairReason;
 
 /// Issues to every user, `concurrency` calls at a time; returns the winners (sorted) and a
 /// count per refusal.
@@ -98,11 +98,7 @@ async fn a_million_seat_gate_is_compared_in_bounded_steps(_: PgPoolOptions, db: 
     const FRESH: i64 = 10_000;
     let app = spawn_app_with(db, |s| {
         s.set("COUPON_RECONCILE_INTERVAL_SECS", 1)
-            .set("DATABASE_MAX_CONNECTIONS", 8)
-            .set(
-                "RUST_LOG",
-                "ecommerce::jobs=debug,ecommerce::app=debug,warn",
-            );
+            .set("DATABASE_MAX_CONNECTIONS", 8);
     })
     .await;
     let coupon = create_coupon(&app, SEATS).await;

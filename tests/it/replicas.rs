@@ -6,8 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ecommerce::domain::Restock;
-use ecommerce::{domain::ProductId, store::redis::Redis, store::redis::sold_out::SoldOutMarkers};
+use ecommerce::{ProductId, Redis, Restock, SoldOutMarkers};
 use futures::{StreamExt, stream};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;

@@ -26,10 +26,7 @@ use chrono::Utc;
 use sqlx::PgPool;
 use tokio::time::Instant;
 
-pub use self::{
-    reconcile::ReconcileReport,
-    stats::{CouponGateStats, RepairReason},
-};
+pub use self::stats::{CouponGateStats, RepairReason};
 use super::sold_out::{LOCAL_SOLD_OUT, SoldOutCache};
 use crate::{
     domain::{Coupon, CouponId, NewCoupon, PageSize, PageToken, UserCoupon, UserId},

@@ -9,7 +9,7 @@ use std::{
 };
 
 use ecommerce::{
-    error::code_name,
+    code_name,
     proto::{Order, OrderStatus},
 };
 use tonic::Status;

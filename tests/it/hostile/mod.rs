@@ -29,8 +29,7 @@ use std::{
 };
 
 use ecommerce::{
-    domain::MAX_STOCK,
-    error::code_name,
+    MAX_STOCK, code_name,
     proto::{
         CancelOrderRequest, CreateProductRequest, OrderStatus, ProductStatus, UpdateProductRequest,
     },

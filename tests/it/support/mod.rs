@@ -14,7 +14,7 @@ pub mod shop;
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use ecommerce::{
-    app::CouponGateStats,
+    CouponGateStats,
     config::Config,
     proto::{
         admin_service_client::AdminServiceClient, balance_service_client::BalanceServiceClient,

@@ -26,7 +26,7 @@ use fred::{
 mod audit;
 mod install;
 
-pub use self::audit::{GateSummary, PendingChunk, PendingWin};
+pub use self::audit::GateSummary;
 use super::{LuaScript, Redis};
 use crate::{
     domain::{CouponId, UserId},

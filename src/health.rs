@@ -27,10 +27,38 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    grpc::SERVICES,
-    metrics,
+    metrics, proto,
     store::{Dependency, postgres, redis::Redis},
 };
+
+/// Every `ecommerce.v1` service with the dependencies it cannot answer without; health reports
+/// each service NOT_SERVING while one of its dependencies is down.
+const SERVICES: &[(&str, &[Dependency])] = &[
+    (
+        proto::balance_service_server::SERVICE_NAME,
+        &[Dependency::Postgres],
+    ),
+    (
+        proto::product_service_server::SERVICE_NAME,
+        &[Dependency::Postgres, Dependency::Redis],
+    ),
+    (
+        proto::coupon_service_server::SERVICE_NAME,
+        &[Dependency::Postgres, Dependency::Redis],
+    ),
+    (
+        proto::order_service_server::SERVICE_NAME,
+        &[Dependency::Postgres],
+    ),
+    (
+        proto::payment_service_server::SERVICE_NAME,
+        &[Dependency::Postgres],
+    ),
+    (
+        proto::admin_service_server::SERVICE_NAME,
+        &[Dependency::Postgres],
+    ),
+];
 
 /// The name whose status is the process's own liveness, independent of every dependency.
 pub const LIVENESS: &str = "liveness";
@@ -259,7 +287,23 @@ impl HealthWatcher {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
+
+    #[test]
+    fn every_service_of_the_contract_has_its_dependencies_listed() {
+        let set = prost_types::FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
+        for file in set.file.iter().filter(|f| f.package() == "ecommerce.v1") {
+            for service in &file.service {
+                let name = format!("ecommerce.v1.{}", service.name());
+                assert!(
+                    SERVICES.iter().any(|(listed, _)| *listed == name),
+                    "{name} is missing from health's SERVICES"
+                );
+            }
+        }
+    }
 
     #[test]
     fn every_name_exists_from_the_start_and_only_liveness_serves_before_a_ping() {

@@ -13,7 +13,7 @@ mod product;
 
 use std::sync::Arc;
 
-use tonic::{server::NamedService, service::Routes};
+use tonic::service::Routes;
 
 use crate::{
     app::{Balances, Catalog, Coupons, Orders, Payments, Popular},
@@ -23,39 +23,9 @@ use crate::{
         order_service_server::OrderServiceServer, payment_service_server::PaymentServiceServer,
         product_service_server::ProductServiceServer,
     },
-    store::Dependency,
 };
 
 pub use admin::AdminAuth;
-
-/// Every `ecommerce.v1` service with the dependencies it cannot answer without; health reports
-/// each service NOT_SERVING while one of its dependencies is down.
-pub const SERVICES: &[(&str, &[Dependency])] = &[
-    (
-        <BalanceServiceServer<balance::BalanceHandler> as NamedService>::NAME,
-        &[Dependency::Postgres],
-    ),
-    (
-        <ProductServiceServer<product::ProductHandler> as NamedService>::NAME,
-        &[Dependency::Postgres, Dependency::Redis],
-    ),
-    (
-        <CouponServiceServer<coupon::CouponHandler> as NamedService>::NAME,
-        &[Dependency::Postgres, Dependency::Redis],
-    ),
-    (
-        <OrderServiceServer<order::OrderHandler> as NamedService>::NAME,
-        &[Dependency::Postgres],
-    ),
-    (
-        <PaymentServiceServer<payment::PaymentHandler> as NamedService>::NAME,
-        &[Dependency::Postgres],
-    ),
-    (
-        <AdminServiceServer<admin::AdminHandler> as NamedService>::NAME,
-        &[Dependency::Postgres],
-    ),
-];
 
 /// Limits applied to every service.
 #[derive(Clone, Copy, Debug)]

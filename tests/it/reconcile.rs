@@ -130,7 +130,7 @@ async fn a_million_seat_gate_is_compared_in_bounded_steps(_: PgPoolOptions, db: 
     // Rebuilding 990,000 holders takes longer than a call waits for it (UNAVAILABLE then); the
     // rebuild goes on in its own task and a later call finds the gate loaded.
     assert!(
-        eventually(Duration::from_secs(60), || async {
+        eventually(Duration::from_secs(300), || async {
             issue(&app, coupon, SEATS + 1).await.is_ok()
         })
         .await,
@@ -176,7 +176,7 @@ async fn a_million_seat_gate_is_compared_in_bounded_steps(_: PgPoolOptions, db: 
     // Until every pending win is confirmed (the job settles them a chunk at a time).
     let pending = format!("{}coupon:{{{coupon}}}:pending", app.redis_prefix);
     assert!(
-        eventually(Duration::from_secs(20), || async {
+        eventually(Duration::from_secs(120), || async {
             let left: i64 = app.redis.zcard(&pending).await.unwrap_or(-1);
             left == 1 // the sentinel
         })

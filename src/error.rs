@@ -218,6 +218,8 @@ impl From<ValidationError> for Status {
 impl From<AppError> for Status {
     fn from(error: AppError) -> Self {
         let (code, reason) = error.code_and_reason();
+        // The call's server span (a no-op while tracing is off or outside a call).
+        tracing::Span::current().record("error.reason", reason);
         match &error {
             AppError::Internal(source) => {
                 tracing::error!(error = %source, debug = ?source, "internal error");

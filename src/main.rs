@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(config.telemetry.log_format, &config.telemetry.log_filter);
+    telemetry::init(&config.telemetry);
     tracing::info!(?config, "starting");
 
     let application = match Application::build(config).await {
@@ -28,7 +28,10 @@ async fn main() -> ExitCode {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    match application.run_until_stopped(shutdown).await {
+    let served = application.run_until_stopped(shutdown).await;
+    // The spans of the last calls leave before the process does.
+    telemetry::shutdown();
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "server failed");

@@ -1,15 +1,112 @@
-//! Logging set-up: text for people, JSON for log pipelines; the filter comes from RUST_LOG.
+//! Logs and traces.
+//!
+//! Logs: text for people, JSON for log pipelines; the filter comes from `RUST_LOG`. Traces:
+//! OpenTelemetry, exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the other
+//! standard `OTEL_*` variables, such as `OTEL_TRACES_SAMPLER` or `OTEL_RESOURCE_ATTRIBUTES`,
+//! are read by the SDK), and off otherwise.
+//!
+//! Every span meant for traces has the target [`SPANS`]. With tracing off, that target is
+//! filtered out, so such a span costs one cached callsite check and nothing is recorded: the
+//! hot path pays for tracing only when it is on. With tracing on, JSON log lines written inside
+//! a call carry its `trace_id` and `span_id` (fields of the call's span).
 
-use tracing_subscriber::{EnvFilter, fmt};
+use std::sync::{
+    OnceLock,
+    atomic::{AtomicBool, Ordering},
+};
 
-use crate::config::LogFormat;
+use opentelemetry::{global, trace::TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::Targets, fmt, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
-/// Installs the global subscriber. Calling it twice is harmless (tests start many servers).
-pub fn init(format: LogFormat, filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_target(true);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+use crate::config::{LogFormat, TelemetrySettings};
+
+/// The target of every span exported as a trace.
+pub const SPANS: &str = "otel";
+
+/// The service name traces carry unless `OTEL_SERVICE_NAME` says otherwise.
+const SERVICE_NAME: &str = "ecommerce";
+
+static TRACING: AtomicBool = AtomicBool::new(false);
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Whether spans are exported (so call sites may skip preparing what only a trace needs).
+pub fn tracing_on() -> bool {
+    TRACING.load(Ordering::Relaxed)
+}
+
+/// Installs the global subscriber (and, with an OTLP endpoint, the trace exporter). Must run
+/// inside the Tokio runtime (the exporter's gRPC client needs it). Calling it again is
+/// harmless: the first installation stays (tests start many servers in one process).
+pub fn init(settings: &TelemetrySettings) {
+    let mut filter = settings.log_filter.clone();
+    if settings.otlp_endpoint.is_none() {
+        filter.push_str(&format!(",{SPANS}=off"));
+    }
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = match settings.log_format {
+        LogFormat::Text => fmt::layer().with_target(true).boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    }
+    .with_filter(filter);
+    let traces = settings
+        .otlp_endpoint
+        .as_deref()
+        .and_then(tracer_provider)
+        .map(|provider| {
+            let tracer = provider.tracer(SERVICE_NAME);
+            let _ = PROVIDER.set(provider);
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(Targets::new().with_target(SPANS, tracing::Level::TRACE))
+        });
+    let installed = tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .try_init()
+        .is_ok();
+    if installed && PROVIDER.get().is_some() {
+        global::set_text_map_propagator(TraceContextPropagator::new());
+        TRACING.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The OTLP/gRPC exporter behind a batch processor (its own thread: exporting never runs on a
+/// request's task). `None`, with a warning, when the exporter cannot be built.
+fn tracer_provider(endpoint: &str) -> Option<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build();
+    let exporter = match exporter {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("tracing disabled: the OTLP exporter cannot be built ({e})");
+            return None;
+        }
     };
+    let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| SERVICE_NAME.to_owned());
+    Some(
+        SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(Resource::builder().with_service_name(name).build())
+            .build(),
+    )
+}
+
+/// Exports what is buffered and stops the exporter (at shutdown).
+pub fn shutdown() {
+    if let Some(provider) = PROVIDER.get()
+        && let Err(e) = provider.shutdown()
+    {
+        tracing::warn!(error = %e, "trace exporter shutdown");
+    }
 }

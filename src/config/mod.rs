@@ -171,6 +171,8 @@ impl fmt::Debug for RedisSettings {
 pub struct TelemetrySettings {
     pub log_format: LogFormat,
     pub log_filter: String,
+    /// Where traces are exported (OTLP over gRPC); `None`: tracing is off.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Balances and orders.
@@ -234,6 +236,9 @@ impl Config {
             telemetry: TelemetrySettings {
                 log_format: r.parsed(&v::LOG_FORMAT),
                 log_filter: r.text(&v::RUST_LOG),
+                otlp_endpoint: r
+                    .set(&v::OTEL_EXPORTER_OTLP_ENDPOINT)
+                    .filter(|e| !e.is_empty()),
             },
             orders: OrderSettings {
                 max_balance: Won::new(r.integer(&v::MAX_BALANCE)),

@@ -153,6 +153,9 @@ variables! {
     LOG_FORMAT = "LOG_FORMAT", Value("text"), Range::OneOf(&["text", "json"]), "log line format";
     RUST_LOG = "RUST_LOG", Value("info"), Range::Described("a tracing filter"),
         "log filter; `access=debug` logs one line per call (method, code, latency)";
+    OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT", Unset,
+        Range::Described("an OTLP/gRPC URL, e.g. `http://otel-collector:4317`"),
+        "when set, traces are exported there (service name `ecommerce`; the SDK reads the other standard `OTEL_*` variables); unset, tracing is off and costs nothing";
     // Balances and orders
     MAX_BALANCE = "MAX_BALANCE", Value("1000000000000"),
         Range::Integer { min: 1, max: 2_305_843_009_213_693_951 },

@@ -1,4 +1,7 @@
-//! One record per call: method, gRPC status code and latency, as a log line and as metrics.
+//! One record per call: method, gRPC status code and latency, as a log line and as metrics,
+//! and, with tracing on, the call's server span: its parent is the caller's W3C
+//! `traceparent`/`tracestate`, it runs the whole call (every span below is its child) and it
+//! records the status code and the ErrorInfo reason.
 //!
 //! The code of a successful call travels in the HTTP/2 trailers, after the body, so the record
 //! is made when the trailers pass by (or when the response headers already carry `grpc-status`,
@@ -15,9 +18,14 @@ use std::{
 
 use http::{HeaderMap, Request, Response, uri::PathAndQuery};
 use http_body::{Body, Frame};
+use opentelemetry::{global, propagation::Extractor, trace::TraceContextExt as _};
 use pin_project_lite::pin_project;
 use tonic::Code;
 use tower::{Layer, Service};
+use tracing::{Instrument as _, Span, field::Empty, instrument::Instrumented};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::telemetry;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AccessLayer;
@@ -39,13 +47,81 @@ pub struct Access<S> {
 struct CallStart {
     path: Option<PathAndQuery>,
     started: Instant,
+    /// The call's server span (disabled while tracing is off).
+    span: Span,
 }
 
 impl CallStart {
     fn finish(self, code: Code) {
         let method = self.path.as_ref().map_or("", PathAndQuery::path);
         record(method, code, self.started.elapsed());
+        if !self.span.is_disabled() {
+            self.span.record("rpc.grpc.status_code", code as i64);
+            if is_server_error(code) {
+                self.span.record("otel.status_code", "ERROR");
+            }
+        }
     }
+}
+
+/// The codes OpenTelemetry's gRPC conventions count as a server span's error.
+fn is_server_error(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
+}
+
+/// The request's headers as the propagator reads them.
+struct Headers<'a>(&'a HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// The server span of a call, child of the caller's trace context; disabled while tracing is
+/// off, so nothing is parsed or allocated then.
+fn call_span<B>(request: &Request<B>) -> Span {
+    if !telemetry::tracing_on() {
+        return Span::none();
+    }
+    let path = request.uri().path().trim_start_matches('/');
+    let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        target: telemetry::SPANS,
+        "grpc.server",
+        otel.name = path,
+        otel.kind = "server",
+        otel.status_code = Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = Empty,
+        error.reason = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    let parent = global::get_text_map_propagator(|p| p.extract(&Headers(request.headers())));
+    let _ = span.set_parent(parent);
+    let context = span.context();
+    let ids = context.span().span_context().clone();
+    if ids.is_valid() {
+        // Fields of the span, so the log lines written inside the call carry them.
+        span.record("trace_id", tracing::field::display(ids.trace_id()));
+        span.record("span_id", tracing::field::display(ids.span_id()));
+    }
+    span
 }
 
 fn record(method: &str, code: Code, latency: Duration) {
@@ -71,19 +147,22 @@ where
 {
     type Response = Response<LoggedBody<ResBody>>;
     type Error = S::Error;
-    type Future = LoggedFuture<S::Future>;
+    type Future = LoggedFuture<Instrumented<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let span = call_span(&request);
         let start = CallStart {
             path: request.uri().path_and_query().cloned(),
             started: Instant::now(),
+            span: span.clone(),
         };
+        let inner = span.in_scope(|| self.inner.call(request));
         LoggedFuture {
-            inner: self.inner.call(request),
+            inner: inner.instrument(span),
             start: Some(start),
         }
     }

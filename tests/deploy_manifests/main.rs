@@ -27,6 +27,8 @@ const OPTIONAL: &[&str] = &[
     "TLS_CERT_PATH",
     "TLS_KEY_PATH",
     "TLS_CLIENT_CA_PATH",
+    // Tracing is on only where a collector runs; docs/DEPLOY.md shows where to set it.
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
 ];
 
 /// Variables that carry credentials and so belong in the Secret, never in the ConfigMap.

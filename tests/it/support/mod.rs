@@ -112,7 +112,7 @@ pub async fn spawn_app_on(
     let prefix = vars["REDIS_KEY_PREFIX"].clone();
     let mut config = Config::from_lookup(|k| vars.get(k).cloned()).expect("valid test config");
     config.postgres.database.0 = settings.database;
-    ecommerce::telemetry::init(config.telemetry.log_format, &config.telemetry.log_filter);
+    ecommerce::telemetry::init(&config.telemetry);
 
     // Built on `runtime` too: the pools' and the Redis client's tasks belong to the server.
     let shutdown = CancellationToken::new();

@@ -1,0 +1,187 @@
+//! Traces: a call sent with a W3C `traceparent` arrives at an OTLP collector as spans of that
+//! trace, the server span a child of the caller's span, with its status and ErrorInfo reason.
+//!
+//! A test binary of its own: the tracing subscriber and the exporter are process-wide and
+//! installed once, so this process must install them with tracing on (the `it` binary's
+//! servers run with tracing off).
+
+#[allow(dead_code, unused_imports)]
+#[path = "../it/support/mod.rs"]
+mod support;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ecommerce::proto::{OrderLine, PlaceOrderRequest};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{AnyValue, any_value::Value},
+    trace::v1::Span,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::net::TcpListener;
+use tonic::{Code, Request, Response, Status};
+
+use crate::support::{
+    eventually,
+    shop::{charge, create_product},
+    spawn_app_with,
+};
+
+/// A real OTLP/gRPC collector, keeping every span it is sent.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    async fn start(&self) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = TraceServiceServer::new(self.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+        });
+        addr
+    }
+
+    fn of_trace(&self, trace_id: &[u8]) -> Vec<Span> {
+        let spans = self.spans.lock().unwrap();
+        spans
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+}
+
+fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v: &AnyValue| v.value.as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A PlaceOrder carrying `traceparent` for this trace and parent span.
+fn traced(
+    request: PlaceOrderRequest,
+    trace_id: &[u8; 16],
+    parent: &[u8; 8],
+) -> Request<PlaceOrderRequest> {
+    let mut request = Request::new(request);
+    let header = format!("00-{}-{}-01", hex(trace_id), hex(parent));
+    request
+        .metadata_mut()
+        .insert("traceparent", header.parse().unwrap());
+    request
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let collector = Collector::default();
+    let endpoint = collector.start().await;
+    let app = spawn_app_with(db, |s| {
+        s.set("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{endpoint}"));
+    })
+    .await;
+    let product = create_product(&app, "traced", 1_000, 10).await;
+    charge(&app, 1, 10_000).await;
+
+    let placed = [0x4b; 16];
+    let parent = [0x11; 8];
+    let order = PlaceOrderRequest {
+        user_id: 1,
+        items: vec![OrderLine {
+            product_id: product,
+            quantity: 1,
+        }],
+        ..Default::default()
+    };
+    app.orders()
+        .place_order(traced(order.clone(), &placed, &parent))
+        .await
+        .expect("placed");
+    let refused = [0x5c; 16];
+    let unknown = PlaceOrderRequest {
+        items: vec![OrderLine {
+            product_id: 999_999,
+            quantity: 1,
+        }],
+        ..order
+    };
+    let status = app
+        .orders()
+        .place_order(traced(unknown, &refused, &parent))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    // The batch exporter sends every few seconds.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            !collector.of_trace(&placed).is_empty() && !collector.of_trace(&refused).is_empty()
+        })
+        .await,
+        "the collector received the two traces"
+    );
+    let server = |trace: &[u8]| {
+        collector
+            .of_trace(trace)
+            .into_iter()
+            .find(|s| s.name == "ecommerce.v1.OrderService/PlaceOrder")
+            .unwrap_or_else(|| panic!("no server span in {:?}", collector.of_trace(trace)))
+    };
+    let ok = server(&placed);
+    assert_eq!(ok.parent_span_id, parent, "a child of the caller's span");
+    assert_eq!(
+        attribute(&ok, "rpc.grpc.status_code"),
+        Some(&Value::IntValue(0))
+    );
+    assert_eq!(
+        attribute(&ok, "rpc.system"),
+        Some(&Value::StringValue("grpc".into()))
+    );
+    let failed = server(&refused);
+    assert_eq!(
+        attribute(&failed, "rpc.grpc.status_code"),
+        Some(&Value::IntValue(Code::NotFound as i64))
+    );
+    assert_eq!(
+        attribute(&failed, "error.reason"),
+        Some(&Value::StringValue("PRODUCT_NOT_FOUND".into()))
+    );
+    app.stop().await;
+}

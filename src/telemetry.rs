@@ -15,9 +15,14 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use opentelemetry::{global, trace::TracerProvider as _};
+use opentelemetry::{
+    global,
+    trace::{TraceContextExt as _, TracerProvider as _},
+};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing::{Span, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::{
     EnvFilter, Layer, filter::Targets, fmt, layer::SubscriberExt, util::SubscriberInitExt,
 };
@@ -109,4 +114,37 @@ pub fn shutdown() {
     {
         tracing::warn!(error = %e, "trace exporter shutdown");
     }
+}
+
+/// A span for one step of a call (a use case such as `orders.place`), exported as `name`; a
+/// child of the current span. With tracing off it is disabled at its callsite: nothing is
+/// recorded or allocated. (Postgres statements get theirs from `#[tracing::instrument(target =
+/// "otel", ...)]`, which takes only a literal target.)
+pub fn step(name: &'static str) -> Span {
+    tracing::info_span!(target: SPANS, "step", otel.name = name)
+}
+
+/// The span of one Redis script call, exported as `name` (`coupon_gate.decide`).
+pub fn redis_script(name: &'static str) -> Span {
+    tracing::info_span!(target: SPANS, "redis", otel.name = name, db.system = "redis")
+}
+
+/// The span of work done once for many calls (a batch of inserts written by one statement):
+/// a root of its own, linked to each caller's span, so a call's trace leads to the batch that
+/// served it and the batch lists every call it served. Disabled while tracing is off.
+pub fn batch<'a>(name: &'static str, callers: impl IntoIterator<Item = &'a Span>) -> Span {
+    if !tracing_on() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(target: SPANS, parent: None, "batch", otel.name = name, batch.size = Empty);
+    let mut size = 0_u64;
+    for caller in callers {
+        size += 1;
+        let context = caller.context().span().span_context().clone();
+        if context.is_valid() {
+            span.add_link(context);
+        }
+    }
+    span.record("batch.size", size);
+    span
 }

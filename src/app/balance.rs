@@ -13,7 +13,7 @@ use crate::{
     domain::{IdempotencyKey, LedgerEntry, PageSize, PageToken, UserId, Won},
     error::AppError,
     store::postgres::{
-        balances,
+        self as postgres, balances,
         idempotency::{self, Operation},
     },
 };
@@ -61,7 +61,7 @@ impl Balances {
         if let Some(key) = &cmd.idempotency_key {
             idempotency::complete(&mut tx, cmd.user_id, Operation::Charge, key, entry.id).await?;
         }
-        tx.commit().await?;
+        postgres::commit(tx).await?;
         Ok(entry)
     }
 

@@ -14,6 +14,7 @@
 use std::{sync::Arc, time::Duration};
 
 use sqlx::PgPool;
+use tracing::Instrument as _;
 
 use super::{
     idempotency::{NextAction, next_action},
@@ -27,10 +28,11 @@ use crate::{
     error::{AppError, Resource},
     metrics,
     store::postgres::{
-        balances, coupons,
+        self as postgres, balances, coupons,
         idempotency::Operation,
         orders::{self, LineRefusal, NewOrder},
     },
+    telemetry,
 };
 
 pub struct PlaceOrderCommand {
@@ -72,7 +74,10 @@ impl Orders {
     }
 
     pub async fn place(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
-        let result = self.try_place(cmd).await;
+        let result = self
+            .try_place(cmd)
+            .instrument(telemetry::step("orders.place"))
+            .await;
         metrics::order_placed(metrics::outcome(&result));
         result
     }
@@ -155,7 +160,7 @@ impl Orders {
             },
         )
         .await?;
-        tx.commit().await?;
+        postgres::commit(tx).await?;
         Ok(order)
     }
 
@@ -224,7 +229,7 @@ impl Orders {
         let items = orders::items(&mut *tx, id).await?;
         let mut released =
             orders::release(&mut tx, &[(&row, &items)], OrderStatus::Cancelled).await?;
-        tx.commit().await?;
+        postgres::commit(tx).await?;
         self.sold_out.clear(released.restocks).await;
         Ok(released.orders.remove(0).with_items(items))
     }
@@ -246,7 +251,7 @@ impl Orders {
                 .map(|(row, items)| (row, items.as_slice()))
                 .collect();
             let released = orders::release(&mut tx, &batch, OrderStatus::Expired).await?;
-            tx.commit().await?;
+            postgres::commit(tx).await?;
             // One clear for the whole batch: its orders often share the same hot products.
             self.sold_out.clear(released.restocks).await;
             expired += released.orders.len();

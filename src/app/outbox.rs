@@ -13,7 +13,10 @@ use tokio::sync::Notify;
 use crate::{
     error::AppError,
     metrics,
-    store::{data_platform::Sink, postgres::outbox},
+    store::{
+        data_platform::Sink,
+        postgres::{self, outbox},
+    },
 };
 
 /// How the outbox delivers and retries.
@@ -124,7 +127,7 @@ impl Outbox {
                 }
             }
         };
-        tx.commit().await?;
+        postgres::commit(tx).await?;
         Ok(report)
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use sqlx::PgPool;
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::{
@@ -24,10 +25,12 @@ use crate::{
     error::{AppError, Resource},
     metrics,
     store::postgres::{
+        self as postgres,
         idempotency::{self, Operation},
         orders, outbox,
         payments::{self, PaymentRecord},
     },
+    telemetry,
 };
 
 pub struct PayCommand {
@@ -55,7 +58,10 @@ impl Payments {
     }
 
     pub async fn pay(&self, cmd: PayCommand) -> Result<Payment, AppError> {
-        let result = self.try_pay(cmd).await;
+        let result = self
+            .try_pay(cmd)
+            .instrument(telemetry::step("payments.pay"))
+            .await;
         metrics::payment(metrics::outcome(&result));
         result
     }
@@ -135,13 +141,14 @@ impl Payments {
             idempotency::complete(&mut tx, cmd.user_id, Operation::Pay, key, payment.id.get())
                 .await?;
         }
-        tx.commit().await?;
+        postgres::commit(tx).await?;
 
         self.outbox_nudge.notify_one();
         // The ranking bump runs to the end even if the caller has gone (the ranking job would
         // only restore a lost bump at its next run).
         let (popular, items, paid_at) = (self.popular.clone(), event.items, payment.paid_at);
-        let _ = tokio::spawn(async move { popular.record_sale(&items, paid_at).await }).await;
+        let bump = async move { popular.record_sale(&items, paid_at).await };
+        let _ = tokio::spawn(bump.in_current_span()).await;
         Ok(payment)
     }
 }

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use ecommerce::proto::{OrderLine, PlaceOrderRequest};
+use ecommerce::proto::{IssueCouponRequest, OrderLine, PlaceOrderRequest};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -29,6 +29,8 @@ use tokio::net::TcpListener;
 use tonic::{Code, Request, Response, Status};
 
 use crate::support::{
+    TestApp,
+    coupons::create_coupon,
     eventually,
     shop::{charge, create_product},
     spawn_app_with,
@@ -88,6 +90,10 @@ fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
         .and_then(|v: &AnyValue| v.value.as_ref())
 }
 
+fn names(spans: &[Span]) -> Vec<&str> {
+    spans.iter().map(|s| s.name.as_str()).collect()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -107,6 +113,8 @@ fn traced(
 }
 
 #[sqlx::test(migrations = false)]
+// One test only: the exporter is process-wide and bound to the runtime of the test that
+// installed it, so every scenario runs inside this one.
 async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
     _: PgPoolOptions,
     db: PgConnectOptions,
@@ -174,6 +182,37 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
         attribute(&ok, "rpc.system"),
         Some(&Value::StringValue("grpc".into()))
     );
+    // The call's steps are its descendants: the use case, its Postgres statements and the
+    // commit, each a child of the span that ran it.
+    let trace = collector.of_trace(&placed);
+    let by_name = |name: &str| {
+        trace
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span in {:?}", names(&trace)))
+    };
+    let place = by_name("orders.place");
+    assert_eq!(
+        place.parent_span_id, ok.span_id,
+        "orders.place is the call's child"
+    );
+    for step in [
+        "balances.read",
+        "orders.reserve_line",
+        "orders.insert",
+        "postgres.commit",
+    ] {
+        let span = by_name(step);
+        assert_eq!(
+            span.parent_span_id, place.span_id,
+            "{step} is a child of orders.place"
+        );
+        assert_eq!(
+            attribute(span, "db.system"),
+            Some(&Value::StringValue("postgresql".into())),
+            "{step}"
+        );
+    }
     let failed = server(&refused);
     assert_eq!(
         attribute(&failed, "rpc.grpc.status_code"),
@@ -183,5 +222,72 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
         attribute(&failed, "error.reason"),
         Some(&Value::StringValue("PRODUCT_NOT_FOUND".into()))
     );
+
+    a_coupon_call_leads_to_its_gate_script_and_the_batch_that_recorded_it(&app, &collector).await;
     app.stop().await;
+}
+
+/// A coupon call leads to its gate script and to the batch that recorded its winner.
+async fn a_coupon_call_leads_to_its_gate_script_and_the_batch_that_recorded_it(
+    app: &TestApp,
+    collector: &Collector,
+) {
+    let coupon = create_coupon(app, 10).await;
+    let trace_id = [0x6d; 16];
+    let mut request = Request::new(IssueCouponRequest {
+        coupon_id: coupon,
+        user_id: 7,
+    });
+    let header = format!("00-{}-{}-01", hex(&trace_id), hex(&[0x22; 8]));
+    request
+        .metadata_mut()
+        .insert("traceparent", header.parse().unwrap());
+    app.coupons().issue_coupon(request).await.expect("issued");
+
+    let find = |name: &'static str| {
+        let collector = collector.clone();
+        move || {
+            let spans = collector.spans.lock().unwrap();
+            spans.iter().find(|s| s.name == name).cloned()
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            find("coupons.record_batch")().is_some() && !collector.of_trace(&trace_id).is_empty()
+        })
+        .await,
+        "the collector received the call and its batch"
+    );
+    let trace = collector.of_trace(&trace_id);
+    let decide = trace
+        .iter()
+        .find(|s| s.name == "coupon_gate.decide")
+        .unwrap_or_else(|| panic!("no gate span in {:?}", names(&trace)));
+    assert_eq!(
+        attribute(decide, "db.system"),
+        Some(&Value::StringValue("redis".into()))
+    );
+    let record = trace
+        .iter()
+        .find(|s| s.name == "coupons.record")
+        .unwrap_or_else(|| panic!("no record span in {:?}", names(&trace)));
+    // The batch is a trace of its own, linked to every call it served.
+    let batch = find("coupons.record_batch")().unwrap();
+    assert_ne!(batch.trace_id, trace_id);
+    assert!(
+        batch
+            .links
+            .iter()
+            .any(|l| l.trace_id == trace_id && l.span_id == record.span_id),
+        "the batch links the call's record span: {:?}",
+        batch.links
+    );
+    let batch_steps = collector.of_trace(&batch.trace_id);
+    assert!(
+        batch_steps
+            .iter()
+            .any(|s| s.name == "coupons.insert_winners"),
+        "the batch's insert: {:?}",
+        names(&batch_steps)
+    );
 }

@@ -25,6 +25,7 @@ use std::{sync::Arc, time::Duration};
 use chrono::Utc;
 use sqlx::PgPool;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 pub use self::stats::{CouponGateStats, RepairReason};
 use super::sold_out::{LOCAL_SOLD_OUT, SoldOutCache};
@@ -40,6 +41,7 @@ use crate::{
         },
         redis::coupon_gate::{CouponGate, Decision, Grant, InstallMode},
     },
+    telemetry,
 };
 
 /// How long a request waits for a rebuild of the gate before giving up.
@@ -164,11 +166,15 @@ impl Coupons {
             return refused;
         }
         let this = self.clone();
-        tokio::spawn(async move {
-            let result = this.try_issue(coupon_id, user_id).await;
-            metrics::coupon_issue(metrics::outcome(&result));
-            result
-        })
+        tokio::spawn(
+            async move {
+                let result = this.try_issue(coupon_id, user_id).await;
+                metrics::coupon_issue(metrics::outcome(&result));
+                result
+            }
+            // The spawned task is not the call's task: the span carries the trace across.
+            .instrument(telemetry::step("coupons.issue")),
+        )
         .await
         .unwrap_or_else(|e| Err(AppError::internal(format!("coupon issue task failed: {e}"))))
     }

@@ -18,6 +18,7 @@ macro_rules! ledger_columns {
 
 /// Credits `amount` and writes the CHARGE entry in one statement. `None` when the balance would
 /// pass `max_balance` (nothing is written then).
+#[tracing::instrument(target = "otel", name = "balances.charge", skip_all, fields(db.system = "postgresql"))]
 pub async fn charge(
     conn: &mut PgConnection,
     user_id: UserId,
@@ -46,6 +47,7 @@ pub async fn charge(
     Ok(entry)
 }
 
+#[tracing::instrument(target = "otel", name = "balances.read", skip_all, fields(db.system = "postgresql"))]
 pub async fn balance(db: impl PgExecutor<'_>, user_id: UserId) -> Result<Won, StoreError> {
     let balance: Option<Won> =
         sqlx::query_scalar("SELECT balance FROM user_balances WHERE user_id = $1")

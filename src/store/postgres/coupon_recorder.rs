@@ -18,11 +18,13 @@ use tokio::{
     sync::{Semaphore, mpsc, oneshot},
     time::Instant,
 };
+use tracing::{Instrument as _, Span};
 
 use super::coupons::{self, IssueRefusal, SeatGrant};
 use crate::{
     domain::UserCoupon,
     store::{Dependency, StoreError},
+    telemetry,
 };
 
 /// Grants written by one statement at most.
@@ -37,6 +39,8 @@ struct Pending {
     /// Not written after this.
     deadline: Instant,
     reply: oneshot::Sender<Outcome>,
+    /// The winner's call, linked from the batch's span.
+    caller: Span,
 }
 
 pub struct CouponRecorder {
@@ -59,6 +63,7 @@ impl CouponRecorder {
         Self { queue, max_wait }
     }
 
+    #[tracing::instrument(target = "otel", name = "coupons.record", skip_all)]
     pub async fn record(&self, grant: SeatGrant) -> Outcome {
         let (reply, answer) = oneshot::channel();
         let deadline = Instant::now() + self.max_wait;
@@ -67,6 +72,7 @@ impl CouponRecorder {
                 grant,
                 deadline,
                 reply,
+                caller: Span::current(),
             })
             .await
             .map_err(|_| unavailable("the coupon recorder has stopped".into()))?;
@@ -91,10 +97,14 @@ async fn run(pg: PgPool, mut pending: mpsc::Receiver<Pending>) {
             }
         }
         let pg = pg.clone();
-        tokio::spawn(async move {
-            record_batch(&pg, batch).await;
-            drop(slot);
-        });
+        let span = telemetry::batch("coupons.record_batch", batch.iter().map(|p| &p.caller));
+        tokio::spawn(
+            async move {
+                record_batch(&pg, batch).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
     }
 }
 

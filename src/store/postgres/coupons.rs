@@ -284,6 +284,7 @@ pub enum IssueRefusal {
 }
 
 /// Records the coupon `seat` for `user_id`, in one statement.
+#[tracing::instrument(target = "otel", name = "coupons.insert", skip_all, fields(db.system = "postgresql"))]
 pub async fn issue(
     db: impl PgExecutor<'_>,
     coupon_id: CouponId,
@@ -333,6 +334,7 @@ pub struct SeatGrant {
 /// A grant that a unique constraint refuses (the user already holds the coupon, the seat is
 /// taken) is left out of the result; [`issue`] tells why, one by one. Any other failure fails
 /// the whole statement.
+#[tracing::instrument(target = "otel", name = "coupons.insert_winners", skip_all, fields(db.system = "postgresql"))]
 pub async fn issue_many(
     db: impl PgExecutor<'_>,
     grants: &[SeatGrant],
@@ -364,6 +366,7 @@ pub async fn issue_many(
 }
 
 /// Locks one issued coupon (for an order being placed) and reads it with its terms.
+#[tracing::instrument(target = "otel", name = "coupons.lock_user_coupon", skip_all, fields(db.system = "postgresql"))]
 pub async fn lock_user_coupon(
     tx: &mut sqlx::PgConnection,
     id: UserCouponId,

@@ -36,6 +36,7 @@ pub enum Claim {
     Mismatch,
 }
 
+#[tracing::instrument(target = "otel", name = "idempotency.claim", skip_all, fields(db.system = "postgresql"))]
 pub async fn claim(
     tx: &mut PgConnection,
     user_id: UserId,
@@ -77,6 +78,7 @@ pub async fn claim(
     })
 }
 
+#[tracing::instrument(target = "otel", name = "idempotency.complete", skip_all, fields(db.system = "postgresql"))]
 pub async fn complete(
     tx: &mut PgConnection,
     user_id: UserId,

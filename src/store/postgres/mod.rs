@@ -15,7 +15,7 @@ pub mod sales;
 use std::time::Duration;
 
 use sqlx::{
-    PgPool,
+    PgPool, Postgres, Transaction,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -39,6 +39,13 @@ pub fn pool(options: PgConnectOptions, max_connections: u32, acquire_timeout: Du
 /// starting together apply each migration once.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
+}
+
+/// Commits: the step where a call waits for its WAL flush, so it has a span of its own.
+#[tracing::instrument(target = "otel", name = "postgres.commit", skip_all, fields(db.system = "postgresql"))]
+pub async fn commit(tx: Transaction<'_, Postgres>) -> Result<(), StoreError> {
+    tx.commit().await?;
+    Ok(())
 }
 
 /// `SELECT 1`, for health checks.

@@ -77,6 +77,7 @@ pub enum LineRefusal {
 
 /// Takes `line.quantity` units out of stock if the product is on sale and has them; returns the
 /// product's name and price at that moment (the order is priced with these).
+#[tracing::instrument(target = "otel", name = "orders.reserve_line", skip_all, fields(db.system = "postgresql"))]
 pub async fn reserve_line(
     tx: &mut PgConnection,
     line: &OrderLine,
@@ -126,6 +127,7 @@ pub struct NewOrder<'a> {
 
 /// Writes the order, its items, the coupon reservation and the idempotency result in one
 /// statement (one round trip while the product rows are locked).
+#[tracing::instrument(target = "otel", name = "orders.insert", skip_all, fields(db.system = "postgresql"))]
 pub async fn insert(tx: &mut PgConnection, new: NewOrder<'_>) -> Result<Order, StoreError> {
     let product_ids: Vec<ProductId> = new.items.iter().map(|i| i.product_id).collect();
     let names: Vec<&str> = new.items.iter().map(|i| i.name.as_str()).collect();
@@ -203,6 +205,7 @@ pub async fn get(conn: &mut PgConnection, id: OrderId) -> Result<Option<Order>, 
 }
 
 /// Locks the order row for a state change (pay, cancel, expire).
+#[tracing::instrument(target = "otel", name = "orders.lock", skip_all, fields(db.system = "postgresql"))]
 pub async fn lock(tx: &mut PgConnection, id: OrderId) -> Result<Option<OrderRow>, StoreError> {
     let row = sqlx::query_as(concat!(
         "SELECT ",
@@ -229,6 +232,7 @@ pub struct Released {
 /// Locks follow the global order (orders, then coupons, then products by ascending id) across
 /// the whole batch, not order by order: an expiry batch that gave back order A's product 5
 /// before order B's product 2 deadlocked with an order being placed for products 2 and 5.
+#[tracing::instrument(target = "otel", name = "orders.release", skip_all, fields(db.system = "postgresql"))]
 pub async fn release(
     tx: &mut PgConnection,
     orders: &[(&OrderRow, &[OrderItem])],
@@ -294,6 +298,7 @@ fn units_to_return<'a>(items: impl Iterator<Item = &'a OrderItem>) -> Vec<(Produ
 
 /// Open orders past their deadline, locked, skipping those another transaction holds (a
 /// payment in progress, or another replica's expiry run).
+#[tracing::instrument(target = "otel", name = "orders.lock_overdue", skip_all, fields(db.system = "postgresql"))]
 pub async fn lock_overdue(tx: &mut PgConnection, limit: i64) -> Result<Vec<OrderRow>, StoreError> {
     let rows = sqlx::query_as(concat!(
         "SELECT ",

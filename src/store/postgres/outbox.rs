@@ -22,6 +22,7 @@ pub struct OutboxEvent {
     pub created_at: DateTime<Utc>,
 }
 
+#[tracing::instrument(target = "otel", name = "outbox.enqueue", skip_all, fields(db.system = "postgresql"))]
 pub async fn enqueue(
     tx: &mut PgConnection,
     event_id: Uuid,
@@ -44,6 +45,7 @@ pub async fn enqueue(
 
 /// Locks up to `limit` events that are due, oldest first, skipping those another transaction
 /// is delivering.
+#[tracing::instrument(target = "otel", name = "outbox.claim_due", skip_all, fields(db.system = "postgresql"))]
 pub async fn claim_due(tx: &mut PgConnection, limit: i64) -> Result<Vec<OutboxEvent>, StoreError> {
     let events = sqlx::query_as(
         "SELECT id, event_id, event_type, payload, attempts, created_at FROM outbox_events

@@ -18,6 +18,7 @@ macro_rules! payment_columns {
 }
 
 /// Takes `amount` from the balance if it is there; the balance after, or `None` when it is not.
+#[tracing::instrument(target = "otel", name = "payments.deduct", skip_all, fields(db.system = "postgresql"))]
 pub async fn deduct(
     tx: &mut PgConnection,
     user_id: UserId,
@@ -57,6 +58,7 @@ pub struct PaymentRecord {
 
 /// Writes the USE ledger entry, the payment, the order as PAID and its coupon as USED, in one
 /// statement. The order row must be locked by this transaction.
+#[tracing::instrument(target = "otel", name = "payments.record", skip_all, fields(db.system = "postgresql"))]
 pub async fn record(tx: &mut PgConnection, record: PaymentRecord) -> Result<Payment, StoreError> {
     let payment = sqlx::query_as(concat!(
         "WITH ledger AS (

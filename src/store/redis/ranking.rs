@@ -29,7 +29,7 @@ impl Ranking {
     pub fn new(redis: Redis) -> Self {
         Self {
             redis,
-            bump: LuaScript::new(include_str!("lua/rank_bump.lua")),
+            bump: LuaScript::new("ranking.bump", include_str!("lua/rank_bump.lua")),
         }
     }
 

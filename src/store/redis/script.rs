@@ -8,22 +8,38 @@ use fred::{
     types::{Key, MultipleKeys, Value, scripts::Script},
 };
 
+use tracing::Instrument as _;
+
 use super::Redis;
-use crate::store::StoreError;
+use crate::{store::StoreError, telemetry};
 
 pub struct LuaScript {
     script: Script,
+    /// What the script does, as its trace span is named (`coupon_gate.decide`).
+    name: &'static str,
 }
 
 impl LuaScript {
-    pub fn new(source: &'static str) -> Self {
+    pub fn new(name: &'static str, source: &'static str) -> Self {
         Self {
             script: Script::from_lua(source),
+            name,
         }
     }
 
     /// Runs the script with these keys and arguments.
     pub async fn call<R: FromValue>(
+        &self,
+        redis: &Redis,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<R, StoreError> {
+        self.call_once_loaded(redis, keys, args)
+            .instrument(telemetry::redis_script(self.name))
+            .await
+    }
+
+    async fn call_once_loaded<R: FromValue>(
         &self,
         redis: &Redis,
         keys: &[&str],

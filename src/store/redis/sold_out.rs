@@ -31,8 +31,8 @@ impl SoldOutMarkers {
     pub fn new(redis: Redis) -> Self {
         Self {
             redis,
-            mark: LuaScript::new(include_str!("lua/mark_sold_out.lua")),
-            clear: LuaScript::new(include_str!("lua/clear_sold_out.lua")),
+            mark: LuaScript::new("sold_out.mark", include_str!("lua/mark_sold_out.lua")),
+            clear: LuaScript::new("sold_out.clear", include_str!("lua/clear_sold_out.lua")),
         }
     }
 

@@ -113,14 +113,32 @@ impl CouponGate {
     pub fn new(redis: Redis) -> Self {
         Self {
             redis,
-            issue: LuaScript::new(include_str!("../lua/issue_coupon.lua")),
-            release: LuaScript::new(include_str!("../lua/release_seat.lua")),
-            install: LuaScript::new(include_str!("../lua/load_coupon.lua")),
-            unlock: LuaScript::new(include_str!("../lua/unlock.lua")),
-            summary: LuaScript::new(include_str!("../lua/gate_summary.lua")),
-            pending: LuaScript::new(include_str!("../lua/pending_wins.lua")),
-            settle: LuaScript::new(include_str!("../lua/settle_wins.lua")),
-            extend: LuaScript::new(include_str!("../lua/extend_lock.lua")),
+            issue: LuaScript::new(
+                "coupon_gate.decide",
+                include_str!("../lua/issue_coupon.lua"),
+            ),
+            release: LuaScript::new(
+                "coupon_gate.release",
+                include_str!("../lua/release_seat.lua"),
+            ),
+            install: LuaScript::new(
+                "coupon_gate.install",
+                include_str!("../lua/load_coupon.lua"),
+            ),
+            unlock: LuaScript::new("coupon_gate.unlock", include_str!("../lua/unlock.lua")),
+            summary: LuaScript::new(
+                "coupon_gate.summary",
+                include_str!("../lua/gate_summary.lua"),
+            ),
+            pending: LuaScript::new(
+                "coupon_gate.pending",
+                include_str!("../lua/pending_wins.lua"),
+            ),
+            settle: LuaScript::new("coupon_gate.settle", include_str!("../lua/settle_wins.lua")),
+            extend: LuaScript::new(
+                "coupon_gate.extend_lock",
+                include_str!("../lua/extend_lock.lua"),
+            ),
         }
     }
 

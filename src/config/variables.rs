@@ -151,8 +151,10 @@ variables! {
         "every key starts with it";
     // Telemetry
     LOG_FORMAT = "LOG_FORMAT", Value("text"), Range::OneOf(&["text", "json"]), "log line format";
-    RUST_LOG = "RUST_LOG", Value("info"), Range::Described("a tracing filter"),
-        "log filter; `access=debug` logs one line per call (method, code, latency)";
+    RUST_LOG = "RUST_LOG", Value("info,tokio_cron_scheduler=warn"),
+        Range::Described("a tracing filter"),
+        "log filter; `access=debug` logs one line per call (method, code, latency); the \
+        scheduler's INFO lines say nothing to an operator";
     // Balances and orders
     MAX_BALANCE = "MAX_BALANCE", Value("1000000000000"),
         Range::Integer { min: 1, max: 2_305_843_009_213_693_951 },

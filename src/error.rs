@@ -218,6 +218,7 @@ impl From<ValidationError> for Status {
 impl From<AppError> for Status {
     fn from(error: AppError) -> Self {
         let (code, reason) = error.code_and_reason();
+        crate::metrics::error_answered(code, reason);
         match &error {
             AppError::Internal(source) => {
                 tracing::error!(error = %source, debug = ?source, "internal error");

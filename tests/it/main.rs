@@ -18,6 +18,7 @@ mod first_run;
 mod health;
 mod hostile;
 mod loadgen;
+mod operating;
 mod orders;
 mod outbox;
 mod popular;

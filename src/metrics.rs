@@ -47,14 +47,14 @@ pub fn recorder() -> &'static PrometheusHandle {
 /// Counters of events that may never happen are exported at 0 from the start, so a dashboard
 /// or an alert (`increase(...) > 0`) sees a series before the first event, not a gap.
 fn register_rare_events() {
-    counter!("ecommerce_runtime_stalls_total").absolute(0);
+    counter!("ecommerce_runtime_stalls_total").increment(0);
     for reason in [
         ConnectionClosed::Peer,
         ConnectionClosed::MaxAge,
         ConnectionClosed::MaxAgeGrace,
         ConnectionClosed::Shutdown,
     ] {
-        counter!("grpc_server_connections_closed_total", "reason" => reason.label()).absolute(0);
+        counter!("grpc_server_connections_closed_total", "reason" => reason.label()).increment(0);
     }
 }
 
@@ -197,9 +197,9 @@ pub fn coupon_gate_rebuild(reason: &'static str) {
 /// Exports the repair counters at 0 before their first event (see `register_rare_events`).
 pub fn coupon_repairs_registered(reasons: impl IntoIterator<Item = &'static str>) {
     for reason in reasons {
-        counter!("ecommerce_coupon_gate_rebuilds_total", "reason" => reason).absolute(0);
+        counter!("ecommerce_coupon_gate_rebuilds_total", "reason" => reason).increment(0);
     }
-    counter!("ecommerce_coupon_orphans_released_total").absolute(0);
+    counter!("ecommerce_coupon_orphans_released_total").increment(0);
 }
 
 /// An orphaned coupon win released by the call that met it.

@@ -220,6 +220,7 @@ impl From<AppError> for Status {
         let (code, reason) = error.code_and_reason();
         // The call's server span (a no-op while tracing is off or outside a call).
         tracing::Span::current().record("error.reason", reason);
+        crate::metrics::error_answered(code, reason);
         match &error {
             AppError::Internal(source) => {
                 tracing::error!(error = %source, debug = ?source, "internal error");

@@ -30,7 +30,7 @@ const BUCKETS: &[f64] = &[
 pub fn recorder() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        PrometheusBuilder::new()
+        let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("seconds".into()), BUCKETS)
             .and_then(PrometheusBuilder::install_recorder)
             .unwrap_or_else(|e| {
@@ -38,8 +38,24 @@ pub fn recorder() -> &'static PrometheusHandle {
                 // it just sees nothing.
                 tracing::warn!(error = %e, "metrics recorder not installed");
                 PrometheusBuilder::new().build_recorder().handle()
-            })
+            });
+        register_rare_events();
+        handle
     })
+}
+
+/// Counters of events that may never happen are exported at 0 from the start, so a dashboard
+/// or an alert (`increase(...) > 0`) sees a series before the first event, not a gap.
+fn register_rare_events() {
+    counter!("ecommerce_runtime_stalls_total").increment(0);
+    for reason in [
+        ConnectionClosed::Peer,
+        ConnectionClosed::MaxAge,
+        ConnectionClosed::MaxAgeGrace,
+        ConnectionClosed::Shutdown,
+    ] {
+        counter!("grpc_server_connections_closed_total", "reason" => reason.label()).increment(0);
+    }
 }
 
 /// Serves `/metrics` on `listener` until `shutdown`, and keeps histogram buffers drained.
@@ -164,6 +180,11 @@ pub fn outcome<T>(result: &Result<T, AppError>) -> &'static str {
     }
 }
 
+/// An error answered to a caller, by gRPC code and ErrorInfo reason.
+pub fn error_answered(code: Code, reason: &'static str) {
+    counter!("ecommerce_errors_total", "code" => code_name(code), "reason" => reason).increment(1);
+}
+
 pub fn coupon_issue(outcome: &'static str) {
     counter!("ecommerce_coupon_issue_total", "outcome" => outcome).increment(1);
 }
@@ -171,6 +192,14 @@ pub fn coupon_issue(outcome: &'static str) {
 /// A coupon gate rebuilt (or, for `orphan`, repaired) by this process, by reason.
 pub fn coupon_gate_rebuild(reason: &'static str) {
     counter!("ecommerce_coupon_gate_rebuilds_total", "reason" => reason).increment(1);
+}
+
+/// Exports the repair counters at 0 before their first event (see `register_rare_events`).
+pub fn coupon_repairs_registered(reasons: impl IntoIterator<Item = &'static str>) {
+    for reason in reasons {
+        counter!("ecommerce_coupon_gate_rebuilds_total", "reason" => reason).increment(0);
+    }
+    counter!("ecommerce_coupon_orphans_released_total").increment(0);
 }
 
 /// An orphaned coupon win released by the call that met it.

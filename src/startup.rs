@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::{
         Balances, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings, Payments,
-        Popular, RankingSettings, SoldOut, seed_catalog,
+        Popular, RankingSettings, SoldOut, seed_demo,
     },
     config::Config,
     connections::{self, Ageing},
@@ -81,10 +81,14 @@ impl Application {
             .context("configuring the data platform sink")?;
         let (services, outbox) = build_services(&pg, &redis, sink, &config);
         if config.server.seed_demo_data {
-            let created = seed_catalog(&services.catalog)
+            let seeded = seed_demo(&services.catalog, &services.coupons)
                 .await
-                .map_err(|e| anyhow::anyhow!("seeding the demo catalog: {e}"))?;
-            tracing::info!(created, "demo catalog");
+                .map_err(|e| anyhow::anyhow!("seeding the demo data: {e}"))?;
+            tracing::info!(
+                products = seeded.products,
+                coupons = seeded.coupons,
+                "demo data"
+            );
         }
         let listener = TcpListener::bind(config.server.listen_addr)
             .await

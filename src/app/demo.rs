@@ -1,10 +1,17 @@
-//! A small demo catalog for local runs (`SEED_DEMO_DATA=true`, set by `scripts/run`).
-//! Written through the same use cases as the Admin RPCs, and only into an empty catalog, so
-//! restarting never duplicates it.
+//! Demo data for local runs (`SEED_DEMO_DATA=true`, set by `scripts/run`): a small catalog and
+//! one coupon open for issue, so the walk-through `scripts/run` prints (scripts/walkthrough.txt)
+//! shows every flow. Written through the same use cases as the Admin RPCs, and only into an
+//! empty catalog, so restarting never duplicates it.
 
-use super::Catalog;
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+
+use super::{Catalog, Coupons};
 use crate::{
-    domain::{DisplayName, NewProduct, ProductStatus, Won},
+    domain::{
+        Discount, DisplayName, IssueWindow, NewCoupon, NewProduct, ProductStatus, ValidDays, Won,
+    },
     error::AppError,
 };
 
@@ -16,10 +23,17 @@ const PRODUCTS: &[(&str, i64, i64, ProductStatus)] = &[
     ("Laptop stand", 39_000, 50, ProductStatus::Stopped),
 ];
 
-/// Returns how many products were created (0 when the catalog already had some).
-pub async fn seed_catalog(catalog: &Catalog) -> Result<usize, AppError> {
+/// What seeding created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seeded {
+    pub products: usize,
+    pub coupons: usize,
+}
+
+/// Seeds the demo data into an empty catalog; creates nothing when the catalog has products.
+pub async fn seed_demo(catalog: &Catalog, coupons: &Arc<Coupons>) -> Result<Seeded, AppError> {
     if !catalog.is_empty().await? {
-        return Ok(0);
+        return Ok(Seeded::default());
     }
     for (name, price, stock, status) in PRODUCTS {
         catalog
@@ -31,5 +45,21 @@ pub async fn seed_catalog(catalog: &Catalog) -> Result<usize, AppError> {
             })
             .await?;
     }
-    Ok(PRODUCTS.len())
+    // Open from a minute ago, so the walk-through's IssueCoupon is inside the window even if
+    // this replica's clock is a little ahead of the caller's.
+    let now = Utc::now();
+    coupons
+        .create(NewCoupon {
+            name: DisplayName::parse("Welcome: 10% off, up to 20,000 won".to_owned(), "name")?,
+            discount: Discount::percent(10, 20_000)?,
+            min_order_amount: Won::new(50_000),
+            total_quantity: 100,
+            window: IssueWindow::parse(now - Duration::minutes(1), now + Duration::days(3650))?,
+            valid_days: ValidDays::parse(30)?,
+        })
+        .await?;
+    Ok(Seeded {
+        products: PRODUCTS.len(),
+        coupons: 1,
+    })
 }

@@ -17,7 +17,7 @@ mod sold_out;
 pub use balance::{Balances, ChargeCommand};
 pub use catalog::Catalog;
 pub use coupons::{CouponGateStats, CouponStock, Coupons, RepairReason};
-pub use demo::seed_catalog;
+pub use demo::seed_demo;
 pub use orders::{Orders, PlaceOrderCommand};
 pub use outbox::{Outbox, OutboxSettings};
 pub use payments::{PayCommand, Payments};

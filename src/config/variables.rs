@@ -151,8 +151,10 @@ variables! {
         "every key starts with it";
     // Telemetry
     LOG_FORMAT = "LOG_FORMAT", Value("text"), Range::OneOf(&["text", "json"]), "log line format";
-    RUST_LOG = "RUST_LOG", Value("info"), Range::Described("a tracing filter"),
-        "log filter; `access=debug` logs one line per call (method, code, latency)";
+    RUST_LOG = "RUST_LOG", Value("info,tokio_cron_scheduler=warn"),
+        Range::Described("a tracing filter"),
+        "log filter; `access=debug` logs one line per call (method, code, latency); the \
+        scheduler's INFO lines say nothing to an operator";
     OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT", Unset,
         Range::Described("an OTLP/gRPC URL, e.g. `http://otel-collector:4317`"),
         "when set, traces are exported there (service name `ecommerce`; the SDK reads the other standard `OTEL_*` variables); unset, tracing is off and costs nothing";

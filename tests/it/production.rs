@@ -21,9 +21,9 @@ use tonic_health::pb::{
 };
 
 use crate::support::{
-    ADMIN_TOKEN, BearerToken, TestApp, assert_error, coupons, eventually,
+    ADMIN_TOKEN, BearerToken, TestApp, assert_error, coupons, database_url, eventually,
     metrics::{metrics_text, series_value},
-    redis_url,
+    private, redis_url,
     shop::{self, charge, create_product, lock_product, place},
     spawn_app, spawn_app_with,
 };
@@ -344,20 +344,9 @@ async fn past_the_concurrency_limit_calls_are_shed(_: PgPoolOptions, db: PgConne
     app.stop().await;
 }
 
-/// `DATABASE_URL` pointing at the test's own database.
-fn database_url(db: &PgConnectOptions) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
-    let (server, _) = base.rsplit_once('/').expect("DATABASE_URL has a database");
-    format!("{server}/{}", db.get_database().expect("test database"))
-}
-
 #[sqlx::test(migrations = false)]
 async fn sigterm_drains_calls_in_flight_and_exits_zero(_: PgPoolOptions, db: PgConnectOptions) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = private::free_port();
     let prefix = format!("sigterm-{}:", uuid::Uuid::new_v4().simple());
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ecommerce"))
         .env_clear()
@@ -492,11 +481,5 @@ async fn sigterm_drains_calls_in_flight_and_exits_zero(_: PgPoolOptions, db: PgC
         .await
         .unwrap();
     assert_eq!(orders, 200);
-    let redis = fred::prelude::Builder::from_config(
-        fred::types::config::Config::from_url(&redis_url()).unwrap(),
-    )
-    .build()
-    .unwrap();
-    fred::interfaces::ClientLike::init(&redis).await.unwrap();
-    crate::support::delete_keys(&redis, &prefix).await;
+    crate::support::delete_keys_of(&prefix).await;
 }

@@ -88,6 +88,7 @@ impl Coupons {
         // A win's insert must finish well within the orphan grace, or a retry could release a
         // seat whose row is about to commit.
         let recorder = CouponRecorder::start(pg.clone(), orphan_grace / 2);
+        CouponGateStats::register_metrics();
         Self {
             pg,
             gate,

@@ -20,6 +20,12 @@ pub enum RepairReason {
 }
 
 impl RepairReason {
+    const ALL: [RepairReason; 3] = [
+        RepairReason::Missing,
+        RepairReason::Disagrees,
+        RepairReason::Orphan,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RepairReason::Missing => "missing",
@@ -73,6 +79,11 @@ impl CouponGateStats {
             RepairReason::Disagrees => &self.disagrees,
             RepairReason::Orphan => &self.orphan,
         }
+    }
+
+    /// Exports the repair counters before the first repair, so a dashboard shows 0, not nothing.
+    pub(super) fn register_metrics() {
+        metrics::coupon_repairs_registered(RepairReason::ALL.map(RepairReason::as_str));
     }
 
     pub(super) fn rebuilt(&self, reason: RepairReason) {

@@ -40,6 +40,13 @@ pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// `DATABASE_URL` pointing at the test's own database, for a server binary the test starts.
+pub fn database_url(db: &PgConnectOptions) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let (server, _) = base.rsplit_once('/').expect("DATABASE_URL has a database");
+    format!("{server}/{}", db.get_database().expect("test database"))
+}
+
 /// Settings a test may change before the server starts.
 pub struct TestSettings {
     pub vars: HashMap<&'static str, String>,
@@ -233,6 +240,20 @@ pub async fn delete_keys(redis: &fred::clients::Client, prefix: &str) -> usize {
         let n: i64 = redis.unlink(key).await.unwrap_or(0);
         deleted += n as usize;
     }
+    deleted
+}
+
+/// Deletes every key under `prefix` through a client of its own, for a server the test ran as
+/// a process.
+pub async fn delete_keys_of(prefix: &str) -> usize {
+    let redis = fred::prelude::Builder::from_config(
+        fred::types::config::Config::from_url(&redis_url()).expect("valid redis url"),
+    )
+    .build()
+    .expect("redis client");
+    redis.init().await.expect("redis connects");
+    let deleted = delete_keys(&redis, prefix).await;
+    let _ = redis.quit().await;
     deleted
 }
 

@@ -14,7 +14,8 @@ use std::{
 use sqlx::postgres::PgConnectOptions;
 use tokio::process::Child;
 
-fn free_port() -> u16 {
+/// A loopback port free a moment ago (a server the test starts binds it next).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("a free port")
         .local_addr()
@@ -22,7 +23,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn temp_dir(kind: &str) -> PathBuf {
+pub fn temp_dir(kind: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ecommerce-{kind}-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir

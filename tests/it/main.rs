@@ -16,6 +16,7 @@ mod coupons;
 mod faults;
 mod health;
 mod hostile;
+mod job_locks;
 mod loadgen;
 mod orders;
 mod outbox;

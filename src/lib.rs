@@ -27,4 +27,6 @@ pub use app::{CouponGateStats, RepairReason};
 pub use domain::{MAX_STOCK, ProductId, Restock};
 pub use error::code_name;
 pub use health::LIVENESS;
+// The job lock, which tests drive with bodies that panic, stall or race.
+pub use jobs::{Exclusive, exclusive};
 pub use store::redis::{Redis, sold_out::SoldOutMarkers};

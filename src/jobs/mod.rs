@@ -1,6 +1,6 @@
 //! Scheduled jobs (tokio-cron-scheduler). Each job runs on one replica at a time: a run first
-//! takes a Postgres advisory lock named after the job and skips its turn if another replica
-//! holds it. Within a replica a run never overlaps the previous one.
+//! takes a transaction-scoped Postgres advisory lock named after the job ([`lock`]) and skips
+//! its turn if another replica holds it. Within a replica a run never overlaps the previous one.
 //!
 //! The scheduler ticks every second (a cron schedule) and each job runs once its interval has
 //! passed since its last start. Not the scheduler's "repeated" jobs: those compute the next
@@ -22,8 +22,14 @@ use crate::{
     app::{Coupons, Orders, Outbox, Popular},
     config::Config,
     error::AppError,
-    store::postgres::job_lock,
 };
+
+mod lock;
+
+pub use lock::{Exclusive, exclusive};
+
+/// How often a running job checks that its lock's connection is still alive.
+const LOCK_CHECK: Duration = Duration::from_millis(500);
 
 /// The services the jobs run.
 pub struct JobServices {
@@ -247,27 +253,23 @@ impl Runner {
             return;
         };
         *last = Some(Instant::now());
-        match singleton(&self.pg, self.lock, (self.run)()).await {
-            Ok(Some(())) => {}
-            Ok(None) => tracing::debug!(job = self.name, "another replica holds the job"),
-            Err(e) => tracing::warn!(job = self.name, error = %e, "job run failed"),
+        match exclusive(
+            &self.pg,
+            self.lock as i64,
+            self.name,
+            LOCK_CHECK,
+            (self.run)(),
+        )
+        .await
+        {
+            Ok(Exclusive::Ran(Ok(()))) | Ok(Exclusive::Panicked | Exclusive::LockLost) => {}
+            Ok(Exclusive::Busy) => {
+                tracing::debug!(job = self.name, "another replica holds the job")
+            }
+            Ok(Exclusive::Ran(Err(e))) => {
+                tracing::warn!(job = self.name, error = %e, "job run failed")
+            }
+            Err(e) => tracing::warn!(job = self.name, error = %e, "job lock unavailable"),
         }
     }
-}
-
-/// Runs `work` only if this replica gets the job's advisory lock; `None` when it did not.
-/// The lock is held by one pooled connection for the run and released on it afterwards (or by
-/// Postgres, if the connection dies).
-async fn singleton<T>(
-    pg: &PgPool,
-    lock: JobLock,
-    work: impl Future<Output = Result<T, AppError>>,
-) -> Result<Option<T>, AppError> {
-    let mut conn = pg.acquire().await?;
-    if !job_lock::try_lock(&mut conn, lock as i64).await? {
-        return Ok(None);
-    }
-    let result = work.await;
-    let _ = job_lock::unlock(&mut conn, lock as i64).await;
-    result.map(Some)
 }

@@ -17,6 +17,7 @@ mod faults;
 mod first_run;
 mod health;
 mod hostile;
+mod job_locks;
 mod loadgen;
 mod operating;
 mod orders;

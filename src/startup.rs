@@ -21,6 +21,7 @@ use crate::{
     },
     config::Config,
     connections::{self, Ageing},
+    domain::Calendar,
     grpc::{
         self, AdminAuth, Limits, Services,
         access::AccessLayer,
@@ -234,7 +235,7 @@ fn build_services(
         pg.clone(),
         Ranking::new(redis.clone()),
         RankingSettings {
-            timezone: config.ranking.timezone,
+            calendar: Calendar::new(config.ranking.timezone),
             retention_days: config.ranking.retention_days,
             cache_ttl: config.ranking.popular_cache_ttl,
         },

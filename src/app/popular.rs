@@ -17,7 +17,7 @@ use sqlx::PgPool;
 use tokio::{sync::Mutex, time::Instant};
 
 use crate::{
-    domain::{OrderItem, Product, ProductId, ValidationError},
+    domain::{Calendar, OrderItem, Product, ProductId, ValidationError},
     error::AppError,
     store::{
         postgres::{products, sales},
@@ -109,10 +109,6 @@ impl Popular {
         }
     }
 
-    fn today(&self, now: DateTime<Utc>) -> NaiveDate {
-        now.with_timezone(&self.settings.timezone).date_naive()
-    }
-
     /// Counts a committed payment's items in its day's bucket. Best effort: if Redis misses
     /// it, the ranking job puts it back from Postgres.
     pub(super) async fn record_sale(&self, items: &[OrderItem], paid_at: DateTime<Utc>) {
@@ -120,7 +116,7 @@ impl Popular {
             .iter()
             .map(|i| (i.product_id, i64::from(i.quantity)))
             .collect();
-        let day = self.today(paid_at);
+        let day = self.settings.calendar.day_of(paid_at);
         let retention = self.settings.bucket_ttl();
         if let Err(e) = self.ranking.add(day, &sold, retention).await {
             tracing::warn!(error = %e, "ranking bump lost; the ranking job will restore it");
@@ -166,7 +162,7 @@ impl Popular {
     }
 
     async fn compute_popular(&self, days: PopularDays) -> Result<Vec<PopularProduct>, AppError> {
-        let window = window(self.today(Utc::now()), days);
+        let window = window(self.settings.calendar.day_of(Utc::now()), days);
         let totals = self.ranking.totals(&window).await?;
         let top = top_sellers(totals, MAX_POPULAR);
         let ids: Vec<i64> = top.iter().map(|(id, _)| *id).collect();
@@ -191,15 +187,8 @@ impl Popular {
     /// Returns how many buckets hold sales.
     pub async fn reconcile(&self) -> Result<usize, AppError> {
         let ranking = &self.settings;
-        let today = self.today(Utc::now());
-        let first = today
-            .checked_sub_days(Days::new(u64::from(ranking.retention_days) - 1))
-            .unwrap_or(today);
-        let since = first
-            .and_hms_opt(0, 0, 0)
-            .and_then(|midnight| midnight.and_local_timezone(ranking.timezone).earliest())
-            .map_or_else(Utc::now, |at| at.with_timezone(&Utc));
-        let rows = sales::daily_since(&self.pg, ranking.timezone, since).await?;
+        let window = ranking.calendar.window(Utc::now(), ranking.retention_days);
+        let rows = sales::daily(&self.pg, &window).await?;
         let mut by_day: HashMap<NaiveDate, Vec<(ProductId, i64)>> = HashMap::new();
         for row in rows {
             by_day
@@ -207,13 +196,11 @@ impl Popular {
                 .or_default()
                 .push((row.product_id, row.quantity));
         }
-        let mut day = first;
-        while day <= today {
-            let sold = by_day.get(&day).map(Vec::as_slice).unwrap_or_default();
+        for (day, _) in &window.days {
+            let sold = by_day.get(day).map(Vec::as_slice).unwrap_or_default();
             self.ranking
-                .replace(day, sold, ranking.bucket_ttl())
+                .replace(*day, sold, ranking.bucket_ttl())
                 .await?;
-            day = day.succ_opt().unwrap_or(today + Days::new(1));
         }
         Ok(by_day.len())
     }
@@ -222,7 +209,8 @@ impl Popular {
 /// Settings of the ranking.
 #[derive(Clone, Debug)]
 pub struct RankingSettings {
-    pub timezone: chrono_tz::Tz,
+    /// The days of `RANKING_TIMEZONE`.
+    pub calendar: Calendar,
     pub retention_days: u32,
     pub cache_ttl: Duration,
 }

@@ -5,6 +5,7 @@
 //! through a parsing constructor that names the offending field when it refuses.
 
 mod balance;
+mod calendar;
 mod coupon;
 mod events;
 mod idempotency;
@@ -18,6 +19,7 @@ mod product;
 mod validation;
 
 pub use balance::{LedgerEntry, LedgerKind};
+pub use calendar::{Calendar, DayWindow};
 pub use coupon::{
     Coupon, CouponTerms, Discount, IssueWindow, NewCoupon, UserCoupon, UserCouponStatus, ValidDays,
     parse_total_quantity,

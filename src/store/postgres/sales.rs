@@ -1,39 +1,57 @@
 //! Paid quantities per product and day: what the popular-products ranking must show.
 //! Only PAID orders count (an order has a payment row only once it is paid, and paid orders
-//! never change again), bucketed by the payment's day in the ranking time zone.
+//! never change again), bucketed by the day span (`domain::Calendar`) holding the payment's
+//! `paid_at`: the spans come from the service, not from Postgres' time zone rules, so a payment
+//! lands in the same day here as in the bump made when it was paid.
 
 use chrono::{DateTime, NaiveDate, Utc};
-use chrono_tz::Tz;
 use sqlx::PgExecutor;
 
-use crate::{domain::ProductId, store::StoreError};
+use crate::{
+    domain::{DayWindow, ProductId},
+    store::StoreError,
+};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DailySales {
     pub day: NaiveDate,
     pub product_id: ProductId,
     pub quantity: i64,
 }
 
-/// Sales paid at or after `since`, per day (in `tz`) and product.
-pub async fn daily_since(
+/// Sales paid within `window`, per day and product.
+pub async fn daily(
     db: impl PgExecutor<'_>,
-    tz: Tz,
-    since: DateTime<Utc>,
+    window: &DayWindow,
 ) -> Result<Vec<DailySales>, StoreError> {
-    let rows = sqlx::query_as(
-        "SELECT (p.paid_at AT TIME ZONE $1)::date AS day,
+    let starts: Vec<DateTime<Utc>> = window.days.iter().map(|(_, start)| *start).collect();
+    // width_bucket numbers the span of `starts` holding paid_at from 1 (before the first: 0).
+    let rows: Vec<(i32, ProductId, i64)> = sqlx::query_as(
+        "SELECT width_bucket(p.paid_at, $1::timestamptz[]) AS day,
                 oi.product_id,
                 sum(oi.quantity)::bigint AS quantity
          FROM payments p
          JOIN order_items oi ON oi.order_id = p.order_id
-         WHERE p.paid_at >= $2
+         WHERE p.paid_at >= $2 AND p.paid_at < $3
          GROUP BY 1, 2
          ORDER BY 1, 2",
     )
-    .bind(tz.name())
-    .bind(since)
+    .bind(&starts)
+    .bind(window.start())
+    .bind(window.end)
     .fetch_all(db)
     .await?;
-    Ok(rows)
+    rows.into_iter()
+        .map(|(bucket, product_id, quantity)| {
+            let day = usize::try_from(bucket - 1)
+                .ok()
+                .and_then(|i| window.days.get(i))
+                .ok_or_else(|| StoreError::Inconsistent(format!("day bucket {bucket}")))?;
+            Ok(DailySales {
+                day: day.0,
+                product_id,
+                quantity,
+            })
+        })
+        .collect()
 }

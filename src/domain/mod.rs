@@ -5,6 +5,7 @@
 //! through a parsing constructor that names the offending field when it refuses.
 
 mod balance;
+mod cart;
 mod coupon;
 mod events;
 mod idempotency;
@@ -18,6 +19,7 @@ mod product;
 mod validation;
 
 pub use balance::{LedgerEntry, LedgerKind};
+pub use cart::{Cart, CartLine, LineChange, MAX_CART_LINES};
 pub use coupon::{
     Coupon, CouponTerms, Discount, IssueWindow, NewCoupon, UserCoupon, UserCouponStatus, ValidDays,
     parse_total_quantity,
@@ -27,7 +29,10 @@ pub use idempotency::IdempotencyKey;
 pub use ids::{CouponId, OrderId, PaymentId, ProductId, UserCouponId, UserId};
 pub use money::Won;
 pub use name::DisplayName;
-pub use order::{Order, OrderItem, OrderLine, OrderLines, OrderStatus, Payment, Pricing};
+pub use order::{
+    MAX_ORDER_LINES, Order, OrderItem, OrderLine, OrderLines, OrderStatus, Payment, Pricing,
+    Quantity,
+};
 pub use pagination::{PageSize, PageToken};
 pub use product::{
     MAX_STOCK, NewProduct, Product, ProductChanges, ProductStatus, Restock, parse_stock,

@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "proto/ecommerce/v1/order.proto",
     "proto/ecommerce/v1/payment.proto",
     "proto/ecommerce/v1/admin.proto",
+    "proto/ecommerce/v1/cart.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -103,6 +103,10 @@ pub enum AppError {
     OrderClosed { status: OrderStatus },
     #[error("the order's payment window has passed")]
     OrderExpired,
+    #[error("the cart already holds {max} lines")]
+    CartFull { max: usize },
+    #[error("the cart is empty")]
+    CartEmpty,
     #[error("the caller is not the buyer of this order")]
     NotOrderOwner,
     #[error("missing or invalid credentials")]
@@ -149,6 +153,8 @@ impl AppError {
             AppError::OrderAlreadyPaid => (Code::AlreadyExists, "ORDER_ALREADY_PAID"),
             AppError::OrderClosed { .. } => (Code::FailedPrecondition, "ORDER_CLOSED"),
             AppError::OrderExpired => (Code::FailedPrecondition, "ORDER_EXPIRED"),
+            AppError::CartFull { .. } => (Code::FailedPrecondition, "CART_FULL"),
+            AppError::CartEmpty => (Code::FailedPrecondition, "CART_EMPTY"),
             AppError::NotOrderOwner => (Code::PermissionDenied, "NOT_ORDER_OWNER"),
             AppError::Unauthenticated => (Code::Unauthenticated, "UNAUTHENTICATED"),
             AppError::Overloaded => (Code::ResourceExhausted, "OVERLOADED"),
@@ -177,6 +183,7 @@ impl AppError {
                 put("user_coupon_id", user_coupon_id.to_string().into())
             }
             AppError::StockChanged { stock } => put("stock", stock.to_string().into()),
+            AppError::CartFull { max } => put("max_lines", max.to_string().into()),
             AppError::StockLimitExceeded { max } => put("max_stock", max.to_string().into()),
             AppError::CouponUnusable { why } => put("why", Cow::Borrowed(why)),
             AppError::InsufficientBalance { required } => {

@@ -51,6 +51,10 @@ const SERVICES: &[(&str, &[Dependency])] = &[
         &[Dependency::Postgres],
     ),
     (
+        proto::cart_service_server::SERVICE_NAME,
+        &[Dependency::Postgres],
+    ),
+    (
         proto::payment_service_server::SERVICE_NAME,
         &[Dependency::Postgres],
     ),

@@ -211,6 +211,11 @@ pub fn order_placed(outcome: &'static str) {
     counter!("ecommerce_orders_placed_total", "outcome" => outcome).increment(1);
 }
 
+/// A cart checkout, by outcome (its order is not counted again as placed).
+pub fn checkout(outcome: &'static str) {
+    counter!("ecommerce_checkouts_total", "outcome" => outcome).increment(1);
+}
+
 pub fn payment(outcome: &'static str) {
     counter!("ecommerce_payments_total", "outcome" => outcome).increment(1);
 }

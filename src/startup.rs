@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     app::{
-        Balances, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings, Payments,
-        Popular, RankingSettings, SoldOut, seed_demo,
+        Balances, Carts, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings,
+        Payments, Popular, RankingSettings, SoldOut, seed_demo,
     },
     config::Config,
     connections::{self, Ageing},
@@ -250,15 +250,21 @@ fn build_services(
             retry_max: config.outbox.retry_max,
         },
     ));
+    let orders = Arc::new(Orders::new(
+        pg.clone(),
+        sold_out.clone(),
+        config.orders.order_ttl,
+    ));
     let services = Services {
         balances: Arc::new(Balances::new(pg.clone(), config.orders.max_balance)),
-        catalog: Arc::new(Catalog::new(pg.clone(), sold_out.clone())),
+        carts: Arc::new(Carts::new(pg.clone(), orders.clone())),
+        catalog: Arc::new(Catalog::new(pg.clone(), sold_out)),
         coupons: Arc::new(Coupons::new(
             pg.clone(),
             CouponGate::new(redis.clone()),
             config.coupons.orphan_grace,
         )),
-        orders: Arc::new(Orders::new(pg.clone(), sold_out, config.orders.order_ttl)),
+        orders,
         payments: Arc::new(Payments::new(pg.clone(), popular.clone(), outbox.nudge())),
         popular,
     };

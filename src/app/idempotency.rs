@@ -1,4 +1,4 @@
-//! The first step of every keyed call (ChargeBalance, PlaceOrder, Pay): claim the key, or
+//! The first step of every keyed call (ChargeBalance, PlaceOrder, Checkout, Pay): claim the key, or
 //! learn that it already has a result, before any shortcut, cache or check is consulted, so a
 //! retry of a success always gets that success.
 //!

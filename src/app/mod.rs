@@ -4,6 +4,7 @@
 //! return domain values or an [`AppError`](crate::error::AppError); nothing here knows gRPC.
 
 mod balance;
+mod cart;
 mod catalog;
 mod coupons;
 mod demo;
@@ -15,6 +16,7 @@ mod popular;
 mod sold_out;
 
 pub use balance::{Balances, ChargeCommand};
+pub use cart::{Carts, CheckoutCommand};
 pub use catalog::Catalog;
 pub use coupons::{CouponGateStats, CouponStock, Coupons, RepairReason};
 pub use demo::seed_demo;

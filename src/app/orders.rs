@@ -13,7 +13,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tracing::Instrument as _;
 
 use super::{
@@ -98,17 +98,24 @@ impl Orders {
         .await?
         {
             NextAction::Start => {}
-            NextAction::ReturnSaved(order_id) => {
-                let id = OrderId::parse(order_id, "order_id")?;
-                return orders::get(&mut tx, id).await?.ok_or_else(|| {
-                    AppError::internal(format!("idempotency result {id} has no order"))
-                });
-            }
+            NextAction::ReturnSaved(order_id) => return saved_order(&mut tx, order_id).await,
         }
         if keyed {
             // A fresh key: the shortcut may refuse now (the claim rolls back with the refusal).
             self.refuse_sold_out(&product_ids).await?;
         }
+        self.place_in(tx, &cmd, Operation::PlaceOrder).await
+    }
+
+    /// Reserves, prices and writes the order in `tx` (whose caller has claimed the command's
+    /// key for `operation`, if it has one) and commits: all or nothing. PlaceOrder and Checkout
+    /// both end here, so they place orders by the same rules and fail with the same errors.
+    pub(super) async fn place_in(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        cmd: &PlaceOrderCommand,
+        operation: Operation,
+    ) -> Result<Order, AppError> {
         // Lock order: the coupon first, then products by ascending id (the lines are sorted).
         let coupon = match cmd.user_coupon_id {
             Some(id) => Some(usable_coupon(
@@ -156,7 +163,7 @@ impl Orders {
                 pricing,
                 user_coupon_id: cmd.user_coupon_id,
                 ttl_secs: self.order_ttl.as_secs_f64(),
-                idempotency_key: cmd.idempotency_key.as_ref(),
+                idempotency_key: cmd.idempotency_key.as_ref().map(|key| (operation, key)),
             },
         )
         .await?;
@@ -165,7 +172,7 @@ impl Orders {
     }
 
     /// OUT_OF_STOCK when one of `products` is known to be sold out.
-    async fn refuse_sold_out(&self, products: &[ProductId]) -> Result<(), AppError> {
+    pub(super) async fn refuse_sold_out(&self, products: &[ProductId]) -> Result<(), AppError> {
         match self.sold_out.first(products).await {
             Some(product) => Err(AppError::OutOfStock {
                 product_id: product.get(),
@@ -260,6 +267,14 @@ impl Orders {
             }
         }
     }
+}
+
+/// The order a key's first call placed, for its replay.
+pub(super) async fn saved_order(tx: &mut PgConnection, order_id: i64) -> Result<Order, AppError> {
+    let id = OrderId::parse(order_id, "order_id")?;
+    orders::get(tx, id)
+        .await?
+        .ok_or_else(|| AppError::internal(format!("idempotency result {id} has no order")))
 }
 
 /// A coupon the caller may put on a new order: theirs, available and not expired.

@@ -6,6 +6,7 @@
 
 mod balance;
 mod calendar;
+mod cart;
 mod coupon;
 mod events;
 mod idempotency;
@@ -20,6 +21,7 @@ mod validation;
 
 pub use balance::{LedgerEntry, LedgerKind};
 pub use calendar::{Calendar, DayWindow};
+pub use cart::{Cart, CartLine, LineChange, MAX_CART_LINES};
 pub use coupon::{
     Coupon, CouponTerms, Discount, IssueWindow, NewCoupon, UserCoupon, UserCouponStatus, ValidDays,
     parse_total_quantity,
@@ -29,7 +31,10 @@ pub use idempotency::IdempotencyKey;
 pub use ids::{CouponId, OrderId, PaymentId, ProductId, UserCouponId, UserId};
 pub use money::Won;
 pub use name::DisplayName;
-pub use order::{Order, OrderItem, OrderLine, OrderLines, OrderStatus, Payment, Pricing};
+pub use order::{
+    MAX_ORDER_LINES, Order, OrderItem, OrderLine, OrderLines, OrderStatus, Payment, Pricing,
+    Quantity,
+};
 pub use pagination::{PageSize, PageToken};
 pub use product::{
     MAX_STOCK, NewProduct, Product, ProductChanges, ProductStatus, Restock, parse_stock,

@@ -9,14 +9,24 @@ use super::{
     OrderId, PaymentId, ProductId, UserCouponId, UserId, ValidationError, Won, macros::text_enum,
 };
 
+/// Lines of one order, and so of one cart (a cart must always make a valid order).
 pub const MAX_ORDER_LINES: usize = 50;
 pub const MAX_QUANTITY: i32 = 1000;
 
-/// Units of one product in one order: 1..=1000.
+/// Units of one product in one order or cart line: 1..=1000.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Quantity(i32);
 
 impl Quantity {
+    /// Accepts 1..=1000; `field` names the request field in the error.
+    pub fn parse(raw: i32, field: &'static str) -> Result<Self, ValidationError> {
+        if (1..=MAX_QUANTITY).contains(&raw) {
+            Ok(Self(raw))
+        } else {
+            Err(ValidationError::new(field, "must be between 1 and 1000"))
+        }
+    }
+
     pub fn get(self) -> i32 {
         self.0
     }
@@ -52,12 +62,8 @@ impl OrderLines {
         for (i, (product_id, quantity)) in raw.enumerate() {
             let product_id = ProductId::parse(product_id, "items.product_id")
                 .map_err(|e| ValidationError::new(format!("items[{i}].product_id"), e.message))?;
-            if !(1..=MAX_QUANTITY).contains(&quantity) {
-                return Err(ValidationError::new(
-                    format!("items[{i}].quantity"),
-                    "must be between 1 and 1000",
-                ));
-            }
+            let quantity = Quantity::parse(quantity, "items.quantity")
+                .map_err(|e| ValidationError::new(format!("items[{i}].quantity"), e.message))?;
             if !seen.insert(product_id) {
                 return Err(ValidationError::new(
                     format!("items[{i}].product_id"),
@@ -66,7 +72,7 @@ impl OrderLines {
             }
             lines.push(OrderLine {
                 product_id,
-                quantity: Quantity(quantity),
+                quantity,
             });
         }
         lines.sort_by_key(|line| line.product_id);

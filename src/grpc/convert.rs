@@ -6,8 +6,8 @@ use prost_types::Timestamp;
 use crate::{
     app::{CouponStock, PopularProduct},
     domain::{
-        CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderStatus, Payment, Product,
-        ProductStatus, UserCoupon, UserCouponStatus, ValidationError,
+        Cart, CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderStatus, Payment, Product,
+        ProductStatus, UserCoupon, UserCouponId, UserCouponStatus, UserId, ValidationError,
     },
     proto,
 };
@@ -82,6 +82,35 @@ pub fn product(p: Product) -> proto::Product {
         status: product_status(p.status).into(),
         created_at: timestamp(p.created_at),
         updated_at: timestamp(p.updated_at),
+    }
+}
+
+pub fn cart(user_id: UserId, c: Cart) -> proto::Cart {
+    proto::Cart {
+        user_id: user_id.get(),
+        total: c.total().map(|t| t.get()),
+        purchasable: c.purchasable(),
+        lines: c
+            .lines
+            .into_iter()
+            .map(|l| proto::CartLine {
+                product_id: l.product_id.get(),
+                quantity: l.quantity.get(),
+                purchasable: l.purchasable(),
+                line_total: l.total().map(|t| t.get()),
+                status: product_status(l.status).into(),
+                unit_price: l.unit_price.get(),
+                name: l.name,
+            })
+            .collect(),
+    }
+}
+
+/// The coupon an order is to use: 0 means none.
+pub fn parse_user_coupon(raw: i64) -> Result<Option<UserCouponId>, ValidationError> {
+    match raw {
+        0 => Ok(None),
+        id => UserCouponId::parse(id, "user_coupon_id").map(Some),
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod access;
 mod admin;
 mod balance;
+mod cart;
 mod convert;
 mod coupon;
 pub mod middleware;
@@ -16,12 +17,12 @@ use std::sync::Arc;
 use tonic::service::Routes;
 
 use crate::{
-    app::{Balances, Catalog, Coupons, Orders, Payments, Popular},
+    app::{Balances, Carts, Catalog, Coupons, Orders, Payments, Popular},
     proto::{
         FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
-        balance_service_server::BalanceServiceServer, coupon_service_server::CouponServiceServer,
-        order_service_server::OrderServiceServer, payment_service_server::PaymentServiceServer,
-        product_service_server::ProductServiceServer,
+        balance_service_server::BalanceServiceServer, cart_service_server::CartServiceServer,
+        coupon_service_server::CouponServiceServer, order_service_server::OrderServiceServer,
+        payment_service_server::PaymentServiceServer, product_service_server::ProductServiceServer,
     },
 };
 
@@ -37,6 +38,7 @@ pub struct Limits {
 /// The use cases the handlers call; each handler gets only the ones it needs.
 pub struct Services {
     pub balances: Arc<Balances>,
+    pub carts: Arc<Carts>,
     pub catalog: Arc<Catalog>,
     pub coupons: Arc<Coupons>,
     pub orders: Arc<Orders>,
@@ -49,6 +51,7 @@ pub struct Services {
 pub fn routes(services: Services, admin_auth: AdminAuth, limits: Limits) -> Routes {
     let Services {
         balances,
+        carts,
         catalog,
         coupons,
         orders,
@@ -82,6 +85,9 @@ pub fn routes(services: Services, admin_auth: AdminAuth, limits: Limits) -> Rout
         )
         .add_service(
             OrderServiceServer::new(order::OrderHandler(orders)).max_decoding_message_size(max),
+        )
+        .add_service(
+            CartServiceServer::new(cart::CartHandler(carts)).max_decoding_message_size(max),
         )
         .add_service(
             PaymentServiceServer::new(payment::PaymentHandler(payments))

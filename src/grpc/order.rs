@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::{
     app::{Orders, PlaceOrderCommand},
-    domain::{IdempotencyKey, OrderId, OrderLines, UserCouponId, UserId},
+    domain::{IdempotencyKey, OrderId, OrderLines, UserId},
     proto::{
         CancelOrderRequest, CancelOrderResponse, GetOrderRequest, GetOrderResponse,
         PlaceOrderRequest, PlaceOrderResponse, order_service_server::OrderService,
@@ -26,10 +26,7 @@ impl OrderService for OrderHandler {
         let cmd = PlaceOrderCommand {
             user_id: UserId::parse(req.user_id, "user_id")?,
             lines: OrderLines::parse(req.items.iter().map(|l| (l.product_id, l.quantity)))?,
-            user_coupon_id: match req.user_coupon_id {
-                0 => None,
-                id => Some(UserCouponId::parse(id, "user_coupon_id")?),
-            },
+            user_coupon_id: convert::parse_user_coupon(req.user_coupon_id)?,
             idempotency_key: IdempotencyKey::parse(req.idempotency_key)?,
         };
         let order = self.0.place(cmd).await?;

@@ -9,6 +9,7 @@ mod support;
 
 mod admin;
 mod balance;
+mod cart;
 mod connections;
 mod conservation;
 mod coupon_retries;

@@ -14,14 +14,16 @@ pub enum Operation {
     Charge,
     PlaceOrder,
     Pay,
+    Checkout,
 }
 
 impl Operation {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Operation::Charge => "CHARGE",
             Operation::PlaceOrder => "PLACE_ORDER",
             Operation::Pay => "PAY",
+            Operation::Checkout => "CHECKOUT",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! whose writes are conditional (`... WHERE stock >= $n`), so a failed step leaves nothing.
 
 pub mod balances;
+pub mod carts;
 pub mod coupon_recorder;
 pub mod coupons;
 pub mod idempotency;

@@ -15,7 +15,7 @@ use crate::{
         IdempotencyKey, Order, OrderId, OrderItem, OrderLine, OrderStatus, Pricing, ProductId,
         ProductStatus, Restock, UserCouponId, UserId, Won,
     },
-    store::StoreError,
+    store::{StoreError, postgres::idempotency::Operation},
 };
 
 macro_rules! order_columns {
@@ -121,8 +121,8 @@ pub struct NewOrder<'a> {
     pub pricing: Pricing,
     pub user_coupon_id: Option<UserCouponId>,
     pub ttl_secs: f64,
-    /// Records the order as this key's result in the same statement.
-    pub idempotency_key: Option<&'a IdempotencyKey>,
+    /// Records the order as the result of this call's key in the same statement.
+    pub idempotency_key: Option<(Operation, &'a IdempotencyKey)>,
 }
 
 /// Writes the order, its items, the coupon reservation and the idempotency result in one
@@ -154,7 +154,7 @@ pub async fn insert(tx: &mut PgConnection, new: NewOrder<'_>) -> Result<Order, S
          idem AS (
              UPDATE idempotency_keys SET result_id = o.id
              FROM o
-             WHERE idempotency_keys.user_id = $1 AND operation = 'PLACE_ORDER'
+             WHERE idempotency_keys.user_id = $1 AND operation = $12
                  AND idempotency_key = $11
          )
          SELECT * FROM o"
@@ -169,7 +169,8 @@ pub async fn insert(tx: &mut PgConnection, new: NewOrder<'_>) -> Result<Order, S
     .bind(&names)
     .bind(&prices)
     .bind(&quantities)
-    .bind(new.idempotency_key.map(IdempotencyKey::as_str))
+    .bind(new.idempotency_key.map(|(_, key)| key.as_str()))
+    .bind(new.idempotency_key.map(|(operation, _)| operation.as_str()))
     .fetch_one(&mut *tx)
     .await?;
     Ok(row.with_items(new.items.to_vec()))

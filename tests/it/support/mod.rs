@@ -18,8 +18,9 @@ use ecommerce::{
     config::Config,
     proto::{
         admin_service_client::AdminServiceClient, balance_service_client::BalanceServiceClient,
-        coupon_service_client::CouponServiceClient, order_service_client::OrderServiceClient,
-        payment_service_client::PaymentServiceClient, product_service_client::ProductServiceClient,
+        cart_service_client::CartServiceClient, coupon_service_client::CouponServiceClient,
+        order_service_client::OrderServiceClient, payment_service_client::PaymentServiceClient,
+        product_service_client::ProductServiceClient,
     },
     startup::Application,
 };
@@ -184,6 +185,10 @@ impl TestApp {
 
     pub fn orders(&self) -> OrderServiceClient<Channel> {
         OrderServiceClient::new(self.channel.clone())
+    }
+
+    pub fn carts(&self) -> CartServiceClient<Channel> {
+        CartServiceClient::new(self.channel.clone())
     }
 
     pub fn payments(&self) -> PaymentServiceClient<Channel> {

@@ -2,8 +2,9 @@
 //! orders, check that money adds up.
 
 use ecommerce::proto::{
-    ChargeBalanceRequest, CreateProductRequest, GetBalanceRequest, GetOrderRequest,
-    GetProductRequest, Order, OrderLine, PayRequest, Payment, PlaceOrderRequest, ProductStatus,
+    Cart, ChargeBalanceRequest, CheckoutRequest, CreateProductRequest, GetBalanceRequest,
+    GetCartRequest, GetOrderRequest, GetProductRequest, Order, OrderLine, PayRequest, Payment,
+    PlaceOrderRequest, ProductStatus, SetItemRequest,
 };
 use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use tonic::Status;
@@ -83,6 +84,51 @@ pub async fn place(app: &TestApp, user_id: i64, items: &[(i64, i32)]) -> Result<
         },
     )
     .await
+}
+
+pub async fn set_item(
+    app: &TestApp,
+    user_id: i64,
+    product_id: i64,
+    quantity: i32,
+) -> Result<Cart, Status> {
+    app.carts()
+        .set_item(SetItemRequest {
+            user_id,
+            product_id,
+            quantity,
+        })
+        .await
+        .map(|r| r.into_inner().cart.expect("cart"))
+}
+
+pub async fn get_cart(app: &TestApp, user_id: i64) -> Cart {
+    app.carts()
+        .get_cart(GetCartRequest { user_id })
+        .await
+        .expect("get cart")
+        .into_inner()
+        .cart
+        .expect("cart")
+}
+
+pub async fn checkout(app: &TestApp, user_id: i64, key: &str) -> Result<Order, Status> {
+    checkout_with(
+        app,
+        CheckoutRequest {
+            user_id,
+            user_coupon_id: 0,
+            idempotency_key: key.into(),
+        },
+    )
+    .await
+}
+
+pub async fn checkout_with(app: &TestApp, request: CheckoutRequest) -> Result<Order, Status> {
+    app.carts()
+        .checkout(request)
+        .await
+        .map(|r| r.into_inner().order.expect("order"))
 }
 
 pub async fn pay(app: &TestApp, user_id: i64, order_id: i64) -> Result<Payment, Status> {

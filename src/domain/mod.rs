@@ -6,6 +6,7 @@
 
 mod balance;
 mod calendar;
+mod commit;
 mod coupon;
 mod events;
 mod idempotency;
@@ -20,6 +21,7 @@ mod validation;
 
 pub use balance::{LedgerEntry, LedgerKind};
 pub use calendar::{Calendar, DayWindow};
+pub use commit::{Snapshot, TxId};
 pub use coupon::{
     Coupon, CouponTerms, Discount, IssueWindow, NewCoupon, UserCoupon, UserCouponStatus, ValidDays,
     parse_total_quantity,

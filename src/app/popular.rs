@@ -29,6 +29,7 @@ use tokio::{sync::Mutex, time::Instant};
 use crate::{
     domain::{Calendar, OrderItem, PaymentId, Product, ProductId, TxId, ValidationError},
     error::AppError,
+    metrics,
     store::{
         postgres::{products, sales},
         redis::ranking::Ranking,
@@ -150,7 +151,7 @@ impl Popular {
             .await
         {
             Ok(true) => self.changed(),
-            Ok(false) => {}
+            Ok(false) => metrics::ranking_bump_already_counted(),
             Err(e) => {
                 tracing::warn!(error = %e, "ranking bump lost; the ranking job will restore it");
             }
@@ -247,8 +248,11 @@ impl Popular {
                 .ranking
                 .rebuild(*day, &snapshot, sold, ranking.bucket_ttl())
                 .await?;
-            if rebuilt.is_none() {
-                tracing::debug!(%day, "ranking bucket already rebuilt from a later snapshot");
+            match rebuilt {
+                Some(carried) => metrics::ranking_bumps_carried(carried),
+                None => {
+                    tracing::debug!(%day, "ranking bucket already rebuilt from a later snapshot");
+                }
             }
         }
         self.changed();

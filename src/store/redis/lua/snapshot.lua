@@ -26,7 +26,9 @@ local function sees(s, xid)
   return xid_lt(xid, s.xmax) and not s.xip[xid]
 end
 
--- Whether `later` sees every transaction `earlier` sees (it was taken after it).
+-- Whether `later` sees every transaction `earlier` sees. Exact for snapshots taken one after the
+-- other (xmax never goes back); for others it may answer no where the answer is yes, never the
+-- reverse.
 local function includes(later, earlier)
   if xid_lt(later.xmax, earlier.xmax) then
     return false

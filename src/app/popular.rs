@@ -153,6 +153,8 @@ impl Popular {
             Ok(true) => self.changed(),
             Ok(false) => metrics::ranking_bump_already_counted(),
             Err(e) => {
+                // A timed-out call may still have been applied.
+                self.changed();
                 tracing::warn!(error = %e, "ranking bump lost; the ranking job will restore it");
             }
         }

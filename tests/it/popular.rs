@@ -371,7 +371,9 @@ async fn the_ranking_is_exact_while_the_job_rebuilds_it(_: PgPoolOptions, db: Pg
         ranking, paid.by_product,
         "read right after the last payment"
     );
-    assert!(rebuilds >= 3, "the job ran during the payments: {rebuilds}");
+    // The snapshot there when watching began, and at least one rebuild swapped in while the
+    // buyers paid (a loaded machine runs fewer than the five the interval asks for).
+    assert!(rebuilds >= 2, "the job ran during the payments: {rebuilds}");
     app.stop().await;
 }
 

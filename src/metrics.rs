@@ -220,6 +220,18 @@ pub fn payment(outcome: &'static str) {
     counter!("ecommerce_payments_total", "outcome" => outcome).increment(1);
 }
 
+/// A payment's ranking bump that a rebuild's snapshot had already counted: without the
+/// snapshot it would have been counted twice.
+pub fn ranking_bump_already_counted() {
+    counter!("ecommerce_ranking_bumps_already_counted_total").increment(1);
+}
+
+/// Bumps a rebuild carried over because its snapshot did not see their payments: replacing the
+/// bucket with the snapshot's counts alone would have erased them.
+pub fn ranking_bumps_carried(carried: usize) {
+    counter!("ecommerce_ranking_bumps_carried_total").increment(carried as u64);
+}
+
 pub fn outbox_delivery(delivered: usize, failed: usize, parked: usize) {
     counter!("ecommerce_outbox_delivered_total").increment(delivered as u64);
     counter!("ecommerce_outbox_delivery_failures_total").increment(failed as u64);

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use super::{
     Popular,
     idempotency::{NextAction, next_action},
+    popular::Sale,
 };
 use crate::{
     domain::{IdempotencyKey, OrderId, OrderStatus, Payment, PaymentCompleted, PaymentId, UserId},
@@ -107,7 +108,7 @@ impl Payments {
         let balance_after = payments::deduct(&mut tx, cmd.user_id, amount)
             .await?
             .ok_or(AppError::InsufficientBalance { required: amount })?;
-        let payment = payments::record(
+        let (payment, tx_id) = payments::record(
             &mut tx,
             PaymentRecord {
                 order_id: order.id,
@@ -145,9 +146,16 @@ impl Payments {
 
         self.outbox_nudge.notify_one();
         // The ranking bump runs to the end even if the caller has gone (the ranking job would
-        // only restore a lost bump at its next run).
-        let (popular, items, paid_at) = (self.popular.clone(), event.items, payment.paid_at);
-        let bump = async move { popular.record_sale(&items, paid_at).await };
+        // only restore a lost bump at its next run). The reply waits for it, so a read that
+        // follows the reply on this replica counts this payment.
+        let sale = Sale {
+            payment_id: payment.id,
+            tx: tx_id,
+            paid_at: payment.paid_at,
+            items: event.items,
+        };
+        let popular = self.popular.clone();
+        let bump = async move { popular.record_sale(&sale).await };
         let _ = tokio::spawn(bump.in_current_span()).await;
         Ok(payment)
     }

@@ -1,14 +1,24 @@
 //! Popular products: the best sellers of the last days.
 //!
-//! Every payment adds its quantities to the day's Redis bucket after it commits; reads union
-//! the buckets of the window. The top of each window is cached in memory for a few seconds
-//! (with product details), so a burst of reads costs one union and one product query per
-//! window. A job recomputes the buckets from Postgres, which heals lost or doubled bumps and a
-//! wiped Redis. Only paid orders ever count.
+//! Every payment adds its quantities to the day's Redis bucket after it commits, keyed by its
+//! payment and transaction ids; reads union the buckets of the window. A job rebuilds the
+//! buckets from Postgres, which heals lost bumps, drift and a wiped Redis. Only paid orders
+//! ever count.
+//!
+//! Invariant: the ranking a read returns counts every payment whose Pay call answered on this
+//! replica before the read began, each exactly once, whenever the job runs
+//! (`store::redis::ranking` says how bumps and rebuilds meet). The top of each window is cached
+//! in memory (with product details) for `POPULAR_CACHE_TTL_MS`, so a burst of reads costs one
+//! union and one product query; a bump or rebuild on this replica makes every cached window
+//! stale for the reads that begin after it. A payment answered by another replica shows here
+//! within the cache's TTL at most.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -17,8 +27,9 @@ use sqlx::PgPool;
 use tokio::{sync::Mutex, time::Instant};
 
 use crate::{
-    domain::{Calendar, OrderItem, Product, ProductId, ValidationError},
+    domain::{Calendar, OrderItem, PaymentId, Product, ProductId, TxId, ValidationError},
     error::AppError,
+    metrics,
     store::{
         postgres::{products, sales},
         redis::ranking::Ranking,
@@ -63,16 +74,31 @@ pub struct PopularProduct {
     pub sold: i64,
 }
 
+/// A committed payment, as the ranking counts it.
+pub struct Sale {
+    pub payment_id: PaymentId,
+    /// The payment's transaction: the ranking's rebuild snapshots tell by it whether they
+    /// counted the payment.
+    pub tx: TxId,
+    pub paid_at: DateTime<Utc>,
+    pub items: Vec<OrderItem>,
+}
+
 /// The cached top of each window. Reads take a shared lock for a moment; a stale window is
-/// refreshed by one caller while the others wait for it (no stampede on Redis or Postgres).
+/// refreshed by one caller while the others wait for it (no stampede on Redis or Postgres),
+/// and every waiter that began before that refresh read Redis takes its result.
 #[derive(Default)]
 struct PopularCache {
     fresh: RwLock<HashMap<PopularDays, Cached>>,
     refresh: Mutex<()>,
+    /// Changes this replica made to the buckets, counted once each is in Redis.
+    changes: AtomicU64,
 }
 
 struct Cached {
     at: Instant,
+    /// `changes` when the buckets were read: the entry holds every change up to there.
+    changes: u64,
     top: Arc<Vec<PopularProduct>>,
 }
 
@@ -109,18 +135,34 @@ impl Popular {
         }
     }
 
-    /// Counts a committed payment's items in its day's bucket. Best effort: if Redis misses
-    /// it, the ranking job puts it back from Postgres.
-    pub(super) async fn record_sale(&self, items: &[OrderItem], paid_at: DateTime<Utc>) {
-        let sold: Vec<(ProductId, i64)> = items
+    /// Counts a committed payment's items in its day's bucket, once however often it is
+    /// called. Best effort: if Redis misses it, the ranking job puts it back from Postgres.
+    pub(super) async fn record_sale(&self, sale: &Sale) {
+        let sold: Vec<(ProductId, i64)> = sale
+            .items
             .iter()
             .map(|i| (i.product_id, i64::from(i.quantity)))
             .collect();
-        let day = self.settings.calendar.day_of(paid_at);
+        let day = self.settings.calendar.day_of(sale.paid_at);
         let retention = self.settings.bucket_ttl();
-        if let Err(e) = self.ranking.add(day, &sold, retention).await {
-            tracing::warn!(error = %e, "ranking bump lost; the ranking job will restore it");
+        match self
+            .ranking
+            .count(day, sale.payment_id, sale.tx, &sold, retention)
+            .await
+        {
+            Ok(true) => self.changed(),
+            Ok(false) => metrics::ranking_bump_already_counted(),
+            Err(e) => {
+                // A timed-out call may still have been applied.
+                self.changed();
+                tracing::warn!(error = %e, "ranking bump lost; the ranking job will restore it");
+            }
         }
+    }
+
+    /// Makes the cached windows stale for every read that begins from now on.
+    fn changed(&self) {
+        self.cache.changes.fetch_add(1, Ordering::SeqCst);
     }
 
     pub async fn top(
@@ -132,11 +174,13 @@ impl Popular {
             |top: &[PopularProduct]| top.iter().take(usize::from(limit.0)).cloned().collect();
         let cache = &self.cache;
         let ttl = self.settings.cache_ttl;
+        // Changes made before this read began: the answer must include them.
+        let must_include = cache.changes.load(Ordering::SeqCst);
         let fresh = |cache: &PopularCache| -> Option<Arc<Vec<PopularProduct>>> {
             let windows = cache.fresh.read().unwrap_or_else(|e| e.into_inner());
             windows
                 .get(&days)
-                .filter(|c| c.at.elapsed() < ttl)
+                .filter(|c| c.at.elapsed() < ttl && c.changes >= must_include)
                 .map(|c| c.top.clone())
         };
         if let Some(top) = fresh(cache) {
@@ -146,6 +190,8 @@ impl Popular {
         if let Some(top) = fresh(cache) {
             return Ok(take(&top));
         }
+        let changes = cache.changes.load(Ordering::SeqCst);
+        let at = Instant::now();
         let top = Arc::new(self.compute_popular(days).await?);
         cache
             .fresh
@@ -154,7 +200,8 @@ impl Popular {
             .insert(
                 days,
                 Cached {
-                    at: Instant::now(),
+                    at,
+                    changes,
                     top: top.clone(),
                 },
             );
@@ -183,12 +230,13 @@ impl Popular {
             .collect())
     }
 
-    /// Recomputes every day bucket of the retention window from Postgres and swaps it in.
-    /// Returns how many buckets hold sales.
+    /// Rebuilds every day bucket of the retention window from Postgres, keeping the bumps
+    /// of payments that committed after the rebuild's snapshot. Returns how many buckets hold
+    /// sales.
     pub async fn reconcile(&self) -> Result<usize, AppError> {
         let ranking = &self.settings;
         let window = ranking.calendar.window(Utc::now(), ranking.retention_days);
-        let rows = sales::daily(&self.pg, &window).await?;
+        let (snapshot, rows) = sales::daily_with_snapshot(&self.pg, &window).await?;
         let mut by_day: HashMap<NaiveDate, Vec<(ProductId, i64)>> = HashMap::new();
         for row in rows {
             by_day
@@ -198,10 +246,18 @@ impl Popular {
         }
         for (day, _) in &window.days {
             let sold = by_day.get(day).map(Vec::as_slice).unwrap_or_default();
-            self.ranking
-                .replace(*day, sold, ranking.bucket_ttl())
+            let rebuilt = self
+                .ranking
+                .rebuild(*day, &snapshot, sold, ranking.bucket_ttl())
                 .await?;
+            match rebuilt {
+                Some(carried) => metrics::ranking_bumps_carried(carried),
+                None => {
+                    tracing::debug!(%day, "ranking bucket already rebuilt from a later snapshot");
+                }
+            }
         }
+        self.changed();
         Ok(by_day.len())
     }
 }

@@ -7,6 +7,7 @@
 mod balance;
 mod calendar;
 mod cart;
+mod commit;
 mod coupon;
 mod events;
 mod idempotency;
@@ -22,6 +23,7 @@ mod validation;
 pub use balance::{LedgerEntry, LedgerKind};
 pub use calendar::{Calendar, DayWindow};
 pub use cart::{Cart, CartLine, LineChange, MAX_CART_LINES};
+pub use commit::{Snapshot, TxId};
 pub use coupon::{
     Coupon, CouponTerms, Discount, IssueWindow, NewCoupon, UserCoupon, UserCouponStatus, ValidDays,
     parse_total_quantity,

@@ -7,7 +7,7 @@
 use sqlx::{PgConnection, PgExecutor};
 
 use crate::{
-    domain::{OrderId, Payment, PaymentId, UserCouponId, UserId, Won},
+    domain::{OrderId, Payment, PaymentId, TxId, UserCouponId, UserId, Won},
     store::StoreError,
 };
 
@@ -56,11 +56,22 @@ pub struct PaymentRecord {
     pub user_coupon_id: Option<UserCouponId>,
 }
 
+#[derive(sqlx::FromRow)]
+struct Recorded {
+    #[sqlx(flatten)]
+    payment: Payment,
+    tx: String,
+}
+
 /// Writes the USE ledger entry, the payment, the order as PAID and its coupon as USED, in one
-/// statement. The order row must be locked by this transaction.
+/// statement. The order row must be locked by this transaction. Also returns the transaction's
+/// id: once committed, it tells which snapshots see the payment (the ranking counts it once).
 #[tracing::instrument(target = "otel", name = "payments.record", skip_all, fields(db.system = "postgresql"))]
-pub async fn record(tx: &mut PgConnection, record: PaymentRecord) -> Result<Payment, StoreError> {
-    let payment = sqlx::query_as(concat!(
+pub async fn record(
+    tx: &mut PgConnection,
+    record: PaymentRecord,
+) -> Result<(Payment, TxId), StoreError> {
+    let recorded: Recorded = sqlx::query_as(concat!(
         "WITH ledger AS (
              INSERT INTO balance_history (user_id, kind, amount, balance_after, order_id)
              VALUES ($2, 'USE', $3, $4, $1)
@@ -80,7 +91,7 @@ pub async fn record(tx: &mut PgConnection, record: PaymentRecord) -> Result<Paym
              UPDATE user_coupons SET status = 'USED', used_at = now()
              WHERE id = $5 AND order_id = $1 AND status = 'RESERVED'
          )
-         SELECT * FROM payment"
+         SELECT payment.*, pg_current_xact_id()::text AS tx FROM payment"
     ))
     .bind(record.order_id)
     .bind(record.user_id)
@@ -89,7 +100,9 @@ pub async fn record(tx: &mut PgConnection, record: PaymentRecord) -> Result<Paym
     .bind(record.user_coupon_id)
     .fetch_one(tx)
     .await?;
-    Ok(payment)
+    let tx_id = TxId::parse(&recorded.tx)
+        .ok_or_else(|| StoreError::Inconsistent(format!("transaction id {:?}", recorded.tx)))?;
+    Ok((recorded.payment, tx_id))
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: PaymentId) -> Result<Option<Payment>, StoreError> {

@@ -5,10 +5,10 @@
 //! lands in the same day here as in the bump made when it was paid.
 
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::PgExecutor;
+use sqlx::{PgConnection, PgPool};
 
 use crate::{
-    domain::{DayWindow, ProductId},
+    domain::{DayWindow, ProductId, Snapshot},
     store::StoreError,
 };
 
@@ -19,11 +19,27 @@ pub struct DailySales {
     pub quantity: i64,
 }
 
-/// Sales paid within `window`, per day and product.
-pub async fn daily(
-    db: impl PgExecutor<'_>,
+/// Sales paid within `window`, per day and product, and the snapshot they were read in (one
+/// REPEATABLE READ transaction: the snapshot names exactly the payments counted).
+pub async fn daily_with_snapshot(
+    pg: &PgPool,
     window: &DayWindow,
-) -> Result<Vec<DailySales>, StoreError> {
+) -> Result<(Snapshot, Vec<DailySales>), StoreError> {
+    let mut tx = pg.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let text: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+        .fetch_one(&mut *tx)
+        .await?;
+    let snapshot = Snapshot::parse(&text)
+        .ok_or_else(|| StoreError::Inconsistent(format!("snapshot {text:?}")))?;
+    let sales = daily(&mut tx, window).await?;
+    tx.commit().await?;
+    Ok((snapshot, sales))
+}
+
+async fn daily(db: &mut PgConnection, window: &DayWindow) -> Result<Vec<DailySales>, StoreError> {
     let starts: Vec<DateTime<Utc>> = window.days.iter().map(|(_, start)| *start).collect();
     // width_bucket numbers the span of `starts` holding paid_at from 1 (before the first: 0).
     let rows: Vec<(i32, ProductId, i64)> = sqlx::query_as(

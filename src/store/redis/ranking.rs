@@ -1,9 +1,24 @@
 //! Best sellers: one sorted set per day (`rank:{products}:YYYYMMDD`, member = product id,
-//! score = paid quantity). All buckets share one hash tag, so a union of days runs on one
-//! cluster node. Buckets expire after the retention period.
+//! score = paid quantity). All keys share one hash tag, so a union of days and every script
+//! runs on one cluster node. Keys expire after the retention period.
 //!
-//! The buckets are a cache of Postgres: the ranking job recomputes them from paid orders and
-//! swaps each one in with RENAME, so lost, missed or doubled bumps are corrected.
+//! Invariant: a day's bucket counts every committed payment of the day exactly once, whenever
+//! the rebuild runs, except a payment whose bump never reached Redis (the next rebuild adds it).
+//! Beside each bucket live the Postgres snapshot it was last rebuilt from (`...:snapshot`) and
+//! the payments counted by bumps since (`...:counted`, payment id -> transaction id and items).
+//! - A bump (rank_bump.lua) is refused if the snapshot saw its transaction (the rebuild counted
+//!   it) or its payment is already in `counted` (a repeated call); otherwise it adds the items
+//!   and records the payment, in one step.
+//! - A rebuild reads the counts and the snapshot in one Postgres transaction, writes the counts
+//!   under a staging key, then (rank_rebuild.lua, one step) adds the payments of `counted` the
+//!   snapshot did not see (they committed after it, so only their bump has them), forgets those
+//!   it saw, renames the staging key over the bucket and stores the snapshot. A bump racing the
+//!   rebuild lands either before that step (carried over or already in the counts) or after it
+//!   (judged against the new snapshot): never lost, never doubled. A rebuild from a snapshot
+//!   older than the stored one (two replicas at once) changes nothing.
+//!
+//! `counted` holds the payments bumped since the last rebuild that it had not seen: about one
+//! job interval of payments, and each rebuild's step walks it once.
 
 use std::time::Duration;
 
@@ -14,44 +29,98 @@ use fred::{
 };
 
 use super::{LuaScript, Redis};
-use crate::{domain::ProductId, store::StoreError};
+use crate::{
+    domain::{PaymentId, ProductId, Snapshot, TxId},
+    store::StoreError,
+};
 
 pub struct Ranking {
     redis: Redis,
     bump: LuaScript,
+    rebuild: LuaScript,
+}
+
+/// A day's keys: the bucket, the snapshot it was rebuilt from, the payments counted since.
+struct DayKeys {
+    bucket: String,
+    snapshot: String,
+    counted: String,
+}
+
+impl DayKeys {
+    fn new(redis: &Redis, day: NaiveDate) -> Self {
+        let bucket = bucket(redis, day);
+        Self {
+            snapshot: format!("{bucket}:snapshot"),
+            counted: format!("{bucket}:counted"),
+            bucket,
+        }
+    }
 }
 
 fn bucket(redis: &Redis, day: NaiveDate) -> String {
     redis.key(format_args!("rank:{{products}}:{}", day.format("%Y%m%d")))
 }
 
+/// Items as the scripts read them: `product qty product qty ...`.
+fn items_arg(sold: &[(ProductId, i64)]) -> String {
+    let pairs: Vec<String> = sold
+        .iter()
+        .map(|(product, quantity)| format!("{product} {quantity}"))
+        .collect();
+    pairs.join(" ")
+}
+
+/// A ranking script with the visibility functions it uses in front.
+macro_rules! with_snapshot {
+    ($name:literal, $script:literal) => {
+        LuaScript::new(
+            $name,
+            concat!(
+                include_str!("lua/snapshot.lua"),
+                "\n",
+                include_str!($script)
+            ),
+        )
+    };
+}
+
 impl Ranking {
     pub fn new(redis: Redis) -> Self {
         Self {
             redis,
-            bump: LuaScript::new("ranking.bump", include_str!("lua/rank_bump.lua")),
+            bump: with_snapshot!("ranking.bump", "lua/rank_bump.lua"),
+            rebuild: with_snapshot!("ranking.rebuild", "lua/rank_rebuild.lua"),
         }
     }
 
-    /// Adds `sold` (product, quantity) to `day`'s bucket.
-    pub async fn add(
+    /// Counts committed payment `payment` (transaction `tx`) in `day`'s bucket, unless the
+    /// bucket already holds it. Returns whether it was counted now.
+    pub async fn count(
         &self,
         day: NaiveDate,
+        payment: PaymentId,
+        tx: TxId,
         sold: &[(ProductId, i64)],
         retention: Duration,
-    ) -> Result<(), StoreError> {
-        let key = bucket(&self.redis, day);
-        let mut args = Vec::with_capacity(1 + sold.len() * 2);
-        args.push(retention.as_secs().to_string());
-        for (product, quantity) in sold {
-            args.push(product.get().to_string());
-            args.push(quantity.to_string());
-        }
-        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let _: i64 = self.bump.call(&self.redis, &[&key], &arg_refs).await?;
-        Ok(())
+    ) -> Result<bool, StoreError> {
+        let keys = DayKeys::new(&self.redis, day);
+        let (ttl, payment, tx) = (
+            retention.as_secs().to_string(),
+            payment.to_string(),
+            tx.to_string(),
+        );
+        let items = items_arg(sold);
+        let counted: i64 = self
+            .bump
+            .call(
+                &self.redis,
+                &[&keys.bucket, &keys.snapshot, &keys.counted],
+                &[&ttl, &payment, &tx, &items],
+            )
+            .await?;
+        Ok(counted == 1)
     }
-
     /// Paid quantity per product summed over `days`, unsorted.
     pub async fn totals(&self, days: &[NaiveDate]) -> Result<Vec<(i64, i64)>, StoreError> {
         let keys: Vec<String> = days.iter().map(|d| bucket(&self.redis, *d)).collect();
@@ -76,20 +145,19 @@ impl Ranking {
         Ok(totals)
     }
 
-    /// Replaces `day`'s bucket with `sold`, atomically: readers see the old bucket or the new one.
-    pub async fn replace(
+    /// Replaces `day`'s bucket with `sold`, read from Postgres in `snapshot`, keeping the
+    /// payments counted since that the snapshot did not see. Readers see the old bucket or the
+    /// new one. `None` when the bucket was already rebuilt from a later snapshot.
+    pub async fn rebuild(
         &self,
         day: NaiveDate,
+        snapshot: &Snapshot,
         sold: &[(ProductId, i64)],
         retention: Duration,
-    ) -> Result<(), StoreError> {
-        let key = bucket(&self.redis, day);
+    ) -> Result<Option<usize>, StoreError> {
+        let keys = DayKeys::new(&self.redis, day);
         let client = self.redis.client();
-        if sold.is_empty() {
-            let _: i64 = client.del(&key).await?;
-            return Ok(());
-        }
-        let staging = format!("{key}:rebuild:{}", uuid::Uuid::new_v4().simple());
+        let staging = format!("{}:rebuild:{}", keys.bucket, uuid::Uuid::new_v4().simple());
         for chunk in sold.chunks(1000) {
             let members: Vec<(f64, Value)> = chunk
                 .iter()
@@ -99,10 +167,19 @@ impl Ranking {
                 .zadd(&staging, None, None, false, false, members)
                 .await?;
         }
-        let _: i64 = client
-            .expire(&staging, retention.as_secs() as i64, None)
+        if !sold.is_empty() {
+            // A job that dies before the swap leaves nothing behind for long.
+            let _: i64 = client.expire(&staging, 3600, None).await?;
+        }
+        let (ttl, snapshot) = (retention.as_secs().to_string(), snapshot.to_string());
+        let carried: i64 = self
+            .rebuild
+            .call(
+                &self.redis,
+                &[&keys.bucket, &keys.snapshot, &keys.counted, &staging],
+                &[&ttl, &snapshot],
+            )
             .await?;
-        let _: () = client.rename(&staging, &key).await?;
-        Ok(())
+        Ok(usize::try_from(carried).ok())
     }
 }

@@ -1,7 +1,20 @@
--- Adds paid quantities to one day's ranking and keeps the bucket's expiry, in one step.
--- KEYS[1] day bucket; ARGV[1] expiry (seconds); ARGV[2], ARGV[3], ... product id, quantity pairs.
-for i = 2, #ARGV, 2 do
-  redis.call('ZINCRBY', KEYS[1], ARGV[i + 1], ARGV[i])
+-- Counts one committed payment in its day's ranking, at most once (follows snapshot.lua).
+-- KEYS[1] day bucket (zset), KEYS[2] the snapshot the bucket was last rebuilt from,
+-- KEYS[3] the payments counted since then (hash: payment id -> 'xid product qty product qty ...').
+-- ARGV[1] expiry (seconds), ARGV[2] payment id, ARGV[3] its transaction id, ARGV[4] its items
+-- ('product qty product qty ...').
+-- Returns 1 if counted, 0 if the bucket already holds it (rebuilt from a snapshot that saw it,
+-- or counted by an earlier call for the same payment).
+local rebuilt_from = redis.call('GET', KEYS[2])
+if rebuilt_from and sees(parse_snapshot(rebuilt_from), ARGV[3]) then
+  return 0
+end
+if redis.call('HSETNX', KEYS[3], ARGV[2], ARGV[3] .. ' ' .. ARGV[4]) == 0 then
+  return 0
+end
+for product, qty in string.gmatch(ARGV[4], '(%d+) (%d+)') do
+  redis.call('ZINCRBY', KEYS[1], qty, product)
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
 return 1

@@ -27,7 +27,10 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 
 pub use self::stats::{CouponGateStats, RepairReason};
-use super::sold_out::{LOCAL_SOLD_OUT, SoldOutCache};
+use super::{
+    rate_limit::{LimitedCall, UserRateLimit},
+    sold_out::{LOCAL_SOLD_OUT, SoldOutCache},
+};
 use crate::{
     domain::{Coupon, CouponId, NewCoupon, PageSize, PageToken, UserCoupon, UserId},
     error::{AppError, Resource},
@@ -69,6 +72,7 @@ pub struct Coupons {
     stats: Arc<CouponGateStats>,
     /// A win with no row for this long is an orphan, not an insert in flight.
     orphan_grace: Duration,
+    rate: Arc<UserRateLimit>,
 }
 
 /// What a call learns about a seat the gate says the user already holds.
@@ -82,7 +86,12 @@ enum Held {
 }
 
 impl Coupons {
-    pub fn new(pg: PgPool, gate: CouponGate, orphan_grace: Duration) -> Self {
+    pub fn new(
+        pg: PgPool,
+        gate: CouponGate,
+        orphan_grace: Duration,
+        rate: Arc<UserRateLimit>,
+    ) -> Self {
         // A win's insert must finish well within the orphan grace, or a retry could release a
         // seat whose row is about to commit.
         let recorder = CouponRecorder::start(pg.clone(), orphan_grace / 2);
@@ -94,6 +103,7 @@ impl Coupons {
             rebuilds: rebuild::Rebuilds::default(),
             stats: Arc::default(),
             orphan_grace,
+            rate,
         }
     }
 
@@ -154,6 +164,11 @@ impl Coupons {
         coupon_id: CouponId,
         user_id: UserId,
     ) -> Result<UserCoupon, AppError> {
+        if let Err(refused) = self.rate.admit(user_id, LimitedCall::IssueCoupon).await {
+            let refused = Err(refused);
+            metrics::coupon_issue(metrics::outcome(&refused));
+            return refused;
+        }
         if self
             .sold_out
             .first(&[coupon_id], std::time::Instant::now())

@@ -29,13 +29,23 @@ impl LuaScript {
         keys: &[&str],
         args: &[&str],
     ) -> Result<R, StoreError> {
-        let client = redis.client();
-        let encode = || -> (MultipleKeys, Value) {
+        self.call_encoded(redis, || {
             (
                 keys.iter().map(|k| Key::from(*k)).collect(),
                 Value::Array(args.iter().map(|a| Value::from(*a)).collect()),
             )
-        };
+        })
+        .await
+    }
+
+    /// Runs the script with the keys and arguments `encode` builds (called again only for the
+    /// retry after NOSCRIPT), for callers that keep their arguments as values.
+    pub async fn call_encoded<R: FromValue>(
+        &self,
+        redis: &Redis,
+        encode: impl Fn() -> (MultipleKeys, Value),
+    ) -> Result<R, StoreError> {
+        let client = redis.client();
         let (k, a) = encode();
         match client
             .evalsha::<R, _, _, _>(self.script.sha1().clone(), k, a)

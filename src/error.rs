@@ -5,10 +5,10 @@
 //! and a stable UPPER_SNAKE reason that callers can branch on. Internal details (SQL, driver
 //! messages) are logged here and never sent to the caller.
 
-use std::{borrow::Cow, collections::HashMap};
+use std::{borrow::Cow, collections::HashMap, time::Duration};
 
 use tonic::{Code, Status};
-use tonic_types::{BadRequest, ErrorDetail, ErrorInfo, StatusExt};
+use tonic_types::{BadRequest, ErrorDetail, ErrorInfo, RetryInfo, StatusExt};
 
 use crate::{
     domain::{OrderStatus, ValidationError, Won},
@@ -111,6 +111,8 @@ pub enum AppError {
     NotOrderOwner,
     #[error("missing or invalid credentials")]
     Unauthenticated,
+    #[error("too many calls from this user; retry after {} ms", .retry_after.as_millis())]
+    RateLimited { retry_after: Duration },
     #[error("the server is at its concurrency limit; retry with backoff")]
     Overloaded,
     #[error("the call did not finish before its deadline")]
@@ -157,6 +159,7 @@ impl AppError {
             AppError::CartEmpty => (Code::FailedPrecondition, "CART_EMPTY"),
             AppError::NotOrderOwner => (Code::PermissionDenied, "NOT_ORDER_OWNER"),
             AppError::Unauthenticated => (Code::Unauthenticated, "UNAUTHENTICATED"),
+            AppError::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
             AppError::Overloaded => (Code::ResourceExhausted, "OVERLOADED"),
             AppError::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
             AppError::MessageTooLarge => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
@@ -190,6 +193,9 @@ impl AppError {
                 put("required", required.get().to_string().into())
             }
             AppError::OrderClosed { status } => put("status", Cow::Borrowed(status.as_str())),
+            AppError::RateLimited { retry_after } => {
+                put("retry_after_ms", retry_after.as_millis().to_string().into())
+            }
             AppError::Unavailable { dependency, .. } => {
                 put("dependency", Cow::Borrowed(dependency.name()))
             }
@@ -242,10 +248,14 @@ impl From<AppError> for Status {
             ERROR_DOMAIN,
             error.metadata(),
         ))];
-        if let AppError::InvalidArgument(e) = &error {
-            details.push(
+        match &error {
+            AppError::InvalidArgument(e) => details.push(
                 BadRequest::with_violation(e.field.to_string(), e.message.to_string()).into(),
-            );
+            ),
+            AppError::RateLimited { retry_after } => {
+                details.push(RetryInfo::new(Some(*retry_after)).into());
+            }
+            _ => {}
         }
         Status::with_error_details_vec(code, error.to_string(), details)
     }
@@ -281,6 +291,20 @@ mod tests {
         let status: Status = AppError::CouponSoldOut.into();
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(reason_of(&status), "COUPON_SOLD_OUT");
+    }
+
+    #[test]
+    fn a_rate_limited_call_says_when_to_come_back() {
+        let status: Status = AppError::RateLimited {
+            retry_after: Duration::from_millis(1_250),
+        }
+        .into();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(reason_of(&status), "RATE_LIMITED");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["retry_after_ms"], "1250");
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(1_250)));
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::{
     time::Duration,
 };
 
-use metrics::{Counter, Histogram, counter, gauge, histogram};
+pub use metrics::Counter;
+use metrics::{Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use prost::Message;
 use tokio::net::TcpListener;
@@ -205,6 +206,18 @@ pub fn coupon_repairs_registered(reasons: impl IntoIterator<Item = &'static str>
 /// An orphaned coupon win released by the call that met it.
 pub fn coupon_orphan_released() {
     counter!("ecommerce_coupon_orphans_released_total").increment(1);
+}
+
+/// The counter of one limited method's calls refused by the user's rate budget; registered
+/// once per method, so a refusal costs one atomic add.
+pub fn rate_limited(method: &'static str) -> Counter {
+    counter!("ecommerce_rate_limited_total", "method" => method)
+}
+
+/// The counter of one limited method's calls let through unchecked because the rate check
+/// did not answer in time.
+pub fn rate_limit_fail_open(method: &'static str) -> Counter {
+    counter!("ecommerce_rate_limit_fail_open_total", "method" => method)
 }
 
 pub fn order_placed(outcome: &'static str) {

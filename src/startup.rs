@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::{
         Balances, Carts, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings,
-        Payments, Popular, RankingSettings, SoldOut, seed_demo,
+        Payments, Popular, RankingSettings, SoldOut, UserRateLimit, seed_demo,
     },
     config::Config,
     connections::{self, Ageing},
@@ -33,7 +33,10 @@ use crate::{
     store::{
         data_platform::Sink,
         postgres,
-        redis::{Redis, coupon_gate::CouponGate, ranking::Ranking, sold_out::SoldOutMarkers},
+        redis::{
+            Redis, coupon_gate::CouponGate, ranking::Ranking, sold_out::SoldOutMarkers,
+            user_rate::Gcra,
+        },
     },
 };
 
@@ -250,22 +253,42 @@ fn build_services(
             retry_max: config.outbox.retry_max,
         },
     ));
+    // One budget per user, shared by every flow a bot would flood.
+    let rate = Arc::new(UserRateLimit::new(
+        redis.clone(),
+        config
+            .rate_limits
+            .user
+            .map(|user| Gcra::new(user.per_sec, user.burst)),
+        config.rate_limits.timeout,
+    ));
     let orders = Arc::new(Orders::new(
         pg.clone(),
         sold_out.clone(),
         config.orders.order_ttl,
+        rate.clone(),
     ));
     let services = Services {
-        balances: Arc::new(Balances::new(pg.clone(), config.orders.max_balance)),
-        carts: Arc::new(Carts::new(pg.clone(), orders.clone())),
+        balances: Arc::new(Balances::new(
+            pg.clone(),
+            config.orders.max_balance,
+            rate.clone(),
+        )),
+        carts: Arc::new(Carts::new(pg.clone(), orders.clone(), rate.clone())),
         catalog: Arc::new(Catalog::new(pg.clone(), sold_out)),
         coupons: Arc::new(Coupons::new(
             pg.clone(),
             CouponGate::new(redis.clone()),
             config.coupons.orphan_grace,
+            rate.clone(),
         )),
         orders,
-        payments: Arc::new(Payments::new(pg.clone(), popular.clone(), outbox.nudge())),
+        payments: Arc::new(Payments::new(
+            pg.clone(),
+            popular.clone(),
+            outbox.nudge(),
+            rate,
+        )),
         popular,
     };
     (services, outbox)

@@ -18,7 +18,12 @@ use super::{Mixed, Options, Scenario, Tls, Weights, run};
     long_about = "Load-tests an ecommerce deployment and checks its invariants afterwards.\n\n\
         Each scenario creates its own fixtures through the Admin RPCs and funds its buyers \
         through ChargeBalance, so it works against any deployment. Exit code: 0 when every \
-        invariant holds, 1 when one is violated, 2 when the run could not happen."
+        invariant holds, 1 when one is violated, 2 when the run could not happen.\n\n\
+        Per-user rate limits: a server with USER_RATE_PER_SEC and USER_RATE_BURST set refuses \
+        IssueCoupon, PlaceOrder, Checkout, Pay and ChargeBalance calls past a user's budget with \
+        RESOURCE_EXHAUSTED (RATE_LIMITED); they are counted as refusals and break no invariant. \
+        To measure throughput rather than the limit, spread the calls over more --buyers or \
+        --users, or raise the limit."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -97,8 +102,13 @@ enum Command {
         #[arg(long, default_value_t = 1_000)]
         users: u64,
     },
+    /// Buyers put 1..=3 units of one product in their cart and check it out with a fresh
+    /// idempotency key (one in ten checkouts is sent again with the same key and must return
+    /// the same order), until the product sells out and beyond (by default
+    /// stock/2 + max(stock/10, 100) checkouts). Checks stock conservation and one order per key.
+    Cart(ProductArgs),
     /// A weighted blend of the other scenarios on shared fixtures; the buyers are also the
-    /// users charged.
+    /// users charged (weights: coupon, order, pay, popular, charge, checkout).
     Mixed {
         #[arg(long, default_value = "coupon=10,order=30,pay=30,popular=20,charge=10")]
         weights: Weights,
@@ -144,6 +154,11 @@ impl Command {
                 limit: p.limit,
             },
             Command::Charge { users } => Scenario::Charge { users },
+            Command::Cart(p) => Scenario::Cart {
+                stock: p.stock,
+                buyers: p.buyers,
+                orders_per_buyer: p.orders_per_buyer,
+            },
             Command::Mixed {
                 weights,
                 coupon_stock,

@@ -258,6 +258,8 @@ pub struct OrderFacts<'a> {
     pub states: &'a HashMap<i64, OrderState>,
     /// Every deliberate second Pay of an order just paid.
     pub repeat_pay_calls: &'a Outcomes,
+    /// Every deliberate second Checkout with the key of one just answered.
+    pub repeat_checkout_calls: &'a Outcomes,
     pub db: Option<DbPayments>,
 }
 
@@ -371,6 +373,14 @@ pub fn order_checks(f: &OrderFacts) -> Vec<Check> {
             "paying a paid order again is refused with ALREADY_EXISTS",
             &obs.repeat_pays,
             repeats,
+        ));
+    }
+    let checkouts = f.repeat_checkout_calls.total();
+    if checkouts > 0 {
+        checks.push(Check::none(
+            "a checkout sent again with its key returns the same order",
+            &obs.repeat_checkouts,
+            checkouts,
         ));
     }
     if let Some(db) = f.db {
@@ -736,6 +746,7 @@ mod tests {
             observed: &obs,
             states: &st,
             repeat_pay_calls: &repeats,
+            repeat_checkout_calls: &Outcomes::default(),
             db: Some(DbPayments {
                 rows: 2,
                 max_per_order: 1,
@@ -764,6 +775,7 @@ mod tests {
             observed: &obs,
             states: &st,
             repeat_pay_calls: &repeats,
+            repeat_checkout_calls: &Outcomes::default(),
             db: Some(DbPayments {
                 rows: 3,
                 max_per_order: 2,
@@ -807,6 +819,7 @@ mod tests {
             observed: &obs,
             states: &st,
             repeat_pay_calls: &none,
+            repeat_checkout_calls: &none,
             db: None,
         };
         assert_eq!(failed(&order_checks(&facts(8))), Vec::<&str>::new());

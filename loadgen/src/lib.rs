@@ -215,6 +215,7 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
             observed: &observed,
             states: &fin.orders,
             repeat_pay_calls: rec.all(Rpc::PayAgain),
+            repeat_checkout_calls: rec.all(Rpc::CheckoutAgain),
             db: fin.db.payments,
         }));
     }

@@ -37,6 +37,13 @@ pub enum Scenario {
     Popular { days: i32, limit: i32 },
     /// Small charges to `users` users, some repeating an idempotency key on purpose.
     Charge { users: u64 },
+    /// Buyers put 1..=3 units of one product in their cart and check it out (keyed, one in
+    /// ten sent again with the same key), until it sells out and beyond.
+    Cart {
+        stock: i64,
+        buyers: u64,
+        orders_per_buyer: Option<u64>,
+    },
     /// A weighted blend of all of the above on shared fixtures.
     Mixed(Mixed),
 }
@@ -81,6 +88,7 @@ impl Scenario {
             Scenario::HotProduct { .. } => "hot-product",
             Scenario::Popular { .. } => "popular",
             Scenario::Charge { .. } => "charge",
+            Scenario::Cart { .. } => "cart",
             Scenario::Mixed(_) => "mixed",
         }
     }
@@ -97,18 +105,7 @@ impl Scenario {
                 stock,
                 buyers,
                 orders_per_buyer,
-            } => {
-                let stock_units = u64::try_from(stock).unwrap_or(0);
-                Plan {
-                    weights: Weights::only(Op::OrderThenPay),
-                    // Past the sell-out, so that OUT_OF_STOCK refusals are measured too.
-                    default_requests: Some(stock_units.saturating_add((stock_units / 5).max(100))),
-                    product_stock: Some(stock),
-                    buyers,
-                    fund_each: fund_each(stock, buyers, orders_per_buyer)?,
-                    ..Plan::default()
-                }
-            }
+            } => selling_out(Op::OrderThenPay, 1, stock, buyers, orders_per_buyer)?,
             &Scenario::Popular { days, limit } => Plan {
                 weights: Weights::only(Op::Popular),
                 default_duration: Some(DEFAULT_DURATION),
@@ -121,8 +118,14 @@ impl Scenario {
                 charged: users,
                 ..Plan::default()
             },
+            // Two units a checkout on average.
+            &Scenario::Cart {
+                stock,
+                buyers,
+                orders_per_buyer,
+            } => selling_out(Op::Checkout, 2, stock, buyers, orders_per_buyer)?,
             Scenario::Mixed(m) => {
-                let needs_stock = [Op::Order, Op::Pay]
+                let needs_stock = [Op::Order, Op::Pay, Op::Checkout]
                     .iter()
                     .any(|&op| m.weights.contains(op));
                 let needs_buyers = needs_stock || m.weights.contains(Op::Charge);
@@ -245,6 +248,26 @@ impl Plan {
     }
 }
 
+/// A run of `op` (taking `units_per_call` units on average) on one product until it sells out
+/// and beyond, so that OUT_OF_STOCK refusals are measured too.
+fn selling_out(
+    op: Op,
+    units_per_call: u64,
+    stock: i64,
+    buyers: u64,
+    orders_per_buyer: Option<u64>,
+) -> anyhow::Result<Plan> {
+    let calls = u64::try_from(stock).unwrap_or(0) / units_per_call;
+    Ok(Plan {
+        weights: Weights::only(op),
+        default_requests: Some(calls.saturating_add((calls / 5).max(100))),
+        product_stock: Some(stock),
+        buyers,
+        fund_each: fund_each(stock, buyers, orders_per_buyer)?,
+        ..Plan::default()
+    })
+}
+
 /// What each buyer is charged before the run: `orders_per_buyer` one-unit orders, by default
 /// twice a fair share of the stock plus one, because buyers are picked at random and some are
 /// picked more often than others.
@@ -307,6 +330,21 @@ mod tests {
         assert_eq!(small.fund_each, 4 * PRICE);
         let secs = Some(Duration::from_secs(5));
         assert_eq!(small.stop(None, secs), (None, secs));
+    }
+
+    #[test]
+    fn the_cart_scenario_checks_out_past_the_sell_out() {
+        let plan = Scenario::Cart {
+            stock: 1_000,
+            buyers: 100,
+            orders_per_buyer: None,
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(plan.weights, Weights::only(Op::Checkout));
+        assert_eq!(plan.stop(None, None), (Some(600), None));
+        assert_eq!(plan.product_stock, Some(1_000));
+        assert_eq!(plan.fund_each, 21 * PRICE);
     }
 
     #[test]

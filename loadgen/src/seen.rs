@@ -66,6 +66,8 @@ pub struct Observed {
     pub unsure_pays: Vec<i64>,
     /// Repeated Pays that were not refused as ALREADY_EXISTS.
     pub repeat_pays: Problems,
+    /// Checkouts sent again with their key that did not return the same order.
+    pub repeat_checkouts: Problems,
     /// GetPopularProducts answers checked, and the ill-formed ones.
     pub popular_answers: u64,
     pub popular_problems: Problems,
@@ -82,6 +84,7 @@ impl Observed {
         self.payments.extend(other.payments);
         self.unsure_pays.extend(other.unsure_pays);
         self.repeat_pays.merge(other.repeat_pays);
+        self.repeat_checkouts.merge(other.repeat_checkouts);
         self.popular_answers += other.popular_answers;
         self.popular_problems.merge(other.popular_problems);
         self.book.merge(other.book);

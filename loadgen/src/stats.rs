@@ -32,10 +32,14 @@ pub enum Rpc {
     ChargeBalance,
     /// ChargeBalance repeating an earlier call's idempotency key: it must credit nothing.
     ChargeBalanceReplay,
+    SetItem,
+    Checkout,
+    /// Checkout again with the key of a checkout just answered: it must return the same order.
+    CheckoutAgain,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 7] = [
+    pub const ALL: [Rpc; 10] = [
         Rpc::IssueCoupon,
         Rpc::PlaceOrder,
         Rpc::Pay,
@@ -43,6 +47,9 @@ impl Rpc {
         Rpc::GetPopularProducts,
         Rpc::ChargeBalance,
         Rpc::ChargeBalanceReplay,
+        Rpc::SetItem,
+        Rpc::Checkout,
+        Rpc::CheckoutAgain,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +61,9 @@ impl Rpc {
             Rpc::GetPopularProducts => "GetPopularProducts",
             Rpc::ChargeBalance => "ChargeBalance",
             Rpc::ChargeBalanceReplay => "ChargeBalance (same key)",
+            Rpc::SetItem => "SetItem",
+            Rpc::Checkout => "Checkout",
+            Rpc::CheckoutAgain => "Checkout (same key)",
         }
     }
 

@@ -19,16 +19,20 @@ pub enum Op {
     OrderThenPay,
     Popular,
     Charge,
+    /// SetItem (1..=3 units of the product) into a buyer's cart, then a keyed Checkout; one in
+    /// ten is sent again with the same key and must return the same order.
+    Checkout,
 }
 
 impl Op {
     /// The names `--weights` accepts.
-    const NAMED: [(&'static str, Op); 5] = [
+    const NAMED: [(&'static str, Op); 6] = [
         ("coupon", Op::Coupon),
         ("order", Op::Order),
         ("pay", Op::Pay),
         ("popular", Op::Popular),
         ("charge", Op::Charge),
+        ("checkout", Op::Checkout),
     ];
 
     fn name(self) -> &'static str {
@@ -39,6 +43,7 @@ impl Op {
             Op::OrderThenPay => "order-then-pay",
             Op::Popular => "popular",
             Op::Charge => "charge",
+            Op::Checkout => "checkout",
         }
     }
 }
@@ -53,7 +58,7 @@ pub struct Weights {
 pub enum WeightsError {
     #[error("`{0}` is not NAME=WEIGHT")]
     Malformed(String),
-    #[error("unknown operation `{0}` (expected coupon, order, pay, popular or charge)")]
+    #[error("unknown operation `{0}` (expected coupon, order, pay, popular, charge or checkout)")]
     UnknownOp(String),
     #[error("`{0}` is given twice")]
     Repeated(String),

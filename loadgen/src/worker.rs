@@ -16,14 +16,19 @@ use super::{
     weights::{Op, Weights},
 };
 use ecommerce::proto::{
-    ChargeBalanceRequest, GetPopularProductsRequest, IssueCouponRequest, OrderLine, PayRequest,
-    PlaceOrderRequest, balance_service_client::BalanceServiceClient,
+    ChargeBalanceRequest, CheckoutRequest, GetPopularProductsRequest, IssueCouponRequest, Order,
+    OrderLine, PayRequest, PlaceOrderRequest, SetItemRequest,
+    balance_service_client::BalanceServiceClient, cart_service_client::CartServiceClient,
     coupon_service_client::CouponServiceClient, order_service_client::OrderServiceClient,
     payment_service_client::PaymentServiceClient, product_service_client::ProductServiceClient,
 };
 
 /// One in this many successful Pays is followed by a second Pay of the same order.
 const REPEAT_PAY_ONE_IN: u32 = 20;
+/// One in this many answered checkouts is sent again with the same key.
+const REPEAT_CHECKOUT_ONE_IN: u32 = 10;
+/// A cart line holds 1..=this many units of the product.
+const MAX_CART_UNITS: i32 = 3;
 /// Of ten charges: this many carry no key, one repeats an earlier key, the rest a new key.
 const UNKEYED_CHARGES_IN_TEN: u32 = 7;
 const REPEATED_CHARGES_IN_TEN: u32 = 1;
@@ -62,6 +67,7 @@ pub struct Worker {
     payments: PaymentServiceClient<Channel>,
     products: ProductServiceClient<Channel>,
     balance: BalanceServiceClient<Channel>,
+    carts: CartServiceClient<Channel>,
     /// Orders placed and waiting for a [`Op::Pay`], oldest first.
     unpaid: VecDeque<PlacedOrder>,
     recent_keys: VecDeque<KeyedCharge>,
@@ -79,7 +85,8 @@ impl Worker {
             orders: OrderServiceClient::new(channel.clone()),
             payments: PaymentServiceClient::new(channel.clone()),
             products: ProductServiceClient::new(channel.clone()),
-            balance: BalanceServiceClient::new(channel),
+            balance: BalanceServiceClient::new(channel.clone()),
+            carts: CartServiceClient::new(channel),
             unpaid: VecDeque::new(),
             recent_keys: VecDeque::new(),
             keys_made: 0,
@@ -118,6 +125,7 @@ impl Worker {
             }
             Op::Popular => self.popular(rec).await,
             Op::Charge => self.charge(rec).await,
+            Op::Checkout => self.checkout(rec).await,
         }
     }
 
@@ -178,6 +186,80 @@ impl Worker {
                 None
             }
             Class::Refused => None,
+        }
+    }
+
+    /// Fills a buyer's cart with one line and checks it out with a fresh key. Two workers may
+    /// share a buyer: SetItem sets (not adds) the quantity, so a cart never holds more than
+    /// [`MAX_CART_UNITS`], and one of two checkouts of the same cart finds it empty.
+    async fn checkout(&mut self, rec: &mut Recorder) {
+        let user_id = self.buyer();
+        let request = SetItemRequest {
+            user_id,
+            product_id: self.shared.product_id,
+            quantity: self.rng.random_range(1..=MAX_CART_UNITS),
+        };
+        let started = Instant::now();
+        let result = self.carts.set_item(request).await;
+        if rec.record(Rpc::SetItem, started, &result) != Class::Ok {
+            return;
+        }
+        self.keys_made += 1;
+        let request = CheckoutRequest {
+            user_id,
+            user_coupon_id: 0,
+            idempotency_key: format!(
+                "{}-cart-w{}-{}",
+                self.shared.tag, self.index, self.keys_made
+            ),
+        };
+        let started = Instant::now();
+        let result = self.carts.checkout(request.clone()).await;
+        match rec.record(Rpc::Checkout, started, &result) {
+            Class::Ok => match result.ok().and_then(|r| r.into_inner().order) {
+                Some(order) => {
+                    self.observed.orders.push(placed(&order, user_id));
+                    if self.rng.random_ratio(1, REPEAT_CHECKOUT_ONE_IN) {
+                        self.checkout_again(request, order.id, rec).await;
+                    }
+                }
+                None => self.observed.unsure_order_units += i64::from(MAX_CART_UNITS),
+            },
+            Class::Indeterminate => self.observed.unsure_order_units += i64::from(MAX_CART_UNITS),
+            Class::Refused => {}
+        }
+    }
+
+    /// Sends a checkout that was just answered with `order_id` again: anything but that order
+    /// (or an unknown outcome) breaks "one order per checkout key".
+    async fn checkout_again(
+        &mut self,
+        request: CheckoutRequest,
+        order_id: i64,
+        rec: &mut Recorder,
+    ) {
+        let started = Instant::now();
+        let result = self.carts.checkout(request).await;
+        rec.record(Rpc::CheckoutAgain, started, &result);
+        match result {
+            Ok(response) => {
+                let again = response.into_inner().order.map_or(0, |o| o.id);
+                if again != order_id {
+                    self.observed.repeat_checkouts.add(|| {
+                        format!("checkout of order {order_id} sent again placed order {again}")
+                    });
+                }
+            }
+            // Not sent (a rate limit or load shedding): nothing to judge.
+            Err(status)
+                if Class::of(status.code()) == Class::Indeterminate
+                    || status.code() == Code::ResourceExhausted => {}
+            Err(status) => self.observed.repeat_checkouts.add(|| {
+                format!(
+                    "checkout of order {order_id} sent again: {}",
+                    describe(&status)
+                )
+            }),
         }
     }
 
@@ -318,5 +400,15 @@ impl Worker {
             }
             _ => {}
         }
+    }
+}
+
+/// An order a checkout placed, as the stock and order checks follow it.
+fn placed(order: &Order, user_id: i64) -> PlacedOrder {
+    PlacedOrder {
+        order_id: order.id,
+        user_id,
+        units: order.items.iter().map(|i| i64::from(i.quantity)).sum(),
+        amount: order.final_amount,
     }
 }

@@ -6,9 +6,14 @@
 //! Cancel safety: a charge is one transaction; a call dropped before its commit rolls back and
 //! credits nothing.
 
+use std::sync::Arc;
+
 use sqlx::PgPool;
 
-use super::idempotency::{NextAction, next_action};
+use super::{
+    idempotency::{NextAction, next_action},
+    rate_limit::{LimitedCall, UserRateLimit},
+};
 use crate::{
     domain::{IdempotencyKey, LedgerEntry, PageSize, PageToken, UserId, Won},
     error::AppError,
@@ -29,16 +34,24 @@ pub struct Balances {
     pg: PgPool,
     /// A charge that would take a balance past this is refused.
     max_balance: Won,
+    rate: Arc<UserRateLimit>,
 }
 
 impl Balances {
-    pub fn new(pg: PgPool, max_balance: Won) -> Self {
-        Self { pg, max_balance }
+    pub fn new(pg: PgPool, max_balance: Won, rate: Arc<UserRateLimit>) -> Self {
+        Self {
+            pg,
+            max_balance,
+            rate,
+        }
     }
 
     /// Credits the balance and writes the CHARGE entry; returns that entry (its `balance_after`
     /// is the new balance).
     pub async fn charge(&self, cmd: ChargeCommand) -> Result<LedgerEntry, AppError> {
+        self.rate
+            .admit(cmd.user_id, LimitedCall::ChargeBalance)
+            .await?;
         let max = self.max_balance;
         let mut tx = self.pg.begin().await?;
         let key = cmd.idempotency_key.as_ref();

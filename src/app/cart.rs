@@ -16,6 +16,7 @@ use sqlx::PgPool;
 use super::{
     idempotency::{NextAction, next_action},
     orders::{Orders, PlaceOrderCommand, saved_order},
+    rate_limit::{LimitedCall, UserRateLimit},
 };
 use crate::{
     domain::{
@@ -51,11 +52,12 @@ impl CheckoutCommand {
 pub struct Carts {
     pg: PgPool,
     orders: Arc<Orders>,
+    rate: Arc<UserRateLimit>,
 }
 
 impl Carts {
-    pub fn new(pg: PgPool, orders: Arc<Orders>) -> Self {
-        Self { pg, orders }
+    pub fn new(pg: PgPool, orders: Arc<Orders>, rate: Arc<UserRateLimit>) -> Self {
+        Self { pg, orders, rate }
     }
 
     pub async fn get(&self, user_id: UserId) -> Result<Cart, AppError> {
@@ -111,6 +113,7 @@ impl Carts {
     }
 
     async fn try_checkout(&self, cmd: CheckoutCommand) -> Result<Order, AppError> {
+        self.rate.admit(cmd.user_id, LimitedCall::Checkout).await?;
         let mut tx = self.pg.begin().await?;
         let key = cmd.idempotency_key.as_ref();
         match next_action(&mut tx, cmd.user_id, Operation::Checkout, key, || {

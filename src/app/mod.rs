@@ -13,6 +13,7 @@ mod orders;
 mod outbox;
 mod payments;
 mod popular;
+mod rate_limit;
 mod sold_out;
 
 pub use balance::{Balances, ChargeCommand};
@@ -24,4 +25,5 @@ pub use orders::{Orders, PlaceOrderCommand};
 pub use outbox::{Outbox, OutboxSettings};
 pub use payments::{PayCommand, Payments};
 pub use popular::{Popular, PopularDays, PopularLimit, PopularProduct, RankingSettings};
+pub use rate_limit::UserRateLimit;
 pub use sold_out::SoldOut;

@@ -18,6 +18,7 @@ use tracing::Instrument as _;
 
 use super::{
     idempotency::{NextAction, next_action},
+    rate_limit::{LimitedCall, UserRateLimit},
     sold_out::SoldOut,
 };
 use crate::{
@@ -62,14 +63,21 @@ pub struct Orders {
     sold_out: Arc<SoldOut>,
     /// An unpaid order expires after this.
     order_ttl: Duration,
+    rate: Arc<UserRateLimit>,
 }
 
 impl Orders {
-    pub fn new(pg: PgPool, sold_out: Arc<SoldOut>, order_ttl: Duration) -> Self {
+    pub fn new(
+        pg: PgPool,
+        sold_out: Arc<SoldOut>,
+        order_ttl: Duration,
+        rate: Arc<UserRateLimit>,
+    ) -> Self {
         Self {
             pg,
             sold_out,
             order_ttl,
+            rate,
         }
     }
 
@@ -83,6 +91,9 @@ impl Orders {
     }
 
     async fn try_place(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
+        self.rate
+            .admit(cmd.user_id, LimitedCall::PlaceOrder)
+            .await?;
         let product_ids: Vec<ProductId> =
             cmd.lines.as_slice().iter().map(|l| l.product_id).collect();
         let keyed = cmd.idempotency_key.is_some();

@@ -20,6 +20,7 @@ use super::{
     Popular,
     idempotency::{NextAction, next_action},
     popular::Sale,
+    rate_limit::{LimitedCall, UserRateLimit},
 };
 use crate::{
     domain::{IdempotencyKey, OrderId, OrderStatus, Payment, PaymentCompleted, PaymentId, UserId},
@@ -47,14 +48,21 @@ pub struct Payments {
     popular: Arc<Popular>,
     /// Wakes the outbox job: a payment's event should leave at once.
     outbox_nudge: Arc<Notify>,
+    rate: Arc<UserRateLimit>,
 }
 
 impl Payments {
-    pub fn new(pg: PgPool, popular: Arc<Popular>, outbox_nudge: Arc<Notify>) -> Self {
+    pub fn new(
+        pg: PgPool,
+        popular: Arc<Popular>,
+        outbox_nudge: Arc<Notify>,
+        rate: Arc<UserRateLimit>,
+    ) -> Self {
         Self {
             pg,
             popular,
             outbox_nudge,
+            rate,
         }
     }
 
@@ -68,6 +76,7 @@ impl Payments {
     }
 
     async fn try_pay(&self, cmd: PayCommand) -> Result<Payment, AppError> {
+        self.rate.admit(cmd.user_id, LimitedCall::Pay).await?;
         let mut tx = self.pg.begin().await?;
         let key = cmd.idempotency_key.as_ref();
         match next_action(&mut tx, cmd.user_id, Operation::Pay, key, || {

@@ -98,6 +98,7 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     pub orders: OrderSettings,
     pub coupons: CouponSettings,
+    pub rate_limits: RateLimitSettings,
     pub outbox: OutboxSettings,
     pub ranking: RankingSettings,
 }
@@ -194,6 +195,22 @@ pub struct CouponSettings {
     pub orphan_grace: Duration,
 }
 
+/// One budget per user id for the calls a bot would flood.
+#[derive(Clone, Debug)]
+pub struct RateLimitSettings {
+    /// `None`: no limit (`USER_RATE_PER_SEC` or `USER_RATE_BURST` is 0).
+    pub user: Option<UserRate>,
+    /// A check Redis has not answered within this lets the call through.
+    pub timeout: Duration,
+}
+
+/// `burst` calls at once, then `per_sec` a second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserRate {
+    pub per_sec: u32,
+    pub burst: u32,
+}
+
 /// The outbox job and the data platform it delivers to.
 #[derive(Clone, Debug)]
 pub struct OutboxSettings {
@@ -250,6 +267,7 @@ impl Config {
                 reconcile_interval: r.duration(&v::COUPON_RECONCILE_INTERVAL_SECS),
                 orphan_grace: r.duration(&v::COUPON_ORPHAN_GRACE_MS),
             },
+            rate_limits: rate_limits(&mut r),
             outbox: outbox(&mut r),
             ranking: RankingSettings {
                 reconcile_interval: r.duration(&v::RANKING_RECONCILE_INTERVAL_SECS),
@@ -362,6 +380,15 @@ fn redis(r: &mut Reader<'_>) -> RedisSettings {
         pool_size: r.integer(&v::REDIS_POOL_SIZE),
         command_timeout: r.duration(&v::REDIS_COMMAND_TIMEOUT_MS),
         key_prefix,
+    }
+}
+
+fn rate_limits(r: &mut Reader<'_>) -> RateLimitSettings {
+    let per_sec: u32 = r.integer(&v::USER_RATE_PER_SEC);
+    let burst: u32 = r.integer(&v::USER_RATE_BURST);
+    RateLimitSettings {
+        user: (per_sec > 0 && burst > 0).then_some(UserRate { per_sec, burst }),
+        timeout: r.duration(&v::USER_RATE_TIMEOUT_MS),
     }
 }
 

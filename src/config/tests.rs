@@ -44,6 +44,31 @@ fn every_value_at_the_edges_of_its_range_is_accepted_and_past_them_refused() {
 }
 
 #[test]
+fn user_rate_limits_are_off_unless_both_rate_and_burst_are_set() {
+    let user_rate = |rate: &str, burst: &str| {
+        config(&[
+            ("ADMIN_TOKEN", "0123456789"),
+            ("USER_RATE_PER_SEC", rate),
+            ("USER_RATE_BURST", burst),
+        ])
+        .map(|c| c.rate_limits.user)
+    };
+    assert_eq!(user_rate("0", "0").unwrap(), None);
+    assert_eq!(user_rate("20", "0").unwrap(), None);
+    assert_eq!(user_rate("0", "40").unwrap(), None);
+    assert_eq!(
+        user_rate("20", "40").unwrap(),
+        Some(UserRate {
+            per_sec: 20,
+            burst: 40
+        })
+    );
+    let defaults = config(&[("ADMIN_TOKEN", "0123456789")]).unwrap();
+    assert_eq!(defaults.rate_limits.user, None);
+    assert_eq!(defaults.rate_limits.timeout, Duration::from_millis(50));
+}
+
+#[test]
 fn a_connection_age_of_zero_means_none() {
     let age = |value: &str| {
         config(&[

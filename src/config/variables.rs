@@ -176,6 +176,13 @@ variables! {
     COUPON_ORPHAN_GRACE_MS = "COUPON_ORPHAN_GRACE_MS", Value("500"),
         Range::Millis { min: 50, max: 60_000 },
         "a coupon win without its row for this long is an orphan, released by the user's next call or the reconciliation job; a win's insert gets at most half of it, or the call answers UNAVAILABLE";
+    // Per-user rate limits
+    USER_RATE_PER_SEC = "USER_RATE_PER_SEC", Value("0"), Range::Integer { min: 0, max: 1_000_000 },
+        "calls a second one user id may make to IssueCoupon, PlaceOrder, Checkout, Pay and ChargeBalance together, after a burst of `USER_RATE_BURST` (one budget per user, shared by every replica through Redis); more are refused with RESOURCE_EXHAUSTED (`RATE_LIMITED`) and a `google.rpc.RetryInfo` delay; 0: no limit; the Kubernetes manifests set 20";
+    USER_RATE_BURST = "USER_RATE_BURST", Value("0"), Range::Integer { min: 0, max: 1_000_000 },
+        "calls one user id may make at once before `USER_RATE_PER_SEC` paces them; 0: no limit; the Kubernetes manifests set 40";
+    USER_RATE_TIMEOUT_MS = "USER_RATE_TIMEOUT_MS", Value("50"), Range::Millis { min: 1, max: 10_000 },
+        "a rate check Redis has not answered within this lets the call through (fails open), with a warning and `ecommerce_rate_limit_fail_open_total`";
     // Outbox and the data platform
     DATA_PLATFORM_SINK = "DATA_PLATFORM_SINK", Value("log"), Range::OneOf(&["log", "http"]),
         "`log` (one line per event) or `http`";

@@ -8,7 +8,9 @@ use tonic_health::pb::{
 };
 
 use crate::support::{
-    TestApp, eventually, proxy::TcpProxy, redis_url, spawn_app, spawn_app_on, spawn_app_with,
+    TestApp, eventually,
+    proxy::{TcpProxy, redis_addr},
+    spawn_app, spawn_app_on, spawn_app_with,
 };
 
 async fn status(app: &TestApp, service: &str) -> Option<ServingStatus> {
@@ -57,14 +59,6 @@ async fn becomes(app: &TestApp, service: &str, wanted: ServingStatus) -> bool {
         status(app, service).await == Some(wanted)
     })
     .await
-}
-
-fn redis_addr() -> SocketAddr {
-    let url = redis_url();
-    let host_port = url.trim_start_matches("redis://").trim_end_matches('/');
-    host_port
-        .parse()
-        .expect("TEST_REDIS_URL is redis://ip:port")
 }
 
 #[sqlx::test(migrations = false)]

@@ -185,6 +185,49 @@ async fn hot_product_never_oversells(_: PgPoolOptions, db: PgConnectOptions) {
 }
 
 #[sqlx::test(migrations = false)]
+async fn cart_checkouts_never_oversell_and_one_key_is_one_order(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app(db.clone()).await;
+    let report = loadgen::run(
+        &options(&app, &db),
+        &Scenario::Cart {
+            stock: 200,
+            buyers: 10,
+            orders_per_buyer: Some(30),
+        },
+    )
+    .await
+    .expect("the run happens");
+    assert_sound(&report);
+    // stock/2 + 100 checkouts by default, each after one SetItem; about 100 are placed, and
+    // one in ten of those sent again with its key (none at all: a chance of 0.9^100).
+    assert_eq!(report.units_of_work, 200);
+    assert_eq!(calls(&report, "SetItem"), 200);
+    assert_eq!(calls(&report, "Checkout"), 200);
+    assert!(calls(&report, "Checkout (same key)") > 0);
+    assert!(
+        report
+            .invariants
+            .iter()
+            .any(|c| c.name.contains("same order"))
+    );
+    let stock: i64 = sqlx::query_scalar("SELECT stock FROM products WHERE id = $1")
+        .bind(report.fixtures["product_id"])
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    let ordered: i64 =
+        sqlx::query_scalar("SELECT coalesce(sum(quantity), 0)::bigint FROM order_items")
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+    assert_eq!(stock + ordered, 200);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
 async fn popular_answers_are_well_formed(_: PgPoolOptions, db: PgConnectOptions) {
     let app = spawn_app(db.clone()).await;
     let mut options = options(&app, &db);

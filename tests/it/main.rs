@@ -26,6 +26,7 @@ mod outbox;
 mod popular;
 mod production;
 mod products;
+mod rate_limits;
 mod reconcile;
 mod replay;
 mod replicas;

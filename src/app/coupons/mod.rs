@@ -28,7 +28,10 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 pub use self::stats::{CouponGateStats, RepairReason};
-use super::sold_out::{LOCAL_SOLD_OUT, SoldOutCache};
+use super::{
+    rate_limit::{LimitedCall, UserRateLimit},
+    sold_out::{LOCAL_SOLD_OUT, SoldOutCache},
+};
 use crate::{
     domain::{Coupon, CouponId, NewCoupon, PageSize, PageToken, UserCoupon, UserId},
     error::{AppError, Resource},
@@ -71,6 +74,7 @@ pub struct Coupons {
     stats: Arc<CouponGateStats>,
     /// A win with no row for this long is an orphan, not an insert in flight.
     orphan_grace: Duration,
+    rate: Arc<UserRateLimit>,
 }
 
 /// What a call learns about a seat the gate says the user already holds.
@@ -84,7 +88,12 @@ enum Held {
 }
 
 impl Coupons {
-    pub fn new(pg: PgPool, gate: CouponGate, orphan_grace: Duration) -> Self {
+    pub fn new(
+        pg: PgPool,
+        gate: CouponGate,
+        orphan_grace: Duration,
+        rate: Arc<UserRateLimit>,
+    ) -> Self {
         // A win's insert must finish well within the orphan grace, or a retry could release a
         // seat whose row is about to commit.
         let recorder = CouponRecorder::start(pg.clone(), orphan_grace / 2);
@@ -97,6 +106,7 @@ impl Coupons {
             rebuilds: rebuild::Rebuilds::default(),
             stats: Arc::default(),
             orphan_grace,
+            rate,
         }
     }
 
@@ -157,6 +167,11 @@ impl Coupons {
         coupon_id: CouponId,
         user_id: UserId,
     ) -> Result<UserCoupon, AppError> {
+        if let Err(refused) = self.rate.admit(user_id, LimitedCall::IssueCoupon).await {
+            let refused = Err(refused);
+            metrics::coupon_issue(metrics::outcome(&refused));
+            return refused;
+        }
         if self
             .sold_out
             .first(&[coupon_id], std::time::Instant::now())

@@ -8,6 +8,7 @@ pub mod coupon_gate;
 pub mod ranking;
 mod script;
 pub mod sold_out;
+pub mod user_rate;
 
 use std::{sync::Arc, time::Duration};
 

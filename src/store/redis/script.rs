@@ -34,7 +34,23 @@ impl LuaScript {
         keys: &[&str],
         args: &[&str],
     ) -> Result<R, StoreError> {
-        self.call_once_loaded(redis, keys, args)
+        self.call_encoded(redis, || {
+            (
+                keys.iter().map(|k| Key::from(*k)).collect(),
+                Value::Array(args.iter().map(|a| Value::from(*a)).collect()),
+            )
+        })
+        .await
+    }
+
+    /// Runs the script with the keys and arguments `encode` builds (called again only for the
+    /// retry after NOSCRIPT), for callers that keep their arguments as values.
+    pub async fn call_encoded<R: FromValue>(
+        &self,
+        redis: &Redis,
+        encode: impl Fn() -> (MultipleKeys, Value),
+    ) -> Result<R, StoreError> {
+        self.call_once_loaded(redis, encode)
             .instrument(telemetry::redis_script(self.name))
             .await
     }
@@ -42,16 +58,9 @@ impl LuaScript {
     async fn call_once_loaded<R: FromValue>(
         &self,
         redis: &Redis,
-        keys: &[&str],
-        args: &[&str],
+        encode: impl Fn() -> (MultipleKeys, Value),
     ) -> Result<R, StoreError> {
         let client = redis.client();
-        let encode = || -> (MultipleKeys, Value) {
-            (
-                keys.iter().map(|k| Key::from(*k)).collect(),
-                Value::Array(args.iter().map(|a| Value::from(*a)).collect()),
-            )
-        };
         let (k, a) = encode();
         match client
             .evalsha::<R, _, _, _>(self.script.sha1().clone(), k, a)

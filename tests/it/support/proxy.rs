@@ -15,6 +15,15 @@ use tokio::{
     task::JoinSet,
 };
 
+/// The test Redis's address, for a proxy in front of it (a single node: `redis://ip:port`).
+pub fn redis_addr() -> SocketAddr {
+    let url = super::redis_url();
+    let host_port = url.trim_start_matches("redis://").trim_end_matches('/');
+    host_port
+        .parse()
+        .expect("TEST_REDIS_URL is redis://ip:port")
+}
+
 pub struct TcpProxy {
     pub addr: SocketAddr,
     target: SocketAddr,

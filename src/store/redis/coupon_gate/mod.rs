@@ -276,4 +276,77 @@ mod tests {
         assert_eq!(Grant::parse("7", "g1"), None);
         assert_eq!(Grant::parse("x:1", "g1"), None);
     }
+
+    /// The window rule lives twice: in the gate's Lua (the decision) and in
+    /// [`IssueWindow::contains`] (what the reconciliation expects). Both are asked about the
+    /// instants around each edge, against the real script on the Redis of the tests
+    /// (`TEST_REDIS_URL`, default 127.0.0.1:6379), under a key prefix of its own.
+    #[tokio::test]
+    async fn the_gate_and_the_domain_agree_on_the_issue_window() {
+        use crate::domain::{
+            Coupon, CouponTerms, Discount, DisplayName, IssueWindow, ValidDays, Won,
+        };
+        use chrono::{Duration as Span, TimeZone};
+
+        let url =
+            std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let prefix = format!("unit-window-{}:", std::process::id());
+        let redis = Redis::connect(&url, 1, Duration::from_secs(2), &prefix).unwrap();
+        assert!(
+            redis.wait_connected(Duration::from_secs(5)).await,
+            "Redis at {url}"
+        );
+        let gate = CouponGate::new(redis.clone());
+
+        let starts = Utc.timestamp_millis_opt(1_800_000_000_000).unwrap();
+        let ends = starts + Span::minutes(10);
+        let window = IssueWindow::parse(starts, ends).unwrap();
+        let coupon = Coupon {
+            id: CouponId::parse(1, "coupon_id").unwrap(),
+            terms: CouponTerms {
+                name: DisplayName::parse("window".into(), "name").unwrap(),
+                discount: Discount::Fixed {
+                    amount: Won::new(100),
+                },
+                min_order_amount: Won::ZERO,
+                valid_days: ValidDays::parse(1).unwrap(),
+            },
+            total_quantity: 100,
+            window,
+            created_at: starts,
+        };
+        let token = gate.try_lock(coupon.id).await.unwrap().expect("the lock");
+        assert!(
+            gate.install(&token, &coupon, &[], InstallMode::Replace, starts)
+                .await
+                .unwrap()
+        );
+        let ms = Span::milliseconds;
+        let instants = [
+            starts - Span::days(1),
+            starts - ms(1),
+            starts,
+            starts + ms(1),
+            ends - ms(1),
+            ends,
+            ends + ms(1),
+            ends + Span::days(1),
+        ];
+        for (user, now) in (1..).zip(instants) {
+            let decision = gate
+                .decide(coupon.id, UserId::parse(user, "user_id").unwrap(), now)
+                .await
+                .unwrap();
+            let refused = matches!(decision, Decision::OutsideWindow);
+            assert_eq!(
+                !refused,
+                window.contains(now),
+                "at {now}: the gate said {decision:?}"
+            );
+        }
+        gate.unlock(coupon.id, token).await.unwrap();
+        let keys = ["state", "holders", "free", "pending"]
+            .map(|k| redis.key(format_args!("coupon:{{1}}:{k}")));
+        let _: i64 = redis.client().del(keys.to_vec()).await.unwrap();
+    }
 }

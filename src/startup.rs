@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::{
         Balances, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings, Payments,
-        Popular, RankingSettings, SoldOut, seed_catalog,
+        Popular, RankingSettings, Retention, RetentionSettings, SoldOut, seed_catalog,
     },
     config::Config,
     connections::{self, Ageing},
@@ -43,7 +43,6 @@ pub struct Application {
     pg: PgPool,
     redis: Redis,
     services: Services,
-    outbox: Arc<Outbox>,
     config: Config,
 }
 
@@ -79,7 +78,7 @@ impl Application {
         }
         let sink = Sink::new(&config.outbox.sink, config.outbox.sink_timeout)
             .context("configuring the data platform sink")?;
-        let (services, outbox) = build_services(&pg, &redis, sink, &config);
+        let services = build_services(&pg, &redis, sink, &config);
         if config.server.seed_demo_data {
             let created = seed_catalog(&services.catalog)
                 .await
@@ -101,7 +100,6 @@ impl Application {
             pg,
             redis,
             services,
-            outbox,
             config,
         })
     }
@@ -132,7 +130,6 @@ impl Application {
             pg,
             redis,
             services,
-            outbox,
             config,
         } = self;
         let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, shutdown.clone()));
@@ -150,8 +147,15 @@ impl Application {
         let job_services = JobServices {
             coupons: services.coupons.clone(),
             orders: services.orders.clone(),
-            outbox,
+            outbox: services.outbox.clone(),
             popular: services.popular.clone(),
+            retention: Arc::new(Retention::new(
+                pg.clone(),
+                RetentionSettings {
+                    delivered_events: config.retention.delivered_events,
+                    idempotency_keys: config.retention.idempotency_keys,
+                },
+            )),
         };
         let jobs = Jobs::start(pg.clone(), job_services, &config).await?;
 
@@ -216,12 +220,7 @@ impl Application {
 }
 
 /// Every use case, built once over the shared pools.
-fn build_services(
-    pg: &PgPool,
-    redis: &Redis,
-    sink: Sink,
-    config: &Config,
-) -> (Services, Arc<Outbox>) {
+fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Services {
     let sold_out = Arc::new(SoldOut::new(
         SoldOutMarkers::new(redis.clone()),
         config.orders.sold_out_marker_ttl,
@@ -240,12 +239,12 @@ fn build_services(
         sink,
         OutboxSettings {
             batch_size: config.outbox.batch_size as usize,
-            max_attempts: config.outbox.max_attempts,
             retry_base: config.outbox.retry_base,
             retry_max: config.outbox.retry_max,
+            park_after: config.outbox.park_after,
         },
     ));
-    let services = Services {
+    Services {
         balances: Arc::new(Balances::new(pg.clone(), config.orders.max_balance)),
         catalog: Arc::new(Catalog::new(pg.clone(), sold_out.clone())),
         coupons: Arc::new(Coupons::new(
@@ -256,8 +255,8 @@ fn build_services(
         orders: Arc::new(Orders::new(pg.clone(), sold_out, config.orders.order_ttl)),
         payments: Arc::new(Payments::new(pg.clone(), popular.clone(), outbox.nudge())),
         popular,
-    };
-    (services, outbox)
+        outbox,
+    }
 }
 
 /// Postgres may still be starting (a fresh pod next to a fresh database): retry for a minute.

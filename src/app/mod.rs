@@ -12,6 +12,7 @@ mod orders;
 mod outbox;
 mod payments;
 mod popular;
+mod retention;
 mod sold_out;
 
 pub use balance::{Balances, ChargeCommand};
@@ -22,4 +23,5 @@ pub use orders::{Orders, PlaceOrderCommand};
 pub use outbox::{Outbox, OutboxSettings};
 pub use payments::{PayCommand, Payments};
 pub use popular::{Popular, PopularDays, PopularLimit, PopularProduct, RankingSettings};
+pub use retention::{Retention, RetentionSettings};
 pub use sold_out::SoldOut;

@@ -99,6 +99,7 @@ pub struct Config {
     pub orders: OrderSettings,
     pub coupons: CouponSettings,
     pub outbox: OutboxSettings,
+    pub retention: RetentionSettings,
     pub ranking: RankingSettings,
 }
 
@@ -197,11 +198,20 @@ pub struct CouponSettings {
 pub struct OutboxSettings {
     pub interval: Duration,
     pub batch_size: u32,
-    pub max_attempts: u32,
     pub retry_base: Duration,
     pub retry_max: Duration,
+    /// An event failing (an outage) for this long is parked instead of retried.
+    pub park_after: Duration,
     pub sink: SinkKind,
     pub sink_timeout: Duration,
+}
+
+/// What is deleted after a while, and how often.
+#[derive(Clone, Debug)]
+pub struct RetentionSettings {
+    pub purge_interval: Duration,
+    pub delivered_events: Duration,
+    pub idempotency_keys: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -246,6 +256,11 @@ impl Config {
                 orphan_grace: r.duration(&v::COUPON_ORPHAN_GRACE_MS),
             },
             outbox: outbox(&mut r),
+            retention: RetentionSettings {
+                purge_interval: r.duration(&v::PURGE_INTERVAL_SECS),
+                delivered_events: r.hours(&v::OUTBOX_RETENTION_HOURS),
+                idempotency_keys: r.hours(&v::IDEMPOTENCY_RETENTION_HOURS),
+            },
             ranking: RankingSettings {
                 reconcile_interval: r.duration(&v::RANKING_RECONCILE_INTERVAL_SECS),
                 timezone: r.parsed(&v::RANKING_TIMEZONE),
@@ -379,9 +394,9 @@ fn outbox(r: &mut Reader<'_>) -> OutboxSettings {
     OutboxSettings {
         interval: r.duration(&v::OUTBOX_INTERVAL_SECS),
         batch_size: r.integer(&v::OUTBOX_BATCH_SIZE),
-        max_attempts: r.integer(&v::OUTBOX_MAX_ATTEMPTS),
         retry_base: r.duration(&v::OUTBOX_RETRY_BASE_MS),
         retry_max: r.duration(&v::OUTBOX_RETRY_MAX_MS),
+        park_after: r.hours(&v::OUTBOX_PARK_AFTER_HOURS),
         sink,
         sink_timeout: r.duration(&v::DATA_PLATFORM_TIMEOUT_MS),
     }

@@ -44,6 +44,32 @@ fn every_value_at_the_edges_of_its_range_is_accepted_and_past_them_refused() {
 }
 
 #[test]
+fn hours_take_decimals_above_zero() {
+    let park_after = |value: &str| {
+        config(&[
+            ("ADMIN_TOKEN", "0123456789"),
+            ("OUTBOX_PARK_AFTER_HOURS", value),
+        ])
+        .map(|c| c.outbox.park_after)
+    };
+    assert_eq!(park_after("72").unwrap(), Duration::from_secs(72 * 3600));
+    assert_eq!(park_after("0.001").unwrap(), Duration::from_millis(3600));
+    assert_eq!(
+        park_after("8760").unwrap(),
+        Duration::from_secs(8760 * 3600)
+    );
+    for refused in ["0", "-1", "8760.5", "NaN", "inf", "soon"] {
+        assert!(park_after(refused).is_err(), "{refused}");
+    }
+    let c = config(&[("ADMIN_TOKEN", "0123456789")]).unwrap();
+    assert_eq!(
+        c.retention.delivered_events,
+        Duration::from_secs(168 * 3600)
+    );
+    assert_eq!(c.retention.idempotency_keys, Duration::from_secs(72 * 3600));
+}
+
+#[test]
 fn a_connection_age_of_zero_means_none() {
     let age = |value: &str| {
         config(&[

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tonic::service::Routes;
 
 use crate::{
-    app::{Balances, Catalog, Coupons, Orders, Payments, Popular},
+    app::{Balances, Catalog, Coupons, Orders, Outbox, Payments, Popular},
     proto::{
         FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
         balance_service_server::BalanceServiceServer, coupon_service_server::CouponServiceServer,
@@ -42,6 +42,7 @@ pub struct Services {
     pub orders: Arc<Orders>,
     pub payments: Arc<Payments>,
     pub popular: Arc<Popular>,
+    pub outbox: Arc<Outbox>,
 }
 
 /// The `ecommerce.v1` services and server reflection (v1 and v1alpha: grpcurl 1.8 asks for the
@@ -54,6 +55,7 @@ pub fn routes(services: Services, admin_auth: AdminAuth, limits: Limits) -> Rout
         orders,
         payments,
         popular,
+        outbox,
     } = services;
     let max = limits.max_message_bytes;
     let reflection = || {
@@ -88,8 +90,12 @@ pub fn routes(services: Services, admin_auth: AdminAuth, limits: Limits) -> Rout
                 .max_decoding_message_size(max),
         )
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            AdminServiceServer::new(admin::AdminHandler { catalog, coupons })
-                .max_decoding_message_size(max),
+            AdminServiceServer::new(admin::AdminHandler {
+                catalog,
+                coupons,
+                outbox,
+            })
+            .max_decoding_message_size(max),
             admin_auth,
         ))
         .add_service(

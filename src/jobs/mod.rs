@@ -19,7 +19,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    app::{Coupons, Orders, Outbox, Popular},
+    app::{Coupons, Orders, Outbox, Popular, Retention},
     config::Config,
     error::AppError,
 };
@@ -37,6 +37,7 @@ pub struct JobServices {
     pub orders: Arc<Orders>,
     pub outbox: Arc<Outbox>,
     pub popular: Arc<Popular>,
+    pub retention: Arc<Retention>,
 }
 
 /// The scheduler's tick (seconds, minutes, hours, days, months, weekdays).
@@ -52,6 +53,7 @@ enum JobLock {
     OrderExpiry = 0x6563_0002,
     OutboxDelivery = 0x6563_0003,
     RankingReconcile = 0x6563_0004,
+    RetentionPurge = 0x6563_0005,
 }
 
 pub struct Jobs {
@@ -67,6 +69,7 @@ impl Jobs {
             orders,
             outbox,
             popular,
+            retention,
         } = services;
         let scheduler = JobScheduler::new()
             .await
@@ -160,6 +163,23 @@ impl Jobs {
                 },
             )
             .await?;
+        jobs.every(
+            "retention-purge",
+            config.retention.purge_interval,
+            JobLock::RetentionPurge,
+            pg.clone(),
+            move || {
+                let retention = retention.clone();
+                async move {
+                    let purged = retention.purge().await?;
+                    if purged != Default::default() {
+                        tracing::info!(?purged, "expired rows purged");
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await?;
         // Once at start-up too, so a Redis that restarted empty is refilled right away.
         jobs.tracker.spawn(async move { ranking.run().await });
         jobs.scheduler

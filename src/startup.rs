@@ -77,6 +77,7 @@ impl Application {
             tracing::warn!("Redis is not reachable yet; starting anyway (NOT_SERVING until it is)");
         }
         let sink = Sink::new(&config.outbox.sink, config.outbox.sink_timeout)
+            .await
             .context("configuring the data platform sink")?;
         let services = build_services(&pg, &redis, sink, &config);
         if config.server.seed_demo_data {

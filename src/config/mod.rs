@@ -40,6 +40,12 @@ pub enum SinkKind {
     Log,
     /// POST a JSON batch to this URL.
     Http(String),
+    /// Publish each event to NATS JetStream.
+    Nats {
+        url: String,
+        subject: String,
+        stream: String,
+    },
 }
 
 /// TLS for the gRPC listener: the server's certificate chain and key (PEM), and optionally a
@@ -389,6 +395,7 @@ fn outbox(r: &mut Reader<'_>) -> OutboxSettings {
                 SinkKind::Log
             }
         },
+        "nats" => nats_sink(r),
         _ => SinkKind::Log,
     };
     OutboxSettings {
@@ -399,6 +406,44 @@ fn outbox(r: &mut Reader<'_>) -> OutboxSettings {
         park_after: r.hours(&v::OUTBOX_PARK_AFTER_HOURS),
         sink,
         sink_timeout: r.duration(&v::DATA_PLATFORM_TIMEOUT_MS),
+    }
+}
+
+fn nats_sink(r: &mut Reader<'_>) -> SinkKind {
+    let url = r.text(&v::NATS_URL);
+    if !url.split(',').all(|u| {
+        let u = u.trim();
+        u.starts_with("nats://") || u.starts_with("tls://")
+    }) {
+        r.error(&v::NATS_URL, "expected nats:// (or tls://) URLs");
+    }
+    let subject = r.text(&v::DATA_PLATFORM_SUBJECT);
+    let subject_ok = !subject.is_empty()
+        && subject
+            .split('.')
+            .all(|token| !token.is_empty() && token != "*" && token != ">")
+        && !subject.contains(|c: char| c.is_whitespace() || c.is_control());
+    if !subject_ok {
+        r.error(
+            &v::DATA_PLATFORM_SUBJECT,
+            "expected a subject without wildcards",
+        );
+    }
+    let stream = r.text(&v::DATA_PLATFORM_STREAM);
+    if stream.is_empty()
+        || !stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        r.error(
+            &v::DATA_PLATFORM_STREAM,
+            "expected letters, digits, `-` and `_`",
+        );
+    }
+    SinkKind::Nats {
+        url,
+        subject,
+        stream,
     }
 }
 

@@ -129,6 +129,40 @@ fn words_outside_their_list_are_refused() {
 }
 
 #[test]
+fn the_nats_sink_has_defaults_and_checks_its_names() {
+    let c = config(&[
+        ("ADMIN_TOKEN", "0123456789"),
+        ("DATA_PLATFORM_SINK", "nats"),
+    ])
+    .unwrap();
+    assert_eq!(
+        c.outbox.sink,
+        SinkKind::Nats {
+            url: "nats://127.0.0.1:4222".into(),
+            subject: "ecommerce.events.payment_completed".into(),
+            stream: "ECOMMERCE_EVENTS".into(),
+        }
+    );
+    for (name, value) in [
+        ("NATS_URL", "http://nats:4222"),
+        ("DATA_PLATFORM_SUBJECT", "events.>"),
+        ("DATA_PLATFORM_SUBJECT", "events..paid"),
+        ("DATA_PLATFORM_STREAM", "EVENTS.PAID"),
+        ("DATA_PLATFORM_STREAM", ""),
+    ] {
+        let refused = config(&[
+            ("ADMIN_TOKEN", "0123456789"),
+            ("DATA_PLATFORM_SINK", "nats"),
+            (name, value),
+        ]);
+        assert!(
+            refused.unwrap_err().to_string().contains(name),
+            "{name}={value}"
+        );
+    }
+}
+
+#[test]
 fn secrets_do_not_leak_through_debug() {
     let c = config(&[
         ("ADMIN_TOKEN", "super-secret-token"),

@@ -175,10 +175,19 @@ variables! {
         Range::Millis { min: 50, max: 60_000 },
         "a coupon win without its row for this long is an orphan, released by the user's next call or the reconciliation job; a win's insert gets at most half of it, or the call answers UNAVAILABLE";
     // Outbox and the data platform
-    DATA_PLATFORM_SINK = "DATA_PLATFORM_SINK", Value("log"), Range::OneOf(&["log", "http"]),
-        "`log` (one line per event) or `http`";
+    DATA_PLATFORM_SINK = "DATA_PLATFORM_SINK", Value("log"), Range::OneOf(&["log", "http", "nats"]),
+        "`log` (one line per event), `http` (JSON batches POSTed to `DATA_PLATFORM_URL`) or `nats` (NATS JetStream)";
     DATA_PLATFORM_URL = "DATA_PLATFORM_URL", Unset, Range::Described("an http(s) URL"),
         "required with `http`: where event batches are POSTed";
+    NATS_URL = "NATS_URL", Value("nats://127.0.0.1:4222"),
+        Range::Described("a `nats://` URL, or several separated by commas"),
+        "with `nats`: the NATS server (the client reconnects by itself)";
+    DATA_PLATFORM_SUBJECT = "DATA_PLATFORM_SUBJECT", Value("ecommerce.events.payment_completed"),
+        Range::Described("a NATS subject without wildcards"),
+        "with `nats`: the subject each event is published to";
+    DATA_PLATFORM_STREAM = "DATA_PLATFORM_STREAM", Value("ECOMMERCE_EVENTS"),
+        Range::Described("letters, digits, `-` and `_`"),
+        "with `nats`: the JetStream stream capturing the subject; created if missing (file storage, a 2-hour duplicate window); an event counts as delivered once the stream acknowledged it";
     DATA_PLATFORM_TIMEOUT_MS = "DATA_PLATFORM_TIMEOUT_MS", Value("5000"),
         Range::Millis { min: 1, max: 3_600_000 }, "timeout of one delivery";
     OUTBOX_INTERVAL_SECS = "OUTBOX_INTERVAL_SECS", Value("1"),

@@ -1,6 +1,10 @@
 //! Delivery of outbox events to the external data platform, with a verdict per event.
 //!
-//! `log` writes one structured line per event (local runs). `http` POSTs a JSON batch:
+//! `log` writes one structured line per event (local runs). `nats` publishes each event to a
+//! JetStream stream (created if missing, file storage, a duplicate window of
+//! [`DUPLICATE_WINDOW`]) with header `Nats-Msg-Id` = the event id, so the server drops a
+//! re-sent event, and the body the same JSON as one event of an HTTP batch; an event is
+//! accepted only by its publish ack. `http` POSTs a JSON batch:
 //! `{"events": [{"event_id", "idempotency_key", "event_type", "occurred_at", "payload"}]}`.
 //! A 2xx accepts the whole batch. A permanent refusal (4xx other than 408 and 429) of a batch
 //! is split in halves until the refused events stand alone, so one event the platform always
@@ -8,9 +12,33 @@
 //! fails the batch, to be retried. Delivery is at least once: the receiver deduplicates on
 //! `idempotency_key` (= `event_id`).
 
-use std::{ops::Range, time::Duration};
+use std::{
+    ops::Range,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use async_nats::jetstream::{
+    self,
+    context::{PublishError, PublishErrorKind},
+    message::PublishMessage,
+    stream::{self, StorageType},
+};
 
 use crate::{config::SinkKind, store::postgres::outbox::OutboxEvent};
+
+/// How long JetStream remembers a message id: longer than the longest pause between two
+/// attempts (`OUTBOX_RETRY_MAX_MS` is at most an hour), so an event re-sent because its ack was
+/// lost is dropped as a duplicate. A stream that already exists keeps its own setting.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkSetupError {
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("NATS client: {0}")]
+    Nats(#[from] async_nats::ConnectError),
+}
 
 /// What the data platform said about one event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +56,16 @@ pub enum Sink {
         client: reqwest::Client,
         url: String,
     },
+    Nats(Box<NatsSink>),
+}
+
+/// A JetStream publisher: the client reconnects by itself, and the stream is (re)created
+/// before the first delivery and after the server says it is gone.
+pub struct NatsSink {
+    jetstream: jetstream::Context,
+    subject: String,
+    stream: String,
+    stream_ready: AtomicBool,
 }
 
 #[derive(serde::Serialize)]
@@ -65,7 +103,8 @@ enum Answer {
 }
 
 impl Sink {
-    pub fn new(kind: &SinkKind, timeout: Duration) -> Result<Self, reqwest::Error> {
+    /// Never waits for the data platform: a NATS server that is down is connected to later.
+    pub async fn new(kind: &SinkKind, timeout: Duration) -> Result<Self, SinkSetupError> {
         Ok(match kind {
             SinkKind::Log => Sink::Log,
             SinkKind::Http(url) => Sink::Http {
@@ -75,6 +114,27 @@ impl Sink {
                     .build()?,
                 url: url.clone(),
             },
+            SinkKind::Nats {
+                url,
+                subject,
+                stream,
+            } => {
+                let client = async_nats::ConnectOptions::new()
+                    .retry_on_initial_connect()
+                    .connection_timeout(timeout)
+                    .name("ecommerce-outbox")
+                    .connect(url.as_str())
+                    .await?;
+                Sink::Nats(Box::new(NatsSink {
+                    jetstream: jetstream::ContextBuilder::new()
+                        .timeout(timeout)
+                        .ack_timeout(timeout)
+                        .build(client),
+                    subject: subject.clone(),
+                    stream: stream.clone(),
+                    stream_ready: AtomicBool::new(false),
+                }))
+            }
         })
     }
 
@@ -89,8 +149,82 @@ impl Sink {
                 vec![Verdict::Accepted; events.len()]
             }
             Sink::Http { client, url } => deliver_split(client, url, events).await,
+            Sink::Nats(nats) => nats.deliver(events).await,
         }
     }
+}
+
+impl NatsSink {
+    async fn ensure_stream(&self) -> Result<(), String> {
+        if self.stream_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.jetstream
+            .get_or_create_stream(stream::Config {
+                name: self.stream.clone(),
+                subjects: vec![self.subject.clone()],
+                storage: StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("NATS: stream {}: {e}", self.stream))?;
+        self.stream_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Publishes every event at once, then waits for all their acks together (each bounded by
+    /// the sink's timeout).
+    async fn deliver(&self, events: &[OutboxEvent]) -> Vec<Verdict> {
+        if let Err(reason) = self.ensure_stream().await {
+            return vec![Verdict::Unavailable(reason); events.len()];
+        }
+        let mut acks = Vec::with_capacity(events.len());
+        for event in events {
+            let message = match serde_json::to_vec(&WireEvent::from(event)) {
+                Ok(body) => PublishMessage::build()
+                    .payload(body.into())
+                    .headers(nats_headers(event)),
+                Err(e) => {
+                    acks.push(futures::future::Either::Left(async move {
+                        Verdict::Rejected(format!("malformed event: {e}"))
+                    }));
+                    continue;
+                }
+            };
+            let sent = self
+                .jetstream
+                .send_publish(self.subject.clone(), message)
+                .await;
+            acks.push(futures::future::Either::Right(async move {
+                match sent {
+                    Ok(ack) => ack.await.map(|_| Verdict::Accepted),
+                    Err(e) => Err(e),
+                }
+                .unwrap_or_else(|e| self.judge(e))
+            }));
+        }
+        futures::future::join_all(acks).await
+    }
+
+    fn judge(&self, error: PublishError) -> Verdict {
+        match error.kind() {
+            PublishErrorKind::MaxPayloadExceeded => Verdict::Rejected(format!("NATS: {error}")),
+            PublishErrorKind::StreamNotFound => {
+                // The server lost the stream (a new, empty server): create it again.
+                self.stream_ready.store(false, Ordering::Release);
+                Verdict::Unavailable(format!("NATS: {error}"))
+            }
+            _ => Verdict::Unavailable(format!("NATS: {error}")),
+        }
+    }
+}
+
+/// The headers of one event's message. The id lets JetStream drop a re-sent event.
+fn nats_headers(event: &OutboxEvent) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
+    headers
 }
 
 /// POSTs the batch; a refused batch is split in halves until each refused event stands alone.

@@ -20,6 +20,7 @@ mod job_locks;
 mod loadgen;
 mod orders;
 mod outbox;
+mod outbox_nats;
 mod popular;
 mod production;
 mod products;

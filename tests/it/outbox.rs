@@ -13,7 +13,7 @@ use tonic::Code;
 
 use crate::support::{
     TestApp, eventually,
-    shop::{charge, create_product, pay, pay_with_key, place},
+    shop::{charge, create_product, pay_orders, pay_with_key, place},
     spawn_app_with,
 };
 
@@ -107,22 +107,6 @@ fn sink_settings(s: &mut crate::support::TestSettings, addr: SocketAddr) {
         .set("OUTBOX_INTERVAL_SECS", 1);
 }
 
-async fn pay_orders(app: &TestApp, n: i64) -> HashSet<i64> {
-    let product = create_product(app, "gift card", 10_000, 1_000).await;
-    let mut payments = HashSet::new();
-    for user in 1..=n {
-        charge(app, user, 10_000).await;
-        let order = place(app, user, &[(product, 1)]).await.unwrap();
-        payments.insert(
-            pay(app, user, order.id)
-                .await
-                .expect("payments never wait on the sink")
-                .id,
-        );
-    }
-    payments
-}
-
 async fn outbox_statuses(app: &TestApp) -> Vec<(String, i32)> {
     sqlx::query_as("SELECT status, attempts FROM outbox_events ORDER BY id")
         .fetch_all(&app.pg)
@@ -139,7 +123,7 @@ async fn every_event_arrives_despite_failed_deliveries(_: PgPoolOptions, db: PgC
     let receiver = start_receiver(listener, state.clone()).await;
     let app = spawn_app_with(db, |s| sink_settings(s, addr)).await;
 
-    let payments = pay_orders(&app, 5).await;
+    let payments = pay_orders(&app, 1..=5).await;
     let all_arrived = eventually(Duration::from_secs(15), || async {
         unique_ids(&state).len() == 5
     })
@@ -183,7 +167,7 @@ async fn payments_succeed_while_the_platform_is_down(_: PgPoolOptions, db: PgCon
         .local_addr()
         .unwrap();
     let app = spawn_app_with(db, |s| sink_settings(s, addr)).await;
-    pay_orders(&app, 3).await;
+    pay_orders(&app, 1..=3).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             outbox_statuses(&app)
@@ -220,7 +204,7 @@ async fn events_failing_past_the_horizon_are_parked_and_redriven(
         s.set("OUTBOX_PARK_AFTER_HOURS", 0.0005);
     })
     .await;
-    pay_orders(&app, 2).await;
+    pay_orders(&app, 1..=2).await;
     assert!(
         eventually(Duration::from_secs(20), || async {
             outbox_statuses(&app)
@@ -296,7 +280,7 @@ async fn one_refused_event_never_holds_back_the_others(_: PgPoolOptions, db: PgC
     state.lock().unwrap().refuse_user = Some(REFUSED_USER);
     let receiver = start_receiver(listener, state.clone()).await;
     let app = spawn_app_with(db, |s| sink_settings(s, addr)).await;
-    let payments = pay_orders(&app, USERS).await;
+    let payments = pay_orders(&app, 1..=USERS).await;
     assert!(
         eventually(Duration::from_secs(10), || async {
             outbox_statuses(&app).await.iter().all(|(_, a)| *a >= 1)
@@ -389,7 +373,7 @@ async fn an_outage_longer_than_the_old_horizon_parks_nothing(
     })
     .await;
     let outage = Instant::now();
-    let payments = pay_orders(&app, 5).await;
+    let payments = pay_orders(&app, 1..=5).await;
     assert!(
         eventually(Duration::from_secs(90), || async {
             let statuses = outbox_statuses(&app).await;

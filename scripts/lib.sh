@@ -1,5 +1,6 @@
-# Shared by scripts/run, scripts/test and scripts/bench: make sure Postgres and Redis are
-# installed and answering on loopback. Sourced, not executed.
+# Shared by scripts/run, scripts/test and scripts/bench: make sure Postgres and Redis (and, for
+# the tests and DATA_PLATFORM_SINK=nats, a NATS server with JetStream) are installed and
+# answering on loopback. Sourced, not executed.
 #
 # Honours DATABASE_URL-style settings through PGHOST/PGPORT/PGUSER/PGPASSWORD and REDIS_HOST /
 # REDIS_PORT. Installs from the distribution's packages only when they are missing and we are
@@ -13,7 +14,9 @@ PGUSER=${PGUSER:-postgres}
 PGPASSWORD=${PGPASSWORD:-postgres}
 REDIS_HOST=${REDIS_HOST:-127.0.0.1}
 REDIS_PORT=${REDIS_PORT:-6379}
-export PGHOST PGPORT PGUSER PGPASSWORD REDIS_HOST REDIS_PORT
+NATS_HOST=${NATS_HOST:-127.0.0.1}
+NATS_PORT=${NATS_PORT:-4222}
+export PGHOST PGPORT PGUSER PGPASSWORD REDIS_HOST REDIS_PORT NATS_HOST NATS_PORT
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -84,6 +87,31 @@ ensure_redis() {
         for _ in $(seq 1 50); do redis_up && break; sleep 0.1; done
         redis_up || die "Redis did not come up on $REDIS_HOST:$REDIS_PORT"
     fi
+}
+
+# A NATS server greets every connection with an INFO line, which says whether JetStream is on.
+nats_info() {
+    timeout 2 bash -c "exec 3<>/dev/tcp/$NATS_HOST/$NATS_PORT && head -n 1 <&3" 2>/dev/null
+}
+nats_up() { nats_info | grep -q '"jetstream":true'; }
+
+ensure_nats() {
+    command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || apt_install nats-server
+    nats_up && return
+    if nats_info | grep -q '^INFO'; then
+        die "NATS at $NATS_HOST:$NATS_PORT answers without JetStream; start it with -js"
+    fi
+    [ "$NATS_HOST" = 127.0.0.1 ] || [ "$NATS_HOST" = localhost ] \
+        || die "NATS at $NATS_HOST:$NATS_PORT is not answering"
+    local bin dir
+    bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+    dir="${TMPDIR:-/tmp}/ecommerce-nats"
+    mkdir -p "$dir"
+    say "starting NATS with JetStream on $NATS_HOST:$NATS_PORT (store in $dir)"
+    nohup "$bin" -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$dir" -l "$dir/nats.log" >/dev/null 2>&1 &
+    disown || true
+    for _ in $(seq 1 50); do nats_up && break; sleep 0.1; done
+    nats_up || die "NATS did not come up on $NATS_HOST:$NATS_PORT"
 }
 
 ensure_services() {

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::{
         Balances, Carts, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings,
-        Payments, Popular, RankingSettings, SoldOut, UserRateLimit, seed_demo,
+        Payments, Popular, RankingSettings, Retention, RetentionSettings, SoldOut, UserRateLimit,
+        seed_demo,
     },
     config::Config,
     connections::{self, Ageing},
@@ -47,7 +48,6 @@ pub struct Application {
     pg: PgPool,
     redis: Redis,
     services: Services,
-    outbox: Arc<Outbox>,
     config: Config,
 }
 
@@ -82,8 +82,9 @@ impl Application {
             tracing::warn!("Redis is not reachable yet; starting anyway (NOT_SERVING until it is)");
         }
         let sink = Sink::new(&config.outbox.sink, config.outbox.sink_timeout)
+            .await
             .context("configuring the data platform sink")?;
-        let (services, outbox) = build_services(&pg, &redis, sink, &config);
+        let services = build_services(&pg, &redis, sink, &config);
         if config.server.seed_demo_data {
             let seeded = seed_demo(&services.catalog, &services.coupons)
                 .await
@@ -109,7 +110,6 @@ impl Application {
             pg,
             redis,
             services,
-            outbox,
             config,
         })
     }
@@ -140,7 +140,6 @@ impl Application {
             pg,
             redis,
             services,
-            outbox,
             config,
         } = self;
         let metrics_task = tokio::spawn(crate::metrics::serve(metrics_listener, shutdown.clone()));
@@ -158,8 +157,15 @@ impl Application {
         let job_services = JobServices {
             coupons: services.coupons.clone(),
             orders: services.orders.clone(),
-            outbox,
+            outbox: services.outbox.clone(),
             popular: services.popular.clone(),
+            retention: Arc::new(Retention::new(
+                pg.clone(),
+                RetentionSettings {
+                    delivered_events: config.retention.delivered_events,
+                    idempotency_keys: config.retention.idempotency_keys,
+                },
+            )),
         };
         let jobs = Jobs::start(pg.clone(), job_services, &config).await?;
 
@@ -224,12 +230,7 @@ impl Application {
 }
 
 /// Every use case, built once over the shared pools.
-fn build_services(
-    pg: &PgPool,
-    redis: &Redis,
-    sink: Sink,
-    config: &Config,
-) -> (Services, Arc<Outbox>) {
+fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Services {
     let sold_out = Arc::new(SoldOut::new(
         SoldOutMarkers::new(redis.clone()),
         config.orders.sold_out_marker_ttl,
@@ -248,9 +249,9 @@ fn build_services(
         sink,
         OutboxSettings {
             batch_size: config.outbox.batch_size as usize,
-            max_attempts: config.outbox.max_attempts,
             retry_base: config.outbox.retry_base,
             retry_max: config.outbox.retry_max,
+            park_after: config.outbox.park_after,
         },
     ));
     // One budget per user, shared by every flow a bot would flood.
@@ -268,7 +269,7 @@ fn build_services(
         config.orders.order_ttl,
         rate.clone(),
     ));
-    let services = Services {
+    Services {
         balances: Arc::new(Balances::new(
             pg.clone(),
             config.orders.max_balance,
@@ -290,8 +291,8 @@ fn build_services(
             rate,
         )),
         popular,
-    };
-    (services, outbox)
+        outbox,
+    }
 }
 
 /// Postgres may still be starting (a fresh pod next to a fresh database): retry for a minute.

@@ -14,6 +14,7 @@ mod outbox;
 mod payments;
 mod popular;
 mod rate_limit;
+mod retention;
 mod sold_out;
 
 pub use balance::{Balances, ChargeCommand};
@@ -26,4 +27,5 @@ pub use outbox::{Outbox, OutboxSettings};
 pub use payments::{PayCommand, Payments};
 pub use popular::{Popular, PopularDays, PopularLimit, PopularProduct, RankingSettings};
 pub use rate_limit::UserRateLimit;
+pub use retention::{Retention, RetentionSettings};
 pub use sold_out::SoldOut;

@@ -40,6 +40,12 @@ pub enum SinkKind {
     Log,
     /// POST a JSON batch to this URL.
     Http(String),
+    /// Publish each event to NATS JetStream.
+    Nats {
+        url: String,
+        subject: String,
+        stream: String,
+    },
 }
 
 /// TLS for the gRPC listener: the server's certificate chain and key (PEM), and optionally a
@@ -100,6 +106,7 @@ pub struct Config {
     pub coupons: CouponSettings,
     pub rate_limits: RateLimitSettings,
     pub outbox: OutboxSettings,
+    pub retention: RetentionSettings,
     pub ranking: RankingSettings,
 }
 
@@ -216,11 +223,20 @@ pub struct UserRate {
 pub struct OutboxSettings {
     pub interval: Duration,
     pub batch_size: u32,
-    pub max_attempts: u32,
     pub retry_base: Duration,
     pub retry_max: Duration,
+    /// An event failing (an outage) for this long is parked instead of retried.
+    pub park_after: Duration,
     pub sink: SinkKind,
     pub sink_timeout: Duration,
+}
+
+/// What is deleted after a while, and how often.
+#[derive(Clone, Debug)]
+pub struct RetentionSettings {
+    pub purge_interval: Duration,
+    pub delivered_events: Duration,
+    pub idempotency_keys: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -269,6 +285,11 @@ impl Config {
             },
             rate_limits: rate_limits(&mut r),
             outbox: outbox(&mut r),
+            retention: RetentionSettings {
+                purge_interval: r.duration(&v::PURGE_INTERVAL_SECS),
+                delivered_events: r.hours(&v::OUTBOX_RETENTION_HOURS),
+                idempotency_keys: r.hours(&v::IDEMPOTENCY_RETENTION_HOURS),
+            },
             ranking: RankingSettings {
                 reconcile_interval: r.duration(&v::RANKING_RECONCILE_INTERVAL_SECS),
                 timezone: r.parsed(&v::RANKING_TIMEZONE),
@@ -406,16 +427,55 @@ fn outbox(r: &mut Reader<'_>) -> OutboxSettings {
                 SinkKind::Log
             }
         },
+        "nats" => nats_sink(r),
         _ => SinkKind::Log,
     };
     OutboxSettings {
         interval: r.duration(&v::OUTBOX_INTERVAL_SECS),
         batch_size: r.integer(&v::OUTBOX_BATCH_SIZE),
-        max_attempts: r.integer(&v::OUTBOX_MAX_ATTEMPTS),
         retry_base: r.duration(&v::OUTBOX_RETRY_BASE_MS),
         retry_max: r.duration(&v::OUTBOX_RETRY_MAX_MS),
+        park_after: r.hours(&v::OUTBOX_PARK_AFTER_HOURS),
         sink,
         sink_timeout: r.duration(&v::DATA_PLATFORM_TIMEOUT_MS),
+    }
+}
+
+fn nats_sink(r: &mut Reader<'_>) -> SinkKind {
+    let url = r.text(&v::NATS_URL);
+    if !url.split(',').all(|u| {
+        let u = u.trim();
+        u.starts_with("nats://") || u.starts_with("tls://")
+    }) {
+        r.error(&v::NATS_URL, "expected nats:// (or tls://) URLs");
+    }
+    let subject = r.text(&v::DATA_PLATFORM_SUBJECT);
+    let subject_ok = !subject.is_empty()
+        && subject
+            .split('.')
+            .all(|token| !token.is_empty() && token != "*" && token != ">")
+        && !subject.contains(|c: char| c.is_whitespace() || c.is_control());
+    if !subject_ok {
+        r.error(
+            &v::DATA_PLATFORM_SUBJECT,
+            "expected a subject without wildcards",
+        );
+    }
+    let stream = r.text(&v::DATA_PLATFORM_STREAM);
+    if stream.is_empty()
+        || !stream
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        r.error(
+            &v::DATA_PLATFORM_STREAM,
+            "expected letters, digits, `-` and `_`",
+        );
+    }
+    SinkKind::Nats {
+        url,
+        subject,
+        stream,
     }
 }
 

@@ -89,6 +89,22 @@ impl<'a> Reader<'a> {
     }
 }
 
+impl Reader<'_> {
+    /// A number of hours (decimals allowed) within the variable's range.
+    pub(super) fn hours(&mut self, variable: &Variable) -> Duration {
+        let Range::Hours { max } = variable.range else {
+            unreachable!("{} is not in hours", variable.name)
+        };
+        let hours: f64 = self.parsed(variable);
+        if hours > 0.0 && hours <= max as f64 {
+            Duration::from_secs_f64(hours * 3600.0)
+        } else {
+            self.error(variable, format!("{hours} is outside {}", variable.range));
+            Duration::from_secs_f64(default_of::<f64>(variable) * 3600.0)
+        }
+    }
+}
+
 fn bounds(variable: &Variable) -> (i64, i64) {
     match variable.range {
         Range::Integer { min, max } => (min, max),

@@ -69,6 +69,32 @@ fn user_rate_limits_are_off_unless_both_rate_and_burst_are_set() {
 }
 
 #[test]
+fn hours_take_decimals_above_zero() {
+    let park_after = |value: &str| {
+        config(&[
+            ("ADMIN_TOKEN", "0123456789"),
+            ("OUTBOX_PARK_AFTER_HOURS", value),
+        ])
+        .map(|c| c.outbox.park_after)
+    };
+    assert_eq!(park_after("72").unwrap(), Duration::from_secs(72 * 3600));
+    assert_eq!(park_after("0.001").unwrap(), Duration::from_millis(3600));
+    assert_eq!(
+        park_after("8760").unwrap(),
+        Duration::from_secs(8760 * 3600)
+    );
+    for refused in ["0", "-1", "8760.5", "NaN", "inf", "soon"] {
+        assert!(park_after(refused).is_err(), "{refused}");
+    }
+    let c = config(&[("ADMIN_TOKEN", "0123456789")]).unwrap();
+    assert_eq!(
+        c.retention.delivered_events,
+        Duration::from_secs(168 * 3600)
+    );
+    assert_eq!(c.retention.idempotency_keys, Duration::from_secs(72 * 3600));
+}
+
+#[test]
 fn a_connection_age_of_zero_means_none() {
     let age = |value: &str| {
         config(&[
@@ -125,6 +151,40 @@ fn words_outside_their_list_are_refused() {
         .is_err()
     );
     assert!(config(&[("ADMIN_TOKEN", "0123456789"), ("LOG_FORMAT", "JSON")]).is_ok());
+}
+
+#[test]
+fn the_nats_sink_has_defaults_and_checks_its_names() {
+    let c = config(&[
+        ("ADMIN_TOKEN", "0123456789"),
+        ("DATA_PLATFORM_SINK", "nats"),
+    ])
+    .unwrap();
+    assert_eq!(
+        c.outbox.sink,
+        SinkKind::Nats {
+            url: "nats://127.0.0.1:4222".into(),
+            subject: "ecommerce.events.payment_completed".into(),
+            stream: "ECOMMERCE_EVENTS".into(),
+        }
+    );
+    for (name, value) in [
+        ("NATS_URL", "http://nats:4222"),
+        ("DATA_PLATFORM_SUBJECT", "events.>"),
+        ("DATA_PLATFORM_SUBJECT", "events..paid"),
+        ("DATA_PLATFORM_STREAM", "EVENTS.PAID"),
+        ("DATA_PLATFORM_STREAM", ""),
+    ] {
+        let refused = config(&[
+            ("ADMIN_TOKEN", "0123456789"),
+            ("DATA_PLATFORM_SINK", "nats"),
+            (name, value),
+        ]);
+        assert!(
+            refused.unwrap_err().to_string().contains(name),
+            "{name}={value}"
+        );
+    }
 }
 
 #[test]

@@ -34,6 +34,8 @@ pub enum Range {
     Millis { min: u64, max: u64 },
     /// A whole number of seconds in `min..=max`.
     Seconds { min: u64, max: u64 },
+    /// A number of hours above 0 and at most `max`, decimals allowed (`0.001` is 3.6 s).
+    Hours { max: u64 },
     /// One of these words.
     OneOf(&'static [&'static str]),
     /// `true` or `false`.
@@ -58,6 +60,7 @@ impl fmt::Display for Range {
             Range::Integer { min, max } => write!(f, "{min}..={max}"),
             Range::Millis { min, max } => write!(f, "{min}..={max} ms"),
             Range::Seconds { min, max } => write!(f, "{min}..={max} s"),
+            Range::Hours { max } => write!(f, "0 < h <= {max} hours, decimals allowed"),
             Range::OneOf(words) => {
                 let words: Vec<String> = words.iter().map(|w| format!("`{w}`")).collect();
                 f.write_str(&words.join(", "))
@@ -184,10 +187,19 @@ variables! {
     USER_RATE_TIMEOUT_MS = "USER_RATE_TIMEOUT_MS", Value("50"), Range::Millis { min: 1, max: 10_000 },
         "a rate check Redis has not answered within this lets the call through (fails open), with a warning and `ecommerce_rate_limit_fail_open_total`";
     // Outbox and the data platform
-    DATA_PLATFORM_SINK = "DATA_PLATFORM_SINK", Value("log"), Range::OneOf(&["log", "http"]),
-        "`log` (one line per event) or `http`";
+    DATA_PLATFORM_SINK = "DATA_PLATFORM_SINK", Value("log"), Range::OneOf(&["log", "http", "nats"]),
+        "`log` (one line per event), `http` (JSON batches POSTed to `DATA_PLATFORM_URL`) or `nats` (NATS JetStream)";
     DATA_PLATFORM_URL = "DATA_PLATFORM_URL", Unset, Range::Described("an http(s) URL"),
         "required with `http`: where event batches are POSTed";
+    NATS_URL = "NATS_URL", Value("nats://127.0.0.1:4222"),
+        Range::Described("a `nats://` URL, or several separated by commas"),
+        "with `nats`: the NATS server (the client reconnects by itself)";
+    DATA_PLATFORM_SUBJECT = "DATA_PLATFORM_SUBJECT", Value("ecommerce.events.payment_completed"),
+        Range::Described("a NATS subject without wildcards"),
+        "with `nats`: the subject each event is published to";
+    DATA_PLATFORM_STREAM = "DATA_PLATFORM_STREAM", Value("ECOMMERCE_EVENTS"),
+        Range::Described("letters, digits, `-` and `_`"),
+        "with `nats`: the JetStream stream capturing the subject; created if missing (file storage, a 2-hour duplicate window); an event counts as delivered once the stream acknowledged it";
     DATA_PLATFORM_TIMEOUT_MS = "DATA_PLATFORM_TIMEOUT_MS", Value("5000"),
         Range::Millis { min: 1, max: 3_600_000 }, "timeout of one delivery";
     OUTBOX_INTERVAL_SECS = "OUTBOX_INTERVAL_SECS", Value("1"),
@@ -195,13 +207,21 @@ variables! {
         "delivery job interval (payments also nudge it)";
     OUTBOX_BATCH_SIZE = "OUTBOX_BATCH_SIZE", Value("100"), Range::Integer { min: 1, max: 10_000 },
         "events per delivery";
-    OUTBOX_MAX_ATTEMPTS = "OUTBOX_MAX_ATTEMPTS", Value("20"), Range::Integer { min: 1, max: 1000 },
-        "an event is parked after this many failed deliveries";
     OUTBOX_RETRY_BASE_MS = "OUTBOX_RETRY_BASE_MS", Value("500"),
         Range::Millis { min: 1, max: 3_600_000 },
         "first pause of the exponential backoff between attempts";
     OUTBOX_RETRY_MAX_MS = "OUTBOX_RETRY_MAX_MS", Value("300000"),
         Range::Millis { min: 1, max: 3_600_000 }, "longest pause between attempts";
+    OUTBOX_PARK_AFTER_HOURS = "OUTBOX_PARK_AFTER_HOURS", Value("72"), Range::Hours { max: 8760 },
+        "an event the data platform keeps failing to take (an outage: 5xx, 408, 429, timeouts, no connection) is parked after failing for this long since its first failure (since its last re-drive); one it refuses for good (any other 4xx) is parked at once; AdminService/RedriveEvents re-queues parked events";
+    OUTBOX_RETENTION_HOURS = "OUTBOX_RETENTION_HOURS", Value("168"), Range::Hours { max: 87_600 },
+        "delivered events are deleted this long after their delivery";
+    IDEMPOTENCY_RETENTION_HOURS = "IDEMPOTENCY_RETENTION_HOURS", Value("72"),
+        Range::Hours { max: 87_600 },
+        "an idempotency key is forgotten this long after its first use: a retry after that is a new request";
+    PURGE_INTERVAL_SECS = "PURGE_INTERVAL_SECS", Value("300"),
+        Range::Seconds { min: 1, max: 86_400 },
+        "how often delivered events and expired idempotency keys are deleted (1,000 rows per statement, at most 100,000 of each per run)";
     // Ranking
     RANKING_TIMEZONE = "RANKING_TIMEZONE", Value("Asia/Seoul"),
         Range::Described("an IANA time zone"), "the day boundary of the ranking buckets";

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{OrderId, OrderItem, PaymentId, UserId, Won};
+use super::{OrderId, OrderItem, PaymentId, UserId, ValidationError, Won};
 
 /// A payment committed. `event_id` is the idempotency key the receiver deduplicates on.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -20,6 +20,59 @@ pub struct PaymentCompleted {
 
 impl PaymentCompleted {
     pub const EVENT_TYPE: &'static str = "PaymentCompleted";
+}
+
+/// An outbox event parked for an operator: the data platform refused it for good, or it kept
+/// failing for longer than the parking horizon. `reason` names the sink's last answer
+/// (`HTTP 400`, `timed out`, ...).
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct ParkedEvent {
+    /// The outbox row, the cursor of the listing.
+    pub id: i64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub payment_id: PaymentId,
+    pub attempts: i32,
+    pub reason: String,
+    pub created_at: DateTime<Utc>,
+    pub parked_at: DateTime<Utc>,
+}
+
+/// Which parked events a re-drive queues again: the ones named, or every one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedriveSelection {
+    Events(Vec<Uuid>),
+    All,
+}
+
+impl RedriveSelection {
+    /// Ids one call may name; more are re-driven with `all`, or in several calls.
+    pub const MAX_EVENTS: usize = 1000;
+
+    /// Exactly one of `event_ids` (1..=1000 UUIDs) and `all` must be given.
+    pub fn parse(event_ids: Vec<String>, all: bool) -> Result<Self, ValidationError> {
+        match (event_ids.is_empty(), all) {
+            (true, true) => Ok(Self::All),
+            (false, false) if event_ids.len() <= Self::MAX_EVENTS => event_ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    Uuid::try_parse(id).map_err(|_| {
+                        ValidationError::new(format!("event_ids[{i}]"), "is not a UUID")
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map(Self::Events),
+            (false, false) => Err(ValidationError::new(
+                "event_ids",
+                "at most 1000 ids per call (or set all)",
+            )),
+            _ => Err(ValidationError::new(
+                "event_ids",
+                "set exactly one of event_ids and all",
+            )),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -56,5 +109,26 @@ mod tests {
                 "paid_at": "1970-01-01T00:00:00Z"
             })
         );
+    }
+
+    #[test]
+    fn a_redrive_names_events_or_all_but_not_both() {
+        let id = Uuid::new_v4();
+        assert_eq!(
+            RedriveSelection::parse(vec![id.to_string()], false),
+            Ok(RedriveSelection::Events(vec![id]))
+        );
+        assert_eq!(
+            RedriveSelection::parse(vec![], true),
+            Ok(RedriveSelection::All)
+        );
+        for (ids, all) in [(vec![], false), (vec![id.to_string()], true)] {
+            let refused = RedriveSelection::parse(ids, all).unwrap_err();
+            assert_eq!(refused.field, "event_ids");
+        }
+        let refused = RedriveSelection::parse(vec![id.to_string(), "x".into()], false).unwrap_err();
+        assert_eq!(refused.field, "event_ids[1]");
+        let too_many = vec![id.to_string(); RedriveSelection::MAX_EVENTS + 1];
+        assert!(RedriveSelection::parse(too_many, false).is_err());
     }
 }

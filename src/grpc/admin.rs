@@ -7,16 +7,18 @@ use tonic::{Request, Response, Status, service::Interceptor};
 
 use super::convert;
 use crate::{
-    app::{Catalog, Coupons},
+    app::{Catalog, Coupons, Outbox},
     domain::{
-        DisplayName, IssueWindow, NewCoupon, NewProduct, ProductChanges, ProductId, ValidDays,
-        ValidationError, Won, parse_stock, parse_total_quantity,
+        DisplayName, IssueWindow, NewCoupon, NewProduct, PageSize, PageToken, ProductChanges,
+        ProductId, RedriveSelection, ValidDays, ValidationError, Won, parse_stock,
+        parse_total_quantity,
     },
     error::AppError,
     proto::{
         AdjustStockRequest, AdjustStockResponse, CreateCouponRequest, CreateCouponResponse,
-        CreateProductRequest, CreateProductResponse, UpdateProductRequest, UpdateProductResponse,
-        admin_service_server::AdminService,
+        CreateProductRequest, CreateProductResponse, ListParkedEventsRequest,
+        ListParkedEventsResponse, RedriveEventsRequest, RedriveEventsResponse,
+        UpdateProductRequest, UpdateProductResponse, admin_service_server::AdminService,
     },
 };
 
@@ -51,6 +53,7 @@ impl Interceptor for AdminAuth {
 pub struct AdminHandler {
     pub catalog: Arc<Catalog>,
     pub coupons: Arc<Coupons>,
+    pub outbox: Arc<Outbox>,
 }
 
 #[tonic::async_trait]
@@ -137,6 +140,32 @@ impl AdminService for AdminHandler {
         let stock = self.coupons.create(new).await?;
         Ok(Response::new(CreateCouponResponse {
             coupon: Some(convert::coupon(stock)),
+        }))
+    }
+
+    async fn list_parked_events(
+        &self,
+        request: Request<ListParkedEventsRequest>,
+    ) -> Result<Response<ListParkedEventsResponse>, Status> {
+        let req = request.into_inner();
+        let page_size = PageSize::parse(req.page_size)?;
+        let after = PageToken::parse(&req.page_token)?;
+        let (events, next) = self.outbox.parked(page_size, after).await?;
+        Ok(Response::new(ListParkedEventsResponse {
+            events: events.into_iter().map(convert::parked_event).collect(),
+            next_page_token: next.map(PageToken::encode).unwrap_or_default(),
+        }))
+    }
+
+    async fn redrive_events(
+        &self,
+        request: Request<RedriveEventsRequest>,
+    ) -> Result<Response<RedriveEventsResponse>, Status> {
+        let req = request.into_inner();
+        let selection = RedriveSelection::parse(req.event_ids, req.all)?;
+        let redriven = self.outbox.redrive(selection).await?;
+        Ok(Response::new(RedriveEventsResponse {
+            redriven: redriven as i64,
         }))
     }
 }

@@ -6,8 +6,9 @@ use prost_types::Timestamp;
 use crate::{
     app::{CouponStock, PopularProduct},
     domain::{
-        Cart, CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderStatus, Payment, Product,
-        ProductStatus, UserCoupon, UserCouponId, UserCouponStatus, UserId, ValidationError,
+        Cart, CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderStatus, ParkedEvent,
+        Payment, Product, ProductStatus, UserCoupon, UserCouponId, UserCouponStatus, UserId,
+        ValidationError,
     },
     proto,
 };
@@ -238,6 +239,18 @@ pub fn payment(p: Payment) -> proto::Payment {
         amount: p.amount.get(),
         balance_after: p.balance_after.get(),
         paid_at: timestamp(p.paid_at),
+    }
+}
+
+pub fn parked_event(e: ParkedEvent) -> proto::ParkedEvent {
+    proto::ParkedEvent {
+        event_id: e.event_id.to_string(),
+        event_type: e.event_type,
+        payment_id: e.payment_id.get(),
+        attempts: e.attempts,
+        reason: e.reason,
+        created_at: timestamp(e.created_at),
+        parked_at: timestamp(e.parked_at),
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tonic::service::Routes;
 
 use crate::{
-    app::{Balances, Carts, Catalog, Coupons, Orders, Payments, Popular},
+    app::{Balances, Carts, Catalog, Coupons, Orders, Outbox, Payments, Popular},
     proto::{
         FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
         balance_service_server::BalanceServiceServer, cart_service_server::CartServiceServer,
@@ -44,6 +44,7 @@ pub struct Services {
     pub orders: Arc<Orders>,
     pub payments: Arc<Payments>,
     pub popular: Arc<Popular>,
+    pub outbox: Arc<Outbox>,
 }
 
 /// The `ecommerce.v1` services and server reflection (v1 and v1alpha: grpcurl 1.8 asks for the
@@ -57,6 +58,7 @@ pub fn routes(services: Services, admin_auth: AdminAuth, limits: Limits) -> Rout
         orders,
         payments,
         popular,
+        outbox,
     } = services;
     let max = limits.max_message_bytes;
     let reflection = || {
@@ -94,8 +96,12 @@ pub fn routes(services: Services, admin_auth: AdminAuth, limits: Limits) -> Rout
                 .max_decoding_message_size(max),
         )
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            AdminServiceServer::new(admin::AdminHandler { catalog, coupons })
-                .max_decoding_message_size(max),
+            AdminServiceServer::new(admin::AdminHandler {
+                catalog,
+                coupons,
+                outbox,
+            })
+            .max_decoding_message_size(max),
             admin_auth,
         ))
         .add_service(

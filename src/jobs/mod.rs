@@ -7,11 +7,17 @@
 //! tick from the previous one, so a scheduler delayed by more than one interval (a starved
 //! runtime) never runs the job again.
 //!
+//! A run holds a pooled connection for its lock and usually one more for its work, so a replica
+//! runs at most `(DATABASE_MAX_CONNECTIONS - 1) / 2` jobs at once (at least one): the others
+//! wait their turn, and the jobs never take the whole pool from the calls (five jobs starting
+//! together on a test's five connections would otherwise each hold a lock and wait for a second
+//! connection until the acquire timeout).
+//!
 //! Stopping waits for the runs in progress, so a job never stops halfway through a batch.
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use tokio::time::Instant;
+use tokio::{sync::Semaphore, time::Instant};
 
 use anyhow::Context as _;
 use sqlx::PgPool;
@@ -19,7 +25,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    app::{Coupons, Orders, Outbox, Popular},
+    app::{Coupons, Orders, Outbox, Popular, Retention},
     config::Config,
     error::AppError,
 };
@@ -37,6 +43,7 @@ pub struct JobServices {
     pub orders: Arc<Orders>,
     pub outbox: Arc<Outbox>,
     pub popular: Arc<Popular>,
+    pub retention: Arc<Retention>,
 }
 
 /// The scheduler's tick (seconds, minutes, hours, days, months, weekdays).
@@ -52,12 +59,15 @@ enum JobLock {
     OrderExpiry = 0x6563_0002,
     OutboxDelivery = 0x6563_0003,
     RankingReconcile = 0x6563_0004,
+    RetentionPurge = 0x6563_0005,
 }
 
 pub struct Jobs {
     scheduler: JobScheduler,
     tracker: TaskTracker,
     stopping: CancellationToken,
+    /// Runs at once in this replica.
+    slots: Arc<Semaphore>,
 }
 
 impl Jobs {
@@ -67,14 +77,17 @@ impl Jobs {
             orders,
             outbox,
             popular,
+            retention,
         } = services;
         let scheduler = JobScheduler::new()
             .await
             .context("creating the scheduler")?;
+        let pool = config.postgres.max_connections as usize;
         let jobs = Self {
             scheduler,
             tracker: TaskTracker::new(),
             stopping: CancellationToken::new(),
+            slots: Arc::new(Semaphore::new((pool.saturating_sub(1) / 2).max(1))),
         };
         let grace = config.coupons.orphan_grace;
         jobs.every(
@@ -160,6 +173,23 @@ impl Jobs {
                 },
             )
             .await?;
+        jobs.every(
+            "retention-purge",
+            config.retention.purge_interval,
+            JobLock::RetentionPurge,
+            pg.clone(),
+            move || {
+                let retention = retention.clone();
+                async move {
+                    let purged = retention.purge().await?;
+                    if purged != Default::default() {
+                        tracing::info!(?purged, "expired rows purged");
+                    }
+                    Ok(())
+                }
+            },
+        )
+        .await?;
         // Once at start-up too, so a Redis that restarted empty is refilled right away.
         jobs.tracker.spawn(async move { ranking.run().await });
         jobs.scheduler
@@ -190,6 +220,7 @@ impl Jobs {
             run: Arc::new(move || Box::pin(run())),
             running: Arc::new(tokio::sync::Mutex::new(None)),
             stopping: self.stopping.clone(),
+            slots: self.slots.clone(),
         };
         let tracker = self.tracker.clone();
         let job = Job::new_async(EVERY_SECOND, {
@@ -230,6 +261,7 @@ struct Runner {
     /// Held for a run; holds when the last run started.
     running: Arc<tokio::sync::Mutex<Option<Instant>>>,
     stopping: CancellationToken,
+    slots: Arc<Semaphore>,
 }
 
 impl Runner {
@@ -251,6 +283,10 @@ impl Runner {
         let Ok(mut last) = self.running.try_lock() else {
             tracing::debug!(job = self.name, "previous run still in progress: skipping");
             return;
+        };
+        let _slot = tokio::select! {
+            slot = self.slots.acquire() => slot,
+            _ = self.stopping.cancelled() => return,
         };
         *last = Some(Instant::now());
         match exclusive(

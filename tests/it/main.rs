@@ -23,6 +23,7 @@ mod loadgen;
 mod operating;
 mod orders;
 mod outbox;
+mod outbox_nats;
 mod popular;
 mod production;
 mod products;

@@ -100,3 +100,23 @@ pub async fn complete(
     .await?;
     Ok(())
 }
+
+/// Deletes up to `limit` keys claimed more than `age` ago, oldest first; returns how many. A
+/// retry after that is treated as a new request.
+pub async fn purge_expired(
+    db: impl sqlx::PgExecutor<'_>,
+    age: std::time::Duration,
+    limit: i64,
+) -> Result<u64, StoreError> {
+    super::delete_older_than(
+        db,
+        "DELETE FROM idempotency_keys WHERE (user_id, operation, idempotency_key) IN (
+             SELECT user_id, operation, idempotency_key FROM idempotency_keys
+             WHERE created_at < now() - make_interval(secs => $1)
+             ORDER BY created_at
+             LIMIT $2)",
+        age,
+        limit,
+    )
+    .await
+}

@@ -55,6 +55,22 @@ pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Runs a purge `statement` whose `$1` is an age in seconds and `$2` the most rows it deletes;
+/// returns how many it deleted.
+async fn delete_older_than(
+    db: impl sqlx::PgExecutor<'_>,
+    statement: &'static str,
+    age: Duration,
+    limit: i64,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query(statement)
+        .bind(age.as_secs_f64())
+        .bind(limit)
+        .execute(db)
+        .await?;
+    Ok(done.rows_affected())
+}
+
 /// Keeps the first `page_size` rows of a `page_size + 1` query and says where the next page
 /// starts, if there is one.
 pub fn split_page<T>(

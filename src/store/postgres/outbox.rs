@@ -3,6 +3,9 @@
 //!
 //! Invariant: an event is DELIVERED only after the sink accepted it; a batch is claimed with
 //! `FOR UPDATE SKIP LOCKED`, so two replicas never deliver the same event at the same moment.
+//! An event is PARKED (with `parked_at` and its reason in `last_error`) only when the sink
+//! refused it for good or it kept failing past the parking horizon; a re-drive makes it
+//! PENDING again with a fresh horizon.
 
 use std::time::Duration;
 
@@ -10,7 +13,11 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
-use crate::store::StoreError;
+use super::{delete_older_than, split_page};
+use crate::{
+    domain::{PageSize, PageToken, ParkedEvent},
+    store::StoreError,
+};
 
 #[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
 pub struct OutboxEvent {
@@ -72,32 +79,73 @@ pub async fn mark_delivered(tx: &mut PgConnection, ids: &[i64]) -> Result<(), St
     Ok(())
 }
 
-/// Records a failed attempt: the next one waits `base * 2^attempts` (at most `max`); an event
-/// that failed `max_attempts` times is PARKED for an operator. Returns the ids parked now.
-pub async fn mark_failed(
+/// Parks events the sink refused for good, each with its reason, at once.
+pub async fn park(
     tx: &mut PgConnection,
     ids: &[i64],
-    error: &str,
-    max_attempts: i32,
-    base: Duration,
-    max: Duration,
-) -> Result<Vec<i64>, StoreError> {
-    let parked = sqlx::query_scalar::<_, Option<i64>>(
-        "UPDATE outbox_events SET
-             attempts = attempts + 1,
-             last_error = left($2, 1000),
-             next_attempt_at = now() + least(
-                 make_interval(secs => $3 * power(2, least(attempts, 30))),
-                 make_interval(secs => $4)),
-             status = CASE WHEN attempts + 1 >= $5 THEN 'PARKED' ELSE 'PENDING' END
-         WHERE id = ANY($1)
-         RETURNING CASE WHEN status = 'PARKED' THEN id END",
+    reasons: &[String],
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE outbox_events o SET
+             status = 'PARKED', parked_at = now(), attempts = attempts + 1,
+             last_error = left(r.reason, 1000)
+         FROM unnest($1::bigint[], $2::text[]) AS r(id, reason)
+         WHERE o.id = r.id",
     )
     .bind(ids)
-    .bind(error)
-    .bind(base.as_secs_f64())
-    .bind(max.as_secs_f64())
-    .bind(max_attempts)
+    .bind(reasons)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// How failed attempts are retried and when they give up.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    /// The first pause; each consecutive failure doubles it.
+    pub base: Duration,
+    /// The longest pause.
+    pub max: Duration,
+    /// An event failing for this long since its first failure (since the last re-drive) is
+    /// parked instead of retried.
+    pub park_after: Duration,
+}
+
+/// Records failed attempts (an outage: the sink did not take them this time): the next one
+/// waits `base * 2^failures` (at most `max`), unless the event has been failing for
+/// `park_after`, in which case it is PARKED. Returns the ids parked now.
+pub async fn record_failures(
+    tx: &mut PgConnection,
+    ids: &[i64],
+    reasons: &[String],
+    backoff: Backoff,
+) -> Result<Vec<i64>, StoreError> {
+    let parked = sqlx::query_scalar::<_, Option<i64>>(
+        "WITH failed AS (
+             SELECT o.id, r.reason,
+                    coalesce(o.failing_since, now()) <= now() - make_interval(secs => $5) AS give_up
+             FROM outbox_events o
+             JOIN unnest($1::bigint[], $2::text[]) AS r(id, reason) ON o.id = r.id
+         )
+         UPDATE outbox_events o SET
+             attempts = attempts + 1,
+             failures = failures + 1,
+             failing_since = coalesce(failing_since, now()),
+             last_error = left(f.reason, 1000),
+             next_attempt_at = now() + least(
+                 make_interval(secs => $3 * power(2, least(failures, 30))),
+                 make_interval(secs => $4)),
+             status = CASE WHEN f.give_up THEN 'PARKED' ELSE 'PENDING' END,
+             parked_at = CASE WHEN f.give_up THEN now() END
+         FROM failed f
+         WHERE o.id = f.id
+         RETURNING CASE WHEN f.give_up THEN o.id END",
+    )
+    .bind(ids)
+    .bind(reasons)
+    .bind(backoff.base.as_secs_f64())
+    .bind(backoff.max.as_secs_f64())
+    .bind(backoff.park_after.as_secs_f64())
     .fetch_all(tx)
     .await?
     .into_iter()
@@ -106,14 +154,102 @@ pub async fn mark_failed(
     Ok(parked)
 }
 
-/// Events waiting for delivery, and events parked after too many failures.
+/// Events waiting for delivery, and parked events. Each count reads only its partial index
+/// (`outbox_pending_idx`, `outbox_parked_idx`), never the delivered rows.
 pub async fn backlog(db: impl PgExecutor<'_>) -> Result<(i64, i64), StoreError> {
     let counts = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'PENDING'),
-                count(*) FILTER (WHERE status = 'PARKED')
-         FROM outbox_events WHERE status <> 'DELIVERED'",
+        "SELECT (SELECT count(*) FROM outbox_events WHERE status = 'PENDING'),
+                (SELECT count(*) FROM outbox_events WHERE status = 'PARKED')",
     )
     .fetch_one(db)
     .await?;
     Ok(counts)
+}
+
+/// A page of parked events, oldest first.
+pub async fn parked_page(
+    db: impl PgExecutor<'_>,
+    page_size: PageSize,
+    after: Option<PageToken>,
+) -> Result<(Vec<ParkedEvent>, Option<PageToken>), StoreError> {
+    let mut rows: Vec<ParkedEvent> = sqlx::query_as(
+        "SELECT id, event_id, event_type, aggregate_id AS payment_id, attempts,
+                coalesce(last_error, '') AS reason, created_at, parked_at
+         FROM outbox_events
+         WHERE status = 'PARKED' AND id > $1
+         ORDER BY id
+         LIMIT $2",
+    )
+    .bind(after.map_or(0, PageToken::last_key))
+    .bind(page_size.get() + 1)
+    .fetch_all(db)
+    .await?;
+    let next = split_page(&mut rows, page_size, |e| e.id);
+    Ok((rows, next))
+}
+
+/// What a re-drive sets: due now, with a fresh parking horizon and backoff.
+macro_rules! requeue {
+    () => {
+        "status = 'PENDING', parked_at = NULL, failing_since = NULL, failures = 0,
+         next_attempt_at = now()"
+    };
+}
+
+/// Queues these parked events again; ids that are not parked are left alone. Returns how many
+/// were re-driven.
+pub async fn redrive(db: impl PgExecutor<'_>, event_ids: &[Uuid]) -> Result<u64, StoreError> {
+    let done = sqlx::query(concat!(
+        "UPDATE outbox_events SET ",
+        requeue!(),
+        " WHERE status = 'PARKED' AND event_id = ANY($1)"
+    ))
+    .bind(event_ids)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Queues again up to `limit` parked events after the outbox row `after`; returns the last row
+/// re-driven, or `None` when there were none left.
+pub async fn redrive_after(
+    db: impl PgExecutor<'_>,
+    after: i64,
+    limit: i64,
+) -> Result<Option<(i64, u64)>, StoreError> {
+    let (last, count): (Option<i64>, i64) = sqlx::query_as(concat!(
+        "WITH requeued AS (
+             UPDATE outbox_events SET ",
+        requeue!(),
+        "
+             WHERE id IN (SELECT id FROM outbox_events WHERE status = 'PARKED' AND id > $1
+                          ORDER BY id LIMIT $2)
+             RETURNING id
+         )
+         SELECT max(id), count(*) FROM requeued"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_one(db)
+    .await?;
+    Ok(last.map(|last| (last, count as u64)))
+}
+
+/// Deletes up to `limit` events delivered more than `age` ago, oldest first; returns how many.
+pub async fn purge_delivered(
+    db: impl PgExecutor<'_>,
+    age: Duration,
+    limit: i64,
+) -> Result<u64, StoreError> {
+    delete_older_than(
+        db,
+        "DELETE FROM outbox_events WHERE id IN (
+             SELECT id FROM outbox_events
+             WHERE status = 'DELIVERED' AND delivered_at < now() - make_interval(secs => $1)
+             ORDER BY delivered_at
+             LIMIT $2)",
+        age,
+        limit,
+    )
+    .await
 }

@@ -8,8 +8,8 @@ use ecommerce::proto::{
     AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CreateCouponRequest,
     CreateProductRequest, GetBalanceRequest, GetCouponRequest, GetOrderRequest,
     GetPopularProductsRequest, GetProductRequest, IssueCouponRequest, ListBalanceHistoryRequest,
-    ListProductsRequest, ListUserCouponsRequest, PayRequest, PlaceOrderRequest,
-    UpdateProductRequest,
+    ListParkedEventsRequest, ListProductsRequest, ListUserCouponsRequest, PayRequest,
+    PlaceOrderRequest, RedriveEventsRequest, UpdateProductRequest,
 };
 use prost::Message;
 use tonic::Status;
@@ -43,6 +43,8 @@ pub(super) enum Call {
     UpdateProduct(Auth, UpdateProductRequest),
     AdjustStock(Auth, AdjustStockRequest),
     CreateCoupon(Auth, CreateCouponRequest),
+    ListParkedEvents(Auth, ListParkedEventsRequest),
+    RedriveEvents(Auth, RedriveEventsRequest),
 }
 
 /// Debug output with long strings cut, so a failing 1 MB case prints as one line.
@@ -66,6 +68,8 @@ impl fmt::Debug for Call {
             Call::UpdateProduct(a, r) => format!("{a:?} {r:?}"),
             Call::AdjustStock(a, r) => format!("{a:?} {r:?}"),
             Call::CreateCoupon(a, r) => format!("{a:?} {r:?}"),
+            Call::ListParkedEvents(a, r) => format!("{a:?} {r:?}"),
+            Call::RedriveEvents(a, r) => format!("{a:?} {r:?}"),
         };
         if full.len() > 600 {
             let cut = full.char_indices().nth(600).map_or(full.len(), |(i, _)| i);
@@ -106,6 +110,10 @@ impl Call {
             Call::AdjustStock(..) => "AdjustStock (no token)",
             Call::CreateCoupon(Auth::Admin, _) => "CreateCoupon",
             Call::CreateCoupon(..) => "CreateCoupon (no token)",
+            Call::ListParkedEvents(Auth::Admin, _) => "ListParkedEvents",
+            Call::ListParkedEvents(..) => "ListParkedEvents (no token)",
+            Call::RedriveEvents(Auth::Admin, _) => "RedriveEvents",
+            Call::RedriveEvents(..) => "RedriveEvents (no token)",
         }
     }
 
@@ -120,6 +128,7 @@ impl Call {
                 | Call::GetCoupon(_)
                 | Call::ListUserCoupons(_)
                 | Call::GetOrder(_)
+                | Call::ListParkedEvents(..)
         )
     }
 
@@ -128,7 +137,9 @@ impl Call {
             Call::CreateProduct(a, _)
             | Call::UpdateProduct(a, _)
             | Call::AdjustStock(a, _)
-            | Call::CreateCoupon(a, _) => Some(*a),
+            | Call::CreateCoupon(a, _)
+            | Call::ListParkedEvents(a, _)
+            | Call::RedriveEvents(a, _) => Some(*a),
             _ => None,
         }
     }
@@ -152,6 +163,8 @@ impl Call {
             Call::UpdateProduct(_, r) => r.encoded_len(),
             Call::AdjustStock(_, r) => r.encoded_len(),
             Call::CreateCoupon(_, r) => r.encoded_len(),
+            Call::ListParkedEvents(_, r) => r.encoded_len(),
+            Call::RedriveEvents(_, r) => r.encoded_len(),
         }
     }
 
@@ -180,6 +193,8 @@ impl Call {
             Call::UpdateProduct(a, r) => admin(a).update_product(r).await.map(drop),
             Call::AdjustStock(a, r) => admin(a).adjust_stock(r).await.map(drop),
             Call::CreateCoupon(a, r) => admin(a).create_coupon(r).await.map(drop),
+            Call::ListParkedEvents(a, r) => admin(a).list_parked_events(r).await.map(drop),
+            Call::RedriveEvents(a, r) => admin(a).redrive_events(r).await.map(drop),
         }
     }
 }

@@ -5,8 +5,8 @@ use ecommerce::proto::{
     AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CreateCouponRequest,
     CreateProductRequest, GetBalanceRequest, GetCouponRequest, GetOrderRequest,
     GetPopularProductsRequest, GetProductRequest, IssueCouponRequest, ListBalanceHistoryRequest,
-    ListProductsRequest, ListUserCouponsRequest, PayRequest, PlaceOrderRequest,
-    UpdateProductRequest,
+    ListParkedEventsRequest, ListProductsRequest, ListUserCouponsRequest, PayRequest,
+    PlaceOrderRequest, RedriveEventsRequest, UpdateProductRequest,
 };
 use proptest::{
     prelude::*,
@@ -17,8 +17,8 @@ use proptest::{
 use super::{
     calls::{Auth, Call},
     fields::{
-        amount, discount, enum_number, hostile_i64, id, idempotency_key, int32, lines, name,
-        order_id, page_token, sane_or_hostile, timestamp, user_id,
+        amount, discount, enum_number, event_ids, hostile_i64, id, idempotency_key, int32, lines,
+        name, order_id, page_token, sane_or_hostile, timestamp, user_id,
     },
 };
 
@@ -80,6 +80,24 @@ fn adjust_stock_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value 
             Call::AdjustStock(auth, AdjustStockRequest { product_id, delta })
         },
     )
+}
+
+fn list_parked_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    (auth, int32(0..=100), page_token()).prop_map(|(auth, page_size, page_token)| {
+        Call::ListParkedEvents(
+            auth,
+            ListParkedEventsRequest {
+                page_size,
+                page_token,
+            },
+        )
+    })
+}
+
+fn redrive_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    (auth, event_ids(), any::<bool>()).prop_map(|(auth, event_ids, all)| {
+        Call::RedriveEvents(auth, RedriveEventsRequest { event_ids, all })
+    })
 }
 
 fn create_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
@@ -245,6 +263,8 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
         (update_product_calls(Just(Auth::Admin)).boxed(), CASES),
         (adjust_stock_calls(Just(Auth::Admin)).boxed(), CASES),
         (create_coupon_calls(Just(Auth::Admin)).boxed(), CASES),
+        (list_parked_calls(Just(Auth::Admin)).boxed(), CASES),
+        (redrive_calls(Just(Auth::Admin)).boxed(), CASES),
         (
             create_product_calls(no_admin()).boxed(),
             UNAUTHENTICATED_CASES,
@@ -261,6 +281,8 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
             create_coupon_calls(no_admin()).boxed(),
             UNAUTHENTICATED_CASES,
         ),
+        (list_parked_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
+        (redrive_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
     ]
 }
 

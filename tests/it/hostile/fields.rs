@@ -131,6 +131,19 @@ pub(super) fn name() -> BoxedStrategy<String> {
     sane_or_hostile("[A-Za-z0-9][A-Za-z0-9 _-]{0,29}", hostile_text())
 }
 
+/// Ids of outbox events to re-drive: a few UUIDs (none parked), or hostile strings, or more
+/// ids than one call may name.
+pub(super) fn event_ids() -> BoxedStrategy<Vec<String>> {
+    let uuid = "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}";
+    sane_or_hostile(
+        vec(uuid, 0..4),
+        prop_oneof![
+            4 => vec(hostile_text(), 1..3),
+            1 => Just(vec![uuid::Uuid::nil().to_string(); 1001]),
+        ],
+    )
+}
+
 /// Idempotency keys: mostly a few fixed ones, so that replays and reuse of a key for another
 /// request happen.
 pub(super) fn idempotency_key() -> BoxedStrategy<String> {

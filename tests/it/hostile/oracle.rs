@@ -72,6 +72,14 @@ impl Call {
                     || r.issue_starts_at.is_none()
                     || r.issue_ends_at.is_none()
             }
+            Call::ListParkedEvents(_, r) => !(0..=100).contains(&r.page_size),
+            Call::RedriveEvents(_, r) => {
+                r.event_ids.is_empty() != r.all
+                    || r.event_ids.len() > 1000
+                    || r.event_ids
+                        .iter()
+                        .any(|id| uuid::Uuid::try_parse(id).is_err())
+            }
         }
     }
 }

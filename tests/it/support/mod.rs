@@ -48,6 +48,10 @@ pub fn database_url(db: &PgConnectOptions) -> String {
     format!("{server}/{}", db.get_database().expect("test database"))
 }
 
+pub fn nats_url() -> String {
+    std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
 /// Settings a test may change before the server starts.
 pub struct TestSettings {
     pub vars: HashMap<&'static str, String>,

@@ -1,8 +1,8 @@
-//! Private Redis and Postgres servers on free loopback ports, each in its own temporary folder,
-//! for tests that kill and restart a dependency. The shared servers are never touched.
+//! Private Redis, Postgres and NATS servers on free loopback ports, each in its own temporary
+//! folder, for tests that kill and restart a dependency. The shared servers are never touched.
 //!
-//! Both come from the distribution's packages (`redis-server`, `/usr/lib/postgresql/*/bin`),
-//! which `scripts/test` makes sure are installed.
+//! All come from the distribution's packages (`redis-server`, `/usr/lib/postgresql/*/bin`,
+//! `nats-server`), which `scripts/test` makes sure are installed.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -40,49 +40,129 @@ async fn wait_for_port(addr: SocketAddr, up: bool) {
     panic!("{addr} did not come {}", if up { "up" } else { "down" });
 }
 
-/// A `redis-server` child process without persistence: a restart starts empty, like the
-/// production Redis of this project.
-pub struct PrivateRedis {
-    pub addr: SocketAddr,
+/// A server child process on a loopback port of its own, which keeps the port across restarts.
+struct Process {
+    addr: SocketAddr,
     child: Option<Child>,
 }
 
-impl PrivateRedis {
-    pub async fn start() -> Self {
-        let mut redis = Self {
+impl Process {
+    fn on_free_port() -> Self {
+        Self {
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             child: None,
-        };
-        redis.restart().await;
-        redis
+        }
     }
 
-    pub fn url(&self) -> String {
-        format!("redis://{}", self.addr)
-    }
-
-    /// SIGKILL: no goodbye to the clients, and every key is gone.
-    pub async fn kill(&mut self) {
+    /// SIGKILL: no goodbye to the clients.
+    async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;
         }
         wait_for_port(self.addr, false).await;
     }
 
-    /// Starts (again) on the same port, empty.
-    pub async fn restart(&mut self) {
+    /// Kills the running server, if any, and starts `command` in its place.
+    async fn restart(&mut self, command: &mut tokio::process::Command) {
         self.kill().await;
-        let child = tokio::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port"])
-            .arg(self.addr.port().to_string())
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("redis-server is installed");
+            .expect("the server is installed");
         self.child = Some(child);
         wait_for_port(self.addr, true).await;
+    }
+}
+
+/// A `redis-server` child process without persistence: a restart starts empty, like the
+/// production Redis of this project.
+pub struct PrivateRedis {
+    process: Process,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> Self {
+        let mut redis = Self {
+            process: Process::on_free_port(),
+        };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.process.addr)
+    }
+
+    /// SIGKILL: no goodbye to the clients, and every key is gone.
+    pub async fn kill(&mut self) {
+        self.process.kill().await;
+    }
+
+    /// Starts (again) on the same port, empty.
+    pub async fn restart(&mut self) {
+        let port = self.process.addr.port().to_string();
+        self.process
+            .restart(
+                tokio::process::Command::new("redis-server")
+                    .args(["--bind", "127.0.0.1", "--port", &port])
+                    .args(["--save", "", "--appendonly", "no", "--daemonize", "no"]),
+            )
+            .await;
+    }
+}
+
+/// A `nats-server` child process with JetStream, its store in a folder of its own that a
+/// restart keeps (file storage survives, as on a real server).
+pub struct PrivateNats {
+    process: Process,
+    store: PathBuf,
+}
+
+impl PrivateNats {
+    pub async fn start() -> Self {
+        let mut nats = Self {
+            process: Process::on_free_port(),
+            store: temp_dir("nats"),
+        };
+        nats.restart().await;
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.process.addr)
+    }
+
+    /// SIGKILL: the clients lose their connection and the publishes not yet acknowledged.
+    pub async fn kill(&mut self) {
+        self.process.kill().await;
+    }
+
+    /// Starts (again) on the same port and store.
+    pub async fn restart(&mut self) {
+        let program = if Path::new("/usr/sbin/nats-server").exists() {
+            "/usr/sbin/nats-server"
+        } else {
+            "nats-server"
+        };
+        let port = self.process.addr.port().to_string();
+        self.process
+            .restart(
+                tokio::process::Command::new(program)
+                    .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"])
+                    .arg(&self.store),
+            )
+            .await;
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        if let Some(child) = self.process.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.store);
     }
 }
 

@@ -6,6 +6,9 @@ use ecommerce::proto::{
     GetCartRequest, GetOrderRequest, GetProductRequest, Order, OrderLine, PayRequest, Payment,
     PlaceOrderRequest, ProductStatus, SetItemRequest,
 };
+use std::collections::HashSet;
+
+use futures::{StreamExt, stream};
 use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use tonic::Status;
 
@@ -149,6 +152,24 @@ pub async fn pay_with_key(
         })
         .await
         .map(|r| r.into_inner().payment.expect("payment"))
+}
+
+/// Each user buys a one-unit gift card and pays for it, eight at a time; returns the payment
+/// ids. Payments never wait on the data platform.
+pub async fn pay_orders(app: &TestApp, users: impl IntoIterator<Item = i64>) -> HashSet<i64> {
+    let product = create_product(app, "gift card", 10_000, 1_000_000).await;
+    stream::iter(users)
+        .map(|user| async move {
+            charge(app, user, 10_000).await;
+            let order = place(app, user, &[(product, 1)]).await.unwrap();
+            pay(app, user, order.id)
+                .await
+                .expect("payments never wait on the sink")
+                .id
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await
 }
 
 pub async fn get_order(app: &TestApp, user_id: i64, order_id: i64) -> Result<Order, Status> {

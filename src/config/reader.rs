@@ -87,9 +87,7 @@ impl<'a> Reader<'a> {
             _ => unreachable!("{} is not a duration", variable.name),
         }
     }
-}
 
-impl Reader<'_> {
     /// A number of hours (decimals allowed) within the variable's range.
     pub(super) fn hours(&mut self, variable: &Variable) -> Duration {
         let Range::Hours { max } = variable.range else {

@@ -425,9 +425,9 @@ async fn delivered_events_and_old_idempotency_keys_are_purged(
     db: PgConnectOptions,
 ) {
     let app = spawn_app_with(db, |s| {
-        // 3.6 s.
-        s.set("OUTBOX_RETENTION_HOURS", 0.001)
-            .set("IDEMPOTENCY_RETENTION_HOURS", 0.001)
+        // 10.8 s: long enough for the payments below to be counted before any purge.
+        s.set("OUTBOX_RETENTION_HOURS", 0.003)
+            .set("IDEMPOTENCY_RETENTION_HOURS", 0.003)
             .set("PURGE_INTERVAL_SECS", 1);
     })
     .await;
@@ -464,7 +464,7 @@ async fn delivered_events_and_old_idempotency_keys_are_purged(
     .unwrap();
     let purged_at = Instant::now();
     assert!(
-        eventually(Duration::from_secs(20), || async {
+        eventually(Duration::from_secs(30), || async {
             count("idempotency_keys").await == 0 && count("outbox_events").await == 1
         })
         .await

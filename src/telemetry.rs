@@ -148,3 +148,83 @@ pub fn batch<'a>(name: &'static str, callers: impl IntoIterator<Item = &'a Span>
     span.record("batch.size", size);
     span
 }
+
+/// A W3C trace context as it travels in headers: `traceparent` and, when set, `tracestate`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// The current span's context (nothing while tracing is off: no work on the hot path).
+    pub fn current() -> Self {
+        if !tracing_on() {
+            return Self::default();
+        }
+        Self::of(&Span::current().context())
+    }
+
+    fn of(context: &opentelemetry::Context) -> Self {
+        let mut fields = Fields::default();
+        global::get_text_map_propagator(|p| p.inject_context(context, &mut fields));
+        Self {
+            traceparent: fields.0.remove("traceparent"),
+            tracestate: fields.0.remove("tracestate").filter(|s| !s.is_empty()),
+        }
+    }
+
+    /// The span this context names, to link a later step (a delivery) to it.
+    fn span_context(&self) -> Option<opentelemetry::trace::SpanContext> {
+        let mut fields = Fields::default();
+        fields
+            .0
+            .insert("traceparent".into(), self.traceparent.clone()?);
+        if let Some(state) = &self.tracestate {
+            fields.0.insert("tracestate".into(), state.clone());
+        }
+        let context = global::get_text_map_propagator(|p| p.extract(&fields));
+        let span = context.span().span_context().clone();
+        span.is_valid().then_some(span)
+    }
+}
+
+#[derive(Default)]
+struct Fields(std::collections::HashMap<String, String>);
+
+impl opentelemetry::propagation::Injector for Fields {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+impl opentelemetry::propagation::Extractor for Fields {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// The span of one delivery to the data platform: a root linked to the trace of every event
+/// it carries (each written by a payment's call), whose own context is what a batch's request
+/// carries. Disabled while tracing is off.
+pub fn delivery<'a>(events: impl IntoIterator<Item = &'a TraceContext>) -> (Span, TraceContext) {
+    if !tracing_on() {
+        return (Span::none(), TraceContext::default());
+    }
+    let span = tracing::info_span!(target: SPANS, parent: None, "delivery",
+        otel.name = "outbox.deliver", otel.kind = "producer", batch.size = Empty);
+    let mut size = 0_u64;
+    for event in events {
+        size += 1;
+        if let Some(linked) = event.span_context() {
+            span.add_link(linked);
+        }
+    }
+    span.record("batch.size", size);
+    let context = TraceContext::of(&span.context());
+    (span, context)
+}

@@ -24,10 +24,12 @@ use crate::{
         data_platform::{Sink, Verdict},
         postgres::{
             self,
-            outbox::{self, Backoff},
+            outbox::{self, Backoff, OutboxEvent},
         },
     },
+    telemetry::{self, TraceContext},
 };
+use tracing::Instrument as _;
 
 /// How the outbox delivers and retries.
 #[derive(Clone, Debug)]
@@ -107,7 +109,13 @@ impl Outbox {
         if events.is_empty() {
             return Ok((DeliveryReport::default(), 0, false));
         }
-        let verdicts = self.sink.deliver(&events).await;
+        let contexts: Vec<TraceContext> = if telemetry::tracing_on() {
+            events.iter().map(OutboxEvent::trace_context).collect()
+        } else {
+            Vec::new()
+        };
+        let (span, trace) = telemetry::delivery(&contexts);
+        let verdicts = self.sink.deliver(&events, &trace).instrument(span).await;
         let mut accepted = Vec::new();
         let (mut refused, mut refusals) = (Vec::new(), Vec::new());
         let (mut failed, mut failures) = (Vec::new(), Vec::new());

@@ -145,6 +145,7 @@ impl Payments {
             PaymentCompleted::EVENT_TYPE,
             payment.id.get(),
             &payload,
+            &telemetry::TraceContext::current(),
         )
         .await?;
         if let Some(key) = &cmd.idempotency_key {

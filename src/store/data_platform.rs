@@ -25,7 +25,7 @@ use async_nats::jetstream::{
     stream::{self, StorageType},
 };
 
-use crate::{config::SinkKind, store::postgres::outbox::OutboxEvent};
+use crate::{config::SinkKind, store::postgres::outbox::OutboxEvent, telemetry::TraceContext};
 
 /// How long JetStream remembers a message id: longer than the longest pause between two
 /// attempts (`OUTBOX_RETRY_MAX_MS` is at most an hour), so an event re-sent because its ack was
@@ -81,6 +81,11 @@ struct WireEvent<'a> {
     event_type: &'a str,
     occurred_at: chrono::DateTime<chrono::Utc>,
     payload: &'a serde_json::Value,
+    /// The payment's trace (absent while tracing is off), so the consumer can continue it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tracestate: Option<&'a str>,
 }
 
 impl<'a> From<&'a OutboxEvent> for WireEvent<'a> {
@@ -91,6 +96,8 @@ impl<'a> From<&'a OutboxEvent> for WireEvent<'a> {
             event_type: &e.event_type,
             occurred_at: e.created_at,
             payload: &e.payload,
+            traceparent: e.traceparent.as_deref(),
+            tracestate: e.tracestate.as_deref(),
         }
     }
 }
@@ -138,8 +145,9 @@ impl Sink {
         })
     }
 
-    /// Delivers `events`; the verdicts come in the same order.
-    pub async fn deliver(&self, events: &[OutboxEvent]) -> Vec<Verdict> {
+    /// Delivers `events`; the verdicts come in the same order. `trace` is the delivery's own
+    /// trace context, which an HTTP batch carries in its headers (each event carries its own).
+    pub async fn deliver(&self, events: &[OutboxEvent], trace: &TraceContext) -> Vec<Verdict> {
         match self {
             Sink::Log => {
                 for e in events {
@@ -148,7 +156,7 @@ impl Sink {
                 }
                 vec![Verdict::Accepted; events.len()]
             }
-            Sink::Http { client, url } => deliver_split(client, url, events).await,
+            Sink::Http { client, url } => deliver_split(client, url, events, trace).await,
             Sink::Nats(nats) => nats.deliver(events).await,
         }
     }
@@ -220,10 +228,17 @@ impl NatsSink {
     }
 }
 
-/// The headers of one event's message. The id lets JetStream drop a re-sent event.
+/// The headers of one event's message. The id lets JetStream drop a re-sent event; the
+/// payment's trace context lets the consumer continue its trace.
 fn nats_headers(event: &OutboxEvent) -> async_nats::HeaderMap {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
+    if let Some(traceparent) = &event.traceparent {
+        headers.insert("traceparent", traceparent.as_str());
+    }
+    if let Some(tracestate) = &event.tracestate {
+        headers.insert("tracestate", tracestate.as_str());
+    }
     headers
 }
 
@@ -233,6 +248,7 @@ async fn deliver_split(
     client: &reqwest::Client,
     url: &str,
     events: &[OutboxEvent],
+    trace: &TraceContext,
 ) -> Vec<Verdict> {
     let mut verdicts = vec![None; events.len()];
     let mut pending: Vec<Range<usize>> = Vec::new();
@@ -243,7 +259,7 @@ async fn deliver_split(
             verdicts[range].fill(Some(Verdict::Unavailable(String::clone(reason))));
             continue;
         }
-        match post(client, url, &events[range.clone()]).await {
+        match post(client, url, &events[range.clone()], trace).await {
             Answer::Accepted => verdicts[range].fill(Some(Verdict::Accepted)),
             Answer::Refused(reason) if range.len() == 1 => {
                 verdicts[range].fill(Some(Verdict::Rejected(reason)));
@@ -265,11 +281,23 @@ async fn deliver_split(
         .collect()
 }
 
-async fn post(client: &reqwest::Client, url: &str, events: &[OutboxEvent]) -> Answer {
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    events: &[OutboxEvent],
+    trace: &TraceContext,
+) -> Answer {
     let batch = Batch {
         events: events.iter().map(WireEvent::from).collect(),
     };
-    match client.post(url).json(&batch).send().await {
+    let mut request = client.post(url).json(&batch);
+    if let Some(traceparent) = &trace.traceparent {
+        request = request.header("traceparent", traceparent);
+    }
+    if let Some(tracestate) = &trace.tracestate {
+        request = request.header("tracestate", tracestate);
+    }
+    match request.send().await {
         Ok(response) => {
             let status = response.status();
             let reason = format!("HTTP {}", status.as_u16());
@@ -303,4 +331,42 @@ fn describe(e: &reqwest::Error) -> String {
         cause = source;
     }
     format!("{what}: {cause}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(traceparent: Option<&str>) -> OutboxEvent {
+        OutboxEvent {
+            id: 1,
+            event_id: uuid::Uuid::from_u128(7),
+            event_type: "payment.completed".into(),
+            payload: serde_json::json!({"order_id": 1}),
+            attempts: 0,
+            created_at: chrono::Utc::now(),
+            traceparent: traceparent.map(str::to_owned),
+            tracestate: None,
+        }
+    }
+
+    #[test]
+    fn a_message_carries_its_id_and_the_payment_trace() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let headers = nats_headers(&event(Some(parent)));
+        assert_eq!(
+            headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+            Some("00000000-0000-0000-0000-000000000007")
+        );
+        assert_eq!(headers.get("traceparent").map(|v| v.as_str()), Some(parent));
+        assert!(headers.get("tracestate").is_none());
+
+        let untraced = nats_headers(&event(None));
+        assert!(untraced.get("traceparent").is_none());
+        let body = serde_json::to_value(WireEvent::from(&event(None))).unwrap();
+        assert!(
+            body.get("traceparent").is_none(),
+            "no field while tracing is off"
+        );
+    }
 }

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use ecommerce::proto::{IssueCouponRequest, OrderLine, PlaceOrderRequest};
+use ecommerce::proto::{IssueCouponRequest, OrderLine, PayRequest, PlaceOrderRequest};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -121,8 +121,16 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
 ) {
     let collector = Collector::default();
     let endpoint = collector.start().await;
+    let platform = Platform::default();
+    let platform_addr = platform.start().await;
     let app = spawn_app_with(db, |s| {
-        s.set("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{endpoint}"));
+        s.set("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{endpoint}"))
+            .set("DATA_PLATFORM_SINK", "http")
+            .set(
+                "DATA_PLATFORM_URL",
+                format!("http://{platform_addr}/events"),
+            )
+            .set("OUTBOX_INTERVAL_SECS", 1);
     })
     .await;
     let product = create_product(&app, "traced", 1_000, 10).await;
@@ -138,10 +146,12 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
         }],
         ..Default::default()
     };
-    app.orders()
+    let placed_order = app
+        .orders()
         .place_order(traced(order.clone(), &placed, &parent))
         .await
-        .expect("placed");
+        .expect("placed")
+        .into_inner();
     let refused = [0x5c; 16];
     let unknown = PlaceOrderRequest {
         items: vec![OrderLine {
@@ -224,6 +234,13 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
     );
 
     a_coupon_call_leads_to_its_gate_script_and_the_batch_that_recorded_it(&app, &collector).await;
+    a_payment_trace_reaches_the_data_platform(
+        &app,
+        &collector,
+        &platform,
+        placed_order.order.expect("the order").id,
+    )
+    .await;
     app.stop().await;
 }
 
@@ -289,5 +306,99 @@ async fn a_coupon_call_leads_to_its_gate_script_and_the_batch_that_recorded_it(
             .any(|s| s.name == "coupons.insert_winners"),
         "the batch's insert: {:?}",
         names(&batch_steps)
+    );
+}
+
+/// An event as the platform received it, with its request's `traceparent` header.
+type Delivered = (Option<String>, serde_json::Value);
+
+/// The data platform's HTTP receiver: keeps each request's `traceparent` header and events.
+#[derive(Clone, Default)]
+struct Platform {
+    received: Arc<Mutex<Vec<Delivered>>>,
+}
+
+impl Platform {
+    async fn start(&self) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = self.received.clone();
+        let receive =
+            move |headers: axum::http::HeaderMap,
+                  axum::Json(batch): axum::Json<serde_json::Value>| {
+                let received = received.clone();
+                async move {
+                    let header = headers
+                        .get("traceparent")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let mut received = received.lock().unwrap();
+                    for event in batch["events"].as_array().cloned().unwrap_or_default() {
+                        received.push((header.clone(), event));
+                    }
+                    axum::http::StatusCode::OK
+                }
+            };
+        let app = axum::Router::new().route("/events", axum::routing::post(receive));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+}
+
+/// A Pay sent with a `traceparent`: its event reaches the data platform carrying that trace,
+/// and the delivery's span (named by the request's header) links to it.
+async fn a_payment_trace_reaches_the_data_platform(
+    app: &TestApp,
+    collector: &Collector,
+    platform: &Platform,
+    order_id: i64,
+) {
+    let trace_id = [0x7e; 16];
+    let mut request = Request::new(PayRequest {
+        user_id: 1,
+        order_id,
+        ..Default::default()
+    });
+    let header = format!("00-{}-{}-01", hex(&trace_id), hex(&[0x33; 8]));
+    request
+        .metadata_mut()
+        .insert("traceparent", header.parse().unwrap());
+    app.payments().pay(request).await.expect("paid");
+
+    let event = || {
+        platform
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, e)| e["payload"]["order_id"] == order_id)
+            .cloned()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || async { event().is_some() }).await,
+        "the payment's event reached the platform"
+    );
+    let (delivery_header, event) = event().unwrap();
+    let carried = event["traceparent"]
+        .as_str()
+        .expect("the event carries its trace");
+    assert_eq!(
+        carried.split('-').nth(1),
+        Some(hex(&trace_id).as_str()),
+        "the event continues the payment's trace: {carried}"
+    );
+    let delivery_header = delivery_header.expect("the request carries the delivery's trace");
+    let delivery_trace = delivery_header.split('-').nth(1).unwrap().to_owned();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let spans = collector.spans.lock().unwrap();
+            spans.iter().any(|s| {
+                s.name == "outbox.deliver"
+                    && hex(&s.trace_id) == delivery_trace
+                    && s.links.iter().any(|l| l.trace_id == trace_id)
+            })
+        })
+        .await,
+        "an outbox.deliver span in the header's trace, linked to the payment's trace"
     );
 }

@@ -17,6 +17,7 @@ use super::{delete_older_than, split_page};
 use crate::{
     domain::{PageSize, PageToken, ParkedEvent},
     store::StoreError,
+    telemetry::TraceContext,
 };
 
 #[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
@@ -27,6 +28,18 @@ pub struct OutboxEvent {
     pub payload: serde_json::Value,
     pub attempts: i32,
     pub created_at: DateTime<Utc>,
+    /// The trace context of the call that wrote the event, sent along with it.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl OutboxEvent {
+    pub fn trace_context(&self) -> TraceContext {
+        TraceContext {
+            traceparent: self.traceparent.clone(),
+            tracestate: self.tracestate.clone(),
+        }
+    }
 }
 
 #[tracing::instrument(target = "otel", name = "outbox.enqueue", skip_all, fields(db.system = "postgresql"))]
@@ -36,15 +49,19 @@ pub async fn enqueue(
     event_type: &str,
     aggregate_id: i64,
     payload: &serde_json::Value,
+    trace: &TraceContext,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
-         VALUES ($1, $2, $3, $4)",
+        "INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload, traceparent,
+                                    tracestate)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(event_id)
     .bind(event_type)
     .bind(aggregate_id)
     .bind(payload)
+    .bind(trace.traceparent.as_deref())
+    .bind(trace.tracestate.as_deref())
     .execute(tx)
     .await?;
     Ok(())
@@ -55,7 +72,8 @@ pub async fn enqueue(
 #[tracing::instrument(target = "otel", name = "outbox.claim_due", skip_all, fields(db.system = "postgresql"))]
 pub async fn claim_due(tx: &mut PgConnection, limit: i64) -> Result<Vec<OutboxEvent>, StoreError> {
     let events = sqlx::query_as(
-        "SELECT id, event_id, event_type, payload, attempts, created_at FROM outbox_events
+        "SELECT id, event_id, event_type, payload, attempts, created_at, traceparent, tracestate
+         FROM outbox_events
          WHERE status = 'PENDING' AND next_attempt_at <= now()
          ORDER BY id
          LIMIT $1

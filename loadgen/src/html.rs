@@ -195,7 +195,7 @@ fn throughput(rpc: &RpcReport) -> String {
         .per_second
         .iter()
         .filter(|s| s.span_secs >= MIN_SPAN_FOR_RATE)
-        .map(|s| (s.second as f64 + 0.5, s.calls_per_sec))
+        .map(|s| (s.second as f64 + s.span_secs / 2.0, s.calls_per_sec))
         .collect();
     line_chart(
         &format!("{}: calls per second", rpc.rpc),
@@ -218,7 +218,7 @@ fn latency(rpc: &RpcReport) -> String {
         points: rpc
             .per_second
             .iter()
-            .filter_map(|s| pick(s).map(|v| (s.second as f64 + 0.5, v)))
+            .filter_map(|s| pick(s).map(|v| (s.second as f64 + s.span_secs / 2.0, v)))
             .collect(),
     };
     line_chart(

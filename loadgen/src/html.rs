@@ -8,10 +8,10 @@ use std::fmt::Write;
 
 use super::report::{Report, RpcReport};
 
-const WIDTH: f64 = 720.0;
+const WIDTH: f64 = 820.0;
 const HEIGHT: f64 = 240.0;
 const LEFT: f64 = 64.0;
-const RIGHT: f64 = 220.0;
+const RIGHT: f64 = 300.0;
 const TOP: f64 = 28.0;
 const BOTTOM: f64 = 36.0;
 /// A partial last second shorter than this would plot a rate from a handful of calls.

@@ -2,13 +2,17 @@
 //! [`Scenario`], the report onto stdout, and the verdict onto the exit code (0 when every
 //! invariant holds, 1 when one is broken, 2 when the run could not happen).
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, builder::TypedValueParser};
 use sqlx::postgres::PgConnectOptions;
 
-use super::{Mixed, Options, Scenario, Tls, Weights, run};
+use super::{Mixed, Options, Report, Scenario, Tls, Weights, run};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -75,6 +79,12 @@ struct Global {
     /// Print one JSON object instead of the table.
     #[arg(long, global = true)]
     json: bool,
+    /// Also write the report as one self-contained HTML page with plots (inline SVG).
+    #[arg(long, global = true, value_name = "FILE.html")]
+    report: Option<PathBuf>,
+    /// Also write each plot of the HTML report as an SVG file in this folder.
+    #[arg(long, global = true, value_name = "DIR")]
+    plots: Option<PathBuf>,
     /// No progress bar.
     #[arg(long, global = true)]
     no_progress: bool,
@@ -218,6 +228,7 @@ impl Global {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.global.json;
+    let (html_path, plots_dir) = (cli.global.report.clone(), cli.global.plots.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -245,6 +256,10 @@ pub fn main() -> ExitCode {
             } else {
                 print!("{}", report.to_table());
             }
+            if let Err(e) = write_files(&report, html_path.as_deref(), plots_dir.as_deref()) {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
             if report.passed {
                 ExitCode::SUCCESS
             } else {
@@ -259,6 +274,24 @@ pub fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The HTML page and the SVG plots, where asked for.
+fn write_files(report: &Report, html: Option<&Path>, plots: Option<&Path>) -> anyhow::Result<()> {
+    if let Some(path) = html {
+        std::fs::write(path, super::html::page(report))
+            .with_context(|| format!("cannot write --report {}", path.display()))?;
+    }
+    if let Some(dir) = plots {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --plots {}", dir.display()))?;
+        for plot in super::html::plots(report) {
+            let path = dir.join(format!("{}.svg", plot.name));
+            std::fs::write(&path, plot.svg)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -17,7 +17,11 @@ use std::{
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{stats::Recorder, worker::Worker};
+use super::{
+    stats::Recorder,
+    timeline::{SharedTimeline, Timeline},
+    worker::Worker,
+};
 
 /// How often the progress bar is redrawn.
 const PROGRESS_TICK: Duration = Duration::from_millis(100);
@@ -57,6 +61,8 @@ impl Budget {
 pub struct Driven {
     pub workers: Vec<Worker>,
     pub recorder: Recorder,
+    /// The measured calls second by second.
+    pub timeline: Timeline,
     /// From the end of the warm-up to the end of the last call.
     pub measured: Duration,
     pub units: u64,
@@ -93,15 +99,18 @@ pub async fn drive(
         })
     });
 
+    let timeline = SharedTimeline::default();
     let tasks: Vec<_> = workers
         .into_iter()
         .map(|mut worker| {
             let budget = budget.clone();
+            let timeline = timeline.clone();
             tokio::spawn(async move {
-                let mut recorder = Recorder::new(measure_from);
+                let mut recorder = Recorder::with_timeline(measure_from, timeline);
                 while let Some(n) = budget.take() {
                     worker.step(n, &mut recorder).await;
                 }
+                recorder.flush_timeline();
                 (worker, recorder)
             })
         })
@@ -123,6 +132,7 @@ pub async fn drive(
     Ok(Driven {
         workers,
         recorder,
+        timeline: timeline.take(),
         measured: finished.saturating_duration_since(measure_from),
         units: budget.taken(),
     })

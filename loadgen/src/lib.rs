@@ -23,12 +23,14 @@ pub mod cli;
 mod connect;
 mod driver;
 mod fixtures;
+pub mod html;
 pub mod judge;
 pub mod ledger;
 pub mod report;
 mod scenario;
 pub mod seen;
 pub mod stats;
+pub mod timeline;
 mod users;
 mod verify;
 pub mod weights;
@@ -259,7 +261,7 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         warmup_calls: rec.warmup_calls(),
         units_of_work: driven.units,
         fixtures: facts,
-        rpcs: report::rpc_reports(rec, measured_secs),
+        rpcs: report::rpc_reports(rec, &driven.timeline, measured_secs),
         invariants,
         passed,
     })

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::{
     judge::Check,
     stats::{Latency, Recorder, Rpc},
+    timeline::Timeline,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -30,6 +31,23 @@ pub struct RpcReport {
     pub latency: Latency,
     /// Adds up to `calls`.
     pub outcomes: Vec<OutcomeCount>,
+    /// The measured run second by second (by the second each call finished in).
+    pub per_second: Vec<SecondReport>,
+}
+
+/// One second of one RPC. Percentiles come from logarithmic buckets (within ±5%).
+#[derive(Clone, Debug, Serialize)]
+pub struct SecondReport {
+    /// Seconds since the end of the warm-up.
+    pub second: u64,
+    /// How much of this second the run lasted: 1, except for a last, partial second.
+    pub span_secs: f64,
+    pub calls: u64,
+    pub calls_per_sec: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    /// Calls by `CODE` or `CODE/REASON`.
+    pub outcomes: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -51,8 +69,41 @@ pub struct Report {
     pub passed: bool,
 }
 
+/// The seconds of one RPC, gaps included (a second in which no call finished has 0 calls).
+fn per_second(timeline: &Timeline, rpc: Rpc, measured_secs: f64) -> Vec<SecondReport> {
+    timeline
+        .of(rpc)
+        .enumerate()
+        .map(|(second, seen)| {
+            let span_secs = (measured_secs - second as f64).clamp(0.0, 1.0);
+            let calls = seen.map_or(0, |s| s.latency.len());
+            SecondReport {
+                second: second as u64,
+                span_secs,
+                calls,
+                calls_per_sec: if span_secs > 0.0 {
+                    calls as f64 / span_secs
+                } else {
+                    0.0
+                },
+                p50_ms: seen.and_then(|s| s.latency.quantile_ms(0.50)),
+                p99_ms: seen.and_then(|s| s.latency.quantile_ms(0.99)),
+                outcomes: seen
+                    .map(|s| {
+                        s.outcomes
+                            .sorted()
+                            .into_iter()
+                            .map(|(outcome, n)| (outcome.label(), n))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
 /// The per-RPC part of a report, for the RPCs with measured calls.
-pub fn rpc_reports(recorder: &Recorder, measured_secs: f64) -> Vec<RpcReport> {
+pub fn rpc_reports(recorder: &Recorder, timeline: &Timeline, measured_secs: f64) -> Vec<RpcReport> {
     Rpc::ALL
         .iter()
         .filter_map(|&rpc| {
@@ -78,6 +129,7 @@ pub fn rpc_reports(recorder: &Recorder, measured_secs: f64) -> Vec<RpcReport> {
                         count,
                     })
                     .collect(),
+                per_second: per_second(timeline, rpc, measured_secs),
             })
         })
         .collect()
@@ -180,6 +232,28 @@ impl Report {
     }
 }
 
+/// A coupon-stampede report around these figures, for the tests of what renders reports.
+#[cfg(test)]
+impl Report {
+    pub(crate) fn example(rpcs: Vec<RpcReport>, invariants: Vec<Check>) -> Report {
+        Report {
+            scenario: "coupon-stampede".into(),
+            target: "http://127.0.0.1:1".into(),
+            seed: 7,
+            concurrency: 4,
+            connections: 1,
+            warmup_secs: 0.0,
+            measured_secs: 2.0,
+            warmup_calls: 0,
+            units_of_work: rpcs.iter().map(|r| r.calls).sum(),
+            fixtures: BTreeMap::from([("coupon_id".to_string(), 3)]),
+            passed: invariants.iter().all(|c| c.passed),
+            rpcs,
+            invariants,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -207,7 +281,7 @@ mod tests {
                 reason,
             );
         }
-        let rpcs = rpc_reports(&rec, 2.0);
+        let rpcs = rpc_reports(&rec, &Timeline::default(), 2.0);
         assert_eq!(rpcs.len(), 1);
         let r = &rpcs[0];
         assert_eq!((r.rpc.as_str(), r.calls), ("IssueCoupon", 10));
@@ -218,21 +292,7 @@ mod tests {
         assert_eq!(r.outcomes[1].outcome, "OK");
         assert_eq!(r.outcomes[1].reason, None);
 
-        let report = Report {
-            scenario: "coupon-stampede".into(),
-            target: "http://127.0.0.1:1".into(),
-            seed: 7,
-            concurrency: 4,
-            connections: 1,
-            warmup_secs: 0.0,
-            measured_secs: 2.0,
-            warmup_calls: 0,
-            units_of_work: 10,
-            fixtures: BTreeMap::from([("coupon_id".to_string(), 3)]),
-            rpcs,
-            invariants: vec![Check::equal("a", 1, 1), Check::equal("b", 1, 2)],
-            passed: false,
-        };
+        let report = Report::example(rpcs, vec![Check::equal("a", 1, 1), Check::equal("b", 1, 2)]);
         let table = report.to_table();
         assert!(table.contains("IssueCoupon"), "{table}");
         assert!(

@@ -13,6 +13,8 @@ use serde::Serialize;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
+use super::timeline::{SharedTimeline, TimelineWriter};
+
 /// Slower calls count as this many microseconds, so one stuck call cannot grow a histogram
 /// without bound.
 const HIGHEST_US: u64 = 300_000_000;
@@ -67,7 +69,7 @@ impl Rpc {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 }
@@ -222,7 +224,8 @@ impl RpcStats {
         }
     }
 
-    pub fn add(&mut self, latency: Duration, code: Code, reason: &str) {
+    /// Records one call; returns its latency in microseconds as recorded.
+    pub fn add(&mut self, latency: Duration, code: Code, reason: &str) -> u64 {
         let us = u64::try_from(latency.as_micros())
             .unwrap_or(u64::MAX)
             .clamp(1, HIGHEST_US);
@@ -231,6 +234,7 @@ impl RpcStats {
             self.latency_us.saturating_record(us);
         }
         self.outcomes.add(code, reason, 1);
+        us
     }
 
     pub fn merge(&mut self, other: &RpcStats) {
@@ -282,11 +286,13 @@ pub struct Latency {
 }
 
 /// One worker's measurements.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Recorder {
     measure_from: Instant,
     measured: [Option<RpcStats>; Rpc::ALL.len()],
     all: [Outcomes; Rpc::ALL.len()],
+    /// Where measured calls go second by second, for the report's plots.
+    timeline: Option<TimelineWriter>,
 }
 
 impl Recorder {
@@ -296,6 +302,22 @@ impl Recorder {
             measure_from,
             measured: Default::default(),
             all: Default::default(),
+            timeline: None,
+        }
+    }
+
+    /// Also writes the measured calls, second by second, into `timeline`.
+    pub fn with_timeline(measure_from: Instant, timeline: SharedTimeline) -> Self {
+        Self {
+            timeline: Some(TimelineWriter::new(timeline)),
+            ..Self::new(measure_from)
+        }
+    }
+
+    /// Hands the last second over to the shared timeline; call when the worker is done.
+    pub fn flush_timeline(&mut self) {
+        if let Some(timeline) = &mut self.timeline {
+            timeline.flush();
         }
     }
 
@@ -317,9 +339,12 @@ impl Recorder {
     ) {
         self.all[rpc.index()].add(code, reason, 1);
         if started >= self.measure_from {
-            self.measured[rpc.index()]
-                .get_or_insert_with(RpcStats::new)
-                .add(latency, code, reason);
+            let stats = self.measured[rpc.index()].get_or_insert_with(RpcStats::new);
+            let us = stats.add(latency, code, reason);
+            if let Some(timeline) = &mut self.timeline {
+                let second = (started + latency).saturating_duration_since(self.measure_from);
+                timeline.add(rpc, second.as_secs() as usize, us, code, reason);
+            }
         }
     }
 

@@ -26,6 +26,17 @@ fn assert_sound(report: &Report) {
     for rpc in &report.rpcs {
         let counted: u64 = rpc.outcomes.iter().map(|o| o.count).sum();
         assert_eq!(counted, rpc.calls, "{} outcomes vs calls", rpc.rpc);
+        // The report's plots: the seconds hold every measured call, outcome by outcome.
+        let per_second: u64 = rpc.per_second.iter().map(|s| s.calls).sum();
+        assert_eq!(per_second, rpc.calls, "{} seconds vs calls", rpc.rpc);
+        for o in &rpc.outcomes {
+            let over_seconds: u64 = rpc
+                .per_second
+                .iter()
+                .filter_map(|s| s.outcomes.get(&o.outcome))
+                .sum();
+            assert_eq!(over_seconds, o.count, "{} {} by second", rpc.rpc, o.outcome);
+        }
     }
     assert_eq!(report.warmup_calls, 0);
 }

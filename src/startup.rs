@@ -253,8 +253,18 @@ fn build_services(
             CouponGate::new(redis.clone()),
             config.coupons.orphan_grace,
         )),
-        orders: Arc::new(Orders::new(pg.clone(), sold_out, config.orders.order_ttl)),
-        payments: Arc::new(Payments::new(pg.clone(), popular.clone(), outbox.nudge())),
+        orders: Arc::new(Orders::new(
+            pg.clone(),
+            sold_out,
+            config.orders.order_ttl,
+            config.orders.write_batch_max,
+        )),
+        payments: Arc::new(Payments::new(
+            pg.clone(),
+            popular.clone(),
+            outbox.nudge(),
+            config.orders.write_batch_max,
+        )),
         popular,
     };
     (services, outbox)

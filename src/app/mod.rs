@@ -7,6 +7,7 @@ mod balance;
 mod catalog;
 mod coupons;
 mod demo;
+mod group_commit;
 mod idempotency;
 mod orders;
 mod outbox;

@@ -14,6 +14,7 @@ mod conservation;
 mod coupon_retries;
 mod coupons;
 mod faults;
+mod group_commit;
 mod health;
 mod hostile;
 mod loadgen;

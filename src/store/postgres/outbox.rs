@@ -22,21 +22,34 @@ pub struct OutboxEvent {
     pub created_at: DateTime<Utc>,
 }
 
-pub async fn enqueue(
+/// An event to enqueue with others.
+pub struct NewEvent<'a> {
+    pub event_id: Uuid,
+    pub event_type: &'a str,
+    pub aggregate_id: i64,
+    pub payload: serde_json::Value,
+}
+
+/// Enqueues several events with one multi-row insert.
+pub async fn enqueue_many(
     tx: &mut PgConnection,
-    event_id: Uuid,
-    event_type: &str,
-    aggregate_id: i64,
-    payload: &serde_json::Value,
+    events: Vec<NewEvent<'_>>,
 ) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
+    let aggregates: Vec<i64> = events.iter().map(|e| e.aggregate_id).collect();
+    let payloads: Vec<serde_json::Value> = events.into_iter().map(|e| e.payload).collect();
     sqlx::query(
         "INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload)
-         VALUES ($1, $2, $3, $4)",
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::jsonb[])",
     )
-    .bind(event_id)
-    .bind(event_type)
-    .bind(aggregate_id)
-    .bind(payload)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&aggregates)
+    .bind(&payloads)
     .execute(tx)
     .await?;
     Ok(())

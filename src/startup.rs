@@ -267,6 +267,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
         pg.clone(),
         sold_out.clone(),
         config.orders.order_ttl,
+        config.orders.write_batch_max,
         rate.clone(),
     ));
     Services {
@@ -288,6 +289,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
             pg.clone(),
             popular.clone(),
             outbox.nudge(),
+            config.orders.write_batch_max,
             rate,
         )),
         popular,

@@ -6,12 +6,18 @@
 //! until the first attempt commits (then replays its result) or rolls back (then starts
 //! afresh), and a call abandoned by its caller rolls its claim back with everything else.
 
+use std::collections::HashSet;
+
 use sqlx::PgConnection;
 
+use super::group_commit::Step;
 use crate::{
     domain::{IdempotencyKey, UserId},
     error::AppError,
-    store::postgres::idempotency::{self, Claim, Operation},
+    store::{
+        StoreError,
+        postgres::idempotency::{self, BatchClaim, Claim, KeyClaim, Operation},
+    },
 };
 
 /// What a keyed call does next (zero2prod's `NextAction`).
@@ -40,4 +46,124 @@ pub(super) async fn next_action(
         Claim::Replay(id) => Ok(NextAction::ReturnSaved(id)),
         Claim::Mismatch => Err(AppError::IdempotencyKeyReused),
     }
+}
+
+/// A call that may carry an idempotency key.
+pub(super) trait Keyed {
+    fn user_id(&self) -> UserId;
+    fn key(&self) -> Option<&IdempotencyKey>;
+    /// What makes two requests "the same request" for a key.
+    fn fingerprint(&self) -> String;
+}
+
+/// The result already stored under `call`'s key, if a committed call with the same request
+/// used it; IDEMPOTENCY_KEY_REUSED if one with another request did. Read before the call joins
+/// a batch, so that a replay or a reused key never enters one.
+pub(super) async fn saved_result(
+    pg: &sqlx::PgPool,
+    operation: Operation,
+    call: &impl Keyed,
+) -> Result<Option<i64>, AppError> {
+    let Some(key) = call.key() else {
+        return Ok(None);
+    };
+    match idempotency::lookup(pg, call.user_id(), operation, key, &call.fingerprint()).await? {
+        Some(Claim::Replay(id)) => Ok(Some(id)),
+        Some(Claim::Mismatch) => Err(AppError::IdempotencyKeyReused),
+        Some(Claim::Fresh) | None => Ok(None),
+    }
+}
+
+/// A batched call's key: its caller, the key (if any) and the request's fingerprint.
+pub(super) struct CallKey<'a> {
+    user_id: UserId,
+    key: Option<&'a IdempotencyKey>,
+    fingerprint: String,
+}
+
+pub(super) fn call_keys<C: Keyed>(calls: &[C]) -> Vec<CallKey<'_>> {
+    calls
+        .iter()
+        .map(|c| CallKey {
+            user_id: c.user_id(),
+            key: c.key(),
+            fingerprint: c.fingerprint(),
+        })
+        .collect()
+}
+
+/// The outcome of [`claim_batch`].
+pub(super) struct BatchKeys {
+    /// The calls that claimed their key here: [`settle_batch`] records their results.
+    pub fresh: Vec<usize>,
+    /// The calls still to decide (unkeyed, or a fresh claim).
+    pub open: Vec<usize>,
+}
+
+/// Claims the keys of a batch's calls in `tx` without waiting (unless `alone`), setting each
+/// keyed call's step: still open, a replay, refused (key reused), or busy (a key claimed
+/// elsewhere, or twice in this batch: the later call runs alone).
+pub(super) async fn claim_batch(
+    tx: &mut PgConnection,
+    operation: Operation,
+    calls: &[CallKey<'_>],
+    alone: bool,
+    steps: &mut [Step],
+) -> Result<BatchKeys, StoreError> {
+    let mut seen = HashSet::new();
+    let mut keyed = Vec::new();
+    let mut claims = Vec::new();
+    for (i, call) in calls.iter().enumerate() {
+        let Some(key) = call.key else { continue };
+        if seen.insert((call.user_id, key.as_str())) {
+            keyed.push(i);
+            claims.push(KeyClaim {
+                user_id: call.user_id,
+                key,
+                fingerprint: &call.fingerprint,
+            });
+        } else {
+            steps[i] = Step::Busy;
+        }
+    }
+    let claimed = idempotency::claim_many(tx, operation, &claims, alone).await?;
+    let mut fresh = Vec::new();
+    for (i, claim) in keyed.into_iter().zip(claimed) {
+        steps[i] = match claim {
+            BatchClaim::Claimed(Claim::Fresh) => {
+                fresh.push(i);
+                Step::Open
+            }
+            BatchClaim::Claimed(Claim::Replay(id)) => Step::Replay(id),
+            BatchClaim::Claimed(Claim::Mismatch) => Step::Refused(AppError::IdempotencyKeyReused),
+            BatchClaim::Busy => Step::Busy,
+        };
+    }
+    let open = (0..calls.len())
+        .filter(|&i| matches!(steps[i], Step::Open))
+        .collect();
+    Ok(BatchKeys { fresh, open })
+}
+
+/// Records under each key claimed by the batch (`fresh`) its call's result (`result_of` the
+/// row index of a [`Step::Done`]), and gives back the keys of the calls refused.
+pub(super) async fn settle_batch(
+    tx: &mut PgConnection,
+    operation: Operation,
+    calls: &[CallKey<'_>],
+    fresh: &[usize],
+    steps: &[Step],
+    result_of: impl Fn(usize) -> i64,
+) -> Result<(), StoreError> {
+    let settled: Vec<_> = fresh
+        .iter()
+        .filter_map(|&i| {
+            let result = match steps[i] {
+                Step::Done(n) => Some(result_of(n)),
+                _ => None,
+            };
+            Some((calls[i].user_id, calls[i].key?, result))
+        })
+        .collect();
+    idempotency::settle_many(tx, operation, &settled).await
 }

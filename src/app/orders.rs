@@ -6,18 +6,41 @@
 //! out are refused from Redis without touching Postgres; keyed orders look their key up first,
 //! so a retry of a success is never refused by that shortcut.
 //!
-//! Cancel safety: placing, cancelling and expiring are each one transaction, so a call dropped
-//! before its commit leaves nothing (the dropped transaction rolls back). After a commit that
-//! gave stock back, the sold-out markers are cleared in a task of their own, which finishes
-//! even if the caller has gone.
+//! Placing is group-committed ([`super::group_commit`]): concurrent orders are placed by one
+//! transaction, so a hot product's row is locked once and its stock taken once (`stock - sum`)
+//! for the whole batch, and one WAL flush commits them all. Each order still gets exactly the
+//! answer it would get alone, because the batch decides order by order, in queue order, as if
+//! they ran one after another (see [`PlaceBatch`]):
+//! - the idempotency key is looked up before the order joins a batch (a replay or a reused key
+//!   never enters one) and claimed in the batch without waiting (a key another transaction is
+//!   claiming sends its order to run alone, where it waits for that transaction as before);
+//! - every coupon, then every product of the batch is locked (ascending ids: the global lock
+//!   order, orders → coupons → products, which cancels and expiry follow too, so batches never
+//!   deadlock with them or with each other, on this replica or another) and read once;
+//! - each order is then checked against those rows as the earlier orders of the batch left
+//!   them; one that fails (unknown product, not selling, out of stock, bad coupon, balance too
+//!   low) takes nothing and changes nothing for the others; its key claim is given back;
+//! - the orders that passed are written by one statement of multi-row inserts (UNNEST), their
+//!   keys' results by another, and the batch commits. Nobody hears OK before that commit.
+//!
+//! Cancel safety: a batch runs in a task of its own, so it commits or rolls back whatever its
+//! callers do; an order whose caller left before its batch started is not placed at all.
+//! Cancelling and expiring are each one transaction, so a call dropped before its commit leaves
+//! nothing. After a commit that gave stock back, the sold-out markers are cleared in a task of
+//! their own, which finishes even if the caller has gone.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tracing::Instrument as _;
 
 use super::{
-    idempotency::{NextAction, next_action},
+    group_commit::{GroupCommit, Step, batch_failed},
+    idempotency::{BatchKeys, Keyed, call_keys, claim_batch, saved_result, settle_batch},
     rate_limit::{LimitedCall, UserRateLimit},
     sold_out::SoldOut,
 };
@@ -28,10 +51,13 @@ use crate::{
     },
     error::{AppError, Resource},
     metrics,
-    store::postgres::{
-        self as postgres, balances, coupons,
-        idempotency::Operation,
-        orders::{self, LineRefusal, NewOrder},
+    store::{
+        StoreError,
+        postgres::{
+            self as postgres, balances, coupons,
+            idempotency::{self, Operation},
+            orders::{self, LineRefusal, NewOrder, StockRow},
+        },
     },
     telemetry,
 };
@@ -43,14 +69,27 @@ pub struct PlaceOrderCommand {
     pub idempotency_key: Option<IdempotencyKey>,
 }
 
-impl PlaceOrderCommand {
-    /// What makes two requests "the same request" for an idempotency key.
+impl Keyed for PlaceOrderCommand {
+    fn user_id(&self) -> UserId {
+        self.user_id
+    }
+
+    fn key(&self) -> Option<&IdempotencyKey> {
+        self.idempotency_key.as_ref()
+    }
+
     fn fingerprint(&self) -> String {
         format!(
             "{};coupon={}",
             self.lines.fingerprint(),
             self.user_coupon_id.map_or(0, UserCouponId::get)
         )
+    }
+}
+
+impl PlaceOrderCommand {
+    fn product_ids(&self) -> Vec<ProductId> {
+        self.lines.as_slice().iter().map(|l| l.product_id).collect()
     }
 }
 
@@ -61,22 +100,38 @@ const EXPIRY_BATCH: i64 = 100;
 pub struct Orders {
     pg: PgPool,
     sold_out: Arc<SoldOut>,
-    /// An unpaid order expires after this.
-    order_ttl: Duration,
+    placing: GroupCommit<PlaceOrderCommand, Placed>,
+    /// The placement rules, shared by the batches and by a checkout's transaction.
+    batch: Arc<PlaceBatch>,
     rate: Arc<UserRateLimit>,
 }
 
 impl Orders {
+    /// `order_ttl`: an unpaid order expires after this. `write_batch_max`: orders placed by one
+    /// transaction at most (1: each alone).
     pub fn new(
         pg: PgPool,
         sold_out: Arc<SoldOut>,
         order_ttl: Duration,
+        write_batch_max: usize,
         rate: Arc<UserRateLimit>,
     ) -> Self {
+        let batch = Arc::new(PlaceBatch {
+            pg: pg.clone(),
+            sold_out: sold_out.clone(),
+            order_ttl,
+        });
+        let runner = batch.clone();
+        let placing = GroupCommit::start(
+            "orders.place_batch",
+            write_batch_max,
+            Arc::new(move |calls, alone| Box::pin(runner.clone().run(calls, alone))),
+        );
         Self {
             pg,
             sold_out,
-            order_ttl,
+            placing,
+            batch,
             rate,
         }
     }
@@ -94,92 +149,59 @@ impl Orders {
         self.rate
             .admit(cmd.user_id, LimitedCall::PlaceOrder)
             .await?;
-        let product_ids: Vec<ProductId> =
-            cmd.lines.as_slice().iter().map(|l| l.product_id).collect();
-        let keyed = cmd.idempotency_key.is_some();
-        if !keyed {
-            self.refuse_sold_out(&product_ids).await?;
+        if let Some(id) = saved_result(&self.pg, Operation::PlaceOrder, &cmd).await? {
+            return saved_order_from(&self.pg, id).await;
         }
-
-        let mut tx = self.pg.begin().await?;
-        let key = cmd.idempotency_key.as_ref();
-        match next_action(&mut tx, cmd.user_id, Operation::PlaceOrder, key, || {
-            cmd.fingerprint()
-        })
-        .await?
-        {
-            NextAction::Start => {}
-            NextAction::ReturnSaved(order_id) => return saved_order(&mut tx, order_id).await,
+        // After the key: a retry of a success is answered above, never refused here.
+        self.refuse_sold_out(&cmd.product_ids()).await?;
+        match self.placing.submit(cmd).await? {
+            Placed::Answer(result) => result,
+            Placed::Busy(cmd) => match self.placing.alone(cmd).await? {
+                Placed::Answer(result) => result,
+                Placed::Busy(_) => Err(AppError::internal("a lone order found its key busy")),
+            },
         }
-        if keyed {
-            // A fresh key: the shortcut may refuse now (the claim rolls back with the refusal).
-            self.refuse_sold_out(&product_ids).await?;
-        }
-        self.place_in(tx, &cmd, Operation::PlaceOrder).await
     }
 
-    /// Reserves, prices and writes the order in `tx` (whose caller has claimed the command's
-    /// key for `operation`, if it has one) and commits: all or nothing. PlaceOrder and Checkout
-    /// both end here, so they place orders by the same rules and fail with the same errors.
+    /// Places `cmd` inside `tx` (whose caller has claimed the command's key for `operation`,
+    /// if it has one) and commits: all or nothing. Checkout ends here, so it places orders by
+    /// the batches' rules ([`PlaceBatch::decide_and_write`], one call) and fails with the same
+    /// errors as PlaceOrder.
     pub(super) async fn place_in(
         &self,
         mut tx: Transaction<'static, Postgres>,
         cmd: &PlaceOrderCommand,
         operation: Operation,
     ) -> Result<Order, AppError> {
-        // Lock order: the coupon first, then products by ascending id (the lines are sorted).
-        let coupon = match cmd.user_coupon_id {
-            Some(id) => Some(usable_coupon(
-                coupons::lock_user_coupon(&mut tx, id).await?,
-                cmd.user_id,
-            )?),
-            None => None,
-        };
-        // Read before any product is locked, to keep the hot rows' lock short. Pay deducts
-        // conditionally, so this check is advice to the buyer, not the guard of the balance.
-        let balance = balances::balance(&mut *tx, cmd.user_id).await?;
-
-        let mut items = Vec::with_capacity(cmd.lines.as_slice().len());
-        for line in cmd.lines.as_slice() {
-            match orders::reserve_line(&mut tx, line).await? {
-                Ok(item) => items.push(item),
-                Err(refusal) => {
-                    drop(tx);
-                    return Err(self.refused_line(refusal).await);
+        let mut steps = [Step::Open];
+        let mut sold_out = BTreeMap::new();
+        let mut placed = self
+            .batch
+            .decide_and_write(
+                &mut tx,
+                std::slice::from_ref(cmd),
+                &[0],
+                &mut steps,
+                &mut sold_out,
+            )
+            .await?;
+        let [step] = steps;
+        match (step, placed.pop()) {
+            (Step::Done(_), Some(order)) => {
+                if let Some(key) = &cmd.idempotency_key {
+                    idempotency::complete(&mut tx, cmd.user_id, operation, key, order.id.get())
+                        .await?;
                 }
+                postgres::commit(tx).await?;
+                Ok(order)
             }
+            (Step::Refused(e), _) => {
+                drop(tx);
+                self.batch.mark_sold_out(sold_out).await;
+                Err(e)
+            }
+            _ => Err(AppError::internal("an order left undecided")),
         }
-        let total = Pricing::total_of(&items)
-            .ok_or_else(|| ValidationError::new("items", "the order total is too large"))?;
-        let discount = match &coupon {
-            Some(c) => c
-                .terms
-                .discount_for(total)
-                .ok_or(AppError::CouponUnusable {
-                    why: "below_min_order_amount",
-                })?,
-            None => Won::ZERO,
-        };
-        let pricing = Pricing::new(total, discount);
-        if balance < pricing.final_amount {
-            return Err(AppError::InsufficientBalance {
-                required: pricing.final_amount,
-            });
-        }
-        let order = orders::insert(
-            &mut tx,
-            NewOrder {
-                user_id: cmd.user_id,
-                items: &items,
-                pricing,
-                user_coupon_id: cmd.user_coupon_id,
-                ttl_secs: self.order_ttl.as_secs_f64(),
-                idempotency_key: cmd.idempotency_key.as_ref().map(|key| (operation, key)),
-            },
-        )
-        .await?;
-        postgres::commit(tx).await?;
-        Ok(order)
     }
 
     /// OUT_OF_STOCK when one of `products` is known to be sold out.
@@ -189,32 +211,6 @@ impl Orders {
                 product_id: product.get(),
             }),
             None => Ok(()),
-        }
-    }
-
-    /// The error for a line that could not be reserved; a product found with no stock at all
-    /// is marked sold out so the next orders for it are refused from Redis.
-    async fn refused_line(&self, refusal: LineRefusal) -> AppError {
-        match refusal {
-            LineRefusal::NoProduct(id) => AppError::NotFound {
-                resource: Resource::Product,
-                id: id.get(),
-            },
-            LineRefusal::NotSelling(id) => AppError::ProductNotSelling {
-                product_id: id.get(),
-            },
-            LineRefusal::OutOfStock {
-                product,
-                left,
-                stock_gen,
-            } => {
-                if left == 0 {
-                    self.sold_out.mark(product, stock_gen).await;
-                }
-                AppError::OutOfStock {
-                    product_id: product.get(),
-                }
-            }
         }
     }
 
@@ -288,18 +284,296 @@ pub(super) async fn saved_order(tx: &mut PgConnection, order_id: i64) -> Result<
         .ok_or_else(|| AppError::internal(format!("idempotency result {id} has no order")))
 }
 
-/// A coupon the caller may put on a new order: theirs, available and not expired.
-fn usable_coupon(coupon: Option<UserCoupon>, user_id: UserId) -> Result<UserCoupon, AppError> {
+/// [`saved_order`] on a connection of its own.
+async fn saved_order_from(pg: &PgPool, order_id: i64) -> Result<Order, AppError> {
+    saved_order(&mut *pg.acquire().await?, order_id).await
+}
+
+/// A coupon the caller may put on a new order: theirs, available and not expired at `now`.
+fn usable_coupon(
+    coupon: Option<UserCoupon>,
+    user_id: UserId,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<UserCoupon, AppError> {
     let coupon = coupon
         .filter(|c| c.user_id == user_id)
         .ok_or(AppError::CouponUnusable { why: "not_owned" })?;
-    match coupon
-        .status
-        .effective(coupon.expires_at, chrono::Utc::now())
-    {
+    match coupon.status.effective(coupon.expires_at, now) {
         UserCouponStatus::Available => Ok(coupon),
         UserCouponStatus::Reserved => Err(AppError::CouponUnusable { why: "reserved" }),
         UserCouponStatus::Used => Err(AppError::CouponUnusable { why: "used" }),
         UserCouponStatus::Expired => Err(AppError::CouponUnusable { why: "expired" }),
+    }
+}
+
+/// What a batch did with one order.
+enum Placed {
+    Answer(Result<Order, AppError>),
+    /// Its key is being claimed by another transaction (or by an earlier order of the same
+    /// batch): it must run alone, where its claim may wait.
+    Busy(PlaceOrderCommand),
+}
+
+/// Places a batch of orders in one transaction (the module docs say how).
+struct PlaceBatch {
+    pg: PgPool,
+    sold_out: Arc<SoldOut>,
+    order_ttl: Duration,
+}
+
+impl PlaceBatch {
+    async fn run(self: Arc<Self>, calls: Vec<PlaceOrderCommand>, alone: bool) -> Vec<Placed> {
+        let mut steps: Vec<Step> = calls.iter().map(|_| Step::Open).collect();
+        let mut placed = Vec::new();
+        let mut sold_out = BTreeMap::new();
+        if let Err(e) = self
+            .decide_and_commit(&calls, alone, &mut steps, &mut placed, &mut sold_out)
+            .await
+        {
+            return calls
+                .into_iter()
+                .map(|_| Placed::Answer(Err(batch_failed(&e))))
+                .collect();
+        }
+        // Only now, with the batch committed (or nothing to commit), are the markers true.
+        self.mark_sold_out(sold_out).await;
+        let mut placed: Vec<Option<Order>> = placed.into_iter().map(Some).collect();
+        let mut answers = Vec::with_capacity(calls.len());
+        for (cmd, step) in calls.into_iter().zip(steps) {
+            answers.push(match step {
+                Step::Busy => Placed::Busy(cmd),
+                Step::Replay(id) => Placed::Answer(saved_order_from(&self.pg, id).await),
+                Step::Refused(e) => Placed::Answer(Err(e)),
+                Step::Done(i) => Placed::Answer(
+                    placed[i]
+                        .take()
+                        .ok_or_else(|| AppError::internal("an order answered twice")),
+                ),
+                Step::Open => Placed::Answer(Err(AppError::internal("an order left undecided"))),
+            });
+        }
+        answers
+    }
+
+    /// Products found with no stock at all are marked sold out, so the next orders for them
+    /// are refused from Redis.
+    async fn mark_sold_out(&self, sold_out: BTreeMap<ProductId, i64>) {
+        for (product, stock_gen) in sold_out {
+            self.sold_out.mark(product, stock_gen).await;
+        }
+    }
+
+    /// A batch in its own transaction: keys claimed without waiting (unless `alone`), the
+    /// orders decided and written, the keys settled, one commit.
+    async fn decide_and_commit(
+        &self,
+        calls: &[PlaceOrderCommand],
+        alone: bool,
+        steps: &mut [Step],
+        placed: &mut Vec<Order>,
+        sold_out: &mut BTreeMap<ProductId, i64>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pg.begin().await?;
+
+        // A key twice in one batch runs alone the second time.
+        let keys = call_keys(calls);
+        let BatchKeys { fresh, open } =
+            claim_batch(&mut tx, Operation::PlaceOrder, &keys, alone, steps).await?;
+        *placed = self
+            .decide_and_write(&mut tx, calls, &open, steps, sold_out)
+            .await?;
+        if placed.is_empty() {
+            // Nothing to keep: the claims of the refused orders go with the rollback.
+            tx.rollback().await?;
+            return Ok(());
+        }
+        settle_batch(&mut tx, Operation::PlaceOrder, &keys, &fresh, steps, |n| {
+            placed[n].id.get()
+        })
+        .await?;
+        postgres::commit(tx).await
+    }
+
+    /// Decides the `open` calls and writes the accepted ones in `tx`, without committing: the
+    /// placement rules of PlaceOrder's batches and of a checkout's transaction. Sets each open
+    /// call's step (`Done(n)`: the n-th order returned) and collects the products found sold
+    /// out, to mark once the transaction is over.
+    async fn decide_and_write(
+        &self,
+        tx: &mut PgConnection,
+        calls: &[PlaceOrderCommand],
+        open: &[usize],
+        steps: &mut [Step],
+        sold_out: &mut BTreeMap<ProductId, i64>,
+    ) -> Result<Vec<Order>, StoreError> {
+        // Rows, in the global lock order: coupons, then products (balances are only read).
+        let mut coupon_ids: Vec<UserCouponId> = open
+            .iter()
+            .filter_map(|&i| calls[i].user_coupon_id)
+            .collect();
+        coupon_ids.sort_unstable();
+        coupon_ids.dedup();
+        let mut coupons: HashMap<UserCouponId, UserCoupon> =
+            coupons::lock_user_coupons(&mut *tx, &coupon_ids)
+                .await?
+                .into_iter()
+                .map(|c| (c.id, c))
+                .collect();
+        let users: Vec<UserId> = open.iter().map(|&i| calls[i].user_id).collect();
+        // Read before any product is locked, to keep the hot rows' lock short. Pay deducts
+        // conditionally, so this check is advice to the buyer, not the guard of the balance.
+        let balances: HashMap<UserId, Won> = balances::balances(&mut *tx, &users)
+            .await?
+            .into_iter()
+            .collect();
+        let mut product_ids: Vec<ProductId> =
+            open.iter().flat_map(|&i| calls[i].product_ids()).collect();
+        product_ids.sort_unstable();
+        product_ids.dedup();
+        let mut products: HashMap<ProductId, StockRow> = if product_ids.is_empty() {
+            HashMap::new()
+        } else {
+            orders::lock_products(&mut *tx, &product_ids)
+                .await?
+                .into_iter()
+                .map(|p| (p.id, p))
+                .collect()
+        };
+
+        // Order by order, as if alone, against the rows as the earlier ones left them.
+        let now = chrono::Utc::now();
+        let mut new = Vec::new();
+        for &i in open {
+            let cmd = &calls[i];
+            let balance = balances.get(&cmd.user_id).copied().unwrap_or(Won::ZERO);
+            steps[i] = match decide(cmd, balance, &mut coupons, &mut products, now) {
+                Ok((items, pricing)) => {
+                    new.push((i, items, pricing));
+                    Step::Done(new.len() - 1)
+                }
+                Err(Refusal::Line(LineRefusal::OutOfStock {
+                    product,
+                    left: 0,
+                    stock_gen,
+                })) => {
+                    sold_out.insert(product, stock_gen);
+                    Step::Refused(AppError::OutOfStock {
+                        product_id: product.get(),
+                    })
+                }
+                Err(refusal) => Step::Refused(refusal.into()),
+            };
+        }
+        if new.is_empty() {
+            return Ok(Vec::new());
+        }
+
+        // One statement for every order, its items, stock and coupon.
+        let rows: Vec<NewOrder> = new
+            .iter()
+            .map(|(i, items, pricing)| NewOrder {
+                user_id: calls[*i].user_id,
+                items,
+                pricing: *pricing,
+                user_coupon_id: calls[*i].user_coupon_id,
+            })
+            .collect();
+        orders::insert_many(tx, &rows, self.order_ttl.as_secs_f64()).await
+    }
+}
+
+/// Why one order of a batch is refused.
+enum Refusal {
+    Line(LineRefusal),
+    App(AppError),
+}
+
+impl From<Refusal> for AppError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::App(e) => e,
+            Refusal::Line(LineRefusal::NoProduct(id)) => AppError::NotFound {
+                resource: Resource::Product,
+                id: id.get(),
+            },
+            Refusal::Line(LineRefusal::NotSelling(id)) => AppError::ProductNotSelling {
+                product_id: id.get(),
+            },
+            Refusal::Line(LineRefusal::OutOfStock { product, .. }) => AppError::OutOfStock {
+                product_id: product.get(),
+            },
+        }
+    }
+}
+
+/// The checks of one order, in the order a lone order makes them: coupon, lines (ascending
+/// product id), total, discount, balance. On success the order's stock and coupon are taken
+/// from the batch's rows; on refusal they are left as they were.
+fn decide(
+    cmd: &PlaceOrderCommand,
+    balance: Won,
+    coupons: &mut HashMap<UserCouponId, UserCoupon>,
+    products: &mut HashMap<ProductId, StockRow>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(Vec<crate::domain::OrderItem>, Pricing), Refusal> {
+    let coupon = match cmd.user_coupon_id {
+        Some(id) => {
+            Some(usable_coupon(coupons.get(&id).cloned(), cmd.user_id, now).map_err(Refusal::App)?)
+        }
+        None => None,
+    };
+    let mut items = Vec::with_capacity(cmd.lines.as_slice().len());
+    let give_back = |products: &mut HashMap<ProductId, StockRow>,
+                     items: &[crate::domain::OrderItem]| {
+        for item in items {
+            if let Some(row) = products.get_mut(&item.product_id) {
+                row.stock += i64::from(item.quantity);
+            }
+        }
+    };
+    for line in cmd.lines.as_slice() {
+        let reserved = match products.get_mut(&line.product_id) {
+            Some(row) => row.reserve(line),
+            None => Err(LineRefusal::NoProduct(line.product_id)),
+        };
+        match reserved {
+            Ok(item) => items.push(item),
+            Err(refusal) => {
+                give_back(products, &items);
+                return Err(Refusal::Line(refusal));
+            }
+        }
+    }
+    let priced = (|| {
+        let total = Pricing::total_of(&items)
+            .ok_or_else(|| ValidationError::new("items", "the order total is too large"))?;
+        let discount = match &coupon {
+            Some(c) => c
+                .terms
+                .discount_for(total)
+                .ok_or(AppError::CouponUnusable {
+                    why: "below_min_order_amount",
+                })?,
+            None => Won::ZERO,
+        };
+        let pricing = Pricing::new(total, discount);
+        if balance < pricing.final_amount {
+            return Err(AppError::InsufficientBalance {
+                required: pricing.final_amount,
+            });
+        }
+        Ok(pricing)
+    })();
+    match priced {
+        Ok(pricing) => {
+            if let Some(c) = cmd.user_coupon_id.and_then(|id| coupons.get_mut(&id)) {
+                c.status = UserCouponStatus::Reserved;
+            }
+            Ok((items, pricing))
+        }
+        Err(e) => {
+            give_back(products, &items);
+            Err(Refusal::App(e))
+        }
     }
 }

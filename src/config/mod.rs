@@ -191,6 +191,8 @@ pub struct OrderSettings {
     pub order_ttl: Duration,
     pub expiry_interval: Duration,
     pub sold_out_marker_ttl: Duration,
+    /// PlaceOrder and Pay calls committed by one transaction at most; 1 is no batching.
+    pub write_batch_max: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -278,6 +280,7 @@ impl Config {
                 order_ttl: r.duration(&v::ORDER_TTL_SECS),
                 expiry_interval: r.duration(&v::ORDER_EXPIRY_INTERVAL_SECS),
                 sold_out_marker_ttl: r.duration(&v::SOLD_OUT_MARKER_TTL_MS),
+                write_batch_max: r.integer(&v::WRITE_BATCH_MAX),
             },
             coupons: CouponSettings {
                 reconcile_interval: r.duration(&v::COUPON_RECONCILE_INTERVAL_SECS),

@@ -545,3 +545,34 @@ async fn create_coupon_validates_every_field(_: PgPoolOptions, db: PgConnectOpti
     assert_eq!(count, 0);
     app.stop().await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn postgres_refuses_a_seat_beyond_the_total_in_a_multi_row_insert(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app(db).await;
+    let coupon = create_coupon(&app, 2).await;
+    // Checked once per statement now, against every row the statement inserted.
+    let refused = sqlx::query(
+        "INSERT INTO user_coupons (coupon_id, user_id, seat, expires_at)
+         SELECT $1, u, u, now() + interval '1 day' FROM generate_series(1, 3) u",
+    )
+    .bind(coupon)
+    .execute(&app.pg)
+    .await
+    .unwrap_err();
+    let refused = refused.as_database_error().expect("a database error");
+    assert_eq!(refused.constraint(), Some("user_coupons_seat_within_total"));
+    assert!(issued_in_postgres(&app, coupon).await.is_empty());
+    sqlx::query(
+        "INSERT INTO user_coupons (coupon_id, user_id, seat, expires_at)
+         SELECT $1, u, u, now() + interval '1 day' FROM generate_series(1, 2) u",
+    )
+    .bind(coupon)
+    .execute(&app.pg)
+    .await
+    .expect("seats within the total");
+    assert_eq!(issued_in_postgres(&app, coupon).await.len(), 2);
+    app.stop().await;
+}

@@ -16,6 +16,7 @@ mod coupon_retries;
 mod coupons;
 mod faults;
 mod first_run;
+mod group_commit;
 mod health;
 mod hostile;
 mod job_locks;

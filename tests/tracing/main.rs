@@ -192,30 +192,58 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
         attribute(&ok, "rpc.system"),
         Some(&Value::StringValue("grpc".into()))
     );
-    // The call's steps are its descendants: the use case, its Postgres statements and the
-    // commit, each a child of the span that ran it.
+    // The use case is the call's child; its Postgres work is done by a group-commit batch: a
+    // trace of its own, linked to the call's span, whose statements and commit are the batch's
+    // children.
     let trace = collector.of_trace(&placed);
-    let by_name = |name: &str| {
-        trace
-            .iter()
-            .find(|s| s.name == name)
-            .unwrap_or_else(|| panic!("no {name} span in {:?}", names(&trace)))
-    };
-    let place = by_name("orders.place");
+    let place = trace
+        .iter()
+        .find(|s| s.name == "orders.place")
+        .unwrap_or_else(|| panic!("no orders.place span in {:?}", names(&trace)));
     assert_eq!(
         place.parent_span_id, ok.span_id,
         "orders.place is the call's child"
     );
+    let batch_of_call = || {
+        let spans = collector.spans.lock().unwrap();
+        spans
+            .iter()
+            .find(|s| {
+                s.name == "orders.place_batch"
+                    && s.links
+                        .iter()
+                        .any(|l| l.trace_id == placed && l.span_id == place.span_id)
+            })
+            .cloned()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            batch_of_call().is_some_and(|batch| {
+                collector
+                    .of_trace(&batch.trace_id)
+                    .iter()
+                    .any(|s| s.name == "postgres.commit")
+            })
+        })
+        .await,
+        "a batch linked to orders.place, with its commit"
+    );
+    let batch = batch_of_call().unwrap();
+    assert_ne!(batch.trace_id, placed, "the batch is a trace of its own");
+    let batch_trace = collector.of_trace(&batch.trace_id);
     for step in [
-        "balances.read",
-        "orders.reserve_line",
-        "orders.insert",
+        "balances.read_many",
+        "orders.lock_products",
+        "orders.insert_batch",
         "postgres.commit",
     ] {
-        let span = by_name(step);
+        let span = batch_trace
+            .iter()
+            .find(|s| s.name == step)
+            .unwrap_or_else(|| panic!("no {step} span in {:?}", names(&batch_trace)));
         assert_eq!(
-            span.parent_span_id, place.span_id,
-            "{step} is a child of orders.place"
+            span.parent_span_id, batch.span_id,
+            "{step} is a child of the batch"
         );
         assert_eq!(
             attribute(span, "db.system"),

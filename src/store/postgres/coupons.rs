@@ -365,24 +365,31 @@ pub async fn issue_many(
         .collect()
 }
 
-/// Locks one issued coupon (for an order being placed) and reads it with its terms.
-#[tracing::instrument(target = "otel", name = "coupons.lock_user_coupon", skip_all, fields(db.system = "postgresql"))]
-pub async fn lock_user_coupon(
+/// Locks issued coupons (for orders being placed), in ascending id, and reads them with their
+/// terms. Missing ids are left out.
+#[tracing::instrument(target = "otel", name = "coupons.lock_user_coupons", skip_all, fields(db.system = "postgresql"))]
+pub async fn lock_user_coupons(
     tx: &mut sqlx::PgConnection,
-    id: UserCouponId,
-) -> Result<Option<UserCoupon>, StoreError> {
-    let row: Option<UserCouponRow> = sqlx::query_as(concat!(
+    ids: &[UserCouponId],
+) -> Result<Vec<UserCoupon>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<UserCouponRow> = sqlx::query_as(concat!(
         "SELECT uc.id, uc.coupon_id, uc.user_id, uc.status, uc.order_id, uc.issued_at,
              uc.expires_at, ",
         coupon_columns!("c."),
         " FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
-         WHERE uc.id = $1
+         WHERE uc.id = ANY($1)
+         ORDER BY uc.id
          FOR UPDATE OF uc"
     ))
-    .bind(id)
-    .fetch_optional(tx)
+    .bind(ids)
+    .fetch_all(tx)
     .await?;
-    row.map(UserCouponRow::into_user_coupon).transpose()
+    rows.into_iter()
+        .map(UserCouponRow::into_user_coupon)
+        .collect()
 }
 
 /// A user's coupons, newest first.

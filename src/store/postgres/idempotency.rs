@@ -120,3 +120,175 @@ pub async fn purge_expired(
     )
     .await
 }
+
+/// A key a batched call wants to claim.
+pub struct KeyClaim<'a> {
+    pub user_id: UserId,
+    pub key: &'a IdempotencyKey,
+    pub fingerprint: &'a str,
+}
+
+/// What claiming a key in a batch found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchClaim {
+    Claimed(Claim),
+    /// Another transaction is claiming the key right now: the call must not wait inside a
+    /// batch; it runs alone, where [`claim_many`] with `wait` waits for that transaction.
+    Busy,
+}
+
+/// The stored request and result of `key`, if a committed call used it. Read before a call
+/// joins a batch, so that a replay or a reused key is answered without one.
+#[tracing::instrument(target = "otel", name = "idempotency.lookup", skip_all, fields(db.system = "postgresql"))]
+pub async fn lookup(
+    db: impl sqlx::PgExecutor<'_>,
+    user_id: UserId,
+    operation: Operation,
+    key: &IdempotencyKey,
+    fingerprint: &str,
+) -> Result<Option<Claim>, StoreError> {
+    let stored: Option<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT request_fingerprint, result_id FROM idempotency_keys
+         WHERE user_id = $1 AND operation = $2 AND idempotency_key = $3",
+    )
+    .bind(user_id)
+    .bind(operation.as_str())
+    .bind(key.as_str())
+    .fetch_optional(db)
+    .await?;
+    Ok(match stored {
+        Some((stored, _)) if stored != fingerprint => Some(Claim::Mismatch),
+        Some((_, Some(id))) => Some(Claim::Replay(id)),
+        _ => None,
+    })
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    got: bool,
+    fresh: bool,
+    stored: Option<String>,
+    result: Option<i64>,
+}
+
+/// Claims several keys at once, in the caller's transaction; one answer per claim, in order.
+///
+/// Every claim first takes a transaction-scoped advisory lock on its key: whoever holds it may
+/// have inserted the key without committing yet. A batch only tries the lock (`wait` false) and
+/// answers [`BatchClaim::Busy`] when it is taken, so a concurrent duplicate never stalls the
+/// batch on the key's unique index; a call running alone waits for it (`wait` true), and then
+/// sees the other attempt's outcome, exactly as a lone claim always has.
+#[tracing::instrument(target = "otel", name = "idempotency.claim_batch", skip_all, fields(db.system = "postgresql"))]
+pub async fn claim_many(
+    tx: &mut PgConnection,
+    operation: Operation,
+    claims: &[KeyClaim<'_>],
+    wait: bool,
+) -> Result<Vec<BatchClaim>, StoreError> {
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let users: Vec<UserId> = claims.iter().map(|c| c.user_id).collect();
+    let keys: Vec<&str> = claims.iter().map(|c| c.key.as_str()).collect();
+    let fingerprints: Vec<&str> = claims.iter().map(|c| c.fingerprint).collect();
+    if wait {
+        // Its own statement: the claim below must read with a snapshot taken after the wait.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended(u || ':' || $3 || ':' || k, 0))
+             FROM unnest($1::bigint[], $2::text[]) AS r(u, k) ORDER BY u, k",
+        )
+        .bind(&users)
+        .bind(&keys)
+        .bind(operation.as_str())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let rows: Vec<ClaimRow> = sqlx::query_as(
+        "WITH req AS (
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY
+                 AS r(user_id, key, fingerprint, ord)
+         ),
+         locked AS (
+             SELECT ord, $5 OR pg_try_advisory_xact_lock(
+                 hashtextextended(user_id || ':' || $4 || ':' || key, 0)) AS got
+             FROM req
+         ),
+         ins AS (
+             INSERT INTO idempotency_keys
+                 (user_id, operation, idempotency_key, request_fingerprint)
+             SELECT r.user_id, $4, r.key, r.fingerprint
+             FROM req r JOIN locked l USING (ord) WHERE l.got
+             ON CONFLICT DO NOTHING
+             RETURNING user_id, idempotency_key
+         )
+         SELECT l.got, i.user_id IS NOT NULL AS fresh, k.request_fingerprint AS stored,
+             k.result_id AS result
+         FROM req r JOIN locked l USING (ord)
+         LEFT JOIN ins i ON i.user_id = r.user_id AND i.idempotency_key = r.key
+         LEFT JOIN idempotency_keys k
+             ON k.user_id = r.user_id AND k.operation = $4 AND k.idempotency_key = r.key
+         ORDER BY r.ord",
+    )
+    .bind(&users)
+    .bind(&keys)
+    .bind(&fingerprints)
+    .bind(operation.as_str())
+    .bind(wait)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .zip(claims)
+        .map(|(row, claim)| match (row.got, row.fresh, row.stored) {
+            (_, true, _) => BatchClaim::Claimed(Claim::Fresh),
+            (true, false, Some(stored)) if stored != claim.fingerprint => {
+                BatchClaim::Claimed(Claim::Mismatch)
+            }
+            (true, false, Some(_)) => match row.result {
+                Some(id) => BatchClaim::Claimed(Claim::Replay(id)),
+                None => BatchClaim::Busy,
+            },
+            // The lock was taken, or the key was committed after this statement's snapshot.
+            _ => BatchClaim::Busy,
+        })
+        .collect())
+}
+
+/// Records each call's result under its key (`result_ids[i]` for `claims[i]`) and gives back
+/// the keys of calls that failed (`None`), in one statement. Every key must have been claimed
+/// by this transaction.
+#[tracing::instrument(target = "otel", name = "idempotency.settle_batch", skip_all, fields(db.system = "postgresql"))]
+pub async fn settle_many(
+    tx: &mut PgConnection,
+    operation: Operation,
+    claims: &[(UserId, &IdempotencyKey, Option<i64>)],
+) -> Result<(), StoreError> {
+    if claims.is_empty() {
+        return Ok(());
+    }
+    let users: Vec<UserId> = claims.iter().map(|c| c.0).collect();
+    let keys: Vec<&str> = claims.iter().map(|c| c.1.as_str()).collect();
+    let results: Vec<Option<i64>> = claims.iter().map(|c| c.2).collect();
+    sqlx::query(
+        "WITH req AS (
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(user_id, key, result)
+         ),
+         done AS (
+             UPDATE idempotency_keys k SET result_id = r.result
+             FROM req r
+             WHERE r.result IS NOT NULL AND k.user_id = r.user_id AND k.operation = $4
+                 AND k.idempotency_key = r.key
+         )
+         DELETE FROM idempotency_keys k
+         USING req r
+         WHERE r.result IS NULL AND k.user_id = r.user_id AND k.operation = $4
+             AND k.idempotency_key = r.key",
+    )
+    .bind(&users)
+    .bind(&keys)
+    .bind(&results)
+    .bind(operation.as_str())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}

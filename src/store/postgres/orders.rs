@@ -12,10 +12,10 @@ use sqlx::{PgConnection, PgExecutor};
 
 use crate::{
     domain::{
-        IdempotencyKey, Order, OrderId, OrderItem, OrderLine, OrderStatus, Pricing, ProductId,
-        ProductStatus, Restock, UserCouponId, UserId, Won,
+        Order, OrderId, OrderItem, OrderLine, OrderStatus, Pricing, ProductId, ProductStatus,
+        Restock, UserCouponId, UserId, Won,
     },
-    store::{StoreError, postgres::idempotency::Operation},
+    store::StoreError,
 };
 
 macro_rules! order_columns {
@@ -75,44 +75,58 @@ pub enum LineRefusal {
     },
 }
 
-/// Takes `line.quantity` units out of stock if the product is on sale and has them; returns the
-/// product's name and price at that moment (the order is priced with these).
-#[tracing::instrument(target = "otel", name = "orders.reserve_line", skip_all, fields(db.system = "postgresql"))]
-pub async fn reserve_line(
-    tx: &mut PgConnection,
-    line: &OrderLine,
-) -> Result<Result<OrderItem, LineRefusal>, StoreError> {
-    let reserved: Option<(String, Won)> = sqlx::query_as(
-        "UPDATE products SET stock = stock - $2, updated_at = now()
-         WHERE id = $1 AND status = 'SELLING' AND stock >= $2
-         RETURNING name, price",
-    )
-    .bind(line.product_id)
-    .bind(i64::from(line.quantity.get()))
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some((name, unit_price)) = reserved {
-        return Ok(Ok(OrderItem {
-            product_id: line.product_id,
-            name,
-            unit_price,
+/// A product row as orders see it, locked by the reading transaction.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct StockRow {
+    pub id: ProductId,
+    pub name: String,
+    pub price: Won,
+    pub stock: i64,
+    pub status: ProductStatus,
+    pub stock_gen: i64,
+}
+
+impl StockRow {
+    /// Takes `line.quantity` units if the product is on sale and has them (the rules of the
+    /// conditional `UPDATE ... WHERE status = 'SELLING' AND stock >= $n`), and returns the
+    /// item as priced now.
+    pub fn reserve(&mut self, line: &OrderLine) -> Result<OrderItem, LineRefusal> {
+        let units = i64::from(line.quantity.get());
+        if self.status != ProductStatus::Selling {
+            return Err(LineRefusal::NotSelling(self.id));
+        }
+        if self.stock < units {
+            return Err(LineRefusal::OutOfStock {
+                product: self.id,
+                left: self.stock,
+                stock_gen: self.stock_gen,
+            });
+        }
+        self.stock -= units;
+        Ok(OrderItem {
+            product_id: self.id,
+            name: self.name.clone(),
+            unit_price: self.price,
             quantity: line.quantity.get(),
-        }));
+        })
     }
-    let found: Option<(ProductStatus, i64, i64)> =
-        sqlx::query_as("SELECT status, stock, stock_gen FROM products WHERE id = $1")
-            .bind(line.product_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    Ok(Err(match found {
-        None => LineRefusal::NoProduct(line.product_id),
-        Some((ProductStatus::Selling, left, stock_gen)) => LineRefusal::OutOfStock {
-            product: line.product_id,
-            left,
-            stock_gen,
-        },
-        Some(_) => LineRefusal::NotSelling(line.product_id),
-    }))
+}
+
+/// Locks the rows of `products` (ascending id: the order every transaction locks products in)
+/// and reads them. Unknown ids are left out.
+#[tracing::instrument(target = "otel", name = "orders.lock_products", skip_all, fields(db.system = "postgresql"))]
+pub async fn lock_products(
+    tx: &mut PgConnection,
+    products: &[ProductId],
+) -> Result<Vec<StockRow>, StoreError> {
+    let rows = sqlx::query_as(
+        "SELECT id, name, price, stock, status, stock_gen FROM products
+         WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .bind(products)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows)
 }
 
 pub struct NewOrder<'a> {
@@ -120,60 +134,104 @@ pub struct NewOrder<'a> {
     pub items: &'a [OrderItem],
     pub pricing: Pricing,
     pub user_coupon_id: Option<UserCouponId>,
-    pub ttl_secs: f64,
-    /// Records the order as the result of this call's key in the same statement.
-    pub idempotency_key: Option<(Operation, &'a IdempotencyKey)>,
 }
 
-/// Writes the order, its items, the coupon reservation and the idempotency result in one
-/// statement (one round trip while the product rows are locked).
-#[tracing::instrument(target = "otel", name = "orders.insert", skip_all, fields(db.system = "postgresql"))]
-pub async fn insert(tx: &mut PgConnection, new: NewOrder<'_>) -> Result<Order, StoreError> {
-    let product_ids: Vec<ProductId> = new.items.iter().map(|i| i.product_id).collect();
-    let names: Vec<&str> = new.items.iter().map(|i| i.name.as_str()).collect();
-    let prices: Vec<Won> = new.items.iter().map(|i| i.unit_price).collect();
-    let quantities: Vec<i32> = new.items.iter().map(|i| i.quantity).collect();
-    let row: OrderRow = sqlx::query_as(concat!(
-        "WITH o AS (
-             INSERT INTO orders (user_id, status, total_amount, discount_amount, final_amount,
-                 user_coupon_id, expires_at)
-             VALUES ($1, 'PENDING_PAYMENT', $2, $3, $4, $5, now() + make_interval(secs => $6))
+/// Writes new orders in one statement: each product's stock taken once (`stock - sum` over
+/// the orders), every order and item row, and the coupon reservations. The products and
+/// coupons must be locked by this transaction and the orders checked against them. Returns
+/// the orders in the order given.
+#[tracing::instrument(target = "otel", name = "orders.insert_batch", skip_all, fields(db.system = "postgresql"))]
+pub async fn insert_many(
+    tx: &mut PgConnection,
+    new: &[NewOrder<'_>],
+    ttl_secs: f64,
+) -> Result<Vec<Order>, StoreError> {
+    let units = units_to_return(new.iter().flat_map(|o| o.items.iter()));
+    let (stock_ids, stock_units): (Vec<ProductId>, Vec<i64>) = units.into_iter().unzip();
+    let users: Vec<UserId> = new.iter().map(|o| o.user_id).collect();
+    let totals: Vec<Won> = new.iter().map(|o| o.pricing.total).collect();
+    let discounts: Vec<Won> = new.iter().map(|o| o.pricing.discount).collect();
+    let finals: Vec<Won> = new.iter().map(|o| o.pricing.final_amount).collect();
+    let coupons: Vec<Option<UserCouponId>> = new.iter().map(|o| o.user_coupon_id).collect();
+    let mut item_ords = Vec::new();
+    let mut item_products = Vec::new();
+    let mut item_names = Vec::new();
+    let mut item_prices = Vec::new();
+    let mut item_quantities = Vec::new();
+    for (ord, order) in (1_i64..).zip(new) {
+        for item in order.items {
+            item_ords.push(ord);
+            item_products.push(item.product_id);
+            item_names.push(item.name.as_str());
+            item_prices.push(item.unit_price);
+            item_quantities.push(item.quantity);
+        }
+    }
+    // Ids are drawn first so that items and coupons can name their order by its position.
+    let rows: Vec<OrderRow> = sqlx::query_as(concat!(
+        "WITH ids AS (
+             SELECT ord, nextval(pg_get_serial_sequence('orders', 'id')) AS id
+             FROM generate_series(1, cardinality($3::bigint[])) AS ord
+         ),
+         stock AS (
+             UPDATE products p SET stock = p.stock - d.units, updated_at = now()
+             FROM unnest($1::bigint[], $2::bigint[]) AS d(id, units)
+             WHERE p.id = d.id
+         ),
+         o AS (
+             INSERT INTO orders (id, user_id, status, total_amount, discount_amount,
+                 final_amount, user_coupon_id, expires_at)
+             OVERRIDING SYSTEM VALUE
+             SELECT ids.id, r.user_id, 'PENDING_PAYMENT', r.total, r.discount, r.final,
+                 r.coupon, now() + make_interval(secs => $8)
+             FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])
+                 WITH ORDINALITY AS r(user_id, total, discount, final, coupon, ord)
+             JOIN ids USING (ord)
              RETURNING ",
         order_columns!(),
         "),
          items AS (
              INSERT INTO order_items (order_id, product_id, product_name, unit_price, quantity)
-             SELECT o.id, i.product_id, i.name, i.price, i.quantity
-             FROM o, unnest($7::bigint[], $8::text[], $9::bigint[], $10::int[])
-                 AS i(product_id, name, price, quantity)
+             SELECT ids.id, i.product_id, i.name, i.price, i.quantity
+             FROM unnest($9::bigint[], $10::bigint[], $11::text[], $12::bigint[], $13::int[])
+                 AS i(ord, product_id, name, price, quantity)
+             JOIN ids USING (ord)
          ),
          coupon AS (
-             UPDATE user_coupons SET status = 'RESERVED', order_id = o.id
-             FROM o WHERE user_coupons.id = $5
-         ),
-         idem AS (
-             UPDATE idempotency_keys SET result_id = o.id
-             FROM o
-             WHERE idempotency_keys.user_id = $1 AND operation = $12
-                 AND idempotency_key = $11
+             UPDATE user_coupons uc SET status = 'RESERVED', order_id = ids.id
+             FROM unnest($7::bigint[]) WITH ORDINALITY AS c(id, ord)
+             JOIN ids USING (ord)
+             WHERE uc.id = c.id
          )
-         SELECT * FROM o"
+         SELECT o.* FROM o JOIN ids ON ids.id = o.id ORDER BY ids.ord"
     ))
-    .bind(new.user_id)
-    .bind(new.pricing.total)
-    .bind(new.pricing.discount)
-    .bind(new.pricing.final_amount)
-    .bind(new.user_coupon_id)
-    .bind(new.ttl_secs)
-    .bind(&product_ids)
-    .bind(&names)
-    .bind(&prices)
-    .bind(&quantities)
-    .bind(new.idempotency_key.map(|(_, key)| key.as_str()))
-    .bind(new.idempotency_key.map(|(operation, _)| operation.as_str()))
-    .fetch_one(&mut *tx)
+    .bind(&stock_ids)
+    .bind(&stock_units)
+    .bind(&users)
+    .bind(&totals)
+    .bind(&discounts)
+    .bind(&finals)
+    .bind(&coupons)
+    .bind(ttl_secs)
+    .bind(&item_ords)
+    .bind(&item_products)
+    .bind(&item_names)
+    .bind(&item_prices)
+    .bind(&item_quantities)
+    .fetch_all(&mut *tx)
     .await?;
-    Ok(row.with_items(new.items.to_vec()))
+    if rows.len() != new.len() {
+        return Err(StoreError::Inconsistent(format!(
+            "{} orders written for {}",
+            rows.len(),
+            new.len()
+        )));
+    }
+    Ok(rows
+        .into_iter()
+        .zip(new)
+        .map(|(row, order)| row.with_items(order.items.to_vec()))
+        .collect())
 }
 
 pub async fn items(db: impl PgExecutor<'_>, order: OrderId) -> Result<Vec<OrderItem>, StoreError> {
@@ -217,6 +275,45 @@ pub async fn lock(tx: &mut PgConnection, id: OrderId) -> Result<Option<OrderRow>
     .fetch_optional(tx)
     .await?;
     Ok(row)
+}
+
+/// Locks order rows (ascending id) for payment. Unknown ids are left out.
+#[tracing::instrument(target = "otel", name = "orders.lock_many", skip_all, fields(db.system = "postgresql"))]
+pub async fn lock_many(
+    tx: &mut PgConnection,
+    ids: &[OrderId],
+) -> Result<Vec<OrderRow>, StoreError> {
+    let rows = sqlx::query_as(concat!(
+        "SELECT ",
+        order_columns!(),
+        " FROM orders WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+    ))
+    .bind(ids)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows)
+}
+
+/// The items of several orders, with their order's id.
+#[tracing::instrument(target = "otel", name = "orders.items_of", skip_all, fields(db.system = "postgresql"))]
+pub async fn items_of(
+    db: impl PgExecutor<'_>,
+    orders: &[OrderId],
+) -> Result<Vec<(OrderId, OrderItem)>, StoreError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        order_id: OrderId,
+        #[sqlx(flatten)]
+        item: OrderItem,
+    }
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT order_id, product_id, product_name AS name, unit_price, quantity
+         FROM order_items WHERE order_id = ANY($1) ORDER BY order_id, product_id",
+    )
+    .bind(orders)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.order_id, r.item)).collect())
 }
 
 /// What closing open orders gave back.

@@ -42,26 +42,45 @@ impl OutboxEvent {
     }
 }
 
-#[tracing::instrument(target = "otel", name = "outbox.enqueue", skip_all, fields(db.system = "postgresql"))]
-pub async fn enqueue(
+/// An event to enqueue with others.
+pub struct NewEvent<'a> {
+    pub event_id: Uuid,
+    pub event_type: &'a str,
+    pub aggregate_id: i64,
+    pub payload: serde_json::Value,
+    /// The trace context of the call that wrote the event, captured in the caller's task.
+    pub trace: TraceContext,
+}
+
+/// Enqueues several events with one multi-row insert.
+#[tracing::instrument(target = "otel", name = "outbox.enqueue_batch", skip_all, fields(db.system = "postgresql"))]
+pub async fn enqueue_many(
     tx: &mut PgConnection,
-    event_id: Uuid,
-    event_type: &str,
-    aggregate_id: i64,
-    payload: &serde_json::Value,
-    trace: &TraceContext,
+    events: Vec<NewEvent<'_>>,
 ) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
+    let aggregates: Vec<i64> = events.iter().map(|e| e.aggregate_id).collect();
+    let traceparents: Vec<Option<String>> =
+        events.iter().map(|e| e.trace.traceparent.clone()).collect();
+    let tracestates: Vec<Option<String>> =
+        events.iter().map(|e| e.trace.tracestate.clone()).collect();
+    let payloads: Vec<serde_json::Value> = events.into_iter().map(|e| e.payload).collect();
     sqlx::query(
         "INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload, traceparent,
                                     tracestate)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::jsonb[], $5::text[],
+                              $6::text[])",
     )
-    .bind(event_id)
-    .bind(event_type)
-    .bind(aggregate_id)
-    .bind(payload)
-    .bind(trace.traceparent.as_deref())
-    .bind(trace.tracestate.as_deref())
+    .bind(&ids)
+    .bind(&types)
+    .bind(&aggregates)
+    .bind(&payloads)
+    .bind(&traceparents)
+    .bind(&tracestates)
     .execute(tx)
     .await?;
     Ok(())

@@ -1,9 +1,11 @@
 //! Payments: the balance deduction, its ledger entry, the payment, the order and coupon state,
 //! all inside the caller's transaction.
 //!
-//! Invariants: a balance never goes negative (conditional update, plus the schema's CHECK);
-//! one payment per order (unique constraint); every deduction has its USE ledger entry.
+//! Invariants: a balance never goes negative (checked against the locked row, plus the schema's
+//! CHECK); one payment per order (unique constraint); every deduction has its USE ledger entry,
+//! written by the same statement.
 
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 
 use crate::{
@@ -17,38 +19,42 @@ macro_rules! payment_columns {
     };
 }
 
-/// Takes `amount` from the balance if it is there; the balance after, or `None` when it is not.
-#[tracing::instrument(target = "otel", name = "payments.deduct", skip_all, fields(db.system = "postgresql"))]
-pub async fn deduct(
+/// Locks the balances of `users` (ascending user id, after their orders: the global lock
+/// order) and reads them. Users who never charged are left out.
+#[tracing::instrument(target = "otel", name = "payments.lock_balances", skip_all, fields(db.system = "postgresql"))]
+pub async fn lock_balances(
     tx: &mut PgConnection,
-    user_id: UserId,
-    amount: Won,
-) -> Result<Option<Won>, StoreError> {
-    let after: Option<Won> = sqlx::query_scalar(
-        "UPDATE user_balances SET balance = balance - $2, updated_at = now()
-         WHERE user_id = $1 AND balance >= $2
-         RETURNING balance",
+    users: &[UserId],
+) -> Result<Vec<(UserId, Won)>, StoreError> {
+    let rows = sqlx::query_as(
+        "SELECT user_id, balance FROM user_balances
+         WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
     )
-    .bind(user_id)
-    .bind(amount)
-    .fetch_optional(&mut *tx)
+    .bind(users)
+    .fetch_all(tx)
     .await?;
-    if after.is_some() || amount > Won::ZERO {
-        return Ok(after);
-    }
-    // A fully discounted order of a user who never charged: the ledger still needs their row.
-    let after = sqlx::query_scalar(
-        "INSERT INTO user_balances AS b (user_id, balance) VALUES ($1, 0)
-         ON CONFLICT (user_id) DO UPDATE SET updated_at = b.updated_at
-         RETURNING balance",
+    Ok(rows)
+}
+
+/// The transaction's timestamp (every payment of a batch is paid at it) and `n` fresh payment
+/// ids, so that the events naming them can be built before the payments are written.
+#[tracing::instrument(target = "otel", name = "payments.reserve_ids", skip_all, fields(db.system = "postgresql"))]
+pub async fn reserve_ids(
+    tx: &mut PgConnection,
+    n: usize,
+) -> Result<(DateTime<Utc>, Vec<PaymentId>), StoreError> {
+    let (now, ids): (DateTime<Utc>, Vec<PaymentId>) = sqlx::query_as(
+        "SELECT now(), array(SELECT nextval(pg_get_serial_sequence('payments', 'id'))
+                             FROM generate_series(1, $1))",
     )
-    .bind(user_id)
-    .fetch_one(&mut *tx)
+    .bind(n as i64)
+    .fetch_one(tx)
     .await?;
-    Ok(Some(after))
+    Ok((now, ids))
 }
 
 pub struct PaymentRecord {
+    pub id: PaymentId,
     pub order_id: OrderId,
     pub user_id: UserId,
     pub amount: Won,
@@ -56,53 +62,84 @@ pub struct PaymentRecord {
     pub user_coupon_id: Option<UserCouponId>,
 }
 
-#[derive(sqlx::FromRow)]
-struct Recorded {
-    #[sqlx(flatten)]
-    payment: Payment,
-    tx: String,
-}
-
-/// Writes the USE ledger entry, the payment, the order as PAID and its coupon as USED, in one
-/// statement. The order row must be locked by this transaction. Also returns the transaction's
-/// id: once committed, it tells which snapshots see the payment (the ranking counts it once).
-#[tracing::instrument(target = "otel", name = "payments.record", skip_all, fields(db.system = "postgresql"))]
-pub async fn record(
+/// Writes payments in one statement: each buyer's balance debited once (by the sum of their
+/// payments, whose `balance_after` were computed from the locked balance), a balance row for a
+/// buyer of fully discounted orders who never charged, one USE ledger entry and one payment
+/// per order, the orders as PAID at `paid_at` and their coupons as USED. The orders and
+/// balances must be locked by this transaction and checked. Also returns the transaction's id,
+/// shared by every payment of the batch: once committed, it tells which snapshots see them
+/// (the ranking counts each payment once).
+#[tracing::instrument(target = "otel", name = "payments.record_batch", skip_all, fields(db.system = "postgresql"))]
+pub async fn record_many(
     tx: &mut PgConnection,
-    record: PaymentRecord,
-) -> Result<(Payment, TxId), StoreError> {
-    let recorded: Recorded = sqlx::query_as(concat!(
-        "WITH ledger AS (
+    records: &[PaymentRecord],
+    paid_at: DateTime<Utc>,
+) -> Result<TxId, StoreError> {
+    let mut debits: std::collections::BTreeMap<UserId, Won> = Default::default();
+    for r in records {
+        let sum = debits.entry(r.user_id).or_insert(Won::ZERO);
+        *sum = sum
+            .checked_add(r.amount)
+            .ok_or_else(|| StoreError::Inconsistent("a batch debit overflows".into()))?;
+    }
+    let (debit_users, debit_sums): (Vec<UserId>, Vec<Won>) = debits.into_iter().unzip();
+    let ids: Vec<PaymentId> = records.iter().map(|r| r.id).collect();
+    let orders: Vec<OrderId> = records.iter().map(|r| r.order_id).collect();
+    let users: Vec<UserId> = records.iter().map(|r| r.user_id).collect();
+    let amounts: Vec<Won> = records.iter().map(|r| r.amount).collect();
+    let afters: Vec<Won> = records.iter().map(|r| r.balance_after).collect();
+    let coupons: Vec<Option<UserCouponId>> = records.iter().map(|r| r.user_coupon_id).collect();
+    let tx_id: String = sqlx::query_scalar(
+        "WITH req AS (
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
+                 $5::bigint[], $6::bigint[])
+                 AS r(payment_id, order_id, user_id, amount, balance_after, coupon)
+         ),
+         opened AS (
+             INSERT INTO user_balances (user_id, balance)
+             SELECT DISTINCT user_id, 0 FROM req
+             ON CONFLICT (user_id) DO NOTHING
+         ),
+         debit AS (
+             UPDATE user_balances b SET balance = b.balance - d.total, updated_at = now()
+             FROM unnest($7::bigint[], $8::bigint[]) AS d(user_id, total)
+             WHERE b.user_id = d.user_id AND d.total > 0
+         ),
+         ledger AS (
              INSERT INTO balance_history (user_id, kind, amount, balance_after, order_id)
-             VALUES ($2, 'USE', $3, $4, $1)
-             RETURNING id
+             SELECT user_id, 'USE', amount, balance_after, order_id FROM req
+             RETURNING id, order_id
          ),
          payment AS (
-             INSERT INTO payments (order_id, user_id, amount, balance_after, balance_history_id)
-             SELECT $1, $2, $3, $4, ledger.id FROM ledger
-             RETURNING ",
-        payment_columns!(),
-        "),
+             INSERT INTO payments
+                 (id, order_id, user_id, amount, balance_after, balance_history_id, paid_at)
+             OVERRIDING SYSTEM VALUE
+             SELECT r.payment_id, r.order_id, r.user_id, r.amount, r.balance_after, l.id, $9
+             FROM req r JOIN ledger l USING (order_id)
+         ),
          paid AS (
-             UPDATE orders SET status = 'PAID', paid_at = payment.paid_at
-             FROM payment WHERE orders.id = $1
+             UPDATE orders o SET status = 'PAID', paid_at = $9
+             FROM req r WHERE o.id = r.order_id
          ),
          used AS (
-             UPDATE user_coupons SET status = 'USED', used_at = now()
-             WHERE id = $5 AND order_id = $1 AND status = 'RESERVED'
+             UPDATE user_coupons uc SET status = 'USED', used_at = now()
+             FROM req r
+             WHERE uc.id = r.coupon AND uc.order_id = r.order_id AND uc.status = 'RESERVED'
          )
-         SELECT payment.*, pg_current_xact_id()::text AS tx FROM payment"
-    ))
-    .bind(record.order_id)
-    .bind(record.user_id)
-    .bind(record.amount)
-    .bind(record.balance_after)
-    .bind(record.user_coupon_id)
+         SELECT pg_current_xact_id()::text",
+    )
+    .bind(&ids)
+    .bind(&orders)
+    .bind(&users)
+    .bind(&amounts)
+    .bind(&afters)
+    .bind(&coupons)
+    .bind(&debit_users)
+    .bind(&debit_sums)
+    .bind(paid_at)
     .fetch_one(tx)
     .await?;
-    let tx_id = TxId::parse(&recorded.tx)
-        .ok_or_else(|| StoreError::Inconsistent(format!("transaction id {:?}", recorded.tx)))?;
-    Ok((recorded.payment, tx_id))
+    TxId::parse(&tx_id).ok_or_else(|| StoreError::Inconsistent(format!("transaction id {tx_id:?}")))
 }
 
 pub async fn get(db: impl PgExecutor<'_>, id: PaymentId) -> Result<Option<Payment>, StoreError> {

@@ -266,7 +266,11 @@ impl PrivatePostgres {
             .await
             .expect("pg_ctl task")
             .expect("pg_ctl runs");
-        assert!(status.success(), "pg_ctl {args:?} failed");
+        if !status.success() {
+            let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(10).collect();
+            panic!("pg_ctl {args:?} failed; the server log ends with {tail:#?}");
+        }
     }
 
     /// An immediate shutdown: connections are cut, transactions in flight are lost, as in a
@@ -275,9 +279,77 @@ impl PrivatePostgres {
         self.pg_ctl(&["stop", "-m", "immediate", "-w"]).await;
     }
 
+    /// SIGKILL to the postmaster and every process it started: no shutdown at all, as when the
+    /// machine's OOM killer strikes; the restart recovers from the WAL.
+    pub async fn sigkill(&self) {
+        let pid_file = self.dir.join("data").join("postmaster.pid");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .expect("postmaster.pid")
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("a postmaster pid");
+        // Stopped first, so that it forks no backend between the listing and the kill.
+        // SAFETY: kill has no memory-safety preconditions; the pids are this cluster's.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let children = children_of(pid);
+        // SAFETY: as above.
+        unsafe {
+            for child in &children {
+                libc::kill(*child, libc::SIGKILL);
+            }
+            libc::kill(pid, libc::SIGKILL);
+        }
+        for _ in 0..200 {
+            let alive = std::iter::once(pid)
+                .chain(children.iter().copied())
+                .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists() && !is_zombie(p));
+            if !alive {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A killed postmaster may stay a zombie (nobody reaps it in a container), and
+        // Postgres takes a live pid in its lock files for a running server: remove them, as
+        // an operator would once the process is known dead.
+        let _ = std::fs::remove_file(pid_file);
+        for file in [
+            format!(".s.PGSQL.{}.lock", self.port),
+            format!(".s.PGSQL.{}", self.port),
+        ] {
+            let _ = std::fs::remove_file(self.dir.join(file));
+        }
+    }
+
     pub async fn start_again(&self) {
         self.pg_ctl(&["start", "-w"]).await;
     }
+}
+
+/// The processes whose parent is `pid`, from /proc.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| parent_of(p) == Some(pid))
+        .collect()
+}
+
+/// Fields of /proc/<pid>/stat after the command (which may hold spaces), from the state on.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(rest.split(' ').map(str::to_owned).collect())
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s == "Z"))
 }
 
 impl Drop for PrivatePostgres {

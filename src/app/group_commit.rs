@@ -1,0 +1,287 @@
+//! Group commit: concurrent calls of one write flow are gathered into batches, and each batch
+//! is one Postgres transaction, so one WAL flush and one hold of a hot row's lock serve many
+//! calls.
+//!
+//! Shape: callers queue into one batcher task. It takes the first queued call, waits for a
+//! free slot (at most [`BATCHES_IN_FLIGHT`] batches run at once), then takes every call already
+//! queued behind it, up to the batch maximum, and runs them in a task of their own. There is no
+//! timer: a batch lingers only while its slot is busy, so a lone caller finds a free slot and
+//! runs at once, and under load the calls that arrive while batches commit form the next one.
+//!
+//! Invariants: a call is answered only by its batch's runner, after that batch committed or
+//! rolled back; a call whose caller has gone (deadline, disconnect: its answer channel is
+//! closed) before its batch starts is dropped from it and leaves nothing. With a maximum of 1
+//! there is no batcher at all: each call runs alone in its own task, as before batching.
+//!
+//! Cancel safety: the runner runs in a spawned task that the caller only awaits, so once a
+//! batch has started, dropping a caller's future changes nothing for the batch: its calls commit
+//! or roll back together.
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::Instrument;
+
+use crate::{
+    error::AppError,
+    store::{Dependency, StoreError},
+    telemetry,
+};
+
+/// Batches of one flow running at once. More lets batches on distinct rows overlap; batches on
+/// one hot row wait for each other's commit anyway, and their queue is what lets the next grow.
+pub const BATCHES_IN_FLIGHT: usize = 4;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Runs a batch of calls in one transaction and answers each, in the order given. `alone` is
+/// true for a call run by itself (batching off, or a call a batch could not take).
+pub type Runner<C, A> = Arc<dyn Fn(Vec<C>, bool) -> BoxFuture<Vec<A>> + Send + Sync>;
+
+struct Queued<C, A> {
+    call: C,
+    reply: oneshot::Sender<A>,
+    /// The caller's span, which the batch's span links to.
+    span: tracing::Span,
+}
+
+/// The batcher is gone (the server is stopping) or a batch task panicked.
+#[derive(Debug)]
+pub struct Stopped;
+
+impl From<Stopped> for AppError {
+    fn from(_: Stopped) -> Self {
+        AppError::internal("a write batch stopped before answering")
+    }
+}
+
+/// Where one call of a batch stands while its runner decides.
+pub enum Step {
+    Open,
+    /// Its idempotency key is being claimed by another transaction (or by an earlier call of
+    /// the same batch): it must run alone, where its claim may wait.
+    Busy,
+    /// Its key already holds this result.
+    Replay(i64),
+    Refused(AppError),
+    /// Accepted: the index of its row among the rows the batch writes.
+    Done(usize),
+}
+
+/// The answer of every call in a batch that failed as a whole (a connection lost, the commit
+/// refused): each call gets its own copy of the error.
+pub fn batch_failed(error: &StoreError) -> AppError {
+    if error.is_unavailable() {
+        AppError::Unavailable {
+            dependency: Dependency::Postgres,
+            source: error.to_string().into(),
+        }
+    } else {
+        AppError::internal(error.to_string())
+    }
+}
+
+pub struct GroupCommit<C, A> {
+    runner: Runner<C, A>,
+    /// `None` when batching is off.
+    queue: Option<mpsc::Sender<Queued<C, A>>>,
+}
+
+impl<C: Send + 'static, A: Send + 'static> GroupCommit<C, A> {
+    /// `max_batch` of 1 turns batching off. `name` names the batches' spans
+    /// (`orders.place_batch`).
+    pub fn start(name: &'static str, max_batch: usize, runner: Runner<C, A>) -> Self {
+        let queue = (max_batch > 1).then(|| {
+            let (queue, calls) = mpsc::channel(max_batch * BATCHES_IN_FLIGHT * 4);
+            tokio::spawn(batch_calls(name, max_batch, calls, runner.clone()));
+            queue
+        });
+        Self { runner, queue }
+    }
+
+    /// Runs `call` in the next batch and returns its answer.
+    pub async fn submit(&self, call: C) -> Result<A, Stopped> {
+        let Some(queue) = &self.queue else {
+            return self.alone(call).await;
+        };
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued {
+            call,
+            reply,
+            span: tracing::Span::current(),
+        };
+        queue.send(queued).await.map_err(|_| Stopped)?;
+        answer.await.map_err(|_| Stopped)
+    }
+
+    /// Runs `call` by itself, in a task of its own (so that it finishes even if the caller goes).
+    pub async fn alone(&self, call: C) -> Result<A, Stopped> {
+        let runner = self.runner.clone();
+        let batch = tokio::spawn(async move { runner(vec![call], true).await }.in_current_span());
+        let mut answers = batch.await.map_err(|_| Stopped)?;
+        answers.pop().ok_or(Stopped)
+    }
+}
+
+async fn batch_calls<C: Send + 'static, A: Send + 'static>(
+    name: &'static str,
+    max_batch: usize,
+    mut calls: mpsc::Receiver<Queued<C, A>>,
+    runner: Runner<C, A>,
+) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = calls.recv().await {
+        // Waiting for a slot is what lets the next batch grow.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match calls.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let runner = runner.clone();
+        tokio::spawn(async move {
+            // Callers that have gone are dropped now, before anything is written for them.
+            batch.retain(|q| !q.reply.is_closed());
+            if batch.is_empty() {
+                return;
+            }
+            // A root of its own, linked to every caller's span: each call's trace leads to the
+            // batch that did its Postgres work.
+            let span = telemetry::batch(name, batch.iter().map(|q| &q.span));
+            let (calls, waiting): (Vec<C>, Vec<_>) =
+                batch.into_iter().map(|q| (q.call, q.reply)).unzip();
+            let answers = runner(calls, false).instrument(span).await;
+            for (reply, answer) in waiting.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+            drop(slot);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// A runner that records the calls of each batch, then holds the batch until `gate` lets it
+    /// finish, and answers each call with itself.
+    fn gated(batches: Arc<Mutex<Vec<Vec<u32>>>>, gate: Arc<Semaphore>) -> Runner<u32, u32> {
+        Arc::new(move |calls: Vec<u32>, _alone| {
+            batches.lock().unwrap().push(calls.clone());
+            let gate = gate.clone();
+            Box::pin(async move {
+                gate.acquire().await.unwrap().forget();
+                calls
+            })
+        })
+    }
+
+    /// Yields until `n` calls wait in the batcher's queue.
+    async fn queued(batcher: &GroupCommit<u32, u32>, n: usize) {
+        let queue = batcher.queue.as_ref().unwrap();
+        while queue.max_capacity() - queue.capacity() != n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn batches_started(batches: &Mutex<Vec<Vec<u32>>>, n: usize) {
+        while batches.lock().unwrap().len() != n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_that_queue_together_share_a_batch_and_get_their_own_answers() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Semaphore::new(0));
+        let batcher = Arc::new(GroupCommit::start(
+            "test",
+            8,
+            gated(batches.clone(), gate.clone()),
+        ));
+        let calls: Vec<_> = (0..40u32)
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { (i, batcher.submit(i).await.unwrap()) })
+            })
+            .collect();
+        // Every slot holds a batch; the batcher holds the next call while it waits for a slot,
+        // and the other calls wait in the queue.
+        batches_started(&batches, BATCHES_IN_FLIGHT).await;
+        let in_flight: usize = batches.lock().unwrap().iter().map(Vec::len).sum();
+        queued(&batcher, 40 - in_flight - 1).await;
+        gate.add_permits(1_000);
+        for call in calls {
+            let (sent, answer) = call.await.unwrap();
+            assert_eq!(sent, answer);
+        }
+        let batches = batches.lock().unwrap();
+        let mut all: Vec<u32> = batches.iter().flatten().copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..40).collect::<Vec<_>>());
+        assert!(batches.iter().all(|b| b.len() <= 8), "{batches:?}");
+        assert!(
+            batches.len() <= BATCHES_IN_FLIGHT + 40_usize.div_ceil(8),
+            "{batches:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_a_maximum_of_one_every_call_runs_alone() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Semaphore::new(1_000));
+        let batcher = Arc::new(GroupCommit::start("test", 1, gated(batches.clone(), gate)));
+        let calls: Vec<_> = (0..10u32)
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.submit(i).await.unwrap() })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap();
+        }
+        assert!(batches.lock().unwrap().iter().all(|b| b.len() == 1));
+    }
+
+    #[tokio::test]
+    async fn a_caller_gone_before_its_batch_starts_is_left_out() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Semaphore::new(0));
+        let batcher = Arc::new(GroupCommit::start(
+            "test",
+            64,
+            gated(batches.clone(), gate.clone()),
+        ));
+        // One call per slot, each its own batch, held by the gate.
+        let mut busy = Vec::new();
+        for i in 0..BATCHES_IN_FLIGHT as u32 {
+            let batcher = batcher.clone();
+            busy.push(tokio::spawn(async move { batcher.submit(i).await }));
+            batches_started(&batches, i as usize + 1).await;
+        }
+        let abandoned = {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.submit(99).await })
+        };
+        // The batcher holds call 99 while it waits for a slot: the caller goes now.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        abandoned.abort();
+        gate.add_permits(1_000);
+        for call in busy {
+            call.await.unwrap().unwrap();
+        }
+        assert_eq!(batcher.submit(100).await.unwrap(), 100);
+        let seen: Vec<u32> = batches.lock().unwrap().iter().flatten().copied().collect();
+        assert_eq!(seen, vec![0, 1, 2, 3, 100]);
+    }
+}

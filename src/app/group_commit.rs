@@ -10,14 +10,20 @@
 //!
 //! Invariants: a call is answered only by its batch's runner, after that batch committed or
 //! rolled back; a call whose caller has gone (deadline, disconnect: its answer channel is
-//! closed) before its batch starts is dropped from it and leaves nothing. With a maximum of 1
+//! closed) before its batch starts is dropped from it and leaves nothing. A runner may also
+//! leave out calls whose callers went while it waited for row locks ([`Callers`]), as long as
+//! it has written nothing for them yet. With a maximum of 1
 //! there is no batcher at all: each call runs alone in its own task, as before batching.
 //!
 //! Cancel safety: the runner runs in a spawned task that the caller only awaits, so once a
 //! batch has started, dropping a caller's future changes nothing for the batch: its calls commit
 //! or roll back together.
 
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Weak},
+};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
@@ -36,13 +42,29 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Runs a batch of calls in one transaction and answers each, in the order given. `alone` is
 /// true for a call run by itself (batching off, or a call a batch could not take).
-pub type Runner<C, A> = Arc<dyn Fn(Vec<C>, bool) -> BoxFuture<Vec<A>> + Send + Sync>;
+pub type Runner<C, A> = Arc<dyn Fn(Vec<C>, bool, Callers) -> BoxFuture<Vec<A>> + Send + Sync>;
+
+/// Whether the callers of a batch's calls still wait for their answers: each caller holds a
+/// token while it waits, and dropping its future (deadline, disconnect) drops the token. A
+/// batch waits longest for row locks; a call whose caller left meanwhile can still be left
+/// out if nothing was written for it.
+#[derive(Clone, Default)]
+pub struct Callers(Vec<Weak<()>>);
+
+impl Callers {
+    /// True when the caller of the `i`-th call has gone.
+    pub fn gone(&self, i: usize) -> bool {
+        self.0.get(i).is_some_and(|t| t.strong_count() == 0)
+    }
+}
 
 struct Queued<C, A> {
     call: C,
     reply: oneshot::Sender<A>,
     /// The caller's span, which the batch's span links to.
     span: tracing::Span,
+    /// Alive while the caller waits.
+    waiting: Weak<()>,
 }
 
 /// The batcher is gone (the server is stopping) or a batch task panicked.
@@ -66,6 +88,22 @@ pub enum Step {
     Refused(AppError),
     /// Accepted: the index of its row among the rows the batch writes.
     Done(usize),
+}
+
+/// The calls of `open` whose callers still wait; the others are marked refused (their callers
+/// will never read it) so that nothing is written for them and their key claims are given
+/// back.
+pub fn left_in(open: &[usize], callers: &Callers, steps: &mut [Step]) -> Vec<usize> {
+    open.iter()
+        .copied()
+        .filter(|&i| {
+            let gone = callers.gone(i);
+            if gone {
+                steps[i] = Step::Refused(AppError::DeadlineExceeded);
+            }
+            !gone
+        })
+        .collect()
 }
 
 /// The answer of every call in a batch that failed as a whole (a connection lost, the commit
@@ -105,20 +143,29 @@ impl<C: Send + 'static, A: Send + 'static> GroupCommit<C, A> {
             return self.alone(call).await;
         };
         let (reply, answer) = oneshot::channel();
+        let waiting = Arc::new(());
         let queued = Queued {
             call,
             reply,
             span: tracing::Span::current(),
+            waiting: Arc::downgrade(&waiting),
         };
         queue.send(queued).await.map_err(|_| Stopped)?;
-        answer.await.map_err(|_| Stopped)
+        let answer = answer.await.map_err(|_| Stopped);
+        drop(waiting);
+        answer
     }
 
     /// Runs `call` by itself, in a task of its own (so that it finishes even if the caller goes).
     pub async fn alone(&self, call: C) -> Result<A, Stopped> {
         let runner = self.runner.clone();
-        let batch = tokio::spawn(async move { runner(vec![call], true).await }.in_current_span());
-        let mut answers = batch.await.map_err(|_| Stopped)?;
+        let waiting = Arc::new(());
+        let callers = Callers(vec![Arc::downgrade(&waiting)]);
+        let batch =
+            tokio::spawn(async move { runner(vec![call], true, callers).await }.in_current_span());
+        let answers = batch.await.map_err(|_| Stopped);
+        drop(waiting);
+        let mut answers = answers?;
         answers.pop().ok_or(Stopped)
     }
 }
@@ -152,9 +199,10 @@ async fn batch_calls<C: Send + 'static, A: Send + 'static>(
             // A root of its own, linked to every caller's span: each call's trace leads to the
             // batch that did its Postgres work.
             let span = telemetry::batch(name, batch.iter().map(|q| &q.span));
+            let callers = Callers(batch.iter().map(|q| q.waiting.clone()).collect());
             let (calls, waiting): (Vec<C>, Vec<_>) =
                 batch.into_iter().map(|q| (q.call, q.reply)).unzip();
-            let answers = runner(calls, false).instrument(span).await;
+            let answers = runner(calls, false, callers).instrument(span).await;
             for (reply, answer) in waiting.into_iter().zip(answers) {
                 let _ = reply.send(answer);
             }
@@ -174,7 +222,7 @@ mod tests {
     /// A runner that records the calls of each batch, then holds the batch until `gate` lets it
     /// finish, and answers each call with itself.
     fn gated(batches: Arc<Mutex<Vec<Vec<u32>>>>, gate: Arc<Semaphore>) -> Runner<u32, u32> {
-        Arc::new(move |calls: Vec<u32>, _alone| {
+        Arc::new(move |calls: Vec<u32>, _alone, _callers| {
             batches.lock().unwrap().push(calls.clone());
             let gate = gate.clone();
             Box::pin(async move {
@@ -283,5 +331,50 @@ mod tests {
         assert_eq!(batcher.submit(100).await.unwrap(), 100);
         let seen: Vec<u32> = batches.lock().unwrap().iter().flatten().copied().collect();
         assert_eq!(seen, vec![0, 1, 2, 3, 100]);
+    }
+
+    #[tokio::test]
+    async fn a_runner_sees_which_callers_left_while_it_waited() {
+        let gate = Arc::new(Semaphore::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let runner: Runner<u32, u32> = {
+            let (gate, seen) = (gate.clone(), seen.clone());
+            Arc::new(move |calls: Vec<u32>, _alone, callers: Callers| {
+                let (gate, seen) = (gate.clone(), seen.clone());
+                Box::pin(async move {
+                    // The batch has started: it waits here as it would for a row lock.
+                    gate.acquire().await.unwrap().forget();
+                    let mut steps: Vec<Step> = calls.iter().map(|_| Step::Open).collect();
+                    let open: Vec<usize> = (0..calls.len()).collect();
+                    let kept = left_in(&open, &callers, &mut steps);
+                    let kept: Vec<u32> = kept.iter().map(|&i| calls[i]).collect();
+                    seen.lock().unwrap().push(kept);
+                    calls
+                })
+            })
+        };
+        let batcher = Arc::new(GroupCommit::start("test", 1, runner));
+        let stays = {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.submit(1).await })
+        };
+        let leaves = {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.submit(2).await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        leaves.abort();
+        let _ = leaves.await;
+        gate.add_permits(2);
+        assert_eq!(stays.await.unwrap().unwrap(), 1);
+        // The abandoned call's task still runs to its end, where it finds its caller gone.
+        while seen.lock().unwrap().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(seen, vec![vec![], vec![1]]);
     }
 }

@@ -23,8 +23,13 @@
 //! - the orders that passed are written by one statement of multi-row inserts (UNNEST), their
 //!   keys' results by another, and the batch commits. Nobody hears OK before that commit.
 //!
+//! Checkout places its order by the same rules ([`PlaceBatch::decide_and_write`], one call,
+//! not batched) inside the cart's transaction, which it commits with the emptied cart.
+//!
 //! Cancel safety: a batch runs in a task of its own, so it commits or rolls back whatever its
-//! callers do; an order whose caller left before its batch started is not placed at all.
+//! callers do; an order whose caller left before its batch started, or while the batch waited
+//! for its row locks (a hot product held by another transaction: a deadline passes), is not
+//! placed at all, so an abandoned order holds no stock or coupon.
 //! Cancelling and expiring are each one transaction, so a call dropped before its commit leaves
 //! nothing. After a commit that gave stock back, the sold-out markers are cleared in a task of
 //! their own, which finishes even if the caller has gone.
@@ -39,7 +44,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tracing::Instrument as _;
 
 use super::{
-    group_commit::{GroupCommit, Step, batch_failed},
+    group_commit::{Callers, GroupCommit, Step, batch_failed, left_in},
     idempotency::{BatchKeys, Keyed, call_keys, claim_batch, saved_result, settle_batch},
     rate_limit::{LimitedCall, UserRateLimit},
     sold_out::SoldOut,
@@ -125,7 +130,9 @@ impl Orders {
         let placing = GroupCommit::start(
             "orders.place_batch",
             write_batch_max,
-            Arc::new(move |calls, alone| Box::pin(runner.clone().run(calls, alone))),
+            Arc::new(move |calls, alone, callers| {
+                Box::pin(runner.clone().run(calls, alone, callers))
+            }),
         );
         Self {
             pg,
@@ -181,6 +188,7 @@ impl Orders {
                 &mut tx,
                 std::slice::from_ref(cmd),
                 &[0],
+                &Callers::default(),
                 &mut steps,
                 &mut sold_out,
             )
@@ -322,12 +330,24 @@ struct PlaceBatch {
 }
 
 impl PlaceBatch {
-    async fn run(self: Arc<Self>, calls: Vec<PlaceOrderCommand>, alone: bool) -> Vec<Placed> {
+    async fn run(
+        self: Arc<Self>,
+        calls: Vec<PlaceOrderCommand>,
+        alone: bool,
+        callers: Callers,
+    ) -> Vec<Placed> {
         let mut steps: Vec<Step> = calls.iter().map(|_| Step::Open).collect();
         let mut placed = Vec::new();
         let mut sold_out = BTreeMap::new();
         if let Err(e) = self
-            .decide_and_commit(&calls, alone, &mut steps, &mut placed, &mut sold_out)
+            .decide_and_commit(
+                &calls,
+                alone,
+                &callers,
+                &mut steps,
+                &mut placed,
+                &mut sold_out,
+            )
             .await
         {
             return calls
@@ -369,6 +389,7 @@ impl PlaceBatch {
         &self,
         calls: &[PlaceOrderCommand],
         alone: bool,
+        callers: &Callers,
         steps: &mut [Step],
         placed: &mut Vec<Order>,
         sold_out: &mut BTreeMap<ProductId, i64>,
@@ -380,7 +401,7 @@ impl PlaceBatch {
         let BatchKeys { fresh, open } =
             claim_batch(&mut tx, Operation::PlaceOrder, &keys, alone, steps).await?;
         *placed = self
-            .decide_and_write(&mut tx, calls, &open, steps, sold_out)
+            .decide_and_write(&mut tx, calls, &open, callers, steps, sold_out)
             .await?;
         if placed.is_empty() {
             // Nothing to keep: the claims of the refused orders go with the rollback.
@@ -403,6 +424,7 @@ impl PlaceBatch {
         tx: &mut PgConnection,
         calls: &[PlaceOrderCommand],
         open: &[usize],
+        callers: &Callers,
         steps: &mut [Step],
         sold_out: &mut BTreeMap<ProductId, i64>,
     ) -> Result<Vec<Order>, StoreError> {
@@ -440,10 +462,15 @@ impl PlaceBatch {
                 .collect()
         };
 
+        // The locks are where a batch waits (a hot product): an order whose caller left
+        // meanwhile (deadline, disconnect) is left out now, before anything is taken for it,
+        // and its key claim is given back.
+        let open = left_in(open, callers, steps);
+
         // Order by order, as if alone, against the rows as the earlier ones left them.
         let now = chrono::Utc::now();
         let mut new = Vec::new();
-        for &i in open {
+        for i in open {
             let cmd = &calls[i];
             let balance = balances.get(&cmd.user_id).copied().unwrap_or(Won::ZERO);
             steps[i] = match decide(cmd, balance, &mut coupons, &mut products, now) {

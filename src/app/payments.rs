@@ -18,7 +18,8 @@
 //! commits before anyone hears OK.
 //!
 //! Cancel safety: a batch runs in a task of its own, so it commits or rolls back whatever its
-//! callers do; a payment whose caller left before its batch started is not made at all. After
+//! callers do; a payment whose caller left before its batch started, or while the batch waited
+//! for its row locks, is not made at all. After
 //! the commit, the ranking bump runs in its own task and finishes regardless.
 
 use std::{collections::HashMap, sync::Arc};
@@ -31,7 +32,7 @@ use uuid::Uuid;
 
 use super::{
     Popular,
-    group_commit::{GroupCommit, Step, batch_failed},
+    group_commit::{Callers, GroupCommit, Step, batch_failed, left_in},
     idempotency::{BatchKeys, Keyed, call_keys, claim_batch, saved_result, settle_batch},
     popular::Sale,
     rate_limit::{LimitedCall, UserRateLimit},
@@ -120,7 +121,9 @@ impl Payments {
         let paying = GroupCommit::start(
             "payments.pay_batch",
             write_batch_max,
-            Arc::new(move |calls, alone| Box::pin(batch.clone().run(calls, alone))),
+            Arc::new(move |calls, alone, callers| {
+                Box::pin(batch.clone().run(calls, alone, callers))
+            }),
         );
         Self {
             pg,
@@ -206,11 +209,11 @@ struct PayBatch {
 }
 
 impl PayBatch {
-    async fn run(self: Arc<Self>, calls: Vec<Paying>, alone: bool) -> Vec<Paid> {
+    async fn run(self: Arc<Self>, calls: Vec<Paying>, alone: bool, callers: Callers) -> Vec<Paid> {
         let mut steps: Vec<Step> = calls.iter().map(|_| Step::Open).collect();
         let mut made = Vec::new();
         let tx = match self
-            .decide_and_commit(&calls, alone, &mut steps, &mut made)
+            .decide_and_commit(&calls, alone, &callers, &mut steps, &mut made)
             .await
         {
             Ok(tx) => tx,
@@ -247,6 +250,7 @@ impl PayBatch {
         &self,
         calls: &[Paying],
         alone: bool,
+        callers: &Callers,
         steps: &mut [Step],
         made: &mut Vec<(Payment, Vec<OrderItem>)>,
     ) -> Result<Option<TxId>, StoreError> {
@@ -289,10 +293,13 @@ impl PayBatch {
             }
         }
 
+        // A payment whose caller left while the batch waited for those locks is left out.
+        let open = left_in(&open, callers, steps);
+
         // 3. Payment by payment, as if alone, against the rows as the earlier ones left them.
         let now = Utc::now();
         let mut paying: Vec<(usize, OrderRow, Won)> = Vec::new();
-        for &i in &open {
+        for i in open {
             let cmd = &calls[i].cmd;
             steps[i] = match decide(cmd, &mut orders, &mut balances, now) {
                 Ok((order, balance_after)) => {

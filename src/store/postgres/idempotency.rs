@@ -225,8 +225,10 @@ pub async fn claim_many(
              k.result_id AS result
          FROM req r JOIN locked l USING (ord)
          LEFT JOIN ins i ON i.user_id = r.user_id AND i.idempotency_key = r.key
-         LEFT JOIN idempotency_keys k
-             ON k.user_id = r.user_id AND k.operation = $4 AND k.idempotency_key = r.key
+         LEFT JOIN LATERAL (
+             SELECT request_fingerprint, result_id FROM idempotency_keys
+             WHERE user_id = r.user_id AND operation = $4 AND idempotency_key = r.key
+         ) k ON true
          ORDER BY r.ord",
     )
     .bind(&users)
@@ -277,12 +279,12 @@ pub async fn settle_many(
              UPDATE idempotency_keys k SET result_id = r.result
              FROM req r
              WHERE r.result IS NOT NULL AND k.user_id = r.user_id AND k.operation = $4
-                 AND k.idempotency_key = r.key
+                 AND k.idempotency_key = r.key AND k.user_id = ANY($1)
          )
          DELETE FROM idempotency_keys k
          USING req r
          WHERE r.result IS NULL AND k.user_id = r.user_id AND k.operation = $4
-             AND k.idempotency_key = r.key",
+             AND k.idempotency_key = r.key AND k.user_id = ANY($1)",
     )
     .bind(&users)
     .bind(&keys)

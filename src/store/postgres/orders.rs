@@ -176,7 +176,7 @@ pub async fn insert_many(
          stock AS (
              UPDATE products p SET stock = p.stock - d.units, updated_at = now()
              FROM unnest($1::bigint[], $2::bigint[]) AS d(id, units)
-             WHERE p.id = d.id
+             WHERE p.id = d.id AND p.id = ANY($1)
          ),
          o AS (
              INSERT INTO orders (id, user_id, status, total_amount, discount_amount,
@@ -201,7 +201,7 @@ pub async fn insert_many(
              UPDATE user_coupons uc SET status = 'RESERVED', order_id = ids.id
              FROM unnest($7::bigint[]) WITH ORDINALITY AS c(id, ord)
              JOIN ids USING (ord)
-             WHERE uc.id = c.id
+             WHERE uc.id = c.id AND uc.id = ANY($7)
          )
          SELECT o.* FROM o JOIN ids ON ids.id = o.id ORDER BY ids.ord"
     ))

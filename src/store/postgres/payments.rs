@@ -69,6 +69,9 @@ pub struct PaymentRecord {
 /// balances must be locked by this transaction and checked. Also returns the transaction's id,
 /// shared by every payment of the batch: once committed, it tells which snapshots see them
 /// (the ranking counts each payment once).
+///
+/// Each join with the request arrays also names its keys with `= ANY(...)`: the planner
+/// cannot see an UNNEST's size and would otherwise scan a large table to hash it.
 #[tracing::instrument(target = "otel", name = "payments.record_batch", skip_all, fields(db.system = "postgresql"))]
 pub async fn record_many(
     tx: &mut PgConnection,
@@ -103,7 +106,7 @@ pub async fn record_many(
          debit AS (
              UPDATE user_balances b SET balance = b.balance - d.total, updated_at = now()
              FROM unnest($7::bigint[], $8::bigint[]) AS d(user_id, total)
-             WHERE b.user_id = d.user_id AND d.total > 0
+             WHERE b.user_id = d.user_id AND d.total > 0 AND b.user_id = ANY($7)
          ),
          ledger AS (
              INSERT INTO balance_history (user_id, kind, amount, balance_after, order_id)
@@ -119,12 +122,13 @@ pub async fn record_many(
          ),
          paid AS (
              UPDATE orders o SET status = 'PAID', paid_at = $9
-             FROM req r WHERE o.id = r.order_id
+             WHERE o.id = ANY($2)
          ),
          used AS (
              UPDATE user_coupons uc SET status = 'USED', used_at = now()
              FROM req r
              WHERE uc.id = r.coupon AND uc.order_id = r.order_id AND uc.status = 'RESERVED'
+                 AND uc.id = ANY($6)
          )
          SELECT pg_current_xact_id()::text",
     )

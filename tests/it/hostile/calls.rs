@@ -5,11 +5,12 @@
 use std::fmt;
 
 use ecommerce::proto::{
-    AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CreateCouponRequest,
-    CreateProductRequest, GetBalanceRequest, GetCouponRequest, GetOrderRequest,
-    GetPopularProductsRequest, GetProductRequest, IssueCouponRequest, ListBalanceHistoryRequest,
-    ListParkedEventsRequest, ListProductsRequest, ListUserCouponsRequest, PayRequest,
-    PlaceOrderRequest, RedriveEventsRequest, UpdateProductRequest,
+    AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CheckoutRequest, ClearRequest,
+    CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest, GetCouponRequest,
+    GetOrderRequest, GetPopularProductsRequest, GetProductRequest, IssueCouponRequest,
+    ListBalanceHistoryRequest, ListParkedEventsRequest, ListProductsRequest,
+    ListUserCouponsRequest, PayRequest, PlaceOrderRequest, RedriveEventsRequest, RemoveItemRequest,
+    SetItemRequest, UpdateProductRequest,
 };
 use prost::Message;
 use tonic::Status;
@@ -39,6 +40,11 @@ pub(super) enum Call {
     GetOrder(GetOrderRequest),
     CancelOrder(CancelOrderRequest),
     Pay(PayRequest),
+    GetCart(GetCartRequest),
+    SetItem(SetItemRequest),
+    RemoveItem(RemoveItemRequest),
+    Clear(ClearRequest),
+    Checkout(CheckoutRequest),
     CreateProduct(Auth, CreateProductRequest),
     UpdateProduct(Auth, UpdateProductRequest),
     AdjustStock(Auth, AdjustStockRequest),
@@ -68,6 +74,11 @@ impl fmt::Debug for Call {
             Call::UpdateProduct(a, r) => format!("{a:?} {r:?}"),
             Call::AdjustStock(a, r) => format!("{a:?} {r:?}"),
             Call::CreateCoupon(a, r) => format!("{a:?} {r:?}"),
+            Call::GetCart(r) => format!("{r:?}"),
+            Call::SetItem(r) => format!("{r:?}"),
+            Call::RemoveItem(r) => format!("{r:?}"),
+            Call::Clear(r) => format!("{r:?}"),
+            Call::Checkout(r) => format!("{r:?}"),
             Call::ListParkedEvents(a, r) => format!("{a:?} {r:?}"),
             Call::RedriveEvents(a, r) => format!("{a:?} {r:?}"),
         };
@@ -102,6 +113,11 @@ impl Call {
             Call::GetOrder(_) => "GetOrder",
             Call::CancelOrder(_) => "CancelOrder",
             Call::Pay(_) => "Pay",
+            Call::GetCart(_) => "GetCart",
+            Call::SetItem(_) => "SetItem",
+            Call::RemoveItem(_) => "RemoveItem",
+            Call::Clear(_) => "Clear",
+            Call::Checkout(_) => "Checkout",
             Call::CreateProduct(Auth::Admin, _) => "CreateProduct",
             Call::CreateProduct(..) => "CreateProduct (no token)",
             Call::UpdateProduct(Auth::Admin, _) => "UpdateProduct",
@@ -128,6 +144,7 @@ impl Call {
                 | Call::GetCoupon(_)
                 | Call::ListUserCoupons(_)
                 | Call::GetOrder(_)
+                | Call::GetCart(_)
                 | Call::ListParkedEvents(..)
         )
     }
@@ -159,6 +176,11 @@ impl Call {
             Call::GetOrder(r) => r.encoded_len(),
             Call::CancelOrder(r) => r.encoded_len(),
             Call::Pay(r) => r.encoded_len(),
+            Call::GetCart(r) => r.encoded_len(),
+            Call::SetItem(r) => r.encoded_len(),
+            Call::RemoveItem(r) => r.encoded_len(),
+            Call::Clear(r) => r.encoded_len(),
+            Call::Checkout(r) => r.encoded_len(),
             Call::CreateProduct(_, r) => r.encoded_len(),
             Call::UpdateProduct(_, r) => r.encoded_len(),
             Call::AdjustStock(_, r) => r.encoded_len(),
@@ -189,6 +211,11 @@ impl Call {
             Call::GetOrder(r) => app.orders().get_order(r).await.map(drop),
             Call::CancelOrder(r) => app.orders().cancel_order(r).await.map(drop),
             Call::Pay(r) => app.payments().pay(r).await.map(drop),
+            Call::GetCart(r) => app.carts().get_cart(r).await.map(drop),
+            Call::SetItem(r) => app.carts().set_item(r).await.map(drop),
+            Call::RemoveItem(r) => app.carts().remove_item(r).await.map(drop),
+            Call::Clear(r) => app.carts().clear(r).await.map(drop),
+            Call::Checkout(r) => app.carts().checkout(r).await.map(drop),
             Call::CreateProduct(a, r) => admin(a).create_product(r).await.map(drop),
             Call::UpdateProduct(a, r) => admin(a).update_product(r).await.map(drop),
             Call::AdjustStock(a, r) => admin(a).adjust_stock(r).await.map(drop),

@@ -2,11 +2,12 @@
 //! each gets, and the draw that turns a seed into one shuffled list of calls.
 
 use ecommerce::proto::{
-    AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CreateCouponRequest,
-    CreateProductRequest, GetBalanceRequest, GetCouponRequest, GetOrderRequest,
-    GetPopularProductsRequest, GetProductRequest, IssueCouponRequest, ListBalanceHistoryRequest,
-    ListParkedEventsRequest, ListProductsRequest, ListUserCouponsRequest, PayRequest,
-    PlaceOrderRequest, RedriveEventsRequest, UpdateProductRequest,
+    AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CheckoutRequest, ClearRequest,
+    CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest, GetCouponRequest,
+    GetOrderRequest, GetPopularProductsRequest, GetProductRequest, IssueCouponRequest,
+    ListBalanceHistoryRequest, ListParkedEventsRequest, ListProductsRequest,
+    ListUserCouponsRequest, PayRequest, PlaceOrderRequest, RedriveEventsRequest, RemoveItemRequest,
+    SetItemRequest, UpdateProductRequest,
 };
 use proptest::{
     prelude::*,
@@ -253,6 +254,57 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
                     Call::Pay(PayRequest {
                         order_id,
                         user_id,
+                        idempotency_key,
+                    })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            user_id()
+                .prop_map(|user_id| Call::GetCart(GetCartRequest { user_id }))
+                .boxed(),
+            CASES,
+        ),
+        (
+            (user_id(), id(), int32(0..=1000))
+                .prop_map(|(user_id, product_id, quantity)| {
+                    Call::SetItem(SetItemRequest {
+                        user_id,
+                        product_id,
+                        quantity,
+                    })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            (user_id(), id())
+                .prop_map(|(user_id, product_id)| {
+                    Call::RemoveItem(RemoveItemRequest {
+                        user_id,
+                        product_id,
+                    })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (
+            user_id()
+                .prop_map(|user_id| Call::Clear(ClearRequest { user_id }))
+                .boxed(),
+            CASES,
+        ),
+        (
+            (
+                user_id(),
+                prop_oneof![3 => Just(0i64), 2 => id()],
+                idempotency_key(),
+            )
+                .prop_map(|(user_id, user_coupon_id, idempotency_key)| {
+                    Call::Checkout(CheckoutRequest {
+                        user_id,
+                        user_coupon_id,
                         idempotency_key,
                     })
                 })

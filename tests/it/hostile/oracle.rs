@@ -55,6 +55,13 @@ impl Call {
             Call::GetOrder(r) => bad(r.order_id) || bad(r.user_id),
             Call::CancelOrder(r) => bad(r.order_id) || bad(r.user_id),
             Call::Pay(r) => bad(r.order_id) || bad(r.user_id),
+            Call::GetCart(r) => bad(r.user_id),
+            Call::SetItem(r) => {
+                bad(r.user_id) || bad(r.product_id) || !(0..=1000).contains(&r.quantity)
+            }
+            Call::RemoveItem(r) => bad(r.user_id) || bad(r.product_id),
+            Call::Clear(r) => bad(r.user_id),
+            Call::Checkout(r) => bad(r.user_id) || r.user_coupon_id < 0,
             Call::CreateProduct(_, r) => r.price < 0 || r.stock < 0 || !(1..=3).contains(&r.status),
             Call::UpdateProduct(_, r) => {
                 bad(r.product_id)
@@ -108,7 +115,11 @@ SELECT concat_ws(' | ',
   (SELECT format('order_items %s/%s', count(*), coalesce(sum(quantity), 0)) FROM order_items),
   (SELECT format('payments %s/%s', count(*), coalesce(sum(amount), 0)) FROM payments),
   (SELECT format('outbox_events %s', count(*)) FROM outbox_events),
-  (SELECT format('idempotency_keys %s', count(*)) FROM idempotency_keys)
+  (SELECT format('idempotency_keys %s', count(*)) FROM idempotency_keys),
+  (SELECT format('cart_items %s/%s/%s', count(*), coalesce(sum(quantity), 0),
+                 md5(coalesce(string_agg(concat_ws(':', user_id, product_id, quantity), ','
+                                         ORDER BY user_id, product_id), '')))
+     FROM cart_items)
 )";
 
 pub(super) async fn fingerprint(app: &TestApp) -> String {

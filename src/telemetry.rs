@@ -137,16 +137,25 @@ pub fn batch<'a>(name: &'static str, callers: impl IntoIterator<Item = &'a Span>
         return Span::none();
     }
     let span = tracing::info_span!(target: SPANS, parent: None, "batch", otel.name = name, batch.size = Empty);
+    link_all(
+        &span,
+        callers
+            .into_iter()
+            .map(|caller| Some(caller.context().span().span_context().clone())),
+    );
+    span
+}
+
+/// Links `span` to each valid context of `linked` and records how many there were.
+fn link_all(span: &Span, linked: impl Iterator<Item = Option<opentelemetry::trace::SpanContext>>) {
     let mut size = 0_u64;
-    for caller in callers {
+    for context in linked {
         size += 1;
-        let context = caller.context().span().span_context().clone();
-        if context.is_valid() {
+        if let Some(context) = context.filter(|c| c.is_valid()) {
             span.add_link(context);
         }
     }
     span.record("batch.size", size);
-    span
 }
 
 /// A W3C trace context as it travels in headers: `traceparent` and, when set, `tracestate`.
@@ -184,8 +193,7 @@ impl TraceContext {
             fields.0.insert("tracestate".into(), state.clone());
         }
         let context = global::get_text_map_propagator(|p| p.extract(&fields));
-        let span = context.span().span_context().clone();
-        span.is_valid().then_some(span)
+        Some(context.span().span_context().clone())
     }
 }
 
@@ -210,21 +218,14 @@ impl opentelemetry::propagation::Extractor for Fields {
 
 /// The span of one delivery to the data platform: a root linked to the trace of every event
 /// it carries (each written by a payment's call), whose own context is what a batch's request
-/// carries. Disabled while tracing is off.
-pub fn delivery<'a>(events: impl IntoIterator<Item = &'a TraceContext>) -> (Span, TraceContext) {
+/// carries. Disabled while tracing is off, and `events` is then not even read.
+pub fn delivery(events: impl IntoIterator<Item = TraceContext>) -> (Span, TraceContext) {
     if !tracing_on() {
         return (Span::none(), TraceContext::default());
     }
     let span = tracing::info_span!(target: SPANS, parent: None, "delivery",
         otel.name = "outbox.deliver", otel.kind = "producer", batch.size = Empty);
-    let mut size = 0_u64;
-    for event in events {
-        size += 1;
-        if let Some(linked) = event.span_context() {
-            span.add_link(linked);
-        }
-    }
-    span.record("batch.size", size);
+    link_all(&span, events.into_iter().map(|e| e.span_context()));
     let context = TraceContext::of(&span.context());
     (span, context)
 }

@@ -27,7 +27,7 @@ use crate::{
             outbox::{self, Backoff, OutboxEvent},
         },
     },
-    telemetry::{self, TraceContext},
+    telemetry,
 };
 use tracing::Instrument as _;
 
@@ -109,12 +109,7 @@ impl Outbox {
         if events.is_empty() {
             return Ok((DeliveryReport::default(), 0, false));
         }
-        let contexts: Vec<TraceContext> = if telemetry::tracing_on() {
-            events.iter().map(OutboxEvent::trace_context).collect()
-        } else {
-            Vec::new()
-        };
-        let (span, trace) = telemetry::delivery(&contexts);
+        let (span, trace) = telemetry::delivery(events.iter().map(OutboxEvent::trace_context));
         let verdicts = self.sink.deliver(&events, &trace).instrument(span).await;
         let mut accepted = Vec::new();
         let (mut refused, mut refusals) = (Vec::new(), Vec::new());

@@ -216,6 +216,20 @@ impl From<StoreError> for AppError {
     }
 }
 
+/// The same mapping for one failure shared by many calls (a write batch's): each call gets its
+/// own error, with the failure's words.
+impl From<&StoreError> for AppError {
+    fn from(error: &StoreError) -> Self {
+        match error {
+            StoreError::Unavailable { dependency, source } => AppError::Unavailable {
+                dependency: *dependency,
+                source: source.to_string().into(),
+            },
+            other => AppError::internal(other.to_string()),
+        }
+    }
+}
+
 impl From<sqlx::Error> for AppError {
     fn from(error: sqlx::Error) -> Self {
         StoreError::from(error).into()

@@ -28,11 +28,7 @@ use std::{
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::{
-    error::AppError,
-    store::{Dependency, StoreError},
-    telemetry,
-};
+use crate::{error::AppError, telemetry};
 
 /// Batches of one flow running at once. More lets batches on distinct rows overlap; batches on
 /// one hot row wait for each other's commit anyway, and their queue is what lets the next grow.
@@ -104,19 +100,6 @@ pub fn left_in(open: &[usize], callers: &Callers, steps: &mut [Step]) -> Vec<usi
             !gone
         })
         .collect()
-}
-
-/// The answer of every call in a batch that failed as a whole (a connection lost, the commit
-/// refused): each call gets its own copy of the error.
-pub fn batch_failed(error: &StoreError) -> AppError {
-    if error.is_unavailable() {
-        AppError::Unavailable {
-            dependency: Dependency::Postgres,
-            source: error.to_string().into(),
-        }
-    } else {
-        AppError::internal(error.to_string())
-    }
 }
 
 pub struct GroupCommit<C, A> {

@@ -44,7 +44,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tracing::Instrument as _;
 
 use super::{
-    group_commit::{Callers, GroupCommit, Step, batch_failed, left_in},
+    group_commit::{Callers, GroupCommit, Step, left_in},
     idempotency::{BatchKeys, Keyed, call_keys, claim_batch, saved_result, settle_batch},
     rate_limit::{LimitedCall, UserRateLimit},
     sold_out::SoldOut,
@@ -352,7 +352,7 @@ impl PlaceBatch {
         {
             return calls
                 .into_iter()
-                .map(|_| Placed::Answer(Err(batch_failed(&e))))
+                .map(|_| Placed::Answer(Err(AppError::from(&e))))
                 .collect();
         }
         // Only now, with the batch committed (or nothing to commit), are the markers true.

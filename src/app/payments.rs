@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use super::{
     Popular,
-    group_commit::{Callers, GroupCommit, Step, batch_failed, left_in},
+    group_commit::{Callers, GroupCommit, Step, left_in},
     idempotency::{BatchKeys, Keyed, call_keys, claim_batch, saved_result, settle_batch},
     popular::Sale,
     rate_limit::{LimitedCall, UserRateLimit},
@@ -220,7 +220,7 @@ impl PayBatch {
             Err(e) => {
                 return calls
                     .into_iter()
-                    .map(|_| Paid::Replayed(Err(batch_failed(&e))))
+                    .map(|_| Paid::Replayed(Err(AppError::from(&e))))
                     .collect();
             }
         };

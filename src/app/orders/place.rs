@@ -1,38 +1,10 @@
-//! Placing, reading, cancelling and expiring orders.
+//! Placing orders: PlaceOrder's batches and Checkout's one order in the cart's transaction.
 //!
 //! Invariant: an order reserves all its stock and its coupon, priced and checked against the
-//! balance, in one transaction, or leaves no trace; cancelling or expiring an open order gives
-//! back exactly what it held. Orders without an idempotency key for a product known to be sold
-//! out are refused from Redis without touching Postgres; keyed orders look their key up first,
-//! so a retry of a success is never refused by that shortcut.
-//!
-//! Placing is group-committed ([`super::group_commit`]): concurrent orders are placed by one
-//! transaction, so a hot product's row is locked once and its stock taken once (`stock - sum`)
-//! for the whole batch, and one WAL flush commits them all. Each order still gets exactly the
-//! answer it would get alone, because the batch decides order by order, in queue order, as if
-//! they ran one after another (see [`PlaceBatch`]):
-//! - the idempotency key is looked up before the order joins a batch (a replay or a reused key
-//!   never enters one) and claimed in the batch without waiting (a key another transaction is
-//!   claiming sends its order to run alone, where it waits for that transaction as before);
-//! - every coupon, then every product of the batch is locked (ascending ids: the global lock
-//!   order, orders → coupons → products, which cancels and expiry follow too, so batches never
-//!   deadlock with them or with each other, on this replica or another) and read once;
-//! - each order is then checked against those rows as the earlier orders of the batch left
-//!   them; one that fails (unknown product, not selling, out of stock, bad coupon, balance too
-//!   low) takes nothing and changes nothing for the others; its key claim is given back;
-//! - the orders that passed are written by one statement of multi-row inserts (UNNEST), their
-//!   keys' results by another, and the batch commits. Nobody hears OK before that commit.
-//!
-//! Checkout places its order by the same rules ([`PlaceBatch::decide_and_write`], one call,
-//! not batched) inside the cart's transaction, which it commits with the emptied cart.
-//!
-//! Cancel safety: a batch runs in a task of its own, so it commits or rolls back whatever its
-//! callers do; an order whose caller left before its batch started, or while the batch waited
-//! for its row locks (a hot product held by another transaction: a deadline passes), is not
-//! placed at all, so an abandoned order holds no stock or coupon.
-//! Cancelling and expiring are each one transaction, so a call dropped before its commit leaves
-//! nothing. After a commit that gave stock back, the sold-out markers are cleared in a task of
-//! their own, which finishes even if the caller has gone.
+//! balance, in one transaction, or leaves no trace; each order of a batch gets the answer it
+//! would get alone (the parent module's docs say how). Cancel safety: a batch runs in a task of
+//! its own ([`super::super::group_commit`]); an order whose caller left before its batch
+//! started, or while the batch waited for its row locks, is not placed at all.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -43,16 +15,17 @@ use std::{
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use tracing::Instrument as _;
 
-use super::{
-    group_commit::{Callers, GroupCommit, Step, left_in},
-    idempotency::{BatchKeys, Keyed, call_keys, claim_batch, saved_result, settle_batch},
-    rate_limit::{LimitedCall, UserRateLimit},
-    sold_out::SoldOut,
-};
+use super::{Orders, PlaceOrderCommand};
 use crate::{
+    app::{
+        group_commit::{Callers, Step, left_in},
+        idempotency::{BatchKeys, call_keys, claim_batch, saved_result, settle_batch},
+        rate_limit::LimitedCall,
+        sold_out::SoldOut,
+    },
     domain::{
-        IdempotencyKey, Order, OrderId, OrderLines, OrderStatus, Pricing, ProductId, UserCoupon,
-        UserCouponId, UserCouponStatus, UserId, ValidationError, Won,
+        Order, OrderId, Pricing, ProductId, UserCoupon, UserCouponId, UserCouponStatus, UserId,
+        ValidationError, Won,
     },
     error::{AppError, Resource},
     metrics,
@@ -67,82 +40,7 @@ use crate::{
     telemetry,
 };
 
-pub struct PlaceOrderCommand {
-    pub user_id: UserId,
-    pub lines: OrderLines,
-    pub user_coupon_id: Option<UserCouponId>,
-    pub idempotency_key: Option<IdempotencyKey>,
-}
-
-impl Keyed for PlaceOrderCommand {
-    fn user_id(&self) -> UserId {
-        self.user_id
-    }
-
-    fn key(&self) -> Option<&IdempotencyKey> {
-        self.idempotency_key.as_ref()
-    }
-
-    fn fingerprint(&self) -> String {
-        format!(
-            "{};coupon={}",
-            self.lines.fingerprint(),
-            self.user_coupon_id.map_or(0, UserCouponId::get)
-        )
-    }
-}
-
-impl PlaceOrderCommand {
-    fn product_ids(&self) -> Vec<ProductId> {
-        self.lines.as_slice().iter().map(|l| l.product_id).collect()
-    }
-}
-
-/// How many overdue orders one expiry transaction closes.
-const EXPIRY_BATCH: i64 = 100;
-
-/// The order flows.
-pub struct Orders {
-    pg: PgPool,
-    sold_out: Arc<SoldOut>,
-    placing: GroupCommit<PlaceOrderCommand, Placed>,
-    /// The placement rules, shared by the batches and by a checkout's transaction.
-    batch: Arc<PlaceBatch>,
-    rate: Arc<UserRateLimit>,
-}
-
 impl Orders {
-    /// `order_ttl`: an unpaid order expires after this. `write_batch_max`: orders placed by one
-    /// transaction at most (1: each alone).
-    pub fn new(
-        pg: PgPool,
-        sold_out: Arc<SoldOut>,
-        order_ttl: Duration,
-        write_batch_max: usize,
-        rate: Arc<UserRateLimit>,
-    ) -> Self {
-        let batch = Arc::new(PlaceBatch {
-            pg: pg.clone(),
-            sold_out: sold_out.clone(),
-            order_ttl,
-        });
-        let runner = batch.clone();
-        let placing = GroupCommit::start(
-            "orders.place_batch",
-            write_batch_max,
-            Arc::new(move |calls, alone, callers| {
-                Box::pin(runner.clone().run(calls, alone, callers))
-            }),
-        );
-        Self {
-            pg,
-            sold_out,
-            placing,
-            batch,
-            rate,
-        }
-    }
-
     pub async fn place(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
         let result = self
             .try_place(cmd)
@@ -174,7 +72,7 @@ impl Orders {
     /// if it has one) and commits: all or nothing. Checkout ends here, so it places orders by
     /// the batches' rules ([`PlaceBatch::decide_and_write`], one call) and fails with the same
     /// errors as PlaceOrder.
-    pub(super) async fn place_in(
+    pub(in crate::app) async fn place_in(
         &self,
         mut tx: Transaction<'static, Postgres>,
         cmd: &PlaceOrderCommand,
@@ -213,7 +111,10 @@ impl Orders {
     }
 
     /// OUT_OF_STOCK when one of `products` is known to be sold out.
-    pub(super) async fn refuse_sold_out(&self, products: &[ProductId]) -> Result<(), AppError> {
+    pub(in crate::app) async fn refuse_sold_out(
+        &self,
+        products: &[ProductId],
+    ) -> Result<(), AppError> {
         match self.sold_out.first(products).await {
             Some(product) => Err(AppError::OutOfStock {
                 product_id: product.get(),
@@ -221,71 +122,13 @@ impl Orders {
             None => Ok(()),
         }
     }
-
-    pub async fn get(&self, id: OrderId, user_id: UserId) -> Result<Order, AppError> {
-        let mut conn = self.pg.acquire().await?;
-        let order = orders::get(&mut conn, id)
-            .await?
-            .ok_or(AppError::NotFound {
-                resource: Resource::Order,
-                id: id.get(),
-            })?;
-        if order.user_id != user_id {
-            return Err(AppError::NotOrderOwner);
-        }
-        Ok(order)
-    }
-
-    pub async fn cancel(&self, id: OrderId, user_id: UserId) -> Result<Order, AppError> {
-        let mut tx = self.pg.begin().await?;
-        let row = orders::lock(&mut tx, id).await?.ok_or(AppError::NotFound {
-            resource: Resource::Order,
-            id: id.get(),
-        })?;
-        if row.user_id != user_id {
-            return Err(AppError::NotOrderOwner);
-        }
-        if !row.status.is_open() {
-            return Err(AppError::OrderClosed { status: row.status });
-        }
-        let items = orders::items(&mut *tx, id).await?;
-        let mut released =
-            orders::release(&mut tx, &[(&row, &items)], OrderStatus::Cancelled).await?;
-        postgres::commit(tx).await?;
-        self.sold_out.clear(released.restocks).await;
-        Ok(released.orders.remove(0).with_items(items))
-    }
-
-    /// Closes every open order past its deadline as EXPIRED, giving back its stock and coupon.
-    /// Returns how many were closed.
-    pub async fn expire_overdue(&self) -> Result<usize, AppError> {
-        let mut expired = 0;
-        loop {
-            let mut tx = self.pg.begin().await?;
-            let overdue = orders::lock_overdue(&mut tx, EXPIRY_BATCH).await?;
-            let mut held = Vec::with_capacity(overdue.len());
-            for row in &overdue {
-                held.push(orders::items(&mut *tx, row.id).await?);
-            }
-            let batch: Vec<_> = overdue
-                .iter()
-                .zip(&held)
-                .map(|(row, items)| (row, items.as_slice()))
-                .collect();
-            let released = orders::release(&mut tx, &batch, OrderStatus::Expired).await?;
-            postgres::commit(tx).await?;
-            // One clear for the whole batch: its orders often share the same hot products.
-            self.sold_out.clear(released.restocks).await;
-            expired += released.orders.len();
-            if (overdue.len() as i64) < EXPIRY_BATCH {
-                return Ok(expired);
-            }
-        }
-    }
 }
 
 /// The order a key's first call placed, for its replay.
-pub(super) async fn saved_order(tx: &mut PgConnection, order_id: i64) -> Result<Order, AppError> {
+pub(in crate::app) async fn saved_order(
+    tx: &mut PgConnection,
+    order_id: i64,
+) -> Result<Order, AppError> {
     let id = OrderId::parse(order_id, "order_id")?;
     orders::get(tx, id)
         .await?
@@ -315,7 +158,7 @@ fn usable_coupon(
 }
 
 /// What a batch did with one order.
-enum Placed {
+pub(super) enum Placed {
     Answer(Result<Order, AppError>),
     /// Its key is being claimed by another transaction (or by an earlier order of the same
     /// batch): it must run alone, where its claim may wait.
@@ -323,14 +166,14 @@ enum Placed {
 }
 
 /// Places a batch of orders in one transaction (the module docs say how).
-struct PlaceBatch {
-    pg: PgPool,
-    sold_out: Arc<SoldOut>,
-    order_ttl: Duration,
+pub(super) struct PlaceBatch {
+    pub(super) pg: PgPool,
+    pub(super) sold_out: Arc<SoldOut>,
+    pub(super) order_ttl: Duration,
 }
 
 impl PlaceBatch {
-    async fn run(
+    pub(super) async fn run(
         self: Arc<Self>,
         calls: Vec<PlaceOrderCommand>,
         alone: bool,

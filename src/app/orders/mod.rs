@@ -1,0 +1,128 @@
+//! Placing, reading, cancelling and expiring orders.
+//!
+//! Invariant: an order reserves all its stock and its coupon, priced and checked against the
+//! balance, in one transaction, or leaves no trace; cancelling or expiring an open order gives
+//! back exactly what it held. Orders without an idempotency key for a product known to be sold
+//! out are refused from Redis without touching Postgres; keyed orders look their key up first,
+//! so a retry of a success is never refused by that shortcut.
+//!
+//! Placing is group-committed ([`super::group_commit`]): concurrent orders are placed by one
+//! transaction, so a hot product's row is locked once and its stock taken once (`stock - sum`)
+//! for the whole batch, and one WAL flush commits them all. Each order still gets exactly the
+//! answer it would get alone, because the batch decides order by order, in queue order, as if
+//! they ran one after another (see [`PlaceBatch`]):
+//! - the idempotency key is looked up before the order joins a batch (a replay or a reused key
+//!   never enters one) and claimed in the batch without waiting (a key another transaction is
+//!   claiming sends its order to run alone, where it waits for that transaction as before);
+//! - every coupon, then every product of the batch is locked (ascending ids: the global lock
+//!   order, orders → coupons → products, which cancels and expiry follow too, so batches never
+//!   deadlock with them or with each other, on this replica or another) and read once;
+//! - each order is then checked against those rows as the earlier orders of the batch left
+//!   them; one that fails (unknown product, not selling, out of stock, bad coupon, balance too
+//!   low) takes nothing and changes nothing for the others; its key claim is given back;
+//! - the orders that passed are written by one statement of multi-row inserts (UNNEST), their
+//!   keys' results by another, and the batch commits. Nobody hears OK before that commit.
+//!
+//! Checkout places its order by the same rules ([`PlaceBatch::decide_and_write`], one call,
+//! not batched) inside the cart's transaction, which it commits with the emptied cart.
+//!
+//! Cancel safety: a batch runs in a task of its own, so it commits or rolls back whatever its
+//! callers do; an order whose caller left before its batch started, or while the batch waited
+//! for its row locks (a hot product held by another transaction: a deadline passes), is not
+//! placed at all, so an abandoned order holds no stock or coupon.
+//! Cancelling and expiring are each one transaction, so a call dropped before its commit leaves
+//! nothing. After a commit that gave stock back, the sold-out markers are cleared in a task of
+//! their own, which finishes even if the caller has gone.
+//!
+//! The flows live in one file each: [`place`] (PlaceOrder and Checkout's placement), [`close`]
+//! (cancel and expiry) and [`read`] (GetOrder).
+
+mod close;
+mod place;
+mod read;
+
+use std::{sync::Arc, time::Duration};
+
+use sqlx::PgPool;
+
+pub(super) use place::saved_order;
+use place::{PlaceBatch, Placed};
+
+use super::{
+    group_commit::GroupCommit, idempotency::Keyed, rate_limit::UserRateLimit, sold_out::SoldOut,
+};
+use crate::domain::{IdempotencyKey, OrderLines, ProductId, UserCouponId, UserId};
+
+pub struct PlaceOrderCommand {
+    pub user_id: UserId,
+    pub lines: OrderLines,
+    pub user_coupon_id: Option<UserCouponId>,
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+impl Keyed for PlaceOrderCommand {
+    fn user_id(&self) -> UserId {
+        self.user_id
+    }
+
+    fn key(&self) -> Option<&IdempotencyKey> {
+        self.idempotency_key.as_ref()
+    }
+
+    fn fingerprint(&self) -> String {
+        format!(
+            "{};coupon={}",
+            self.lines.fingerprint(),
+            self.user_coupon_id.map_or(0, UserCouponId::get)
+        )
+    }
+}
+
+impl PlaceOrderCommand {
+    fn product_ids(&self) -> Vec<ProductId> {
+        self.lines.as_slice().iter().map(|l| l.product_id).collect()
+    }
+}
+
+/// The order flows.
+pub struct Orders {
+    pg: PgPool,
+    sold_out: Arc<SoldOut>,
+    placing: GroupCommit<PlaceOrderCommand, Placed>,
+    /// The placement rules, shared by the batches and by a checkout's transaction.
+    batch: Arc<PlaceBatch>,
+    rate: Arc<UserRateLimit>,
+}
+
+impl Orders {
+    /// `order_ttl`: an unpaid order expires after this. `write_batch_max`: orders placed by one
+    /// transaction at most (1: each alone).
+    pub fn new(
+        pg: PgPool,
+        sold_out: Arc<SoldOut>,
+        order_ttl: Duration,
+        write_batch_max: usize,
+        rate: Arc<UserRateLimit>,
+    ) -> Self {
+        let batch = Arc::new(PlaceBatch {
+            pg: pg.clone(),
+            sold_out: sold_out.clone(),
+            order_ttl,
+        });
+        let runner = batch.clone();
+        let placing = GroupCommit::start(
+            "orders.place_batch",
+            write_batch_max,
+            Arc::new(move |calls, alone, callers| {
+                Box::pin(runner.clone().run(calls, alone, callers))
+            }),
+        );
+        Self {
+            pg,
+            sold_out,
+            placing,
+            batch,
+            rate,
+        }
+    }
+}

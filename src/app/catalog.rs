@@ -2,19 +2,30 @@
 //!
 //! Invariant: stock never goes below zero, whoever changes it and however concurrently (every
 //! change is one conditional statement), and any increase clears the sold-out shortcuts on
-//! every replica.
+//! every replica. A creation or stock adjustment retried with its idempotency key (admin scope)
+//! happens once: the key is claimed in the change's own transaction, so a concurrent retry waits
+//! for the first attempt and replays it, and an attempt abandoned at any await (a deadline, a
+//! disconnect) rolls back with its claim, leaving the retry to do the work.
 
 use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use super::sold_out::SoldOut;
+use super::{
+    idempotency::{NextAction, next_action},
+    sold_out::SoldOut,
+};
 use crate::{
     domain::{
-        MAX_STOCK, NewProduct, PageSize, PageToken, Product, ProductChanges, ProductId, Restock,
+        IdempotencyKey, KeyScope, MAX_STOCK, NewProduct, PageSize, PageToken, Product,
+        ProductChanges, ProductId, ProductStatus, Restock, StatusSet,
     },
     error::{AppError, Resource},
-    store::postgres::products::{self, Changed, StockRefusal},
+    store::postgres::{
+        self as postgres,
+        idempotency::{self, Operation},
+        products::{self, Changed, StockRefusal},
+    },
 };
 
 /// The catalog flows.
@@ -42,8 +53,54 @@ impl Catalog {
             .ok_or(product_not_found(id))
     }
 
-    pub async fn create(&self, new: NewProduct) -> Result<Product, AppError> {
-        Ok(products::create(&self.pg, new).await?)
+    /// Products of the statuses kept, by id (AdminService/ListProducts).
+    pub async fn page(
+        &self,
+        statuses: &StatusSet<ProductStatus>,
+        page_size: PageSize,
+        after: Option<PageToken>,
+    ) -> Result<(Vec<Product>, Option<PageToken>), AppError> {
+        Ok(products::page(&self.pg, statuses, page_size, after).await?)
+    }
+
+    /// Creates a product; with a key, a retry returns the product the first call created.
+    pub async fn create(
+        &self,
+        new: NewProduct,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Product, AppError> {
+        let Some(key) = key else {
+            return Ok(products::create(&self.pg, new).await?);
+        };
+        let operation = Operation::CreateProduct;
+        let mut tx = self.pg.begin().await?;
+        let fingerprint = || {
+            format!(
+                "{:?}",
+                (new.name.as_str(), new.price.get(), new.stock, new.status.as_str())
+            )
+        };
+        if let NextAction::ReturnSaved(id) =
+            next_action(&mut tx, KeyScope::Admin, operation, Some(key), fingerprint).await?
+        {
+            return self.saved_product(&mut tx, id).await;
+        }
+        let product = products::create(&mut *tx, new).await?;
+        idempotency::complete(&mut tx, KeyScope::Admin, operation, key, product.id.get()).await?;
+        postgres::commit(tx).await?;
+        Ok(product)
+    }
+
+    /// The product a replayed admin key names.
+    async fn saved_product(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        id: i64,
+    ) -> Result<Product, AppError> {
+        let id = ProductId::parse(id, "product_id").map_err(|_| saved_id_broken(id))?;
+        products::get(conn, id)
+            .await?
+            .ok_or_else(|| saved_id_broken(id.get()))
     }
 
     /// Whether the catalog has any product at all.
@@ -68,15 +125,63 @@ impl Catalog {
     }
 
     /// Adds `delta` units to the stock (takes them away when negative), atomically: never below
-    /// zero (OUT_OF_STOCK), an increase never past [`MAX_STOCK`] (OUT_OF_RANGE).
-    pub async fn adjust_stock(&self, id: ProductId, delta: i64) -> Result<Product, AppError> {
+    /// zero (OUT_OF_STOCK), an increase never past [`MAX_STOCK`] (OUT_OF_RANGE). With a key, a
+    /// retry applies nothing more and answers the product as it is now; a refusal keeps no key.
+    pub async fn adjust_stock(
+        &self,
+        id: ProductId,
+        delta: i64,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Product, AppError> {
+        let Some(key) = key else {
+            let mut conn = self.pg.acquire().await?;
+            return self.adjust_in(&mut conn, id, delta).await;
+        };
+        let operation = Operation::AdjustStock;
+        let mut tx = self.pg.begin().await?;
+        let fingerprint = || format!("{id}:{delta}");
+        if let NextAction::ReturnSaved(saved) =
+            next_action(&mut tx, KeyScope::Admin, operation, Some(key), fingerprint).await?
+        {
+            return self.saved_product(&mut tx, saved).await;
+        }
+        let changed = self.adjusted(&mut tx, id, delta).await?;
+        idempotency::complete(&mut tx, KeyScope::Admin, operation, key, id.get()).await?;
+        postgres::commit(tx).await?;
+        Ok(self.after_adjust(id, delta, changed).await)
+    }
+
+    async fn adjust_in(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        id: ProductId,
+        delta: i64,
+    ) -> Result<Product, AppError> {
+        let changed = self.adjusted(conn, id, delta).await?;
+        Ok(self.after_adjust(id, delta, changed).await)
+    }
+
+    /// An increase clears the sold-out markers (after the commit that made it visible).
+    async fn after_adjust(&self, id: ProductId, delta: i64, changed: Changed) -> Product {
+        if delta > 0 {
+            self.restocked(id, changed).await
+        } else {
+            changed.product
+        }
+    }
+
+    /// The conditional change itself, or why it changed nothing.
+    async fn adjusted(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        id: ProductId,
+        delta: i64,
+    ) -> Result<Changed, AppError> {
         if delta > MAX_STOCK {
             return Err(AppError::StockLimitExceeded { max: MAX_STOCK });
         }
-        let mut conn = self.pg.acquire().await?;
-        match products::adjust_stock(&mut conn, id, delta, MAX_STOCK).await? {
-            Ok(changed) if delta > 0 => Ok(self.restocked(id, changed).await),
-            Ok(changed) => Ok(changed.product),
+        match products::adjust_stock(conn, id, delta, MAX_STOCK).await? {
+            Ok(changed) => Ok(changed),
             Err(StockRefusal::NoProduct) => Err(product_not_found(id)),
             // A removal fails only for want of stock, an addition only at the limit (the stock
             // read back may have moved since).
@@ -96,6 +201,13 @@ impl Catalog {
             .await;
         changed.product
     }
+}
+
+/// A key whose saved result names no product: the record is broken, not the request.
+fn saved_id_broken(id: i64) -> AppError {
+    AppError::internal(format!(
+        "an admin idempotency key names product {id}, which does not exist"
+    ))
 }
 
 fn product_not_found(id: ProductId) -> AppError {

@@ -37,26 +37,32 @@ pub async fn seed_demo(catalog: &Catalog, coupons: &Arc<Coupons>) -> Result<Seed
     }
     for (name, price, stock, status) in PRODUCTS {
         catalog
-            .create(NewProduct {
+            .create(
+                NewProduct {
                 name: DisplayName::parse((*name).to_owned(), "name")?,
                 price: Won::new(*price),
                 stock: *stock,
                 status: *status,
-            })
+                },
+                None,
+            )
             .await?;
     }
     // Open from a minute ago, so the walk-through's IssueCoupon is inside the window even if
     // this replica's clock is a little ahead of the caller's.
     let now = Utc::now();
     coupons
-        .create(NewCoupon {
+        .create(
+            NewCoupon {
             name: DisplayName::parse("Welcome: 10% off, up to 20,000 won".to_owned(), "name")?,
             discount: Discount::percent(10, 20_000)?,
             min_order_amount: Won::new(50_000),
             total_quantity: 100,
             window: IssueWindow::parse(now - Duration::minutes(1), now + Duration::days(3650))?,
-            valid_days: ValidDays::parse(30)?,
-        })
+                valid_days: ValidDays::parse(30)?,
+            },
+            None,
+        )
         .await?;
     Ok(Seeded {
         products: PRODUCTS.len(),

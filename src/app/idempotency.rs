@@ -1,6 +1,7 @@
-//! The first step of every keyed call (ChargeBalance, PlaceOrder, Checkout, Pay): claim the key, or
-//! learn that it already has a result, before any shortcut, cache or check is consulted, so a
-//! retry of a success always gets that success.
+//! The first step of every keyed call (ChargeBalance, PlaceOrder, Checkout, Pay, and the admin's
+//! AdjustStock, CreateProduct, CreateCoupon): claim the key, or learn that it already has a
+//! result, before any shortcut, cache or check is consulted, so a retry of a success always gets
+//! that success. A buyer's keys and the admin's are separate scopes ([`KeyScope`]).
 //!
 //! The claim is a row inserted in the call's own transaction: a concurrent retry waits on it
 //! until the first attempt commits (then replays its result) or rolls back (then starts
@@ -12,7 +13,7 @@ use sqlx::PgConnection;
 
 use super::group_commit::Step;
 use crate::{
-    domain::{IdempotencyKey, UserId},
+    domain::{IdempotencyKey, KeyScope, UserId},
     error::AppError,
     store::{
         StoreError,
@@ -33,7 +34,7 @@ pub(super) enum NextAction {
 /// refused with IDEMPOTENCY_KEY_REUSED.
 pub(super) async fn next_action(
     tx: &mut PgConnection,
-    user_id: UserId,
+    scope: impl Into<KeyScope>,
     operation: Operation,
     key: Option<&IdempotencyKey>,
     fingerprint: impl FnOnce() -> String,
@@ -41,7 +42,7 @@ pub(super) async fn next_action(
     let Some(key) = key else {
         return Ok(NextAction::Start);
     };
-    match idempotency::claim(tx, user_id, operation, key, &fingerprint()).await? {
+    match idempotency::claim(tx, scope, operation, key, &fingerprint()).await? {
         Claim::Fresh => Ok(NextAction::Start),
         Claim::Replay(id) => Ok(NextAction::ReturnSaved(id)),
         Claim::Mismatch => Err(AppError::IdempotencyKeyReused),

@@ -2,7 +2,44 @@
 //! result. The request's fingerprint is stored with the key so a different request reusing the
 //! key is refused instead of silently answered with the wrong result.
 
-use super::ValidationError;
+use std::fmt;
+
+use super::{UserId, ValidationError};
+
+/// Whose keys a key is among: a buyer's (ChargeBalance, PlaceOrder, Checkout, Pay), or the
+/// operator's (the AdminService calls that take a key). The same key string in two scopes is two
+/// keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyScope {
+    User(UserId),
+    Admin,
+}
+
+impl KeyScope {
+    /// How the scope is stored: the buyer's id, or 0 for the operator (ids are positive, so the
+    /// two never meet; the schema ties scope 0 to the admin operations).
+    pub fn stored_id(self) -> i64 {
+        match self {
+            KeyScope::User(user) => user.get(),
+            KeyScope::Admin => 0,
+        }
+    }
+}
+
+impl From<UserId> for KeyScope {
+    fn from(user: UserId) -> Self {
+        KeyScope::User(user)
+    }
+}
+
+impl fmt::Display for KeyScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyScope::User(user) => write!(f, "user {user}"),
+            KeyScope::Admin => f.write_str("the admin"),
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdempotencyKey(String);

@@ -1,8 +1,12 @@
-/// Implements `as_str`, `FromStr` and the sqlx text encoding for a fieldless enum stored in a
-/// `TEXT` column guarded by a `CHECK (... IN (...))` constraint.
+/// Implements `ALL`, `as_str`, `FromStr` and the sqlx text encoding for a fieldless enum stored
+/// in a `TEXT` column guarded by a `CHECK (... IN (...))` constraint.
 macro_rules! text_enum {
     ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
         impl $name {
+            /// Every value, in the order listed (`as_str` matches on every variant, so a new
+            /// variant cannot be left out of this list).
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
             pub const fn as_str(self) -> &'static str {
                 match self {
                     $($name::$variant => $text),+

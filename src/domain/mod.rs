@@ -12,6 +12,7 @@ mod coupon;
 mod events;
 mod idempotency;
 mod ids;
+mod listing;
 mod macros;
 mod money;
 mod name;
@@ -29,15 +30,16 @@ pub use coupon::{
     parse_total_quantity,
 };
 pub use events::{ParkedEvent, PaymentCompleted, RedriveSelection};
-pub use idempotency::IdempotencyKey;
+pub use idempotency::{IdempotencyKey, KeyScope};
 pub use ids::{CouponId, OrderId, PaymentId, ProductId, UserCouponId, UserId};
+pub use listing::{CreatedRange, OrderFilter, StatusSet};
 pub use money::Won;
 pub use name::DisplayName;
 pub use order::{
     MAX_ORDER_LINES, Order, OrderItem, OrderLine, OrderLines, OrderStatus, Payment, Pricing,
     Quantity,
 };
-pub use pagination::{PageSize, PageToken};
+pub use pagination::{CreatedCursor, PageSize, PageToken};
 pub use product::{
     MAX_STOCK, NewProduct, Product, ProductChanges, ProductStatus, Restock, parse_stock,
 };

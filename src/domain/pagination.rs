@@ -1,7 +1,10 @@
-//! Cursor pagination. A page token is an opaque, versioned encoding of the last id a page
-//! returned; the next page starts after it, so inserts never cause gaps or repeats.
+//! Cursor pagination. A page token is an opaque, versioned encoding of the last key a page
+//! returned: an id for lists by id ([`PageToken`]), a creation instant and an id for lists
+//! newest first ([`CreatedCursor`]). The next page starts after it, so inserts never cause gaps
+//! or repeats; a token of one kind is refused where the other is expected.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
 
 use super::ValidationError;
 
@@ -71,6 +74,63 @@ impl PageToken {
     }
 }
 
+/// Where the next page of a newest-first list starts: below this (created_at, id), in the
+/// order (created_at DESC, id DESC). Instants keep Postgres's microseconds, so a row's own
+/// instant round-trips exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreatedCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: i64,
+}
+
+impl CreatedCursor {
+    const VERSION: u8 = 2;
+    /// The instants a token may name: those a `google.protobuf.Timestamp` can (years 1..=9999),
+    /// which Postgres stores and binds without overflow.
+    const MICROS: std::ops::RangeInclusive<i64> =
+        -62_135_596_800_000_000..=253_402_300_799_999_999;
+
+    pub fn below(created_at: DateTime<Utc>, id: i64) -> Self {
+        Self { created_at, id }
+    }
+
+    /// An empty string is the first page.
+    pub fn parse(raw: &str) -> Result<Option<Self>, ValidationError> {
+        if raw.is_empty() {
+            return Ok(None);
+        }
+        let invalid = || ValidationError::new("page_token", "is not a token this service issued");
+        if raw.len() > 32 {
+            return Err(invalid());
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
+        let [Self::VERSION, rest @ ..] = bytes.as_slice() else {
+            return Err(invalid());
+        };
+        if rest.len() != 16 {
+            return Err(invalid());
+        }
+        let (micros, id) = rest.split_at(8);
+        let (Ok(micros), Ok(id)) = (micros.try_into(), id.try_into()) else {
+            return Err(invalid());
+        };
+        let (micros, id) = (i64::from_be_bytes(micros), i64::from_be_bytes(id));
+        let created_at = Some(micros)
+            .filter(|m| Self::MICROS.contains(m))
+            .and_then(DateTime::from_timestamp_micros)
+            .ok_or_else(invalid)?;
+        Ok(Some(Self { created_at, id }))
+    }
+
+    pub fn encode(self) -> String {
+        let mut bytes = [0u8; 17];
+        bytes[0] = Self::VERSION;
+        bytes[1..9].copy_from_slice(&self.created_at.timestamp_micros().to_be_bytes());
+        bytes[9..].copy_from_slice(&self.id.to_be_bytes());
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +157,36 @@ mod tests {
         assert_eq!(PageToken::parse("").unwrap(), None);
         for bad in ["!!!", "AQ", "abc", &"A".repeat(1000), "AgAAAAAAAAAB"] {
             assert!(PageToken::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn created_cursors_round_trip_to_the_microsecond() {
+        let at = DateTime::from_timestamp_micros(1_765_000_000_123_456).unwrap();
+        for id in [1, 42, i64::MAX] {
+            let cursor = CreatedCursor::below(at, id);
+            assert_eq!(CreatedCursor::parse(&cursor.encode()).unwrap(), Some(cursor));
+        }
+        let first = DateTime::from_timestamp(-62_135_596_800, 0).unwrap();
+        let cursor = CreatedCursor::below(first, 1);
+        assert_eq!(CreatedCursor::parse(&cursor.encode()).unwrap(), Some(cursor));
+        assert_eq!(CreatedCursor::parse("").unwrap(), None);
+    }
+
+    #[test]
+    fn created_cursors_refuse_other_tokens_and_impossible_instants() {
+        let id_token = PageToken::after(7).encode();
+        assert!(CreatedCursor::parse(&id_token).is_err());
+        let at = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        assert!(PageToken::parse(&CreatedCursor::below(at, 7).encode()).is_err());
+        for micros in [i64::MAX, i64::MIN, 253_402_300_800_000_000] {
+            let mut bytes = vec![2u8];
+            bytes.extend_from_slice(&micros.to_be_bytes());
+            bytes.extend_from_slice(&1i64.to_be_bytes());
+            assert!(CreatedCursor::parse(&URL_SAFE_NO_PAD.encode(bytes)).is_err());
+        }
+        for bad in ["!!!", "Ag", "AgAAAAAAAAAB", &"A".repeat(33)] {
+            assert!(CreatedCursor::parse(bad).is_err(), "{bad}");
         }
     }
 }

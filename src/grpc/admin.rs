@@ -7,15 +7,19 @@ use tonic::{Request, Response, Status, service::Interceptor};
 
 use super::convert;
 use crate::{
-    app::{Catalog, Coupons, Outbox},
+    app::{Catalog, Coupons, Orders, Outbox},
     domain::{
-        DisplayName, IssueWindow, NewCoupon, NewProduct, PageSize, PageToken, ProductChanges,
-        ProductId, RedriveSelection, ValidDays, ValidationError, Won, parse_stock,
+        CreatedCursor, CreatedRange, DisplayName, IdempotencyKey, IssueWindow, NewCoupon,
+        NewProduct, OrderFilter, OrderId, PageSize, PageToken, ProductChanges, ProductId,
+        RedriveSelection, UserId, ValidDays, ValidationError, Won, parse_stock,
         parse_total_quantity,
     },
     error::AppError,
     proto::{
-        AdjustStockRequest, AdjustStockResponse, CreateCouponRequest, CreateCouponResponse,
+        AdjustStockRequest, AdjustStockResponse, AdminServiceGetOrderRequest,
+        AdminServiceGetOrderResponse, AdminServiceListOrdersRequest,
+        AdminServiceListOrdersResponse, AdminServiceListProductsRequest,
+        AdminServiceListProductsResponse, CreateCouponRequest, CreateCouponResponse,
         CreateProductRequest, CreateProductResponse, ListParkedEventsRequest,
         ListParkedEventsResponse, RedriveEventsRequest, RedriveEventsResponse,
         UpdateProductRequest, UpdateProductResponse, admin_service_server::AdminService,
@@ -54,6 +58,7 @@ pub struct AdminHandler {
     pub catalog: Arc<Catalog>,
     pub coupons: Arc<Coupons>,
     pub outbox: Arc<Outbox>,
+    pub orders: Arc<Orders>,
 }
 
 #[tonic::async_trait]
@@ -69,7 +74,8 @@ impl AdminService for AdminHandler {
             stock: parse_stock(req.stock, "stock")?,
             status: convert::parse_product_status(req.status, "status")?,
         };
-        let product = self.catalog.create(new).await?;
+        let key = IdempotencyKey::parse(req.idempotency_key)?;
+        let product = self.catalog.create(new, key.as_ref()).await?;
         Ok(Response::new(CreateProductResponse {
             product: Some(convert::product(product)),
         }))
@@ -115,7 +121,8 @@ impl AdminService for AdminHandler {
         if req.delta == 0 {
             return Err(ValidationError::new("delta", "must not be 0").into());
         }
-        let product = self.catalog.adjust_stock(id, req.delta).await?;
+        let key = IdempotencyKey::parse(req.idempotency_key)?;
+        let product = self.catalog.adjust_stock(id, req.delta, key.as_ref()).await?;
         Ok(Response::new(AdjustStockResponse {
             product: Some(convert::product(product)),
         }))
@@ -137,7 +144,8 @@ impl AdminService for AdminHandler {
             )?,
             valid_days: ValidDays::parse(req.valid_days)?,
         };
-        let stock = self.coupons.create(new).await?;
+        let key = IdempotencyKey::parse(req.idempotency_key)?;
+        let stock = self.coupons.create(new, key.as_ref()).await?;
         Ok(Response::new(CreateCouponResponse {
             coupon: Some(convert::coupon(stock)),
         }))
@@ -167,5 +175,66 @@ impl AdminService for AdminHandler {
         Ok(Response::new(RedriveEventsResponse {
             redriven: redriven as i64,
         }))
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<AdminServiceGetOrderRequest>,
+    ) -> Result<Response<AdminServiceGetOrderResponse>, Status> {
+        let id = OrderId::parse(request.into_inner().order_id, "order_id")?;
+        let order = self.orders.get_any(id).await?;
+        Ok(Response::new(AdminServiceGetOrderResponse {
+            order: Some(convert::order(order)),
+        }))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<AdminServiceListOrdersRequest>,
+    ) -> Result<Response<AdminServiceListOrdersResponse>, Status> {
+        let req = request.into_inner();
+        let filter = OrderFilter {
+            user: optional_id(req.user_id, "user_id", UserId::parse)?,
+            statuses: convert::parse_order_statuses(&req.statuses, "statuses")?,
+            product: optional_id(req.product_id, "product_id", ProductId::parse)?,
+            created: CreatedRange::parse(
+                convert::parse_optional_timestamp(req.created_after, "created_after")?,
+                convert::parse_optional_timestamp(req.created_before, "created_before")?,
+            )?,
+        };
+        let size = PageSize::parse(req.page_size)?;
+        let after = CreatedCursor::parse(&req.page_token)?;
+        let (orders, next) = self.orders.page(&filter, size, after).await?;
+        Ok(Response::new(AdminServiceListOrdersResponse {
+            orders: orders.into_iter().map(convert::order).collect(),
+            next_page_token: next.map(CreatedCursor::encode).unwrap_or_default(),
+        }))
+    }
+
+    async fn list_products(
+        &self,
+        request: Request<AdminServiceListProductsRequest>,
+    ) -> Result<Response<AdminServiceListProductsResponse>, Status> {
+        let req = request.into_inner();
+        let statuses = convert::parse_product_statuses(&req.statuses, "statuses")?;
+        let size = PageSize::parse(req.page_size)?;
+        let after = PageToken::parse(&req.page_token)?;
+        let (products, next) = self.catalog.page(&statuses, size, after).await?;
+        Ok(Response::new(AdminServiceListProductsResponse {
+            products: products.into_iter().map(convert::product).collect(),
+            next_page_token: next.map(PageToken::encode).unwrap_or_default(),
+        }))
+    }
+}
+
+/// A filter by id: 0 means any; otherwise a valid id.
+fn optional_id<T>(
+    raw: i64,
+    field: &'static str,
+    parse: fn(i64, &'static str) -> Result<T, ValidationError>,
+) -> Result<Option<T>, ValidationError> {
+    match raw {
+        0 => Ok(None),
+        id => parse(id, field).map(Some),
     }
 }

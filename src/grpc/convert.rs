@@ -7,8 +7,8 @@ use crate::{
     app::{CouponStock, PopularProduct},
     domain::{
         Cart, CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderStatus, ParkedEvent,
-        Payment, Product, ProductStatus, UserCoupon, UserCouponId, UserCouponStatus, UserId,
-        ValidationError,
+        Payment, Product, ProductStatus, StatusSet, UserCoupon, UserCouponId, UserCouponStatus,
+        UserId, ValidationError,
     },
     proto,
 };
@@ -199,13 +199,17 @@ pub fn user_coupon(uc: UserCoupon, now: DateTime<Utc>) -> proto::UserCoupon {
     }
 }
 
-pub fn order(o: Order) -> proto::Order {
-    let status = match o.status {
+pub fn order_status(status: OrderStatus) -> proto::OrderStatus {
+    match status {
         OrderStatus::PendingPayment => proto::OrderStatus::PendingPayment,
         OrderStatus::Paid => proto::OrderStatus::Paid,
         OrderStatus::Cancelled => proto::OrderStatus::Cancelled,
         OrderStatus::Expired => proto::OrderStatus::Expired,
-    };
+    }
+}
+
+pub fn order(o: Order) -> proto::Order {
+    let status = order_status(o.status);
     proto::Order {
         id: o.id.get(),
         user_id: o.user_id.get(),
@@ -229,6 +233,47 @@ pub fn order(o: Order) -> proto::Order {
         paid_at: optional_timestamp(o.paid_at),
         cancelled_at: optional_timestamp(o.cancelled_at),
     }
+}
+
+/// The statuses a list keeps (`field`: the repeated field's name); UNSPECIFIED and unknown
+/// numbers are refused, naming the element.
+pub fn parse_order_statuses(
+    raw: &[i32],
+    field: &'static str,
+) -> Result<StatusSet<OrderStatus>, ValidationError> {
+    let statuses = raw.iter().enumerate().map(|(i, &n)| {
+        // Every proto value is named, so a status added to the contract must be mapped here.
+        match proto::OrderStatus::try_from(n) {
+            Ok(proto::OrderStatus::PendingPayment) => Ok(OrderStatus::PendingPayment),
+            Ok(proto::OrderStatus::Paid) => Ok(OrderStatus::Paid),
+            Ok(proto::OrderStatus::Cancelled) => Ok(OrderStatus::Cancelled),
+            Ok(proto::OrderStatus::Expired) => Ok(OrderStatus::Expired),
+            Ok(proto::OrderStatus::Unspecified) | Err(_) => Err(ValidationError::new(
+                format!("{field}[{i}]"),
+                "must be an order status other than UNSPECIFIED",
+            )),
+        }
+    });
+    Ok(StatusSet::orders(statuses.collect::<Result<Vec<_>, _>>()?))
+}
+
+/// The product statuses a list keeps, as [`parse_order_statuses`] for orders.
+pub fn parse_product_statuses(
+    raw: &[i32],
+    field: &'static str,
+) -> Result<StatusSet<ProductStatus>, ValidationError> {
+    let statuses = raw.iter().enumerate().map(|(i, &n)| {
+        parse_product_status(n, field).map_err(|e| ValidationError::new(format!("{field}[{i}]"), e.message))
+    });
+    Ok(StatusSet::products(statuses.collect::<Result<Vec<_>, _>>()?))
+}
+
+/// An optional timestamp field: unset is `None`; a set one must be valid.
+pub fn parse_optional_timestamp(
+    ts: Option<Timestamp>,
+    field: &'static str,
+) -> Result<Option<DateTime<Utc>>, ValidationError> {
+    ts.map(|ts| parse_timestamp(Some(ts), field)).transpose()
 }
 
 pub fn payment(p: Payment) -> proto::Payment {
@@ -310,5 +355,22 @@ mod tests {
         for raw in [0, 4, -1, i32::MAX] {
             assert!(parse_product_status(raw, "status").is_err());
         }
+    }
+
+    #[test]
+    fn status_lists_name_the_bad_element() {
+        let kept = parse_order_statuses(&[2, 2, 3], "statuses").unwrap().kept();
+        assert_eq!(kept, vec![OrderStatus::Paid, OrderStatus::Cancelled]);
+        assert_eq!(
+            parse_order_statuses(&[], "statuses").unwrap().kept(),
+            OrderStatus::ALL.to_vec()
+        );
+        for (raw, field) in [(vec![0], "statuses[0]"), (vec![1, 99], "statuses[1]")] {
+            let err = parse_order_statuses(&raw, "statuses").unwrap_err();
+            assert_eq!(err.field, field);
+        }
+        let err = parse_product_statuses(&[1, -1], "statuses").unwrap_err();
+        assert_eq!(err.field, "statuses[1]");
+        assert!(parse_optional_timestamp(None, "t").unwrap().is_none());
     }
 }

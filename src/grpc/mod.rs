@@ -86,7 +86,8 @@ pub fn routes(services: Services, admin_auth: AdminAuth, limits: Limits) -> Rout
                 .max_decoding_message_size(max),
         )
         .add_service(
-            OrderServiceServer::new(order::OrderHandler(orders)).max_decoding_message_size(max),
+            OrderServiceServer::new(order::OrderHandler(orders.clone()))
+                .max_decoding_message_size(max),
         )
         .add_service(
             CartServiceServer::new(cart::CartHandler(carts)).max_decoding_message_size(max),
@@ -100,6 +101,7 @@ pub fn routes(services: Services, admin_auth: AdminAuth, limits: Limits) -> Rout
                 catalog,
                 coupons,
                 outbox,
+                orders,
             })
             .max_decoding_message_size(max),
             admin_auth,

@@ -7,10 +7,13 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::{
     app::{Orders, PlaceOrderCommand},
-    domain::{IdempotencyKey, OrderId, OrderLines, UserId},
+    domain::{
+        CreatedCursor, IdempotencyKey, OrderFilter, OrderId, OrderLines, PageSize, UserId,
+    },
     proto::{
         CancelOrderRequest, CancelOrderResponse, GetOrderRequest, GetOrderResponse,
-        PlaceOrderRequest, PlaceOrderResponse, order_service_server::OrderService,
+        ListOrdersRequest, ListOrdersResponse, PlaceOrderRequest, PlaceOrderResponse,
+        order_service_server::OrderService,
     },
 };
 
@@ -58,6 +61,24 @@ impl OrderService for OrderHandler {
         let order = self.0.cancel(order_id, user_id).await?;
         Ok(Response::new(CancelOrderResponse {
             order: Some(convert::order(order)),
+        }))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<ListOrdersRequest>,
+    ) -> Result<Response<ListOrdersResponse>, Status> {
+        let req = request.into_inner();
+        let filter = OrderFilter::buyer(
+            UserId::parse(req.user_id, "user_id")?,
+            convert::parse_order_statuses(&req.statuses, "statuses")?,
+        );
+        let size = PageSize::parse(req.page_size)?;
+        let after = CreatedCursor::parse(&req.page_token)?;
+        let (orders, next) = self.0.page(&filter, size, after).await?;
+        Ok(Response::new(ListOrdersResponse {
+            orders: orders.into_iter().map(convert::order).collect(),
+            next_page_token: next.map(CreatedCursor::encode).unwrap_or_default(),
         }))
     }
 }

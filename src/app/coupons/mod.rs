@@ -29,18 +29,24 @@ use tracing::Instrument as _;
 
 pub use self::stats::{CouponGateStats, RepairReason};
 use super::{
+    idempotency::{NextAction, next_action},
     rate_limit::{LimitedCall, UserRateLimit},
     sold_out::{LOCAL_SOLD_OUT, SoldOutCache},
 };
 use crate::{
-    domain::{Coupon, CouponId, NewCoupon, PageSize, PageToken, UserCoupon, UserId},
+    domain::{
+        Coupon, CouponId, IdempotencyKey, KeyScope, NewCoupon, PageSize, PageToken, UserCoupon,
+        UserId,
+    },
     error::{AppError, Resource},
     metrics,
     store::{
         Dependency, StoreError,
         postgres::{
+            self as postgres,
             coupon_recorder::CouponRecorder,
             coupons::{self, IssueRefusal, SeatGrant},
+            idempotency::{self, Operation},
         },
         redis::coupon_gate::{CouponGate, Decision, Grant, InstallMode},
     },
@@ -115,9 +121,20 @@ impl Coupons {
         &self.stats
     }
 
-    /// Creates a coupon (all its seats left) and loads its gate.
-    pub async fn create(self: &Arc<Self>, new: NewCoupon) -> Result<CouponStock, AppError> {
-        let coupon = coupons::create(&self.pg, new).await?;
+    /// Creates a coupon (all its seats left) and loads its gate. With a key (admin scope), a
+    /// retry returns the coupon the first call created, with its seats as they are now.
+    pub async fn create(
+        self: &Arc<Self>,
+        new: NewCoupon,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<CouponStock, AppError> {
+        let coupon = match key {
+            None => coupons::create(&self.pg, new).await?,
+            Some(key) => match self.create_keyed(new, key).await? {
+                Ok(coupon) => coupon,
+                Err(saved) => return self.stock(saved).await,
+            },
+        };
         // Load the gate now, so the first wave of a stampede does not queue behind one
         // caller's rebuild, after dropping a "no such coupon" cached a moment ago. If Redis is
         // unreachable, the first request after it returns rebuilds the gate instead.
@@ -136,6 +153,43 @@ impl Coupons {
             remaining: coupon.total_quantity,
             coupon,
         })
+    }
+
+    /// Claims the key and creates the coupon in one transaction: the coupon, or the id of the
+    /// one a committed call with the same key created.
+    async fn create_keyed(
+        &self,
+        new: NewCoupon,
+        key: &IdempotencyKey,
+    ) -> Result<Result<Coupon, CouponId>, AppError> {
+        let operation = Operation::CreateCoupon;
+        let fingerprint = || {
+            format!(
+                "{:?}",
+                (
+                    new.name.as_str(),
+                    new.discount,
+                    new.min_order_amount.get(),
+                    new.total_quantity,
+                    new.window.starts_at(),
+                    new.window.ends_at(),
+                    new.valid_days.get(),
+                )
+            )
+        };
+        let mut tx = self.pg.begin().await?;
+        if let NextAction::ReturnSaved(id) =
+            next_action(&mut tx, KeyScope::Admin, operation, Some(key), fingerprint).await?
+        {
+            let id = CouponId::parse(id, "coupon_id").map_err(|_| {
+                AppError::internal(format!("an admin idempotency key names coupon {id}"))
+            })?;
+            return Ok(Err(id));
+        }
+        let coupon = coupons::create(&mut *tx, new).await?;
+        idempotency::complete(&mut tx, KeyScope::Admin, operation, key, coupon.id.get()).await?;
+        postgres::commit(tx).await?;
+        Ok(Ok(coupon))
     }
 
     pub async fn stock(&self, id: CouponId) -> Result<CouponStock, AppError> {

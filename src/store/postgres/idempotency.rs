@@ -5,16 +5,21 @@
 use sqlx::PgConnection;
 
 use crate::{
-    domain::{IdempotencyKey, UserId},
+    domain::{IdempotencyKey, KeyScope, UserId},
     store::StoreError,
 };
 
+/// The keyed calls. The schema ties the admin ones to [`KeyScope::Admin`] and the others to a
+/// buyer's scope.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
     Charge,
     PlaceOrder,
     Pay,
     Checkout,
+    AdjustStock,
+    CreateProduct,
+    CreateCoupon,
 }
 
 impl Operation {
@@ -24,6 +29,9 @@ impl Operation {
             Operation::PlaceOrder => "PLACE_ORDER",
             Operation::Pay => "PAY",
             Operation::Checkout => "CHECKOUT",
+            Operation::AdjustStock => "ADJUST_STOCK",
+            Operation::CreateProduct => "CREATE_PRODUCT",
+            Operation::CreateCoupon => "CREATE_COUPON",
         }
     }
 }
@@ -41,17 +49,18 @@ pub enum Claim {
 #[tracing::instrument(target = "otel", name = "idempotency.claim", skip_all, fields(db.system = "postgresql"))]
 pub async fn claim(
     tx: &mut PgConnection,
-    user_id: UserId,
+    scope: impl Into<KeyScope>,
     operation: Operation,
     key: &IdempotencyKey,
     fingerprint: &str,
 ) -> Result<Claim, StoreError> {
+    let scope = scope.into();
     let inserted = sqlx::query(
         "INSERT INTO idempotency_keys (user_id, operation, idempotency_key, request_fingerprint)
          VALUES ($1, $2, $3, $4)
          ON CONFLICT DO NOTHING",
     )
-    .bind(user_id)
+    .bind(scope.stored_id())
     .bind(operation.as_str())
     .bind(key.as_str())
     .bind(fingerprint)
@@ -65,7 +74,7 @@ pub async fn claim(
         "SELECT request_fingerprint, result_id FROM idempotency_keys
          WHERE user_id = $1 AND operation = $2 AND idempotency_key = $3",
     )
-    .bind(user_id)
+    .bind(scope.stored_id())
     .bind(operation.as_str())
     .bind(key.as_str())
     .fetch_one(&mut *tx)
@@ -75,7 +84,7 @@ pub async fn claim(
     }
     result_id.map(Claim::Replay).ok_or_else(|| {
         StoreError::Inconsistent(format!(
-            "idempotency key of user {user_id} committed without a result"
+            "idempotency key of {scope} committed without a result"
         ))
     })
 }
@@ -83,7 +92,7 @@ pub async fn claim(
 #[tracing::instrument(target = "otel", name = "idempotency.complete", skip_all, fields(db.system = "postgresql"))]
 pub async fn complete(
     tx: &mut PgConnection,
-    user_id: UserId,
+    scope: impl Into<KeyScope>,
     operation: Operation,
     key: &IdempotencyKey,
     result_id: i64,
@@ -92,7 +101,7 @@ pub async fn complete(
         "UPDATE idempotency_keys SET result_id = $4
          WHERE user_id = $1 AND operation = $2 AND idempotency_key = $3",
     )
-    .bind(user_id)
+    .bind(scope.into().stored_id())
     .bind(operation.as_str())
     .bind(key.as_str())
     .bind(result_id)

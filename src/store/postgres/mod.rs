@@ -7,6 +7,7 @@ pub mod coupon_recorder;
 pub mod coupons;
 pub mod idempotency;
 pub mod job_lock;
+pub mod order_pages;
 pub mod orders;
 pub mod outbox;
 pub mod payments;

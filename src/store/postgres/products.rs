@@ -7,7 +7,10 @@ use sqlx::{PgConnection, PgExecutor};
 
 use super::split_page;
 use crate::{
-    domain::{DisplayName, NewProduct, PageSize, PageToken, Product, ProductChanges, ProductId},
+    domain::{
+        DisplayName, NewProduct, PageSize, PageToken, Product, ProductChanges, ProductId,
+        ProductStatus, StatusSet,
+    },
     store::StoreError,
 };
 
@@ -170,6 +173,37 @@ pub async fn selling_page(
          ORDER BY id
          LIMIT $2"
     ))
+    .bind(after.map_or(0, PageToken::last_key))
+    .bind(page_size.get() + 1)
+    .fetch_all(db)
+    .await?;
+    let next = split_page(&mut rows, page_size, |p| p.id.get());
+    Ok((rows, next))
+}
+
+/// Products of the statuses kept, by id, starting after the page token: one scan of
+/// products_status_idx per status, merged (an index scan of the page's rows, whatever the mix).
+pub async fn page(
+    db: impl PgExecutor<'_>,
+    statuses: &StatusSet<ProductStatus>,
+    page_size: PageSize,
+    after: Option<PageToken>,
+) -> Result<(Vec<Product>, Option<PageToken>), StoreError> {
+    let kept: Vec<&str> = statuses.kept().into_iter().map(|s| s.as_str()).collect();
+    let mut rows: Vec<Product> = sqlx::query_as(concat!(
+        "SELECT p.* FROM unnest($1::text[]) AS s(status)
+         CROSS JOIN LATERAL (
+             SELECT ",
+        product_columns!(),
+        " FROM products
+             WHERE status = s.status AND id > $2
+             ORDER BY id
+             LIMIT $3
+         ) p
+         ORDER BY p.id
+         LIMIT $3"
+    ))
+    .bind(&kept)
     .bind(after.map_or(0, PageToken::last_key))
     .bind(page_size.get() + 1)
     .fetch_all(db)

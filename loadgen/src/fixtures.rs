@@ -2,8 +2,8 @@
 //! product created with the Admin RPCs, every pool user's balance read before the run, and
 //! buyers funded with ChargeBalance.
 //!
-//! Guarantees: funding charges carry an idempotency key, so a retried charge never credits
-//! twice; every balance the run will check is opened in the returned book with its value before
+//! Guarantees: funding charges and the Admin creations carry an idempotency key, so a retried
+//! charge never credits twice and a retried creation never makes a second coupon or product; every balance the run will check is opened in the returned book with its value before
 //! the run and every funding credit, so the checks never assume a user started at zero.
 
 use std::time::{Duration, SystemTime};
@@ -136,6 +136,8 @@ async fn create_coupon(connections: &Connections, stock: i64, tag: &str) -> anyh
         issue_starts_at: Some((now - WINDOW_OPENED_BEFORE).into()),
         issue_ends_at: Some((now + WINDOW_CLOSES_AFTER).into()),
         valid_days: COUPON_VALID_DAYS,
+        // A retried creation returns the first coupon instead of creating another.
+        idempotency_key: format!("{tag}-coupon"),
     };
     let admin = connections.admin();
     retry(|| {
@@ -155,6 +157,7 @@ async fn create_product(connections: &Connections, stock: i64, tag: &str) -> any
         price: PRICE,
         stock,
         status: ProductStatus::Selling.into(),
+        idempotency_key: format!("{tag}-product"),
     };
     let admin = connections.admin();
     retry(|| {

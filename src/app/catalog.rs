@@ -77,7 +77,12 @@ impl Catalog {
         let fingerprint = || {
             format!(
                 "{:?}",
-                (new.name.as_str(), new.price.get(), new.stock, new.status.as_str())
+                (
+                    new.name.as_str(),
+                    new.price.get(),
+                    new.stock,
+                    new.status.as_str()
+                )
             )
         };
         if let NextAction::ReturnSaved(id) =

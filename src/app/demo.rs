@@ -39,10 +39,10 @@ pub async fn seed_demo(catalog: &Catalog, coupons: &Arc<Coupons>) -> Result<Seed
         catalog
             .create(
                 NewProduct {
-                name: DisplayName::parse((*name).to_owned(), "name")?,
-                price: Won::new(*price),
-                stock: *stock,
-                status: *status,
+                    name: DisplayName::parse((*name).to_owned(), "name")?,
+                    price: Won::new(*price),
+                    stock: *stock,
+                    status: *status,
                 },
                 None,
             )
@@ -54,11 +54,11 @@ pub async fn seed_demo(catalog: &Catalog, coupons: &Arc<Coupons>) -> Result<Seed
     coupons
         .create(
             NewCoupon {
-            name: DisplayName::parse("Welcome: 10% off, up to 20,000 won".to_owned(), "name")?,
-            discount: Discount::percent(10, 20_000)?,
-            min_order_amount: Won::new(50_000),
-            total_quantity: 100,
-            window: IssueWindow::parse(now - Duration::minutes(1), now + Duration::days(3650))?,
+                name: DisplayName::parse("Welcome: 10% off, up to 20,000 won".to_owned(), "name")?,
+                discount: Discount::percent(10, 20_000)?,
+                min_order_amount: Won::new(50_000),
+                total_quantity: 100,
+                window: IssueWindow::parse(now - Duration::minutes(1), now + Duration::days(3650))?,
                 valid_days: ValidDays::parse(30)?,
             },
             None,

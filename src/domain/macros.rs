@@ -4,7 +4,8 @@ macro_rules! text_enum {
     ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
         impl $name {
             /// Every value, in the order listed (`as_str` matches on every variant, so a new
-            /// variant cannot be left out of this list).
+            /// variant cannot be left out of this list). Not every enum is listed whole.
+            #[allow(dead_code)]
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
 
             pub const fn as_str(self) -> &'static str {

@@ -87,8 +87,7 @@ impl CreatedCursor {
     const VERSION: u8 = 2;
     /// The instants a token may name: those a `google.protobuf.Timestamp` can (years 1..=9999),
     /// which Postgres stores and binds without overflow.
-    const MICROS: std::ops::RangeInclusive<i64> =
-        -62_135_596_800_000_000..=253_402_300_799_999_999;
+    const MICROS: std::ops::RangeInclusive<i64> = -62_135_596_800_000_000..=253_402_300_799_999_999;
 
     pub fn below(created_at: DateTime<Utc>, id: i64) -> Self {
         Self { created_at, id }
@@ -165,11 +164,17 @@ mod tests {
         let at = DateTime::from_timestamp_micros(1_765_000_000_123_456).unwrap();
         for id in [1, 42, i64::MAX] {
             let cursor = CreatedCursor::below(at, id);
-            assert_eq!(CreatedCursor::parse(&cursor.encode()).unwrap(), Some(cursor));
+            assert_eq!(
+                CreatedCursor::parse(&cursor.encode()).unwrap(),
+                Some(cursor)
+            );
         }
         let first = DateTime::from_timestamp(-62_135_596_800, 0).unwrap();
         let cursor = CreatedCursor::below(first, 1);
-        assert_eq!(CreatedCursor::parse(&cursor.encode()).unwrap(), Some(cursor));
+        assert_eq!(
+            CreatedCursor::parse(&cursor.encode()).unwrap(),
+            Some(cursor)
+        );
         assert_eq!(CreatedCursor::parse("").unwrap(), None);
     }
 

@@ -122,7 +122,10 @@ impl AdminService for AdminHandler {
             return Err(ValidationError::new("delta", "must not be 0").into());
         }
         let key = IdempotencyKey::parse(req.idempotency_key)?;
-        let product = self.catalog.adjust_stock(id, req.delta, key.as_ref()).await?;
+        let product = self
+            .catalog
+            .adjust_stock(id, req.delta, key.as_ref())
+            .await?;
         Ok(Response::new(AdjustStockResponse {
             product: Some(convert::product(product)),
         }))

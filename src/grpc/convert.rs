@@ -263,9 +263,12 @@ pub fn parse_product_statuses(
     field: &'static str,
 ) -> Result<StatusSet<ProductStatus>, ValidationError> {
     let statuses = raw.iter().enumerate().map(|(i, &n)| {
-        parse_product_status(n, field).map_err(|e| ValidationError::new(format!("{field}[{i}]"), e.message))
+        parse_product_status(n, field)
+            .map_err(|e| ValidationError::new(format!("{field}[{i}]"), e.message))
     });
-    Ok(StatusSet::products(statuses.collect::<Result<Vec<_>, _>>()?))
+    Ok(StatusSet::products(
+        statuses.collect::<Result<Vec<_>, _>>()?,
+    ))
 }
 
 /// An optional timestamp field: unset is `None`; a set one must be valid.

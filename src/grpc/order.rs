@@ -7,9 +7,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::{
     app::{Orders, PlaceOrderCommand},
-    domain::{
-        CreatedCursor, IdempotencyKey, OrderFilter, OrderId, OrderLines, PageSize, UserId,
-    },
+    domain::{CreatedCursor, IdempotencyKey, OrderFilter, OrderId, OrderLines, PageSize, UserId},
     proto::{
         CancelOrderRequest, CancelOrderResponse, GetOrderRequest, GetOrderResponse,
         ListOrdersRequest, ListOrdersResponse, PlaceOrderRequest, PlaceOrderResponse,

@@ -10,6 +10,7 @@ fn product(name: &str, price: i64, stock: i64, status: i32) -> CreateProductRequ
         price,
         stock,
         status,
+        idempotency_key: String::new(),
     }
 }
 

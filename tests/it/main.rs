@@ -22,6 +22,7 @@ mod hostile;
 mod job_locks;
 mod loadgen;
 mod operating;
+mod order_lists;
 mod orders;
 mod outbox;
 mod outbox_nats;

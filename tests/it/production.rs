@@ -390,6 +390,7 @@ async fn sigterm_drains_calls_in_flight_and_exits_zero(_: PgPoolOptions, db: PgC
             price: 0,
             stock: 1_000,
             status: ecommerce::proto::ProductStatus::Selling.into(),
+            idempotency_key: String::new(),
         })
         .await
         .unwrap()

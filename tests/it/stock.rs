@@ -15,7 +15,11 @@ use crate::support::{
 
 async fn adjust(app: &TestApp, product_id: i64, delta: i64) -> Result<i64, tonic::Status> {
     app.admin()
-        .adjust_stock(AdjustStockRequest { product_id, delta })
+        .adjust_stock(AdjustStockRequest {
+            product_id,
+            delta,
+            idempotency_key: String::new(),
+        })
         .await
         .map(|r| r.into_inner().product.expect("product").stock)
 }

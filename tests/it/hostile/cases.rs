@@ -35,17 +35,20 @@ fn no_admin() -> impl Strategy<Value = Auth> {
 fn create_product_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
     let stock = sane_or_hostile(0..=1_000i64, hostile_i64());
     let price = sane_or_hostile(0..=100_000i64, hostile_i64());
-    (auth, name(), price, stock, enum_number()).prop_map(|(auth, name, price, stock, status)| {
-        Call::CreateProduct(
-            auth,
-            CreateProductRequest {
-                name,
-                price,
-                stock,
-                status,
-            },
-        )
-    })
+    (auth, name(), price, stock, enum_number(), idempotency_key()).prop_map(
+        |(auth, name, price, stock, status, idempotency_key)| {
+            Call::CreateProduct(
+                auth,
+                CreateProductRequest {
+                    name,
+                    price,
+                    stock,
+                    status,
+                    idempotency_key,
+                },
+            )
+        },
+    )
 }
 
 fn update_product_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
@@ -76,11 +79,22 @@ fn update_product_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Valu
 }
 
 fn adjust_stock_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
-    (auth, id(), sane_or_hostile(-50..=50i64, hostile_i64())).prop_map(
-        |(auth, product_id, delta)| {
-            Call::AdjustStock(auth, AdjustStockRequest { product_id, delta })
-        },
+    (
+        auth,
+        id(),
+        sane_or_hostile(-50..=50i64, hostile_i64()),
+        idempotency_key(),
     )
+        .prop_map(|(auth, product_id, delta, idempotency_key)| {
+            Call::AdjustStock(
+                auth,
+                AdjustStockRequest {
+                    product_id,
+                    delta,
+                    idempotency_key,
+                },
+            )
+        })
 }
 
 fn list_parked_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
@@ -113,9 +127,20 @@ fn create_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value
         timestamp(-3_600..0),
         timestamp(3_600..86_400),
         int32(1..=30),
+        idempotency_key(),
     )
         .prop_map(
-            |(auth, name, discount, min_order_amount, total_quantity, starts, ends, valid_days)| {
+            |(
+                auth,
+                name,
+                discount,
+                min_order_amount,
+                total_quantity,
+                starts,
+                ends,
+                valid_days,
+                idempotency_key,
+            )| {
                 Call::CreateCoupon(
                     auth,
                     CreateCouponRequest {
@@ -126,6 +151,7 @@ fn create_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value
                         issue_starts_at: starts,
                         issue_ends_at: ends,
                         valid_days,
+                        idempotency_key,
                     },
                 )
             },

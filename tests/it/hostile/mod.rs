@@ -160,6 +160,7 @@ async fn stock_is_bounded_so_released_units_always_fit(_: PgPoolOptions, db: PgC
                 price: 1,
                 stock: too_many,
                 status: ProductStatus::Selling.into(),
+                idempotency_key: String::new(),
             })
             .await
             .unwrap_err();

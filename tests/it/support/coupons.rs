@@ -37,6 +37,7 @@ pub fn coupon_request(total: i64) -> CreateCouponRequest {
         issue_starts_at: ts(now - chrono::Duration::minutes(1)),
         issue_ends_at: ts(now + chrono::Duration::hours(1)),
         valid_days: 7,
+        idempotency_key: String::new(),
     }
 }
 

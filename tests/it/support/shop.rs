@@ -31,6 +31,7 @@ pub async fn create_product_with_status(
             price,
             stock,
             status: status.into(),
+            idempotency_key: String::new(),
         })
         .await
         .expect("create product")

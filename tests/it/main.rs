@@ -8,6 +8,7 @@
 mod support;
 
 mod admin;
+mod admin_keys;
 mod balance;
 mod cart;
 mod connections;

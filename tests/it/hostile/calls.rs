@@ -5,12 +5,13 @@
 use std::fmt;
 
 use ecommerce::proto::{
-    AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CheckoutRequest, ClearRequest,
-    CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest, GetCouponRequest,
-    GetOrderRequest, GetPopularProductsRequest, GetProductRequest, IssueCouponRequest,
-    ListBalanceHistoryRequest, ListParkedEventsRequest, ListProductsRequest,
-    ListUserCouponsRequest, PayRequest, PlaceOrderRequest, RedriveEventsRequest, RemoveItemRequest,
-    SetItemRequest, UpdateProductRequest,
+    AdjustStockRequest, AdminServiceGetOrderRequest, AdminServiceListOrdersRequest,
+    AdminServiceListProductsRequest, CancelOrderRequest, ChargeBalanceRequest, CheckoutRequest,
+    ClearRequest, CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest,
+    GetCouponRequest, GetOrderRequest, GetPopularProductsRequest, GetProductRequest,
+    IssueCouponRequest, ListBalanceHistoryRequest, ListOrdersRequest, ListParkedEventsRequest,
+    ListProductsRequest, ListUserCouponsRequest, PayRequest, PlaceOrderRequest,
+    RedriveEventsRequest, RemoveItemRequest, SetItemRequest, UpdateProductRequest,
 };
 use prost::Message;
 use tonic::Status;
@@ -51,6 +52,10 @@ pub(super) enum Call {
     CreateCoupon(Auth, CreateCouponRequest),
     ListParkedEvents(Auth, ListParkedEventsRequest),
     RedriveEvents(Auth, RedriveEventsRequest),
+    ListOrders(ListOrdersRequest),
+    AdminGetOrder(Auth, AdminServiceGetOrderRequest),
+    AdminListOrders(Auth, AdminServiceListOrdersRequest),
+    AdminListProducts(Auth, AdminServiceListProductsRequest),
 }
 
 /// Debug output with long strings cut, so a failing 1 MB case prints as one line.
@@ -81,6 +86,10 @@ impl fmt::Debug for Call {
             Call::Checkout(r) => format!("{r:?}"),
             Call::ListParkedEvents(a, r) => format!("{a:?} {r:?}"),
             Call::RedriveEvents(a, r) => format!("{a:?} {r:?}"),
+            Call::ListOrders(r) => format!("{r:?}"),
+            Call::AdminGetOrder(a, r) => format!("{a:?} {r:?}"),
+            Call::AdminListOrders(a, r) => format!("{a:?} {r:?}"),
+            Call::AdminListProducts(a, r) => format!("{a:?} {r:?}"),
         };
         if full.len() > 600 {
             let cut = full.char_indices().nth(600).map_or(full.len(), |(i, _)| i);
@@ -130,6 +139,13 @@ impl Call {
             Call::ListParkedEvents(..) => "ListParkedEvents (no token)",
             Call::RedriveEvents(Auth::Admin, _) => "RedriveEvents",
             Call::RedriveEvents(..) => "RedriveEvents (no token)",
+            Call::ListOrders(_) => "ListOrders",
+            Call::AdminGetOrder(Auth::Admin, _) => "Admin GetOrder",
+            Call::AdminGetOrder(..) => "Admin GetOrder (no token)",
+            Call::AdminListOrders(Auth::Admin, _) => "Admin ListOrders",
+            Call::AdminListOrders(..) => "Admin ListOrders (no token)",
+            Call::AdminListProducts(Auth::Admin, _) => "Admin ListProducts",
+            Call::AdminListProducts(..) => "Admin ListProducts (no token)",
         }
     }
 
@@ -146,6 +162,10 @@ impl Call {
                 | Call::GetOrder(_)
                 | Call::GetCart(_)
                 | Call::ListParkedEvents(..)
+                | Call::ListOrders(_)
+                | Call::AdminGetOrder(..)
+                | Call::AdminListOrders(..)
+                | Call::AdminListProducts(..)
         )
     }
 
@@ -156,7 +176,10 @@ impl Call {
             | Call::AdjustStock(a, _)
             | Call::CreateCoupon(a, _)
             | Call::ListParkedEvents(a, _)
-            | Call::RedriveEvents(a, _) => Some(*a),
+            | Call::RedriveEvents(a, _)
+            | Call::AdminGetOrder(a, _)
+            | Call::AdminListOrders(a, _)
+            | Call::AdminListProducts(a, _) => Some(*a),
             _ => None,
         }
     }
@@ -187,6 +210,10 @@ impl Call {
             Call::CreateCoupon(_, r) => r.encoded_len(),
             Call::ListParkedEvents(_, r) => r.encoded_len(),
             Call::RedriveEvents(_, r) => r.encoded_len(),
+            Call::ListOrders(r) => r.encoded_len(),
+            Call::AdminGetOrder(_, r) => r.encoded_len(),
+            Call::AdminListOrders(_, r) => r.encoded_len(),
+            Call::AdminListProducts(_, r) => r.encoded_len(),
         }
     }
 
@@ -222,6 +249,10 @@ impl Call {
             Call::CreateCoupon(a, r) => admin(a).create_coupon(r).await.map(drop),
             Call::ListParkedEvents(a, r) => admin(a).list_parked_events(r).await.map(drop),
             Call::RedriveEvents(a, r) => admin(a).redrive_events(r).await.map(drop),
+            Call::ListOrders(r) => app.orders().list_orders(r).await.map(drop),
+            Call::AdminGetOrder(a, r) => admin(a).get_order(r).await.map(drop),
+            Call::AdminListOrders(a, r) => admin(a).list_orders(r).await.map(drop),
+            Call::AdminListProducts(a, r) => admin(a).list_products(r).await.map(drop),
         }
     }
 }

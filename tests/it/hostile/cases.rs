@@ -2,12 +2,13 @@
 //! each gets, and the draw that turns a seed into one shuffled list of calls.
 
 use ecommerce::proto::{
-    AdjustStockRequest, CancelOrderRequest, ChargeBalanceRequest, CheckoutRequest, ClearRequest,
-    CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest, GetCouponRequest,
-    GetOrderRequest, GetPopularProductsRequest, GetProductRequest, IssueCouponRequest,
-    ListBalanceHistoryRequest, ListParkedEventsRequest, ListProductsRequest,
-    ListUserCouponsRequest, PayRequest, PlaceOrderRequest, RedriveEventsRequest, RemoveItemRequest,
-    SetItemRequest, UpdateProductRequest,
+    AdjustStockRequest, AdminServiceGetOrderRequest, AdminServiceListOrdersRequest,
+    AdminServiceListProductsRequest, CancelOrderRequest, ChargeBalanceRequest, CheckoutRequest,
+    ClearRequest, CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest,
+    GetCouponRequest, GetOrderRequest, GetPopularProductsRequest, GetProductRequest,
+    IssueCouponRequest, ListBalanceHistoryRequest, ListOrdersRequest, ListParkedEventsRequest,
+    ListProductsRequest, ListUserCouponsRequest, PayRequest, PlaceOrderRequest,
+    RedriveEventsRequest, RemoveItemRequest, SetItemRequest, UpdateProductRequest,
 };
 use proptest::{
     prelude::*,
@@ -18,8 +19,9 @@ use proptest::{
 use super::{
     calls::{Auth, Call},
     fields::{
-        amount, discount, enum_number, event_ids, hostile_i64, id, idempotency_key, int32, lines,
-        name, order_id, page_token, sane_or_hostile, timestamp, user_id,
+        amount, created_page_token, discount, enum_number, event_ids, filter_id, hostile_i64, id,
+        idempotency_key, int32, lines, name, optional_timestamp, order_id, page_token,
+        sane_or_hostile, statuses, timestamp, user_id,
     },
 };
 
@@ -113,6 +115,56 @@ fn redrive_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Cal
     (auth, event_ids(), any::<bool>()).prop_map(|(auth, event_ids, all)| {
         Call::RedriveEvents(auth, RedriveEventsRequest { event_ids, all })
     })
+}
+
+fn admin_get_order_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    (auth, order_id()).prop_map(|(auth, order_id)| {
+        Call::AdminGetOrder(auth, AdminServiceGetOrderRequest { order_id })
+    })
+}
+
+fn admin_list_orders_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    (
+        auth,
+        filter_id(user_id()),
+        statuses(4),
+        filter_id(id()),
+        optional_timestamp(),
+        optional_timestamp(),
+        int32(0..=100),
+        created_page_token(),
+    )
+        .prop_map(
+            |(auth, user_id, statuses, product_id, after, before, page_size, page_token)| {
+                Call::AdminListOrders(
+                    auth,
+                    AdminServiceListOrdersRequest {
+                        user_id,
+                        statuses,
+                        product_id,
+                        created_after: after,
+                        created_before: before,
+                        page_size,
+                        page_token,
+                    },
+                )
+            },
+        )
+}
+
+fn admin_list_products_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    (auth, statuses(3), int32(0..=100), page_token()).prop_map(
+        |(auth, statuses, page_size, page_token)| {
+            Call::AdminListProducts(
+                auth,
+                AdminServiceListProductsRequest {
+                    statuses,
+                    page_size,
+                    page_token,
+                },
+            )
+        },
+    )
 }
 
 fn create_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
@@ -361,6 +413,35 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
         ),
         (list_parked_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
         (redrive_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
+        // Issue 21's reads, drawn after the others so that their draws stay as they were.
+        (
+            (user_id(), statuses(4), int32(0..=100), created_page_token())
+                .prop_map(|(user_id, statuses, page_size, page_token)| {
+                    Call::ListOrders(ListOrdersRequest {
+                        user_id,
+                        statuses,
+                        page_size,
+                        page_token,
+                    })
+                })
+                .boxed(),
+            CASES,
+        ),
+        (admin_get_order_calls(Just(Auth::Admin)).boxed(), CASES),
+        (admin_list_orders_calls(Just(Auth::Admin)).boxed(), CASES),
+        (admin_list_products_calls(Just(Auth::Admin)).boxed(), CASES),
+        (
+            admin_get_order_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
+        (
+            admin_list_orders_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
+        (
+            admin_list_products_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
     ]
 }
 

@@ -181,6 +181,55 @@ pub(super) fn page_token() -> BoxedStrategy<String> {
     )
 }
 
+/// The token this service issues for a newest-first page ending at (`micros`, `id`).
+fn created_token_for(micros: i64, id: i64) -> String {
+    let mut bytes = vec![2u8];
+    bytes.extend_from_slice(&micros.to_be_bytes());
+    bytes.extend_from_slice(&id.to_be_bytes());
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Tokens of the order lists: mostly none or one near now, otherwise an instant or id no page
+/// ends at, a product list's token, or garbage.
+pub(super) fn created_page_token() -> BoxedStrategy<String> {
+    let now = Utc::now().timestamp_micros();
+    sane_or_hostile(
+        prop_oneof![
+            Just(String::new()),
+            ((now - 86_400_000_000)..(now + 1_000_000), 1..=40i64)
+                .prop_map(|(micros, id)| created_token_for(micros, id)),
+        ],
+        prop_oneof![
+            (hostile_i64(), hostile_i64()).prop_map(|(micros, id)| created_token_for(micros, id)),
+            page_token(),
+        ],
+    )
+}
+
+/// A list's status filter: mostly a few known statuses (of `1..=known`), sometimes none,
+/// UNSPECIFIED, unknown numbers, or thousands of entries.
+pub(super) fn statuses(known: i32) -> BoxedStrategy<Vec<i32>> {
+    sane_or_hostile(
+        vec(1..=known, 0..=3),
+        prop_oneof![
+            3 => vec(enum_number(), 1..=4),
+            1 => Just(vec![0]),
+            1 => Just(vec![1; 10_000]),
+            1 => vec(any::<i32>(), 1..=3),
+        ],
+    )
+}
+
+/// A list filter's id: 0 (any) or an id, sane or hostile.
+pub(super) fn filter_id(id: BoxedStrategy<i64>) -> BoxedStrategy<i64> {
+    prop_oneof![2 => Just(0i64), 3 => id].boxed()
+}
+
+/// An optional bound of a creation range: mostly unset, otherwise around now or hostile.
+pub(super) fn optional_timestamp() -> BoxedStrategy<Option<Timestamp>> {
+    prop_oneof![3 => Just(None), 2 => timestamp(-86_400..60)].boxed()
+}
+
 pub(super) fn timestamp(sane_from_now: std::ops::Range<i64>) -> BoxedStrategy<Option<Timestamp>> {
     let now = Utc::now().timestamp();
     let sane = (

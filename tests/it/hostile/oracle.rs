@@ -27,11 +27,25 @@ const DOCUMENTED: &[Code] = &[
     Code::Unauthenticated,
 ];
 
+/// A status filter naming UNSPECIFIED or a number the contract does not define.
+fn bad_statuses(raw: &[i32], known: impl Fn(i32) -> bool) -> bool {
+    raw.iter().any(|&s| s == 0 || !known(s))
+}
+
+fn known_order_status(raw: i32) -> bool {
+    ecommerce::proto::OrderStatus::try_from(raw).is_ok()
+}
+
+fn known_product_status(raw: i32) -> bool {
+    ecommerce::proto::ProductStatus::try_from(raw).is_ok()
+}
+
 impl Call {
     /// Requests the contract refuses whatever the data: a required id that is not positive, an
     /// empty or over-long order. (A cheap oracle on top of "a documented code".)
     fn surely_invalid(&self) -> bool {
         let bad = |id: i64| id <= 0;
+        let bad_page = |size: i32| !(0..=100).contains(&size);
         match self {
             Call::ChargeBalance(r) => bad(r.user_id) || r.amount <= 0,
             Call::GetBalance(r) => bad(r.user_id),
@@ -86,6 +100,21 @@ impl Call {
                     || r.event_ids
                         .iter()
                         .any(|id| uuid::Uuid::try_parse(id).is_err())
+            }
+            Call::ListOrders(r) => {
+                bad(r.user_id)
+                    || bad_page(r.page_size)
+                    || bad_statuses(&r.statuses, known_order_status)
+            }
+            Call::AdminGetOrder(_, r) => bad(r.order_id),
+            Call::AdminListOrders(_, r) => {
+                r.user_id < 0
+                    || r.product_id < 0
+                    || bad_page(r.page_size)
+                    || bad_statuses(&r.statuses, known_order_status)
+            }
+            Call::AdminListProducts(_, r) => {
+                bad_page(r.page_size) || bad_statuses(&r.statuses, known_product_status)
             }
         }
     }

@@ -48,8 +48,10 @@ pub(super) async fn audit(
          FROM products p
          LEFT JOIN order_items i ON i.product_id = p.id
          LEFT JOIN orders o ON o.id = i.order_id
+         WHERE p.id = ANY($1)
          GROUP BY p.id, p.stock ORDER BY p.id",
     )
+    .bind(shop.products.iter().map(|p| p.0).collect::<Vec<i64>>())
     .fetch_all(&mut *tx)
     .await
     .unwrap();

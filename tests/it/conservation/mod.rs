@@ -4,13 +4,18 @@
 //! with the same key, one after the other or at the same moment), coupon issues (four kinds,
 //! limited stock, fixed and percent), orders of 1-3 lines over 10 products of limited stock, with
 //! and without coupons, cancels, payments (some retried with their key, some sent three times at
-//! once) and orders left to expire (ORDER_TTL_SECS=2). Every answer is recorded. Afterwards the
+//! once) and orders left to expire (ORDER_TTL_SECS=2), buyers' order lists walked page by
+//! page and the admin's reads (GetOrder, ListOrders, ListProducts), and keyed AdjustStock calls
+//! retried and sent twice at once on a product set aside for them. Every answer is recorded. Afterwards the
 //! books must balance, on a consistent snapshot right after the workload and again once the
 //! expiry job and the outbox have settled: every balance equals its ledger and what the RPCs
 //! reported (charges counted once per idempotency key, minus payments); every unit of stock is on
 //! the shelf, in an open order or in a paid one; coupons are never over-issued, are RESERVED
 //! exactly for open orders and USED exactly for paid ones; every paid order has exactly one
-//! payment and one outbox event, every other order none.
+//! payment and one outbox event, every other order none; every list shows only what its filter
+//! keeps, newest first, none twice, and once settled every buyer's list (with and without a
+//! statuses filter) and the admin's are exactly the orders placed; the adjusted product moved
+//! once per key.
 //!
 //! The default run takes 20-40 s here. To run it long, or with another seed:
 //!
@@ -23,6 +28,7 @@
 //! what the RPCs reported, and `books` checks the database against the rules and the record.
 
 mod books;
+mod lists;
 mod record;
 mod shop;
 mod workload;
@@ -139,6 +145,8 @@ async fn money_stock_and_coupons_are_conserved_under_a_concurrent_workload(
     }
     checked += check_books(&app, &shop, &record, &mut violations, "settled").await;
     checked += check_rpc_views(&app, &shop, &mut violations).await;
+    violations.extend(lists::check_lists(&app, &shop, &record).await);
+    checked += 3 * USERS as usize + 2;
 
     let statuses: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status ORDER BY status")

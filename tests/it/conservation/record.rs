@@ -19,8 +19,8 @@ use super::shop::Shop;
 
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Placed {
-    user: i64,
-    final_amount: i64,
+    pub(super) user: i64,
+    pub(super) final_amount: i64,
 }
 
 #[derive(Default)]
@@ -37,6 +37,8 @@ pub(super) struct Record {
     /// Issued user coupons: id -> (user, coupon).
     pub(super) issued: HashMap<i64, (i64, i64)>,
     pub(super) coupons_of: HashMap<i64, Vec<i64>>,
+    /// Keyed stock adjustments answered OK at least once: key -> delta (applied once per key).
+    pub(super) adjustments: HashMap<String, i64>,
     pub(super) outcomes: BTreeMap<(&'static str, String), usize>,
     pub(super) violations: Vec<String>,
 }

@@ -1,4 +1,5 @@
-//! The shop the workload trades in: ten products of limited stock, four coupon kinds, and the
+//! The shop the workload trades in: ten products of limited stock, one the admin only adjusts,
+//! four coupon kinds, and the
 //! contract's pricing rule written again, independently of the server's, so that the record can
 //! check the price of every order placed.
 
@@ -90,6 +91,9 @@ pub(super) struct Shop {
     /// id -> (kind, min order amount, total quantity)
     pub(super) coupons: HashMap<i64, (Kind, i64, i64)>,
     pub(super) coupon_ids: Vec<i64>,
+    /// A product no order can buy (STOPPED), whose stock only keyed AdjustStock calls move.
+    pub(super) adjusted: i64,
+    pub(super) adjusted_stock: i64,
 }
 
 impl Shop {
@@ -122,9 +126,20 @@ pub(super) async fn open_shop(app: &TestApp, stock_scale: i64) -> Shop {
         coupons.insert(id, (kind, min_order_amount, total));
     }
     let coupon_ids = coupons.keys().copied().collect();
+    let adjusted_stock = 1_000;
+    let adjusted = create_product_with_status(
+        app,
+        "stockroom",
+        1_000,
+        adjusted_stock,
+        ProductStatus::Stopped,
+    )
+    .await;
     Shop {
         products,
         coupons,
         coupon_ids,
+        adjusted,
+        adjusted_stock,
     }
 }

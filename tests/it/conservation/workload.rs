@@ -1,6 +1,7 @@
 //! What each worker does, from its own seeded generator: charges, coupon issues, orders with and
-//! without coupons, cancels, payments (retried with their key, or several at once) and payments
-//! sent after the TTL. Each answer goes to the record.
+//! without coupons, cancels, payments (retried with their key, or several at once), payments
+//! sent after the TTL, and the reads and admin adjustments of `lists`. Each answer goes to the
+//! record.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -11,7 +12,12 @@ use ecommerce::proto::{
 use futures::future::join_all;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
-use super::{ORDER_TTL, USERS, record::Shared, shop::Shop};
+use super::{
+    ORDER_TTL, USERS,
+    lists::{adjust_op, admin_read_op, list_op},
+    record::Shared,
+    shop::Shop,
+};
 use crate::support::TestApp;
 
 /// A key unique to this worker and operation.
@@ -310,7 +316,10 @@ pub(super) async fn worker(
                     pay_op(app, shared, &mut rng, target, worker, n).await;
                 }
             }
-            93..99 => {
+            93..95 => list_op(app, shared, &mut rng).await,
+            95..97 => admin_read_op(app, shop, shared, &mut rng).await,
+            97 => adjust_op(app, shop, shared, &mut rng, key("adjust", worker, n)).await,
+            98 => {
                 let user = rng.random_range(1..=USERS);
                 let result = app
                     .balance()

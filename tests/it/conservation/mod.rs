@@ -6,9 +6,9 @@
 //! and without coupons, cancels, payments (some retried with their key, some sent three times at
 //! once) and orders left to expire (ORDER_TTL_SECS=2), buyers' order lists walked page by
 //! page and the admin's reads (GetOrder, ListOrders, ListProducts), and keyed AdjustStock calls
-//! retried and sent twice at once on a product set aside for them. Every answer is recorded. Afterwards the
-//! books must balance, on a consistent snapshot right after the workload and again once the
-//! expiry job and the outbox have settled: every balance equals its ledger and what the RPCs
+//! retried and sent twice at once on a product set aside for them. Every answer is recorded.
+//! Afterwards the books must balance, on a consistent snapshot right after the workload and
+//! again once the expiry job and the outbox have settled: every balance equals its ledger and what the RPCs
 //! reported (charges counted once per idempotency key, minus payments); every unit of stock is on
 //! the shelf, in an open order or in a paid one; coupons are never over-issued, are RESERVED
 //! exactly for open orders and USED exactly for paid ones; every paid order has exactly one

@@ -3,8 +3,9 @@
 //! buyers funded with ChargeBalance.
 //!
 //! Guarantees: funding charges and the Admin creations carry an idempotency key, so a retried
-//! charge never credits twice and a retried creation never makes a second coupon or product; every balance the run will check is opened in the returned book with its value before
-//! the run and every funding credit, so the checks never assume a user started at zero.
+//! charge never credits twice and a retried creation never makes a second coupon or product;
+//! every balance the run will check is opened in the returned book with its value before the
+//! run and every funding credit, so the checks never assume a user started at zero.
 
 use std::time::{Duration, SystemTime};
 

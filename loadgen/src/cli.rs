@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, builder::TypedValueParser};
 use sqlx::postgres::PgConnectOptions;
 
-use super::{Mixed, Options, Report, Scenario, Tls, Weights, run};
+use super::{Listing, Mixed, Options, Report, Scenario, Tls, Weights, run};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -129,6 +129,19 @@ enum Command {
         #[command(flatten)]
         popular: PopularArgs,
     },
+    /// Walks one buyer's order history with ListOrders, page by page, as a "My orders" page
+    /// does (half the walks read the first page only, some go hundreds of pages deep; 30% use a
+    /// status filter). The buyer must already have --min-orders orders: scripts/seed-orders
+    /// writes them (checked with --database-url). Checks every page: the buyer's orders only,
+    /// newest first, none twice, in the filter's statuses.
+    ListOrders {
+        #[arg(long, default_value_t = Listing::DEFAULT_USER)]
+        user_id: i64,
+        #[arg(long, default_value_t = Listing::DEFAULT_ORDERS)]
+        min_orders: u64,
+        #[arg(long, default_value_t = 20)]
+        page_size: i32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -182,6 +195,15 @@ impl Command {
                 orders_per_buyer: product.orders_per_buyer,
                 days: popular.days,
                 limit: popular.limit,
+            }),
+            Command::ListOrders {
+                user_id,
+                min_orders,
+                page_size,
+            } => Scenario::ListOrders(Listing {
+                user_id,
+                min_orders,
+                page_size,
             }),
         }
     }

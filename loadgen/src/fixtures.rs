@@ -15,12 +15,15 @@ use futures::{StreamExt, TryStreamExt, stream};
 use super::{
     connect::{Connections, describe, retry},
     ledger::BalanceBook,
+    listing::Listing,
     scenario::{COUPON_DISCOUNT, PRICE, Plan},
     users::UserSpace,
 };
 use ecommerce::proto::{
     ChargeBalanceRequest, CreateCouponRequest, CreateProductRequest, Discount, FixedDiscount,
-    GetBalanceRequest, ProductStatus, balance_service_client::BalanceServiceClient, discount,
+    GetBalanceRequest, ListOrdersRequest, ProductStatus,
+    balance_service_client::BalanceServiceClient, discount,
+    order_service_client::OrderServiceClient,
 };
 
 /// Issue window of the stampede coupon, around the moment of set-up.
@@ -170,4 +173,48 @@ async fn create_product(connections: &Connections, stock: i64, tag: &str) -> any
     .product
     .map(|p| p.id)
     .context("CreateProduct answered without a product")
+}
+
+/// Makes sure the listed buyer has the orders the run needs. With the database: counts the
+/// table and the buyer's orders (read-only) and refuses to run short; without it, only checks
+/// that the buyer has a first page. Returns (orders in the table, the buyer's), when counted.
+pub async fn require_orders(
+    connections: &Connections,
+    db: Option<&sqlx::PgPool>,
+    listing: &Listing,
+) -> anyhow::Result<Option<(i64, i64)>> {
+    let user = listing.user_id;
+    let hint = format!(
+        "seed them first: scripts/seed-orders --user {user} --orders {}",
+        listing.min_orders
+    );
+    let Some(db) = db else {
+        let client = OrderServiceClient::new(connections.channel(0));
+        let request = ListOrdersRequest {
+            user_id: user,
+            page_size: 1,
+            ..Default::default()
+        };
+        let page = retry(|| {
+            let (mut client, request) = (client.clone(), request.clone());
+            async move { client.list_orders(request).await }
+        })
+        .await
+        .map_err(|s| anyhow!("ListOrders for user {user}: {}", describe(&s)))?;
+        anyhow::ensure!(!page.orders.is_empty(), "user {user} has no orders; {hint}");
+        return Ok(None);
+    };
+    let (table, mine): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM orders WHERE user_id = $1)",
+    )
+    .bind(user)
+    .fetch_one(db)
+    .await
+    .context("counting orders in --database-url")?;
+    anyhow::ensure!(
+        u64::try_from(mine).unwrap_or(0) >= listing.min_orders,
+        "user {user} has {mine} orders, the run needs {}; {hint}",
+        listing.min_orders
+    );
+    Ok(Some((table, mine)))
 }

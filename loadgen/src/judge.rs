@@ -444,6 +444,18 @@ pub fn popular_checks(observed: &Observed, limit: i32) -> Vec<Check> {
     )]
 }
 
+pub fn page_check(observed: &Observed, listing: &super::Listing) -> Check {
+    Check::none(
+        format!(
+            "every ListOrders page holds <= {} of user {}'s orders, in the filter's statuses, \
+             newest first and after the walk's previous page (none twice), full when another follows",
+            listing.page_size, listing.user_id
+        ),
+        &observed.page_problems,
+        observed.order_pages,
+    )
+}
+
 /// A user whose stored balance is not the sum of its ledger (Postgres).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LedgerMismatch {

@@ -26,6 +26,7 @@ mod fixtures;
 pub mod html;
 pub mod judge;
 pub mod ledger;
+pub mod listing;
 pub mod report;
 mod scenario;
 pub mod seen;
@@ -45,6 +46,7 @@ use std::{
 use anyhow::ensure;
 use sqlx::postgres::PgConnectOptions;
 
+pub use listing::Listing;
 pub use report::Report;
 pub use scenario::{Mixed, Scenario};
 pub use weights::Weights;
@@ -139,6 +141,10 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
     let users = UserSpace::from_seed(options.seed);
     let tag = run_tag(options.seed);
     let fixtures = fixtures::set_up(&connections, &plan, users, &tag, options.concurrency).await?;
+    let history = match &plan.listing {
+        Some(listing) => Some(fixtures::require_orders(&connections, db.as_ref(), listing).await?),
+        None => None,
+    };
 
     let shared = Arc::new(Shared {
         weights: plan.weights.clone(),
@@ -149,6 +155,7 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         users,
         tag,
         popular: plan.popular,
+        listing: plan.listing,
     });
     let workers = (0..options.concurrency)
         .map(|i| Worker::new(i, options.seed, shared.clone(), connections.channel(i)))
@@ -224,6 +231,9 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
     if plan.weights.contains(Op::Popular) {
         invariants.extend(judge::popular_checks(&observed, plan.popular.1));
     }
+    if let Some(listing) = &plan.listing {
+        invariants.push(judge::page_check(&observed, listing));
+    }
     if !observed.book.is_empty() {
         invariants.extend(judge::balance_checks(&BalanceFacts {
             book: &observed.book,
@@ -247,6 +257,14 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
     }
     if !fixtures.charged.is_empty() {
         facts.insert("charged_users".into(), fixtures.charged.len() as i64);
+    }
+    if let (Some(listing), Some(history)) = (&plan.listing, history) {
+        facts.insert("listed_user_id".into(), listing.user_id);
+        facts.insert("page_size".into(), i64::from(listing.page_size));
+        if let Some((table, user)) = history {
+            facts.insert("orders_in_table".into(), table);
+            facts.insert("orders_of_listed_user".into(), user);
+        }
     }
     let measured_secs = driven.measured.as_secs_f64();
     let passed = invariants.iter().all(|c| c.passed);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure};
 
 use super::{
+    listing::Listing,
     users::UserSpace,
     weights::{Op, Weights},
 };
@@ -46,6 +47,8 @@ pub enum Scenario {
     },
     /// A weighted blend of all of the above on shared fixtures.
     Mixed(Mixed),
+    /// ListOrders walks through one buyer's order history, which must hold `min_orders`.
+    ListOrders(Listing),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +93,7 @@ impl Scenario {
             Scenario::Charge { .. } => "charge",
             Scenario::Cart { .. } => "cart",
             Scenario::Mixed(_) => "mixed",
+            Scenario::ListOrders(_) => "list-orders",
         }
     }
 
@@ -124,6 +128,12 @@ impl Scenario {
                 buyers,
                 orders_per_buyer,
             } => selling_out(Op::Checkout, 2, stock, buyers, orders_per_buyer)?,
+            &Scenario::ListOrders(listing) => Plan {
+                weights: Weights::only(Op::ListOrders),
+                default_duration: Some(DEFAULT_DURATION),
+                listing: Some(listing),
+                ..Plan::default()
+            },
             Scenario::Mixed(m) => {
                 let needs_stock = [Op::Order, Op::Pay, Op::Checkout]
                     .iter()
@@ -168,6 +178,8 @@ pub struct Plan {
     /// Pool users `0..charged` receive random charges.
     pub charged: u64,
     pub popular: (i32, i32),
+    /// The buyer whose orders the workers list.
+    pub listing: Option<Listing>,
 }
 
 impl Default for Plan {
@@ -183,6 +195,7 @@ impl Default for Plan {
             fund_each: 0,
             charged: 0,
             popular: (3, 5),
+            listing: None,
         }
     }
 }
@@ -233,6 +246,18 @@ impl Plan {
             "at most {} buyers or charged users",
             UserSpace::MAX_POOL
         );
+        if let Some(listing) = self.listing {
+            ensure!(
+                listing.user_id > 0,
+                "--user-id must be positive, got {}",
+                listing.user_id
+            );
+            ensure!(
+                (1..=100).contains(&listing.page_size),
+                "--page-size must be 1..=100, got {}",
+                listing.page_size
+            );
+        }
         if self.weights.contains(Op::Popular) {
             let (days, limit) = self.popular;
             ensure!(
@@ -404,6 +429,31 @@ mod tests {
         ];
         for scenario in bad {
             assert!(scenario.plan().is_err(), "{scenario:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn list_orders_reads_for_ten_seconds_and_checks_its_sizes() {
+        let listing = Listing {
+            user_id: Listing::DEFAULT_USER,
+            min_orders: 10,
+            page_size: 20,
+        };
+        let plan = Scenario::ListOrders(listing).plan().unwrap();
+        assert_eq!(plan.weights, Weights::only(Op::ListOrders));
+        assert_eq!(plan.stop(None, None), (None, Some(DEFAULT_DURATION)));
+        assert_eq!(plan.pool(), 0, "no buyer is funded");
+        for bad in [
+            Listing {
+                page_size: 101,
+                ..listing
+            },
+            Listing {
+                user_id: 0,
+                ..listing
+            },
+        ] {
+            assert!(Scenario::ListOrders(bad).plan().is_err());
         }
     }
 }

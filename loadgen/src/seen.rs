@@ -71,6 +71,9 @@ pub struct Observed {
     /// GetPopularProducts answers checked, and the ill-formed ones.
     pub popular_answers: u64,
     pub popular_problems: Problems,
+    /// ListOrders pages checked, and the ill-formed ones.
+    pub order_pages: u64,
+    pub page_problems: Problems,
     pub book: BalanceBook,
     /// Ledger entries returned per charge idempotency key: one each, however often it is sent.
     pub replays: BTreeMap<String, BTreeSet<i64>>,
@@ -87,6 +90,8 @@ impl Observed {
         self.repeat_checkouts.merge(other.repeat_checkouts);
         self.popular_answers += other.popular_answers;
         self.popular_problems.merge(other.popular_problems);
+        self.order_pages += other.order_pages;
+        self.page_problems.merge(other.page_problems);
         self.book.merge(other.book);
         for (key, ids) in other.replays {
             self.replays.entry(key).or_default().extend(ids);

@@ -38,10 +38,11 @@ pub enum Rpc {
     Checkout,
     /// Checkout again with the key of a checkout just answered: it must return the same order.
     CheckoutAgain,
+    ListOrders,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 10] = [
+    pub const ALL: [Rpc; 11] = [
         Rpc::IssueCoupon,
         Rpc::PlaceOrder,
         Rpc::Pay,
@@ -52,6 +53,7 @@ impl Rpc {
         Rpc::SetItem,
         Rpc::Checkout,
         Rpc::CheckoutAgain,
+        Rpc::ListOrders,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +68,7 @@ impl Rpc {
             Rpc::SetItem => "SetItem",
             Rpc::Checkout => "Checkout",
             Rpc::CheckoutAgain => "Checkout (same key)",
+            Rpc::ListOrders => "ListOrders",
         }
     }
 

@@ -22,6 +22,8 @@ pub enum Op {
     /// SetItem (1..=3 units of the product) into a buyer's cart, then a keyed Checkout; one in
     /// ten is sent again with the same key and must return the same order.
     Checkout,
+    /// The next ListOrders page of the worker's walk through one buyer's orders.
+    ListOrders,
 }
 
 impl Op {
@@ -44,6 +46,7 @@ impl Op {
             Op::Popular => "popular",
             Op::Charge => "charge",
             Op::Checkout => "checkout",
+            Op::ListOrders => "list-orders",
         }
     }
 }

@@ -10,6 +10,7 @@ use tonic::{Code, transport::Channel};
 use super::{
     connect::describe,
     judge::popular_problem,
+    listing::{Listing, Walk, next_page},
     seen::{Observed, PaymentSeen, PlacedOrder},
     stats::{Class, Recorder, Rpc},
     users::{UserSpace, worker_seed},
@@ -49,6 +50,7 @@ pub struct Shared {
     /// Prefix of this run's idempotency keys.
     pub tag: String,
     pub popular: (i32, i32),
+    pub listing: Option<Listing>,
 }
 
 #[derive(Clone)]
@@ -72,6 +74,8 @@ pub struct Worker {
     unpaid: VecDeque<PlacedOrder>,
     recent_keys: VecDeque<KeyedCharge>,
     keys_made: u64,
+    /// This worker's walk through the listed buyer's orders.
+    walk: Walk,
     pub observed: Observed,
 }
 
@@ -90,6 +94,7 @@ impl Worker {
             unpaid: VecDeque::new(),
             recent_keys: VecDeque::new(),
             keys_made: 0,
+            walk: Walk::default(),
             observed: Observed::default(),
         }
     }
@@ -126,6 +131,20 @@ impl Worker {
             Op::Popular => self.popular(rec).await,
             Op::Charge => self.charge(rec).await,
             Op::Checkout => self.checkout(rec).await,
+            Op::ListOrders => {
+                if let Some(listing) = self.shared.listing {
+                    let observed = &mut self.observed;
+                    next_page(
+                        &mut self.walk,
+                        &mut self.orders,
+                        &listing,
+                        &mut self.rng,
+                        rec,
+                        observed,
+                    )
+                    .await;
+                }
+            }
         }
     }
 

@@ -5,10 +5,15 @@
 use std::time::Duration;
 
 use ecommerce::proto::ChargeBalanceRequest;
-use ecommerce_loadgen::{self as loadgen, Mixed, Options, Report, Scenario};
+use ecommerce_loadgen::{self as loadgen, Listing, Mixed, Options, Report, Scenario};
+use futures::StreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::support::{ADMIN_TOKEN, TestApp, spawn_app};
+use crate::support::{
+    ADMIN_TOKEN, TestApp,
+    shop::{create_product, place},
+    spawn_app,
+};
 
 fn options(app: &TestApp, db: &PgConnectOptions) -> Options {
     let mut options = Options::new(format!("http://{}", app.addr));
@@ -278,5 +283,51 @@ async fn a_mixed_run_keeps_every_invariant(_: PgPoolOptions, db: PgConnectOption
         .sum();
     assert_eq!(total, 600, "one call per unit of work, repeats aside");
     assert!(count(&report, "IssueCoupon", "OK") <= 20);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn list_orders_walks_a_buyers_history_and_needs_it_first(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app(db.clone()).await;
+    let product = create_product(&app, "postcard", 0, 10_000).await;
+    let app_ref = &app;
+    let placed: Vec<_> = futures::stream::iter(0..120)
+        .map(|_| async move { place(app_ref, 77, &[(product, 1)]).await })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    assert!(placed.iter().all(Result::is_ok));
+    let listing = Listing {
+        user_id: 77,
+        min_orders: 120,
+        page_size: 10,
+    };
+    let mut options = options(&app, &db);
+    options.concurrency = 8;
+    options.requests = Some(300);
+    let report = loadgen::run(&options, &Scenario::ListOrders(listing))
+        .await
+        .expect("the run happens");
+    assert_sound(&report);
+    assert_eq!(calls(&report, "ListOrders"), 300);
+    assert_eq!(count(&report, "ListOrders", "OK"), 300);
+    assert_eq!(report.fixtures.get("orders_of_listed_user"), Some(&120));
+    let pages = report
+        .invariants
+        .iter()
+        .find(|c| c.name.contains("ListOrders page"))
+        .expect("the page check");
+    assert!(pages.passed, "{pages:?}");
+
+    let short = Listing {
+        min_orders: 121,
+        ..listing
+    };
+    let refused = loadgen::run(&options, &Scenario::ListOrders(short)).await;
+    let message = format!("{:#}", refused.err().expect("a short history is refused"));
+    assert!(message.contains("scripts/seed-orders"), "{message}");
     app.stop().await;
 }

@@ -12,78 +12,27 @@
 //!
 //! The parameters are bound as `NULL` when a filter is not set; the pool's connections plan
 //! every execution for its values (`plan_cache_mode = force_custom_plan`), so a filter not set
-//! costs nothing and the plan uses the index its filters call for.
+//! costs nothing and the plan uses the index its filters call for. The statements select every
+//! column of `orders` (`OrderRow` reads the ones it knows), so a column added to orders reaches
+//! the lists with the row type.
 
 use sqlx::PgExecutor;
 
-use super::orders::{OrderRow, order_columns};
+use super::orders::OrderRow;
 use crate::{
     domain::{CreatedCursor, Order, OrderFilter, OrderItem, PageSize, ProductId, Won},
     store::StoreError,
 };
 
-/// The page's orders, each with its items (one row per item), newest first.
-macro_rules! with_items {
-    () => {
-        "SELECT page.*, i.product_id AS item_product_id, i.product_name AS item_name,
-             i.unit_price AS item_unit_price, i.quantity AS item_quantity
-         FROM page LEFT JOIN order_items i ON i.order_id = page.id
-         ORDER BY page.created_at DESC, page.id DESC, i.product_id"
-    };
-}
-
-/// The bounds every shape shares: $1 statuses kept, $2 buyer, $3..$4 creation range, $5..$6
-/// cursor, $7 rows to read (a page and one more, to know whether another page follows).
-macro_rules! page_by_status {
-    () => {
-        concat!(
-            "WITH page AS (
-                 SELECT o.* FROM unnest($1::text[]) AS s(status)
-                 CROSS JOIN LATERAL (
-                     SELECT ",
-            order_columns!(),
-            " FROM orders
-                     WHERE status = s.status
-                         AND ($2::bigint IS NULL OR user_id = $2)
-                         AND ($3::timestamptz IS NULL OR created_at >= $3)
-                         AND ($4::timestamptz IS NULL OR created_at < $4)
-                         AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6))
-                     ORDER BY created_at DESC, id DESC
-                     LIMIT $7
-                 ) o
-                 ORDER BY o.created_at DESC, o.id DESC
-                 LIMIT $7
-             )",
-            with_items!()
-        )
-    };
-}
-
-/// $8: the product every order of the page has a line of.
-macro_rules! page_by_product {
-    () => {
-        concat!(
-            "WITH hits AS (
-                 SELECT pi.order_id FROM order_items pi
-                 JOIN orders o ON o.id = pi.order_id
-                 WHERE pi.product_id = $8
-                     AND ($3::timestamptz IS NULL OR pi.created_at >= $3)
-                     AND ($4::timestamptz IS NULL OR pi.created_at < $4)
-                     AND ($5::timestamptz IS NULL OR (pi.created_at, pi.order_id) < ($5, $6))
-                     AND ($2::bigint IS NULL OR o.user_id = $2)
-                     AND o.status = ANY($1)
-                 ORDER BY pi.created_at DESC, pi.order_id DESC
-                 LIMIT $7
-             ),
-             page AS (
-                 SELECT ",
-            order_columns!(),
-            " FROM orders WHERE id IN (SELECT order_id FROM hits)
-             )",
-            with_items!()
-        )
-    };
-}
+/// The statements, as files (`scripts/query-plans` explains the same text).
+const BY_STATUS: &str = concat!(
+    include_str!("sql/order_page_by_status.sql"),
+    include_str!("sql/order_page_items.sql")
+);
+const BY_PRODUCT: &str = concat!(
+    include_str!("sql/order_page_by_product.sql"),
+    include_str!("sql/order_page_items.sql")
+);
 
 #[derive(sqlx::FromRow)]
 struct PageRow {
@@ -111,9 +60,9 @@ pub async fn page(
         .map(|s| s.as_str())
         .collect();
     let sql = if filter.product.is_some() {
-        page_by_product!()
+        BY_PRODUCT
     } else {
-        page_by_status!()
+        BY_STATUS
     };
     let query = sqlx::query_as(sql)
         .bind(&statuses)

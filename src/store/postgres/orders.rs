@@ -24,7 +24,6 @@ macro_rules! order_columns {
          created_at, expires_at, paid_at, cancelled_at"
     };
 }
-pub(super) use order_columns;
 
 /// An order row without its items.
 #[derive(Clone, Debug, sqlx::FromRow)]

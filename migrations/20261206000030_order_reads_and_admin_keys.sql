@@ -22,9 +22,11 @@ DROP INDEX orders_user_idx;
 CREATE INDEX order_items_product_created_idx ON order_items (product_id, created_at, order_id);
 DROP INDEX order_items_product_idx;
 
--- AdminService/ListProducts pages every status by id; a status filter is one scan per status
--- (SELLING alone also has products_selling_idx, which ProductService/ListProducts uses).
+-- Product lists page by id, a status filter being one scan per status: AdminService/ListProducts
+-- any statuses, ProductService/ListProducts SELLING alone, which products_selling_idx (id) WHERE
+-- status = 'SELLING' served and this index now serves.
 CREATE INDEX products_status_idx ON products (status, id);
+DROP INDEX products_selling_idx;
 
 -- 2. Idempotency keys of admin calls. AdjustStock, CreateProduct and CreateCoupon act for the
 --    operator, not for a buyer, so their keys need a scope of their own. It is user_id 0 in the

@@ -44,7 +44,8 @@ impl Catalog {
         page_size: PageSize,
         after: Option<PageToken>,
     ) -> Result<(Vec<Product>, Option<PageToken>), AppError> {
-        Ok(products::selling_page(&self.pg, page_size, after).await?)
+        let selling = StatusSet::products([ProductStatus::Selling]);
+        Ok(products::page(&self.pg, &selling, page_size, after).await?)
     }
 
     pub async fn product(&self, id: ProductId) -> Result<Product, AppError> {
@@ -140,7 +141,8 @@ impl Catalog {
     ) -> Result<Product, AppError> {
         let Some(key) = key else {
             let mut conn = self.pg.acquire().await?;
-            return self.adjust_in(&mut conn, id, delta).await;
+            let changed = self.adjusted(&mut conn, id, delta).await?;
+            return Ok(self.after_adjust(id, delta, changed).await);
         };
         let operation = Operation::AdjustStock;
         let mut tx = self.pg.begin().await?;
@@ -153,16 +155,6 @@ impl Catalog {
         let changed = self.adjusted(&mut tx, id, delta).await?;
         idempotency::complete(&mut tx, KeyScope::Admin, operation, key, id.get()).await?;
         postgres::commit(tx).await?;
-        Ok(self.after_adjust(id, delta, changed).await)
-    }
-
-    async fn adjust_in(
-        &self,
-        conn: &mut sqlx::PgConnection,
-        id: ProductId,
-        delta: i64,
-    ) -> Result<Product, AppError> {
-        let changed = self.adjusted(conn, id, delta).await?;
         Ok(self.after_adjust(id, delta, changed).await)
     }
 

@@ -49,28 +49,11 @@ impl PageToken {
 
     /// An empty string is the first page.
     pub fn parse(raw: &str) -> Result<Option<Self>, ValidationError> {
-        if raw.is_empty() {
-            return Ok(None);
-        }
-        let invalid = || ValidationError::new("page_token", "is not a token this service issued");
-        if raw.len() > 32 {
-            return Err(invalid());
-        }
-        let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
-        match bytes.as_slice() {
-            [Self::VERSION, rest @ ..] if rest.len() == 8 => {
-                let key = i64::from_be_bytes(rest.try_into().map_err(|_| invalid())?);
-                Ok(Some(Self(key)))
-            }
-            _ => Err(invalid()),
-        }
+        Ok(decode_fields(raw, Self::VERSION)?.map(|[key]| Self(key)))
     }
 
     pub fn encode(self) -> String {
-        let mut bytes = [0u8; 9];
-        bytes[0] = Self::VERSION;
-        bytes[1..].copy_from_slice(&self.0.to_be_bytes());
-        URL_SAFE_NO_PAD.encode(bytes)
+        encode_fields(Self::VERSION, &[self.0])
     }
 }
 
@@ -95,39 +78,61 @@ impl CreatedCursor {
 
     /// An empty string is the first page.
     pub fn parse(raw: &str) -> Result<Option<Self>, ValidationError> {
-        if raw.is_empty() {
+        let Some([micros, id]) = decode_fields(raw, Self::VERSION)? else {
             return Ok(None);
-        }
-        let invalid = || ValidationError::new("page_token", "is not a token this service issued");
-        if raw.len() > 32 {
-            return Err(invalid());
-        }
-        let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid())?;
-        let [Self::VERSION, rest @ ..] = bytes.as_slice() else {
-            return Err(invalid());
         };
-        if rest.len() != 16 {
-            return Err(invalid());
-        }
-        let (micros, id) = rest.split_at(8);
-        let (Ok(micros), Ok(id)) = (micros.try_into(), id.try_into()) else {
-            return Err(invalid());
-        };
-        let (micros, id) = (i64::from_be_bytes(micros), i64::from_be_bytes(id));
         let created_at = Some(micros)
             .filter(|m| Self::MICROS.contains(m))
             .and_then(DateTime::from_timestamp_micros)
-            .ok_or_else(invalid)?;
+            .ok_or_else(invalid_token)?;
         Ok(Some(Self { created_at, id }))
     }
 
     pub fn encode(self) -> String {
-        let mut bytes = [0u8; 17];
-        bytes[0] = Self::VERSION;
-        bytes[1..9].copy_from_slice(&self.created_at.timestamp_micros().to_be_bytes());
-        bytes[9..].copy_from_slice(&self.id.to_be_bytes());
-        URL_SAFE_NO_PAD.encode(bytes)
+        encode_fields(
+            Self::VERSION,
+            &[self.created_at.timestamp_micros(), self.id],
+        )
     }
+}
+
+fn invalid_token() -> ValidationError {
+    ValidationError::new("page_token", "is not a token this service issued")
+}
+
+/// The `N` big-endian i64 fields of a token of `version`; `None` for an empty token (the first
+/// page).
+fn decode_fields<const N: usize>(
+    raw: &str,
+    version: u8,
+) -> Result<Option<[i64; N]>, ValidationError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    // The longest token issued is 23 characters; anything much longer is not one.
+    if raw.len() > 32 {
+        return Err(invalid_token());
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| invalid_token())?;
+    match bytes.split_first() {
+        Some((&v, rest)) if v == version && rest.len() == 8 * N => {
+            let mut fields = [0i64; N];
+            for (field, chunk) in fields.iter_mut().zip(rest.chunks_exact(8)) {
+                *field = i64::from_be_bytes(chunk.try_into().map_err(|_| invalid_token())?);
+            }
+            Ok(Some(fields))
+        }
+        _ => Err(invalid_token()),
+    }
+}
+
+fn encode_fields(version: u8, fields: &[i64]) -> String {
+    let mut bytes = Vec::with_capacity(1 + 8 * fields.len());
+    bytes.push(version);
+    for field in fields {
+        bytes.extend_from_slice(&field.to_be_bytes());
+    }
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
 #[cfg(test)]

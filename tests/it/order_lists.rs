@@ -24,7 +24,7 @@ use tonic::Code;
 
 use crate::support::{
     TestApp, assert_error, assert_no_violations, invalid_field,
-    lists::{Key, admin_orders, admin_products, key, list_orders, walk},
+    lists::{Key, admin_order, admin_orders, admin_products, key, list_orders, walk},
     shop::{charge, create_product, create_product_with_status, pay, place},
     spawn_app, spawn_app_with,
 };
@@ -245,15 +245,7 @@ async fn placed_in_two_rounds(app: &TestApp) -> Placed {
     // The orders as they are now, from the single-order read the lists must agree with.
     let mut now = Vec::new();
     for order in &orders {
-        let read = app
-            .admin()
-            .get_order(AdminServiceGetOrderRequest { order_id: order.id })
-            .await
-            .unwrap()
-            .into_inner()
-            .order
-            .unwrap();
-        now.push(read);
+        now.push(admin_order(app, order.id).await.unwrap());
     }
     Placed {
         orders: now,
@@ -388,10 +380,7 @@ async fn filters_keep_exactly_their_orders_newest_first(_: PgPoolOptions, db: Pg
             assert_eq!(ids, want, "AdminService/ListOrders {request:?}");
         }
     }
-    let missing = app
-        .admin()
-        .get_order(AdminServiceGetOrderRequest { order_id: 10_000 })
-        .await;
+    let missing = admin_order(&app, 10_000).await;
     assert_error(missing, Code::NotFound, "ORDER_NOT_FOUND");
     app.stop().await;
 }
@@ -417,14 +406,7 @@ async fn admin_reads_need_the_admin_token(_: PgPoolOptions, db: PgConnectOptions
             .await;
         assert_error(products, Code::Unauthenticated, "UNAUTHENTICATED");
     }
-    let read = app
-        .admin()
-        .get_order(AdminServiceGetOrderRequest { order_id: order.id })
-        .await
-        .unwrap()
-        .into_inner()
-        .order
-        .unwrap();
+    let read = admin_order(&app, order.id).await.unwrap();
     assert_eq!(read, order, "the admin reads any buyer's order");
     app.stop().await;
 }

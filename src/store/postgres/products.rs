@@ -159,28 +159,6 @@ pub async fn get_many(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<Vec<Produc
     Ok(products)
 }
 
-/// SELLING products by id, starting after the page token.
-pub async fn selling_page(
-    db: impl PgExecutor<'_>,
-    page_size: PageSize,
-    after: Option<PageToken>,
-) -> Result<(Vec<Product>, Option<PageToken>), StoreError> {
-    let mut rows: Vec<Product> = sqlx::query_as(concat!(
-        "SELECT ",
-        product_columns!(),
-        " FROM products
-         WHERE status = 'SELLING' AND id > $1
-         ORDER BY id
-         LIMIT $2"
-    ))
-    .bind(after.map_or(0, PageToken::last_key))
-    .bind(page_size.get() + 1)
-    .fetch_all(db)
-    .await?;
-    let next = split_page(&mut rows, page_size, |p| p.id.get());
-    Ok((rows, next))
-}
-
 /// Products of the statuses kept, by id, starting after the page token: one scan of
 /// products_status_idx per status, merged (an index scan of the page's rows, whatever the mix).
 pub async fn page(

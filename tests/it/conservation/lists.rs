@@ -6,8 +6,8 @@
 use std::collections::{HashMap, HashSet};
 
 use ecommerce::proto::{
-    AdjustStockRequest, AdminServiceGetOrderRequest, AdminServiceListOrdersRequest,
-    AdminServiceListProductsRequest, Order, OrderStatus,
+    AdjustStockRequest, AdminServiceListOrdersRequest, AdminServiceListProductsRequest, Order,
+    OrderStatus,
 };
 use futures::future::join_all;
 use rand::{Rng, rngs::StdRng, seq::IndexedRandom};
@@ -19,7 +19,7 @@ use super::{
 };
 use crate::support::{
     TestApp,
-    lists::{admin_orders, admin_products, key, walk},
+    lists::{admin_order, admin_orders, admin_products, key, walk},
     shop::stock,
 };
 
@@ -96,11 +96,7 @@ pub(super) async fn admin_read_op(app: &TestApp, shop: &Shop, shared: &Shared, r
             let Some((order_id, user)) = shared.with(|r| r.order_list.choose(rng).copied()) else {
                 return;
             };
-            let read = app
-                .admin()
-                .get_order(AdminServiceGetOrderRequest { order_id })
-                .await
-                .map(|r| r.into_inner().order.unwrap());
+            let read = admin_order(app, order_id).await;
             shared.note("admin get order", &read, &[]);
             if let Ok(order) = read {
                 let placed = shared.with(|r| r.orders.get(&order_id).copied());

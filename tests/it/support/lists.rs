@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use ecommerce::proto::{
-    AdminServiceListOrdersRequest, AdminServiceListProductsRequest, ListOrdersRequest, Order,
-    Product,
+    AdminServiceGetOrderRequest, AdminServiceListOrdersRequest, AdminServiceListProductsRequest,
+    ListOrdersRequest, Order, Product,
 };
 use tonic::Status;
 
@@ -102,4 +102,12 @@ pub async fn admin_products(
         }
         request.page_token = page.next_page_token;
     }
+}
+
+/// Any order, through AdminService/GetOrder.
+pub async fn admin_order(app: &TestApp, order_id: i64) -> Result<Order, Status> {
+    app.admin()
+        .get_order(AdminServiceGetOrderRequest { order_id })
+        .await
+        .map(|r| r.into_inner().order.expect("order"))
 }

@@ -4,10 +4,12 @@
 --    next page starting below the last (created_at, id) of the previous one. Each filter a page
 --    can carry has an index in that order, so a page reads about its own rows, never the table
 --    (docs/QUERY_PLANS.md: the plans at 1,000,000 orders):
+--    * one buyer, every status ("My orders", the hottest list): a backward scan of
+--      (user_id, created_at, id). orders_user_idx (user_id, id) had no reader and is replaced
+--      (same leading column).
 --    * by status, with or without a buyer and a creation range: one backward scan per status
---      of (user_id, status, created_at, id) or (status, created_at, id), merged; "every
---      status" is every status, one scan each. orders_user_idx (user_id, id) had no reader and
---      is replaced by the first (its leading column is the same).
+--      of (user_id, status, created_at, id) or (status, created_at, id), merged; with no buyer,
+--      "every status" is every status, one scan each.
 --    * by product: a backward scan of order_items (product_id, created_at, order_id), each
 --      order read by its key. An item's created_at is its order's: both are the DEFAULT now()
 --      of the transaction that writes them together. order_items_product_idx (product_id)
@@ -16,6 +18,7 @@
 ALTER TABLE order_items ADD COLUMN created_at TIMESTAMPTZ NOT NULL DEFAULT now();
 UPDATE order_items i SET created_at = o.created_at FROM orders o WHERE o.id = i.order_id;
 
+CREATE INDEX orders_user_created_idx ON orders (user_id, created_at, id);
 CREATE INDEX orders_user_status_created_idx ON orders (user_id, status, created_at, id);
 CREATE INDEX orders_status_created_idx ON orders (status, created_at, id);
 DROP INDEX orders_user_idx;

@@ -25,6 +25,13 @@ impl<S: Copy + PartialEq> StatusSet<S> {
         Self { chosen: set, all }
     }
 
+    /// Whether every status is kept (none chosen, or all of them).
+    pub fn keeps_all(&self) -> bool {
+        self.all
+            .iter()
+            .all(|s| self.chosen.is_empty() || self.chosen.contains(s))
+    }
+
     /// The statuses kept, in the order of `ALL`: every one when none was chosen.
     pub fn kept(&self) -> Vec<S> {
         self.all
@@ -109,6 +116,9 @@ mod tests {
     #[test]
     fn no_status_keeps_every_status_and_repeats_count_once() {
         assert_eq!(StatusSet::orders([]).kept(), OrderStatus::ALL.to_vec());
+        assert!(StatusSet::orders([]).keeps_all());
+        assert!(StatusSet::orders(OrderStatus::ALL.iter().copied()).keeps_all());
+        assert!(!StatusSet::orders([OrderStatus::Paid]).keeps_all());
         let paid_twice = StatusSet::orders([
             OrderStatus::Paid,
             OrderStatus::PendingPayment,

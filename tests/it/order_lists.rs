@@ -364,6 +364,14 @@ async fn filters_keep_exactly_their_orders_newest_first(_: PgPoolOptions, db: Pg
             },
             expected(&placed, |o| after(o) && has(o, c)),
         ),
+        (
+            AdminServiceListOrdersRequest {
+                created_after: Some(between),
+                user_id: 1,
+                ..Default::default()
+            },
+            expected(&placed, |o| after(o) && o.user_id == 1),
+        ),
     ];
     for (request, want) in cases {
         for page_size in [2, 0] {

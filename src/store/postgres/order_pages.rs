@@ -4,9 +4,11 @@
 //! (created_at DESC, id DESC), read by one statement (one snapshot: an order and its items as
 //! they were at one instant), and every filter walks an index in that order, so a page reads
 //! about its own rows whatever the table holds (docs/QUERY_PLANS.md):
-//! - by status (every status when none is asked): one backward scan per status of
-//!   `orders_user_status_created_idx` (with a buyer) or `orders_status_created_idx`, each
-//!   stopping after `n` rows, merged; a creation range and the cursor bound the scans;
+//! - one buyer, every status: a backward scan of `orders_user_created_idx`;
+//! - by status (with a buyer, some statuses; without one, every status when none is asked):
+//!   one backward scan per status of `orders_user_status_created_idx` (with a buyer) or
+//!   `orders_status_created_idx`, each stopping after `n` rows, merged;
+//!   a creation range and the cursor bound the scans;
 //! - by product: a backward scan of `order_items_product_created_idx` (an item's created_at is
 //!   its order's), each order then read by its key and checked against the other filters.
 //!
@@ -25,6 +27,10 @@ use crate::{
 };
 
 /// The statements, as files (`scripts/query-plans` explains the same text).
+const BY_BUYER: &str = concat!(
+    include_str!("sql/order_page_by_buyer.sql"),
+    include_str!("sql/order_page_items.sql")
+);
 const BY_STATUS: &str = concat!(
     include_str!("sql/order_page_by_status.sql"),
     include_str!("sql/order_page_items.sql")
@@ -59,10 +65,10 @@ pub async fn page(
         .into_iter()
         .map(|s| s.as_str())
         .collect();
-    let sql = if filter.product.is_some() {
-        BY_PRODUCT
-    } else {
-        BY_STATUS
+    let sql = match (filter.product, filter.user) {
+        (Some(_), _) => BY_PRODUCT,
+        (None, Some(_)) if filter.statuses.keeps_all() => BY_BUYER,
+        _ => BY_STATUS,
     };
     let query = sqlx::query_as(sql)
         .bind(&statuses)

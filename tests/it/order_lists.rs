@@ -86,10 +86,10 @@ async fn pages_never_skip_or_repeat_an_order_while_32_writers_place_orders(
             let mut n = 0;
             while !done.load(Ordering::Relaxed) {
                 n += 1;
-                let user = if (w + n) % 4 == 0 { OTHER } else { BUYER };
+                let user = if (w + n).is_multiple_of(4) { OTHER } else { BUYER };
                 let first = products[(w + n) % products.len()];
                 let second = products[(w + n + 1) % products.len()];
-                let items: &[(i64, i32)] = if n % 3 == 0 {
+                let items: &[(i64, i32)] = if n.is_multiple_of(3) {
                     &[(first, 1), (second, 2)]
                 } else {
                     &[(first, 1)]
@@ -97,7 +97,7 @@ async fn pages_never_skip_or_repeat_an_order_while_32_writers_place_orders(
                 match place(app, user, items).await {
                     Ok(order) => {
                         // Some orders change status while they are listed.
-                        if n % 5 == 0 {
+                        if n.is_multiple_of(5) {
                             let cancelled = app
                                 .orders()
                                 .cancel_order(CancelOrderRequest {

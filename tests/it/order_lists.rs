@@ -86,7 +86,11 @@ async fn pages_never_skip_or_repeat_an_order_while_32_writers_place_orders(
             let mut n = 0;
             while !done.load(Ordering::Relaxed) {
                 n += 1;
-                let user = if (w + n).is_multiple_of(4) { OTHER } else { BUYER };
+                let user = if (w + n).is_multiple_of(4) {
+                    OTHER
+                } else {
+                    BUYER
+                };
                 let first = products[(w + n) % products.len()];
                 let second = products[(w + n + 1) % products.len()];
                 let items: &[(i64, i32)] = if n.is_multiple_of(3) {

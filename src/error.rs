@@ -103,6 +103,10 @@ pub enum AppError {
     OrderClosed { status: OrderStatus },
     #[error("the order's payment window has passed")]
     OrderExpired,
+    #[error("the order is {status}: only a paid order with units left can be refunded")]
+    OrderNotRefundable { status: OrderStatus },
+    #[error("product {product_id} has only {remaining} units left to refund")]
+    RefundExceedsRemaining { product_id: i64, remaining: i32 },
     #[error("the cart already holds {max} lines")]
     CartFull { max: usize },
     #[error("the cart is empty")]
@@ -155,6 +159,12 @@ impl AppError {
             AppError::OrderAlreadyPaid => (Code::AlreadyExists, "ORDER_ALREADY_PAID"),
             AppError::OrderClosed { .. } => (Code::FailedPrecondition, "ORDER_CLOSED"),
             AppError::OrderExpired => (Code::FailedPrecondition, "ORDER_EXPIRED"),
+            AppError::OrderNotRefundable { .. } => {
+                (Code::FailedPrecondition, "ORDER_NOT_REFUNDABLE")
+            }
+            AppError::RefundExceedsRemaining { .. } => {
+                (Code::FailedPrecondition, "REFUND_EXCEEDS_REMAINING")
+            }
             AppError::CartFull { .. } => (Code::FailedPrecondition, "CART_FULL"),
             AppError::CartEmpty => (Code::FailedPrecondition, "CART_EMPTY"),
             AppError::NotOrderOwner => (Code::PermissionDenied, "NOT_ORDER_OWNER"),
@@ -192,7 +202,16 @@ impl AppError {
             AppError::InsufficientBalance { required } => {
                 put("required", required.get().to_string().into())
             }
-            AppError::OrderClosed { status } => put("status", Cow::Borrowed(status.as_str())),
+            AppError::OrderClosed { status } | AppError::OrderNotRefundable { status } => {
+                put("status", Cow::Borrowed(status.as_str()))
+            }
+            AppError::RefundExceedsRemaining {
+                product_id,
+                remaining,
+            } => {
+                put("product_id", product_id.to_string().into());
+                put("remaining", remaining.to_string().into());
+            }
             AppError::RateLimited { retry_after } => {
                 put("retry_after_ms", retry_after.as_millis().to_string().into())
             }

@@ -233,6 +233,10 @@ pub fn payment(outcome: &'static str) {
     counter!("ecommerce_payments_total", "outcome" => outcome).increment(1);
 }
 
+pub fn refund(outcome: &'static str) {
+    counter!("ecommerce_refunds_total", "outcome" => outcome).increment(1);
+}
+
 /// A payment's ranking bump that a rebuild's snapshot had already counted: without the
 /// snapshot it would have been counted twice.
 pub fn ranking_bump_already_counted() {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::{
         Balances, Carts, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings,
-        Payments, Popular, RankingSettings, Retention, RetentionSettings, SoldOut, UserRateLimit,
+        Payments, Popular, RankingSettings, Refunds, Retention, RetentionSettings, SoldOut, UserRateLimit,
         seed_demo,
     },
     config::Config,
@@ -277,6 +277,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
             rate.clone(),
         )),
         carts: Arc::new(Carts::new(pg.clone(), orders.clone(), rate.clone())),
+        refunds: Arc::new(Refunds::new(pg.clone(), sold_out.clone(), popular.clone())),
         catalog: Arc::new(Catalog::new(pg.clone(), sold_out)),
         coupons: Arc::new(Coupons::new(
             pg.clone(),

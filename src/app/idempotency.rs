@@ -1,6 +1,6 @@
-//! The first step of every keyed call (ChargeBalance, PlaceOrder, Checkout, Pay): claim the key, or
-//! learn that it already has a result, before any shortcut, cache or check is consulted, so a
-//! retry of a success always gets that success.
+//! The first step of every keyed call (ChargeBalance, PlaceOrder, Checkout, Pay, RefundOrder):
+//! claim the key, or learn that it already has a result, before any shortcut, cache or check is
+//! consulted, so a retry of a success always gets that success.
 //!
 //! The claim is a row inserted in the call's own transaction: a concurrent retry waits on it
 //! until the first attempt commits (then replays its result) or rolls back (then starts

@@ -15,6 +15,7 @@ mod outbox;
 mod payments;
 mod popular;
 mod rate_limit;
+mod refunds;
 mod retention;
 mod sold_out;
 
@@ -28,5 +29,6 @@ pub use outbox::{Outbox, OutboxSettings};
 pub use payments::{PayCommand, Payments};
 pub use popular::{Popular, PopularDays, PopularLimit, PopularProduct, RankingSettings};
 pub use rate_limit::UserRateLimit;
+pub use refunds::{RefundCommand, Refunds};
 pub use retention::{Retention, RetentionSettings};
 pub use sold_out::SoldOut;

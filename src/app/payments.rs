@@ -396,7 +396,9 @@ fn decide(
             return Err(AppError::OrderExpired);
         }
         OrderStatus::PendingPayment => {}
-        OrderStatus::Paid => return Err(AppError::OrderAlreadyPaid),
+        OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded => {
+            return Err(AppError::OrderAlreadyPaid);
+        }
         status @ (OrderStatus::Cancelled | OrderStatus::Expired) => {
             return Err(AppError::OrderClosed { status });
         }

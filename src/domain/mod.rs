@@ -18,6 +18,7 @@ mod name;
 mod order;
 mod pagination;
 mod product;
+mod refund;
 mod validation;
 
 pub use balance::{LedgerEntry, LedgerKind};
@@ -30,7 +31,7 @@ pub use coupon::{
 };
 pub use events::{ParkedEvent, PaymentCompleted, RedriveSelection};
 pub use idempotency::IdempotencyKey;
-pub use ids::{CouponId, OrderId, PaymentId, ProductId, UserCouponId, UserId};
+pub use ids::{CouponId, OrderId, PaymentId, ProductId, RefundId, UserCouponId, UserId};
 pub use money::Won;
 pub use name::DisplayName;
 pub use order::{
@@ -40,5 +41,8 @@ pub use order::{
 pub use pagination::{PageSize, PageToken};
 pub use product::{
     MAX_STOCK, NewProduct, Product, ProductChanges, ProductStatus, Restock, parse_stock,
+};
+pub use refund::{
+    Refund, RefundPlan, RefundReason, RefundRefusal, RefundSelection, RefundedLine,
 };
 pub use validation::ValidationError;

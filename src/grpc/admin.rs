@@ -7,18 +7,19 @@ use tonic::{Request, Response, Status, service::Interceptor};
 
 use super::convert;
 use crate::{
-    app::{Catalog, Coupons, Outbox},
+    app::{Catalog, Coupons, Outbox, RefundCommand, Refunds},
     domain::{
-        DisplayName, IssueWindow, NewCoupon, NewProduct, PageSize, PageToken, ProductChanges,
-        ProductId, RedriveSelection, ValidDays, ValidationError, Won, parse_stock,
-        parse_total_quantity,
+        DisplayName, IdempotencyKey, IssueWindow, NewCoupon, NewProduct, OrderId, PageSize,
+        PageToken, ProductChanges, ProductId, RedriveSelection, RefundReason, RefundSelection,
+        ValidDays, ValidationError, Won, parse_stock, parse_total_quantity,
     },
     error::AppError,
     proto::{
         AdjustStockRequest, AdjustStockResponse, CreateCouponRequest, CreateCouponResponse,
         CreateProductRequest, CreateProductResponse, ListParkedEventsRequest,
-        ListParkedEventsResponse, RedriveEventsRequest, RedriveEventsResponse,
-        UpdateProductRequest, UpdateProductResponse, admin_service_server::AdminService,
+        ListParkedEventsResponse, RedriveEventsRequest, RedriveEventsResponse, RefundOrderRequest,
+        RefundOrderResponse, UpdateProductRequest, UpdateProductResponse,
+        admin_service_server::AdminService,
     },
 };
 
@@ -54,6 +55,7 @@ pub struct AdminHandler {
     pub catalog: Arc<Catalog>,
     pub coupons: Arc<Coupons>,
     pub outbox: Arc<Outbox>,
+    pub refunds: Arc<Refunds>,
 }
 
 #[tonic::async_trait]
@@ -166,6 +168,28 @@ impl AdminService for AdminHandler {
         let redriven = self.outbox.redrive(selection).await?;
         Ok(Response::new(RedriveEventsResponse {
             redriven: redriven as i64,
+        }))
+    }
+
+    async fn refund_order(
+        &self,
+        request: Request<RefundOrderRequest>,
+    ) -> Result<Response<RefundOrderResponse>, Status> {
+        let req = request.into_inner();
+        let cmd = RefundCommand {
+            order_id: OrderId::parse(req.order_id, "order_id")?,
+            selection: RefundSelection::parse(
+                req.lines.iter().map(|l| (l.product_id, l.quantity)),
+            )?,
+            restock: req.restock,
+            reason: RefundReason::parse(req.reason)?,
+            idempotency_key: IdempotencyKey::parse(req.idempotency_key)?
+                .ok_or_else(|| ValidationError::new("idempotency_key", "is required"))?,
+        };
+        let (order, refund) = self.refunds.refund(cmd).await?;
+        Ok(Response::new(RefundOrderResponse {
+            order: Some(convert::order(order)),
+            refund: Some(convert::refund(refund)),
         }))
     }
 }

@@ -7,7 +7,7 @@ use crate::{
     app::{CouponStock, PopularProduct},
     domain::{
         Cart, CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderStatus, ParkedEvent,
-        Payment, Product, ProductStatus, UserCoupon, UserCouponId, UserCouponStatus, UserId,
+        Payment, Product, ProductStatus, Refund, UserCoupon, UserCouponId, UserCouponStatus, UserId,
         ValidationError,
     },
     proto,
@@ -203,6 +203,8 @@ pub fn order(o: Order) -> proto::Order {
     let status = match o.status {
         OrderStatus::PendingPayment => proto::OrderStatus::PendingPayment,
         OrderStatus::Paid => proto::OrderStatus::Paid,
+        OrderStatus::PartiallyRefunded => proto::OrderStatus::PartiallyRefunded,
+        OrderStatus::Refunded => proto::OrderStatus::Refunded,
         OrderStatus::Cancelled => proto::OrderStatus::Cancelled,
         OrderStatus::Expired => proto::OrderStatus::Expired,
     };
@@ -218,6 +220,7 @@ pub fn order(o: Order) -> proto::Order {
                 name: i.name,
                 unit_price: i.unit_price.get(),
                 quantity: i.quantity,
+                refunded_quantity: i.refunded_quantity,
             })
             .collect(),
         total_amount: o.pricing.total.get(),
@@ -228,6 +231,30 @@ pub fn order(o: Order) -> proto::Order {
         expires_at: timestamp(o.expires_at),
         paid_at: optional_timestamp(o.paid_at),
         cancelled_at: optional_timestamp(o.cancelled_at),
+        refunded_amount: o.refunded.get(),
+    }
+}
+
+pub fn refund(r: Refund) -> proto::Refund {
+    proto::Refund {
+        id: r.id.get(),
+        order_id: r.order_id.get(),
+        user_id: r.user_id.get(),
+        lines: r
+            .lines
+            .into_iter()
+            .map(|l| proto::refund::Line {
+                product_id: l.product_id.get(),
+                quantity: l.quantity,
+                amount: l.amount.get(),
+            })
+            .collect(),
+        amount: r.amount.get(),
+        balance_after: r.balance_after.get(),
+        restocked: r.restocked,
+        coupon_returned: r.coupon_returned,
+        reason: r.reason,
+        created_at: timestamp(r.created_at),
     }
 }
 

@@ -15,6 +15,7 @@ pub enum Operation {
     PlaceOrder,
     Pay,
     Checkout,
+    Refund,
 }
 
 impl Operation {
@@ -24,6 +25,7 @@ impl Operation {
             Operation::PlaceOrder => "PLACE_ORDER",
             Operation::Pay => "PAY",
             Operation::Checkout => "CHECKOUT",
+            Operation::Refund => "REFUND",
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod orders;
 pub mod outbox;
 pub mod payments;
 pub mod products;
+pub mod refunds;
 pub mod sales;
 
 use std::time::Duration;

@@ -93,6 +93,7 @@ mod tests {
                 name: "pen".into(),
                 unit_price: Won::new(4_500),
                 quantity: 2,
+                refunded_quantity: 0,
             }],
             paid_at: DateTime::from_timestamp(0, 0).unwrap(),
         };

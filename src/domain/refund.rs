@@ -513,11 +513,12 @@ mod tests {
                 let selection = if next(8) == 0 {
                     RefundSelection::Everything
                 } else {
-                    let picked: Vec<(i64, i32)> = left
-                        .iter()
-                        .filter(|_| next(3) == 0)
-                        .map(|&(p, n)| (p, 1 + next(n)))
-                        .collect();
+                    let mut picked = Vec::new();
+                    for &(p, n) in &left {
+                        if next(3) == 0 {
+                            picked.push((p, 1 + next(n)));
+                        }
+                    }
                     let picked = if picked.is_empty() { vec![(left[0].0, 1)] } else { picked };
                     RefundSelection::parse(picked.into_iter()).unwrap()
                 };

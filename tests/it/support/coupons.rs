@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use ecommerce::proto::{
-    CreateCouponRequest, Discount, FixedDiscount, GetCouponRequest, IssueCouponRequest, discount,
+    CreateCouponRequest, Discount, FixedDiscount, GetCouponRequest, IssueCouponRequest,
+    PercentDiscount, discount,
 };
 use fred::interfaces::{HashesInterface, ListInterface};
 use futures::future::join_all;
@@ -24,6 +25,15 @@ pub fn ts(at: DateTime<Utc>) -> Option<Timestamp> {
 pub fn fixed(amount: i64) -> Option<Discount> {
     Some(Discount {
         kind: Some(discount::Kind::Fixed(FixedDiscount { amount })),
+    })
+}
+
+pub fn percent(percent: i32, max_discount: i64) -> Option<Discount> {
+    Some(Discount {
+        kind: Some(discount::Kind::Percent(PercentDiscount {
+            percent,
+            max_discount,
+        })),
     })
 }
 

@@ -1,13 +1,16 @@
 //! The test harness: `spawn_app` starts the server exactly as `main` does (same `Application`
 //! path), on port 0, against the test's own database and Redis key prefix.
 //!
-//! Beside it, the helpers the test files share: `shop` and `coupons` drive the RPCs, `rules`
-//! judges the books, `private` and `proxy` stand in for dependencies a test must kill or cut.
+//! Beside it, the helpers the test files share: `shop`, `coupons` and `refunds` drive the RPCs,
+//! `rules` judges the books, `private` and `proxy` stand in for dependencies a test must kill or
+//! cut.
 
 pub mod coupons;
 pub mod metrics;
 pub mod private;
 pub mod proxy;
+pub mod ranking;
+pub mod refunds;
 pub mod rules;
 pub mod shop;
 
@@ -172,6 +175,18 @@ pub async fn spawn_app_on(
         shutdown,
         server,
     }
+}
+
+/// Three servers on one database and one Redis key prefix, as three Kubernetes replicas.
+pub async fn replicas(db: PgConnectOptions) -> [TestApp; 3] {
+    let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
+    let spawn = || {
+        let prefix = prefix.clone();
+        spawn_app_with(db.clone(), move |s| {
+            s.set("REDIS_KEY_PREFIX", prefix);
+        })
+    };
+    [spawn().await, spawn().await, spawn().await]
 }
 
 impl TestApp {

@@ -46,32 +46,35 @@ async fn a_unit_restocked_on_one_replica_sells_on_the_others_within_100ms(
     refund(&a, sold.id, &[], true, "return")
         .await
         .expect("refunded and restocked on A");
+    // An order begun on B or C 100 ms or more after the refund answered must get the unit: the
+    // clock runs from the refund's answer to each attempt's start, so a slow call on a loaded
+    // machine cannot fail the test, and a marker left behind (it lives 5 s) would.
     let restocked = Instant::now();
     let mut attempts = 0;
-    let bought = loop {
+    let (bought, began) = loop {
         attempts += 1;
         let replica = if attempts % 2 == 0 { &b } else { &c };
+        let began = restocked.elapsed();
         match place(replica, 3, &[(product, 1)]).await {
-            Ok(order) => break order,
+            Ok(order) => break (order, began),
             Err(status) => {
                 assert_eq!(
                     reason(&status),
                     (Code::FailedPrecondition, "OUT_OF_STOCK".into())
                 );
                 assert!(
-                    restocked.elapsed() < Duration::from_secs(2),
-                    "the unit never came back"
+                    began < Duration::from_millis(100),
+                    "an order begun {began:?} after the restock was refused ({attempts} attempts)"
                 );
             }
         }
     };
-    let took = restocked.elapsed();
-    eprintln!("the refunded unit sold through B or C {took:?} after the refund ({attempts} attempts)");
-    assert_eq!(bought.user_id, 3);
-    assert!(
-        took <= Duration::from_millis(100),
-        "the restocked unit sold on B or C after {took:?} ({attempts} attempts)"
+    eprintln!(
+        "the refunded unit sold through B or C to an order begun {began:?} after the refund \
+         ({attempts} attempts, {:?} until it answered)",
+        restocked.elapsed()
     );
+    assert_eq!(bought.user_id, 3);
     for app in [a, b, c] {
         app.stop().await;
     }

@@ -9,8 +9,8 @@ use ecommerce::proto::{
     CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest, GetCouponRequest,
     GetOrderRequest, GetPopularProductsRequest, GetProductRequest, IssueCouponRequest,
     ListBalanceHistoryRequest, ListParkedEventsRequest, ListProductsRequest,
-    ListUserCouponsRequest, PayRequest, PlaceOrderRequest, RedriveEventsRequest, RemoveItemRequest,
-    SetItemRequest, UpdateProductRequest,
+    ListUserCouponsRequest, PayRequest, PlaceOrderRequest, RedriveEventsRequest,
+    RefundOrderRequest, RemoveItemRequest, SetItemRequest, UpdateProductRequest,
 };
 use prost::Message;
 use tonic::Status;
@@ -51,6 +51,7 @@ pub(super) enum Call {
     CreateCoupon(Auth, CreateCouponRequest),
     ListParkedEvents(Auth, ListParkedEventsRequest),
     RedriveEvents(Auth, RedriveEventsRequest),
+    RefundOrder(Auth, RefundOrderRequest),
 }
 
 /// Debug output with long strings cut, so a failing 1 MB case prints as one line.
@@ -81,6 +82,7 @@ impl fmt::Debug for Call {
             Call::Checkout(r) => format!("{r:?}"),
             Call::ListParkedEvents(a, r) => format!("{a:?} {r:?}"),
             Call::RedriveEvents(a, r) => format!("{a:?} {r:?}"),
+            Call::RefundOrder(a, r) => format!("{a:?} {r:?}"),
         };
         if full.len() > 600 {
             let cut = full.char_indices().nth(600).map_or(full.len(), |(i, _)| i);
@@ -130,6 +132,8 @@ impl Call {
             Call::ListParkedEvents(..) => "ListParkedEvents (no token)",
             Call::RedriveEvents(Auth::Admin, _) => "RedriveEvents",
             Call::RedriveEvents(..) => "RedriveEvents (no token)",
+            Call::RefundOrder(Auth::Admin, _) => "RefundOrder",
+            Call::RefundOrder(..) => "RefundOrder (no token)",
         }
     }
 
@@ -156,7 +160,8 @@ impl Call {
             | Call::AdjustStock(a, _)
             | Call::CreateCoupon(a, _)
             | Call::ListParkedEvents(a, _)
-            | Call::RedriveEvents(a, _) => Some(*a),
+            | Call::RedriveEvents(a, _)
+            | Call::RefundOrder(a, _) => Some(*a),
             _ => None,
         }
     }
@@ -187,6 +192,7 @@ impl Call {
             Call::CreateCoupon(_, r) => r.encoded_len(),
             Call::ListParkedEvents(_, r) => r.encoded_len(),
             Call::RedriveEvents(_, r) => r.encoded_len(),
+            Call::RefundOrder(_, r) => r.encoded_len(),
         }
     }
 
@@ -222,6 +228,7 @@ impl Call {
             Call::CreateCoupon(a, r) => admin(a).create_coupon(r).await.map(drop),
             Call::ListParkedEvents(a, r) => admin(a).list_parked_events(r).await.map(drop),
             Call::RedriveEvents(a, r) => admin(a).redrive_events(r).await.map(drop),
+            Call::RefundOrder(a, r) => admin(a).refund_order(r).await.map(drop),
         }
     }
 }

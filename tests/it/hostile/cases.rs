@@ -6,8 +6,8 @@ use ecommerce::proto::{
     CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest, GetCouponRequest,
     GetOrderRequest, GetPopularProductsRequest, GetProductRequest, IssueCouponRequest,
     ListBalanceHistoryRequest, ListParkedEventsRequest, ListProductsRequest,
-    ListUserCouponsRequest, PayRequest, PlaceOrderRequest, RedriveEventsRequest, RemoveItemRequest,
-    SetItemRequest, UpdateProductRequest,
+    ListUserCouponsRequest, PayRequest, PlaceOrderRequest, RedriveEventsRequest,
+    RefundLine, RefundOrderRequest, RemoveItemRequest, SetItemRequest, UpdateProductRequest,
 };
 use proptest::{
     prelude::*,
@@ -99,6 +99,44 @@ fn redrive_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Cal
     (auth, event_ids(), any::<bool>()).prop_map(|(auth, event_ids, all)| {
         Call::RedriveEvents(auth, RedriveEventsRequest { event_ids, all })
     })
+}
+
+/// Refunds of the fixture's and the run's orders: mostly everything left (no lines), otherwise
+/// the order lines' strategy (hostile ones included) as refund lines.
+fn refund_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    let refund_lines = prop_oneof![
+        2 => Just(Vec::new()),
+        3 => lines().prop_map(|lines| {
+            lines
+                .into_iter()
+                .map(|l| RefundLine {
+                    product_id: l.product_id,
+                    quantity: l.quantity,
+                })
+                .collect()
+        }),
+    ];
+    let reason = prop_oneof![2 => Just(String::new()), 1 => name()];
+    (
+        auth,
+        order_id(),
+        refund_lines,
+        any::<bool>(),
+        reason,
+        idempotency_key(),
+    )
+        .prop_map(|(auth, order_id, lines, restock, reason, idempotency_key)| {
+            Call::RefundOrder(
+                auth,
+                RefundOrderRequest {
+                    order_id,
+                    lines,
+                    restock,
+                    reason,
+                    idempotency_key,
+                },
+            )
+        })
 }
 
 fn create_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
@@ -317,6 +355,7 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
         (create_coupon_calls(Just(Auth::Admin)).boxed(), CASES),
         (list_parked_calls(Just(Auth::Admin)).boxed(), CASES),
         (redrive_calls(Just(Auth::Admin)).boxed(), CASES),
+        (refund_calls(Just(Auth::Admin)).boxed(), CASES),
         (
             create_product_calls(no_admin()).boxed(),
             UNAUTHENTICATED_CASES,
@@ -335,6 +374,7 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
         ),
         (list_parked_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
         (redrive_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
+        (refund_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
     ]
 }
 

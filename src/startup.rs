@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::{
         Balances, Carts, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings,
-        Payments, Popular, RankingSettings, Refunds, Retention, RetentionSettings, SoldOut, UserRateLimit,
-        seed_demo,
+        Payments, Popular, RankingSettings, Refunds, Retention, RetentionSettings, SoldOut,
+        UserRateLimit, seed_demo,
     },
     config::Config,
     connections::{self, Ageing},

@@ -43,7 +43,7 @@ use super::{
 use crate::{
     domain::{
         IdempotencyKey, Order, OrderId, OrderStatus, ProductId, Refund, RefundId, RefundPlan,
-        RefundReason, RefundRefusal, RefundSelection, Restock, UserId, ValidationError, Won,
+        RefundReason, RefundRefusal, RefundSelection, Restock, TxId, UserId, ValidationError, Won,
     },
     error::{AppError, Resource},
     metrics,
@@ -105,14 +105,17 @@ struct RefundFlow {
     popular: Arc<Popular>,
 }
 
+/// A refund made by this call's transaction.
+struct Made {
+    order: Order,
+    refund: Refund,
+    restocks: Vec<Restock>,
+    tx: TxId,
+}
+
 /// What a refund's transaction did.
 enum Committed {
-    Made {
-        order: Order,
-        refund: Refund,
-        restocks: Vec<Restock>,
-        tx: crate::domain::TxId,
-    },
+    Made(Box<Made>),
     /// The key already holds this refund.
     Replayed(i64),
 }
@@ -158,14 +161,14 @@ impl Refunds {
 
 impl RefundFlow {
     async fn refund(&self, buyer: UserId, cmd: RefundCommand) -> Result<(Order, Refund), AppError> {
-        let (order, refund, restocks, tx) = match self.commit(buyer, &cmd).await? {
+        let Made {
+            order,
+            refund,
+            restocks,
+            tx,
+        } = match self.commit(buyer, &cmd).await? {
             Committed::Replayed(id) => return self.saved(id).await,
-            Committed::Made {
-                order,
-                refund,
-                restocks,
-                tx,
-            } => (order, refund, restocks, tx),
+            Committed::Made(made) => *made,
         };
         self.sold_out.clear(restocks).await;
         if let Some(paid_at) = order.paid_at {
@@ -186,7 +189,10 @@ impl RefundFlow {
         let keyed = KeyedRefund { buyer, cmd };
         let key = Some(&cmd.idempotency_key);
         if let NextAction::ReturnSaved(id) =
-            next_action(&mut tx, buyer, Operation::Refund, key, || keyed.fingerprint()).await?
+            next_action(&mut tx, buyer, Operation::Refund, key, || {
+                keyed.fingerprint()
+            })
+            .await?
         {
             return Ok(Committed::Replayed(id));
         }
@@ -280,12 +286,12 @@ impl RefundFlow {
             reason: cmd.reason.as_str().to_owned(),
             created_at: recorded.created_at,
         };
-        Ok(Committed::Made {
+        Ok(Committed::Made(Box::new(Made {
             order: recorded.order.with_items(items),
             refund,
             restocks,
             tx: recorded.tx,
-        })
+        })))
     }
 
     /// The refund stored under a key, and its order as it is now.

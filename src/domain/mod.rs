@@ -42,7 +42,5 @@ pub use pagination::{PageSize, PageToken};
 pub use product::{
     MAX_STOCK, NewProduct, Product, ProductChanges, ProductStatus, Restock, parse_stock,
 };
-pub use refund::{
-    Refund, RefundPlan, RefundReason, RefundRefusal, RefundSelection, RefundedLine,
-};
+pub use refund::{Refund, RefundPlan, RefundReason, RefundRefusal, RefundSelection, RefundedLine};
 pub use validation::ValidationError;

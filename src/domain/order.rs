@@ -67,9 +67,8 @@ impl OrderLines {
         let mut seen = HashSet::with_capacity(raw.len());
         let mut lines = Vec::with_capacity(raw.len());
         for (i, (product_id, quantity)) in raw.enumerate() {
-            let product_id = ProductId::parse(product_id, "product_id").map_err(|e| {
-                ValidationError::new(format!("{field}[{i}].product_id"), e.message)
-            })?;
+            let product_id = ProductId::parse(product_id, "product_id")
+                .map_err(|e| ValidationError::new(format!("{field}[{i}].product_id"), e.message))?;
             let quantity = Quantity::parse(quantity, "quantity")
                 .map_err(|e| ValidationError::new(format!("{field}[{i}].quantity"), e.message))?;
             if !seen.insert(product_id) {
@@ -264,7 +263,14 @@ mod tests {
     #[test]
     fn only_pending_orders_are_open_and_only_paid_ones_refundable() {
         use OrderStatus::*;
-        for s in [PendingPayment, Paid, PartiallyRefunded, Refunded, Cancelled, Expired] {
+        for s in [
+            PendingPayment,
+            Paid,
+            PartiallyRefunded,
+            Refunded,
+            Cancelled,
+            Expired,
+        ] {
             assert_eq!(s.is_open(), s == PendingPayment, "{s}");
             assert_eq!(
                 s.is_refundable(),

@@ -21,9 +21,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{
-    OrderId, OrderItem, OrderLines, ProductId, RefundId, UserId, ValidationError, Won,
-};
+use super::{OrderId, OrderItem, OrderLines, ProductId, RefundId, UserId, ValidationError, Won};
 
 /// What the admin asks to refund.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -357,9 +355,15 @@ mod tests {
         let p = product(1);
         let one_by_one: Vec<i64> = (0..3).map(|k| a.units(p, k, 1).unwrap().get()).collect();
         assert_eq!(one_by_one.iter().sum::<i64>(), 2_000);
-        assert!(one_by_one.iter().all(|&x| x == 666 || x == 667), "{one_by_one:?}");
+        assert!(
+            one_by_one.iter().all(|&x| x == 666 || x == 667),
+            "{one_by_one:?}"
+        );
         assert_eq!(a.units(p, 0, 3), Some(Won::new(2_000)));
-        assert_eq!(a.units(p, 1, 2).unwrap().get() + a.units(p, 0, 1).unwrap().get(), 2_000);
+        assert_eq!(
+            a.units(p, 1, 2).unwrap().get() + a.units(p, 0, 1).unwrap().get(),
+            2_000
+        );
         assert_eq!(a.units(p, 2, 2), None, "past the line");
         assert_eq!(a.units(product(9), 0, 1), None, "not a line");
     }
@@ -436,7 +440,10 @@ mod tests {
         let err = RefundSelection::parse([(1, 0)].into_iter()).unwrap_err();
         assert_eq!(err.field, "lines[0].quantity");
         let many: Vec<(i64, i32)> = (1..=51).map(|i| (i, 1)).collect();
-        assert_eq!(RefundSelection::parse(many.into_iter()).unwrap_err().field, "lines");
+        assert_eq!(
+            RefundSelection::parse(many.into_iter()).unwrap_err().field,
+            "lines"
+        );
         assert_eq!(
             RefundSelection::parse([(3, 1), (1, 2)].into_iter())
                 .unwrap()
@@ -457,8 +464,12 @@ mod tests {
             prop_oneof![1 => Just(0_i64), 8 => 1..=200_000_i64, 1 => 1..=1_000_000_000_i64],
             1..=30_i32,
         );
-        (prop::collection::vec(line, 1..=50), any::<u64>(), any::<u64>()).prop_map(
-            |(lines, discount_seed, order_seed)| {
+        (
+            prop::collection::vec(line, 1..=50),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(|(lines, discount_seed, order_seed)| {
                 let items: Vec<OrderItem> = (1..)
                     .zip(lines)
                     .map(|(id, (price, quantity))| item(id, price, quantity))
@@ -478,8 +489,7 @@ mod tests {
                     if cap > 0 { raw.min(cap) } else { raw }
                 };
                 (items, total - discount, order_seed)
-            },
-        )
+            })
     }
 
     proptest! {

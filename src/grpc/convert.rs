@@ -7,8 +7,8 @@ use crate::{
     app::{CouponStock, PopularProduct},
     domain::{
         Cart, CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderStatus, ParkedEvent,
-        Payment, Product, ProductStatus, Refund, UserCoupon, UserCouponId, UserCouponStatus, UserId,
-        ValidationError,
+        Payment, Product, ProductStatus, Refund, UserCoupon, UserCouponId, UserCouponStatus,
+        UserId, ValidationError,
     },
     proto,
 };

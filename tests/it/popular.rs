@@ -1,7 +1,4 @@
-use std::{
-    collections::HashMap,
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
 use ecommerce::proto::{GetPopularProductsRequest, PopularProduct};
 use fred::interfaces::LuaInterface;

@@ -132,7 +132,11 @@ async fn random_partial_refunds_add_up_to_exactly_what_was_paid(
             }
             picked
         };
-        let expected = if asked.is_empty() { left } else { asked.clone() };
+        let expected = if asked.is_empty() {
+            left
+        } else {
+            asked.clone()
+        };
         o.refunds += 1;
         calls += 1;
         let key = format!("o{}-{}", o.order.id, o.refunds);

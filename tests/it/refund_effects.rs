@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::support::{
-    TestApp, assert_error, ranking::count_rebuilds, reason,
+    TestApp, assert_error,
+    ranking::count_rebuilds,
+    reason,
     refunds::{paid_order, refund},
     replicas, rules,
     shop::{charge, create_product, pay, place},
@@ -83,7 +85,11 @@ async fn a_unit_restocked_on_one_replica_sells_on_the_others_within_100ms(
 /// Paid minus refunded units per product, as the ranking orders them (largest first, then the
 /// lower id), products with none left out.
 fn ranked(net: &HashMap<i64, i64>) -> Vec<(i64, i64)> {
-    let mut ranked: Vec<(i64, i64)> = net.iter().filter(|(_, n)| **n > 0).map(|(&p, &n)| (p, n)).collect();
+    let mut ranked: Vec<(i64, i64)> = net
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(&p, &n)| (p, n))
+        .collect();
     ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     ranked
 }
@@ -143,7 +149,10 @@ async fn buy_and_return(
         refunds += 1;
         for line in &r.lines {
             *net.entry(line.product_id).or_default() -= i64::from(line.quantity);
-            let entry = left.iter_mut().find(|(p, _)| *p == line.product_id).unwrap();
+            let entry = left
+                .iter_mut()
+                .find(|(p, _)| *p == line.product_id)
+                .unwrap();
             entry.1 -= line.quantity;
         }
         left.retain(|(_, units)| *units > 0);
@@ -202,7 +211,9 @@ async fn refunded_units_leave_the_ranking_exactly_while_the_job_rebuilds_it(
             *net.entry(product).or_default() += units;
         }
     }
-    println!("{payments} payments, {refunds} refunds, {rebuilds} rebuilds swapped in during the run");
+    println!(
+        "{payments} payments, {refunds} refunds, {rebuilds} rebuilds swapped in during the run"
+    );
     let in_postgres: Vec<(i64, i64)> = sqlx::query_as(
         "SELECT oi.product_id, sum(oi.quantity - oi.refunded_quantity)::bigint
          FROM payments p JOIN order_items oi ON oi.order_id = p.order_id GROUP BY 1",
@@ -210,7 +221,11 @@ async fn refunded_units_leave_the_ranking_exactly_while_the_job_rebuilds_it(
     .fetch_all(&app.pg)
     .await
     .unwrap();
-    assert_eq!(ranked(&in_postgres.into_iter().collect()), ranked(&net), "the record");
+    assert_eq!(
+        ranked(&in_postgres.into_iter().collect()),
+        ranked(&net),
+        "the record"
+    );
     assert_eq!(ranking, ranked(&net), "read right after the last refund");
     assert!(refunds > 20, "refunds ran: {refunds}");
     assert!(rebuilds >= 2, "the job ran during the refunds: {rebuilds}");

@@ -20,9 +20,7 @@ use crate::support::{
     eventually, invalid_field, reason,
     refunds::{FUNDS, misallocated, paid_order, refund, refund_request, refund_with},
     rules,
-    shop::{
-        assert_ledger_matches, balance, charge, create_product, get_order, pay, place, stock,
-    },
+    shop::{assert_ledger_matches, balance, charge, create_product, get_order, pay, place, stock},
     spawn_app, spawn_app_with,
 };
 
@@ -77,7 +75,9 @@ async fn a_refund_gives_back_each_line_share_and_a_full_refund_the_coupon(
 
     // Shares: kettle 30,000 × 46,000 / 51,000 = 27,058.82, mug 18,941.18; the won left over
     // goes to the larger remainder (kettle): 27,059 and 18,941. Mug units: floor(u × 6,313.73).
-    let (after, first) = refund(&app, order.id, &[(mug, 2)], true, "r1").await.unwrap();
+    let (after, first) = refund(&app, order.id, &[(mug, 2)], true, "r1")
+        .await
+        .unwrap();
     assert_eq!(
         first.lines,
         vec![Line {
@@ -86,7 +86,10 @@ async fn a_refund_gives_back_each_line_share_and_a_full_refund_the_coupon(
             amount: 12_627
         }]
     );
-    assert_eq!((first.amount, first.balance_after), (12_627, funded + 12_627));
+    assert_eq!(
+        (first.amount, first.balance_after),
+        (12_627, funded + 12_627)
+    );
     assert!(first.restocked && !first.coupon_returned);
     assert_eq!(after.status(), OrderStatus::PartiallyRefunded);
     assert_eq!(after.refunded_amount, 12_627);
@@ -154,7 +157,10 @@ async fn a_refund_gives_back_each_line_share_and_a_full_refund_the_coupon(
     assert_ledger_matches(&app, 1).await;
 
     // The coupon is back and buys again.
-    assert_eq!(coupon_status(&app, coupon).await, UserCouponStatus::Available);
+    assert_eq!(
+        coupon_status(&app, coupon).await,
+        UserCouponStatus::Available
+    );
     let again = paid_order(&app, 1, &[(kettle, 1)], coupon).await;
     assert_eq!(again.discount_amount, 3_000);
     assert_eq!(rules::broken(&app.pg).await, Vec::<String>::new());
@@ -230,8 +236,14 @@ async fn refusals_change_nothing_and_a_retried_key_returns_the_first_refund(
     let invalid = [
         (refund_request(order.id, &[], false, ""), "idempotency_key"),
         (refund_request(0, &[], false, "k"), "order_id"),
-        (refund_request(order.id, &[(pen, 0)], false, "k"), "lines[0].quantity"),
-        (refund_request(order.id, &[(pen, 1), (pen, 1)], false, "k"), "lines[1].product_id"),
+        (
+            refund_request(order.id, &[(pen, 0)], false, "k"),
+            "lines[0].quantity",
+        ),
+        (
+            refund_request(order.id, &[(pen, 1), (pen, 1)], false, "k"),
+            "lines[1].product_id",
+        ),
         (refund_request(order.id, &[(paper, 1)], false, "k"), "lines"),
         (
             RefundOrderRequest {
@@ -260,8 +272,12 @@ async fn refusals_change_nothing_and_a_retried_key_returns_the_first_refund(
 
     // A retry returns the first refund and changes nothing more; another request under the same
     // key (other lines, or another order of the same buyer) is refused.
-    let (_, first) = refund(&app, order.id, &[(pen, 1)], true, "k").await.unwrap();
-    let (now, again) = refund(&app, order.id, &[(pen, 1)], true, "k").await.unwrap();
+    let (_, first) = refund(&app, order.id, &[(pen, 1)], true, "k")
+        .await
+        .unwrap();
+    let (now, again) = refund(&app, order.id, &[(pen, 1)], true, "k")
+        .await
+        .unwrap();
     assert_eq!(again, first);
     assert_eq!(now.refunded_amount, first.amount);
     assert_eq!(stock(&app, pen).await, 100 - 5 - 1 + 1);
@@ -423,15 +439,28 @@ async fn fifty_concurrent_refunds_never_give_back_more_than_was_paid(
         }
     }
     let now = get_order(&app, 1, order.id).await.unwrap();
-    assert!(given <= order.final_amount, "gave back {given} of {}", order.final_amount);
+    assert!(
+        given <= order.final_amount,
+        "gave back {given} of {}",
+        order.final_amount
+    );
     assert_eq!(now.refunded_amount, given);
     for item in &now.items {
-        assert_eq!(item.refunded_quantity, units.get(&item.product_id).copied().unwrap_or(0));
+        assert_eq!(
+            item.refunded_quantity,
+            units.get(&item.product_id).copied().unwrap_or(0)
+        );
     }
     if now.status() == OrderStatus::Refunded {
-        assert_eq!(given, order.final_amount, "every unit refunded: all of it back");
+        assert_eq!(
+            given, order.final_amount,
+            "every unit refunded: all of it back"
+        );
     }
-    assert!(outcomes.contains_key("OK") && outcomes.len() > 1, "{outcomes:?}");
+    assert!(
+        outcomes.contains_key("OK") && outcomes.len() > 1,
+        "{outcomes:?}"
+    );
 
     // Retried keys return their refund; balances equal their ledgers.
     for (request, first) in refunds.values() {
@@ -441,10 +470,7 @@ async fn fifty_concurrent_refunds_never_give_back_more_than_was_paid(
     for user in 1..=6 {
         assert_ledger_matches(&app, user).await;
     }
-    assert_eq!(
-        balance(&app, 1).await,
-        FUNDS - order.final_amount + given
-    );
+    assert_eq!(balance(&app, 1).await, FUNDS - order.final_amount + given);
 
     // Once the open orders expired, every unit is on the shelf or with the buyer.
     let closed = eventually(std::time::Duration::from_secs(20), || async {

@@ -13,8 +13,8 @@ use sqlx::{PgConnection, PgExecutor};
 use super::orders::{OrderRow, order_columns};
 use crate::{
     domain::{
-        OrderId, OrderStatus, ProductId, Refund, RefundId, RefundedLine, TxId, UserCouponId, UserId,
-        Won,
+        OrderId, OrderStatus, ProductId, Refund, RefundId, RefundedLine, TxId, UserCouponId,
+        UserId, Won,
     },
     store::StoreError,
 };

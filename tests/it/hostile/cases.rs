@@ -6,8 +6,8 @@ use ecommerce::proto::{
     CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest, GetCouponRequest,
     GetOrderRequest, GetPopularProductsRequest, GetProductRequest, IssueCouponRequest,
     ListBalanceHistoryRequest, ListParkedEventsRequest, ListProductsRequest,
-    ListUserCouponsRequest, PayRequest, PlaceOrderRequest, RedriveEventsRequest,
-    RefundLine, RefundOrderRequest, RemoveItemRequest, SetItemRequest, UpdateProductRequest,
+    ListUserCouponsRequest, PayRequest, PlaceOrderRequest, RedriveEventsRequest, RefundLine,
+    RefundOrderRequest, RemoveItemRequest, SetItemRequest, UpdateProductRequest,
 };
 use proptest::{
     prelude::*,
@@ -125,18 +125,20 @@ fn refund_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call
         reason,
         idempotency_key(),
     )
-        .prop_map(|(auth, order_id, lines, restock, reason, idempotency_key)| {
-            Call::RefundOrder(
-                auth,
-                RefundOrderRequest {
-                    order_id,
-                    lines,
-                    restock,
-                    reason,
-                    idempotency_key,
-                },
-            )
-        })
+        .prop_map(
+            |(auth, order_id, lines, restock, reason, idempotency_key)| {
+                Call::RefundOrder(
+                    auth,
+                    RefundOrderRequest {
+                        order_id,
+                        lines,
+                        restock,
+                        reason,
+                        idempotency_key,
+                    },
+                )
+            },
+        )
 }
 
 fn create_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {

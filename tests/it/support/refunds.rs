@@ -89,7 +89,10 @@ pub fn misallocated(order: &Order, refund: &Refund) -> Option<String> {
     let mut sum = 0;
     for line in &refund.lines {
         let Some(item) = order.items.iter().find(|i| i.product_id == line.product_id) else {
-            return Some(format!("refund {} names a product not in the order", refund.id));
+            return Some(format!(
+                "refund {} names a product not in the order",
+                refund.id
+            ));
         };
         let exact = i128::from(line.quantity) * i128::from(item.unit_price) * paid;
         let error = (i128::from(line.amount) * total - exact).abs();

@@ -424,7 +424,6 @@ async fn fifty_concurrent_refunds_never_give_back_more_than_was_paid(
             }
         }
     }
-    eprintln!("50 keys (10 sent twice at once): {outcomes:?}");
 
     // What the answers say the order gave back is what Postgres holds, never more than paid.
     let given: i64 = refunds.values().map(|(_, r)| r.amount).sum();
@@ -439,6 +438,14 @@ async fn fifty_concurrent_refunds_never_give_back_more_than_was_paid(
         }
     }
     let now = get_order(&app, 1, order.id).await.unwrap();
+    eprintln!(
+        "50 keys (10 sent twice at once): answers {outcomes:?}; {} refunds gave back {given} of \
+         {} won, {} of 150 units; the order is {:?}",
+        refunds.len(),
+        order.final_amount,
+        units.values().sum::<i32>(),
+        now.status()
+    );
     assert!(
         given <= order.final_amount,
         "gave back {given} of {}",

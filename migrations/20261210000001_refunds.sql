@@ -67,8 +67,8 @@ CREATE TABLE refund_lines (
 
 -- A refund retried with its key returns the first refund. Its key is scoped to the order's
 -- buyer (user_id > 0). The list keeps the admin calls' operations (ADJUST_STOCK, CREATE_PRODUCT,
--- CREATE_COUPON, keyed in the admin scope by the admin-retries migration of the same issue), so
--- that whichever of the two runs last leaves every operation allowed.
+-- CREATE_COUPON), which the admin-retries migration of the same issue, ordered before this one,
+-- allows.
 ALTER TABLE idempotency_keys DROP CONSTRAINT idempotency_keys_operation_check;
 ALTER TABLE idempotency_keys ADD CONSTRAINT idempotency_keys_operation_check
     CHECK (operation IN ('CHARGE', 'PLACE_ORDER', 'PAY', 'CHECKOUT', 'REFUND',

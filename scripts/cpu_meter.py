@@ -26,9 +26,9 @@ Counters, one per line of the samples file:
   cpu_meter.py table SAMPLES.jsonl STEPS.jsonl OUT.json
 
 STEPS.jsonl has one JSON object per step: {"name", "server": NAME or null, "db": NAME or null,
-"floor": true for the health check the others are compared with}, and either "report": a load
-generator JSON report (its measured span and calls are used) or "from"/"to" (Unix seconds) and
-"calls".
+"floor": the name of the step it is compared with (a health check at the same concurrency)}, and
+either "report": a load generator JSON report (its measured span and calls are used) or
+"from"/"to" (Unix seconds) and "calls".
 """
 
 import json
@@ -233,15 +233,16 @@ def table(args):
                 "calls": calls,
                 "seconds": secs,
                 "calls_per_sec": calls / secs if secs > 0 else None,
-                "floor": bool(step.get("floor")),
+                "floor": step.get("floor") or None,
                 "cpu_seconds": cpu,
                 "cpu_share": {k: (v / secs if v is not None and secs > 0 else None) for k, v in cpu.items()},
                 "us_per_call": {**per_call, "total": total},
             }
         )
-    floor = next((r for r in rows if r["floor"]), None)
-    floor_us = floor["us_per_call"]["total"] if floor else None
+    by_name = {r["name"]: r for r in rows}
     for r in rows:
+        floor = by_name.get(r["floor"])
+        floor_us = floor["us_per_call"]["total"] if floor else None
         total = r["us_per_call"]["total"]
         r["ratio_to_floor"] = total / floor_us if total is not None and floor_us else None
         r["above_floor_us"] = total - floor_us if total is not None and floor_us is not None else None
@@ -250,7 +251,6 @@ def table(args):
         "database (by process title); Redis = the whole redis-server process, shared with "
         "other clients; postgres_all = every process of the postmaster, other clients included",
         "clock_ticks_per_sec": TICKS,
-        "floor": floor["name"] if floor else None,
         "steps": rows,
     }
     json.dump(result, open(out, "w"), indent=2)
@@ -265,7 +265,7 @@ def print_table(rows):
     width = max([len(r["name"]) for r in rows] + [8])
     print(
         f"  {'scenario':<{width}} {'calls':>9} {'calls/s':>9} {'server':>8} {'Postgres':>9} "
-        f"{'Redis':>8} {'total':>8} {'x floor':>8}   {'pg all*':>8}"
+        f"{'Redis':>8} {'total':>8} {'x floor':>8}   {'pg all*':>8}  floor"
     )
     print(f"  {'':<{width}} {'':>9} {'':>9} {'µs/call':>8} {'µs/call':>9} {'µs/call':>8} {'µs/call':>8}")
     for r in rows:
@@ -282,11 +282,12 @@ def print_table(rows):
             f"  {r['name']:<{width}} {r['calls']:>9} {fmt(r['calls_per_sec'], 9, 0)} "
             f"{fmt(u['server'], 8)} {fmt(u['postgres'], 9)} {fmt(u['redis'], 8)} "
             f"{fmt(u['total'], 8)} {fmt(r['ratio_to_floor'], 8, 2)}   {fmt(u['postgres_all'], 8)}"
+            f"  {r['floor'] or ''}"
         )
     print(
         "  Postgres: the backends of the step's own database; pg all*: every Postgres process, "
         "other clients' included.\n  Redis: the whole redis-server, which other clients share; "
-        "x floor: total / the health check's total."
+        "x floor: total / the total of the floor named (a health check at the same concurrency)."
     )
 
 

@@ -26,6 +26,8 @@ const SIGNIFICANT_DIGITS: u8 = 3;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rpc {
     IssueCoupon,
+    /// IssueCoupon by a user who already holds the coupon: the answer must be ALREADY_EXISTS.
+    IssueCouponHeld,
     PlaceOrder,
     Pay,
     /// Pay again for an order just paid: the answer must be ALREADY_EXISTS.
@@ -38,11 +40,14 @@ pub enum Rpc {
     Checkout,
     /// Checkout again with the key of a checkout just answered: it must return the same order.
     CheckoutAgain,
+    /// `grpc.health.v1.Health/Check`.
+    HealthCheck,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 10] = [
+    pub const ALL: [Rpc; 12] = [
         Rpc::IssueCoupon,
+        Rpc::IssueCouponHeld,
         Rpc::PlaceOrder,
         Rpc::Pay,
         Rpc::PayAgain,
@@ -52,11 +57,13 @@ impl Rpc {
         Rpc::SetItem,
         Rpc::Checkout,
         Rpc::CheckoutAgain,
+        Rpc::HealthCheck,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Rpc::IssueCoupon => "IssueCoupon",
+            Rpc::IssueCouponHeld => "IssueCoupon (holder)",
             Rpc::PlaceOrder => "PlaceOrder",
             Rpc::Pay => "Pay",
             Rpc::PayAgain => "Pay (repeat)",
@@ -66,6 +73,7 @@ impl Rpc {
             Rpc::SetItem => "SetItem",
             Rpc::Checkout => "Checkout",
             Rpc::CheckoutAgain => "Checkout (same key)",
+            Rpc::HealthCheck => "Health/Check",
         }
     }
 

@@ -5,10 +5,21 @@
 //!
 //! The code of a successful call travels in the HTTP/2 trailers, after the body, so the record
 //! is made when the trailers pass by (or when the response headers already carry `grpc-status`,
-//! as in a trailers-only error, or when the body is dropped early: a cancelled call). The
-//! per-call cost is one `Instant::now()`, a reference-counted copy of the path and a metrics
-//! update (see `crate::metrics`); the log line itself is at DEBUG level (target `access`), so
-//! under load it costs a level check unless asked for.
+//! as in a trailers-only error). The per-call cost is one `Instant::now()`, a reference-counted
+//! copy of the path and a metrics update (see `crate::metrics`); the log line itself is at DEBUG
+//! level (target `access`), so under load it costs a level check unless asked for.
+//!
+//! A call its caller abandons (RST_STREAM, a closed connection, the caller's own deadline) is
+//! recorded as CANCELLED, whenever it goes: hyper drops the call's future (or its response
+//! body) when it sees the stream reset, and both record CANCELLED when dropped before their
+//! status. One path needs help: a request body reset before tonic has read it all. tonic's
+//! decoder takes a body failing with CANCEL for a clean end of the request, so a unary call then
+//! answers INTERNAL ("Missing request message.", the message cut short), or runs its handler
+//! for a caller who is gone (the message whole, END_STREAM never sent); a connection that dies
+//! instead answers UNKNOWN. Those answers come back at once, before hyper looks for the reset.
+//! [`CallerBody`] therefore holds a body failure back for one poll: hyper, which polls the
+//! call before it checks for a reset, sees the reset and drops the call, recorded CANCELLED.
+//! A failure hyper does not drop the call for is handed on at the next poll, as before.
 
 use std::{
     pin::Pin,
@@ -143,7 +154,8 @@ fn grpc_status(headers: &HeaderMap) -> Option<Code> {
 
 impl<S, B, ResBody> Service<Request<B>> for Access<S>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
+    S: Service<Request<CallerBody<B>>, Response = Response<ResBody>>,
+    B: Body,
 {
     type Response = Response<LoggedBody<ResBody>>;
     type Error = S::Error;
@@ -160,6 +172,7 @@ where
             started: Instant::now(),
             span: span.clone(),
         };
+        let request = request.map(CallerBody::new);
         let inner = span.in_scope(|| self.inner.call(request));
         LoggedFuture {
             inner: inner.instrument(span),
@@ -173,6 +186,16 @@ pin_project! {
         #[pin]
         inner: F,
         start: Option<CallStart>,
+    }
+
+    impl<F> PinnedDrop for LoggedFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before its answer: hyper saw the caller reset the stream or close the
+            // connection (or the server is closing it under the call).
+            if let Some(start) = this.project().start.take() {
+                start.finish(Code::Cancelled);
+            }
+        }
     }
 }
 
@@ -262,6 +285,55 @@ impl<B: Body> Body for LoggedBody<B> {
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A call's request body, whose failure (the caller reset the stream or the connection
+    /// broke) is held back for one poll, so that hyper drops the call as abandoned instead of
+    /// tonic answering it as if the request had ended (see the module documentation).
+    pub struct CallerBody<B: Body> {
+        #[pin]
+        inner: B,
+        held: Option<B::Error>,
+    }
+}
+
+impl<B: Body> CallerBody<B> {
+    fn new(inner: B) -> Self {
+        Self { inner, held: None }
+    }
+}
+
+impl<B: Body> Body for CallerBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if let Some(error) = this.held.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
+        match ready!(this.inner.poll_frame(cx)) {
+            Some(Err(error)) => {
+                *this.held = Some(error);
+                // Polled again at once if hyper keeps the call (a failure that is no reset).
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            frame => Poll::Ready(frame),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod abandoned;
 mod admin;
 mod balance;
 mod cart;

@@ -2,8 +2,13 @@
 //! path), on port 0, against the test's own database and Redis key prefix.
 //!
 //! Beside it, the helpers the test files share: `shop` and `coupons` drive the RPCs, `rules`
-//! judges the books, `private` and `proxy` stand in for dependencies a test must kill or cut.
+//! judges the books, `private` and `proxy` stand in for dependencies a test must kill or cut,
+//! `contract` reads the descriptors and builds any request from them, `collector` receives
+//! traces, `binary` runs the server binary as a deployment would.
 
+pub mod binary;
+pub mod collector;
+pub mod contract;
 pub mod coupons;
 pub mod metrics;
 pub mod private;

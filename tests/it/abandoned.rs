@@ -87,7 +87,7 @@ async fn abandon_everything(
             let deadline = Duration::from_millis(1 + user as u64 % 10);
             let channel = server.channel.clone();
             async move {
-                let call = call(channel, method, request, Some(deadline));
+                let call = call(channel, method, request, ADMIN_TOKEN, Some(deadline));
                 match tokio::time::timeout(deadline, call).await {
                     Ok(Ok(_)) => "OK".to_string(),
                     Ok(Err(status)) => format!("{:?}", status.code()),

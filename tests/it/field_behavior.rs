@@ -18,6 +18,7 @@ use tonic_reflection::pb::v1alpha::{
 use tonic_types::StatusExt;
 
 use crate::support::{
+    ADMIN_TOKEN,
     contract::{Behavior, Contract, call, is_well_known},
     spawn_app,
 };
@@ -125,7 +126,7 @@ async fn a_missing_required_field_is_invalid_argument_naming_it(
         let path = method.path();
         // With every REQUIRED field, the request passes validation.
         let whole = contract.request(&method.input, None, 1);
-        let answer = call(app.channel.clone(), method, whole, None).await;
+        let answer = call(app.channel.clone(), method, whole, ADMIN_TOKEN, None).await;
         if let Err(status) = &answer
             && status.code() == Code::InvalidArgument
             && !RULES_ACROSS_FIELDS.contains(&path.as_str())
@@ -139,7 +140,7 @@ async fn a_missing_required_field_is_invalid_argument_naming_it(
             let field = missing.to_string();
             checked.insert(format!("{path} {field}"));
             let request = contract.request(&method.input, Some(&missing), 1);
-            let answer = call(app.channel.clone(), method, request, None).await;
+            let answer = call(app.channel.clone(), method, request, ADMIN_TOKEN, None).await;
             let named = answer.as_ref().err().and_then(|status| {
                 let info = status.get_details_error_info()?;
                 let violation = status.get_details_bad_request()?;

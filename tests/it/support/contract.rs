@@ -287,6 +287,14 @@ impl Contract {
         self.enums.insert(format!("{scope}.{}", e.name), numbers);
     }
 
+    /// A write whose request carries an `idempotency_key` (AIP-155): retried with the same key,
+    /// it returns the first result and changes nothing more.
+    pub fn is_keyed(&self, method: &Method) -> bool {
+        self.fields(&method.input)
+            .iter()
+            .any(|f| f.name == "idempotency_key")
+    }
+
     pub fn fields(&self, message: &str) -> &[Field] {
         self.messages
             .get(message)
@@ -506,12 +514,13 @@ impl Decoder for RawCodec {
     }
 }
 
-/// Calls `method` with `request` on `channel` (the admin token sent to every method: only
-/// AdminService reads it).
+/// Calls `method` with `request` on `channel`, with `authorization: Bearer <token>` (sent to
+/// every method: only AdminService reads it).
 pub async fn call(
     channel: tonic::transport::Channel,
     method: &Method,
     request: Vec<u8>,
+    token: &str,
     timeout: Option<std::time::Duration>,
 ) -> Result<Vec<u8>, Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
@@ -521,9 +530,7 @@ pub async fn call(
     let mut request = tonic::Request::new(request);
     request.metadata_mut().insert(
         "authorization",
-        format!("Bearer {}", super::ADMIN_TOKEN)
-            .parse()
-            .expect("ascii token"),
+        format!("Bearer {token}").parse().expect("ascii token"),
     );
     if let Some(timeout) = timeout {
         request.set_timeout(timeout);

@@ -3,6 +3,16 @@
 //! `traceparent`/`tracestate`, it runs the whole call (every span below is its child) and it
 //! records the status code and the ErrorInfo reason.
 //!
+//! The span follows OpenTelemetry's RPC semantic conventions for a gRPC server span: named
+//! after the full method (`ecommerce.v1.OrderService/PlaceOrder`, or `grpc` for a method this
+//! server does not serve, then `rpc.method` `_OTHER` and `rpc.method_original` the path), with
+//! `rpc.system.name`, `rpc.method`, `server.address` and `server.port` (from the request's
+//! `:authority`) at creation, and `rpc.status_code` (the code's name) and, for the codes the
+//! conventions count as server errors, `error.type` (the same name) and an ERROR status at the
+//! end. With `OTEL_SEMCONV_STABILITY_OPT_IN=rpc/dup` it also carries the older attributes
+//! (`rpc.system`, `rpc.service`, the integer `rpc.grpc.status_code`; `rpc.method` keeps its
+//! current, full value).
+//!
 //! The code of a successful call travels in the HTTP/2 trailers, after the body, so the record
 //! is made when the trailers pass by (or when the response headers already carry `grpc-status`,
 //! as in a trailers-only error). The per-call cost is one `Instant::now()`, a reference-counted
@@ -36,7 +46,7 @@ use tower::{Layer, Service};
 use tracing::{Instrument as _, Span, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::telemetry;
+use crate::{error::code_name, telemetry};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AccessLayer;
@@ -67,15 +77,20 @@ impl CallStart {
         let method = self.path.as_ref().map_or("", PathAndQuery::path);
         record(method, code, self.started.elapsed());
         if !self.span.is_disabled() {
-            self.span.record("rpc.grpc.status_code", code as i64);
+            self.span.record("rpc.status_code", code_name(code));
+            if telemetry::rpc_dup() {
+                self.span.record("rpc.grpc.status_code", code as i64);
+            }
             if is_server_error(code) {
+                self.span.record("error.type", code_name(code));
                 self.span.record("otel.status_code", "ERROR");
             }
         }
     }
 }
 
-/// The codes OpenTelemetry's gRPC conventions count as a server span's error.
+/// The codes OpenTelemetry's gRPC conventions count as a server span's error (and name in
+/// `error.type`).
 fn is_server_error(code: Code) -> bool {
     matches!(
         code,
@@ -107,22 +122,49 @@ fn call_span<B>(request: &Request<B>) -> Span {
     if !telemetry::tracing_on() {
         return Span::none();
     }
-    let path = request.uri().path().trim_start_matches('/');
-    let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    let path = request.uri().path();
+    let served = crate::metrics::is_served(path);
+    let full = path.trim_start_matches('/');
+    let (name, method) = if served {
+        (full, full)
+    } else {
+        ("grpc", "_OTHER")
+    };
     let span = tracing::info_span!(
         target: telemetry::SPANS,
         "grpc.server",
-        otel.name = path,
+        otel.name = name,
         otel.kind = "server",
         otel.status_code = Empty,
-        rpc.system = "grpc",
-        rpc.service = service,
+        rpc.system.name = "grpc",
         rpc.method = method,
+        rpc.method_original = Empty,
+        rpc.status_code = Empty,
+        error.type = Empty,
+        server.address = Empty,
+        server.port = Empty,
+        rpc.system = Empty,
+        rpc.service = Empty,
         rpc.grpc.status_code = Empty,
         error.reason = Empty,
         trace_id = Empty,
         span_id = Empty,
     );
+    if !served {
+        span.record("rpc.method_original", full);
+    }
+    if let Some(authority) = request.uri().authority() {
+        span.record("server.address", authority.host());
+        if let Some(port) = authority.port_u16() {
+            span.record("server.port", i64::from(port));
+        }
+    }
+    if telemetry::rpc_dup() {
+        span.record("rpc.system", "grpc");
+        if served && let Some((service, _)) = full.split_once('/') {
+            span.record("rpc.service", service);
+        }
+    }
     let parent = global::get_text_map_propagator(|p| p.extract(&Headers(request.headers())));
     let _ = span.set_parent(parent);
     let context = span.context();

@@ -34,6 +34,8 @@ const OPTIONAL: &[&str] = &[
     "TLS_CLIENT_CA_PATH",
     // Tracing is on only where a collector runs; docs/DEPLOY.md shows where to set it.
     "OTEL_EXPORTER_OTLP_ENDPOINT",
+    // Read only with tracing on, and only while dashboards still need the older RPC attributes.
+    "OTEL_SEMCONV_STABILITY_OPT_IN",
 ];
 
 /// Variables that carry credentials and so belong in the Secret, never in the ConfigMap.

@@ -21,7 +21,6 @@ use ecommerce::proto::{
 use futures::future::join_all;
 use prost::bytes::Bytes;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tonic::Code;
 
 use crate::support::{
     ADMIN_TOKEN, BearerToken,
@@ -306,16 +305,17 @@ fn code_name(debug: &str) -> String {
     name
 }
 
-/// The server spans of ecommerce.v1 calls, counted by their gRPC status code.
+/// The server spans of ecommerce.v1 calls, counted by their `rpc.status_code`. They carry the
+/// current RPC conventions only (no `OTEL_SEMCONV_STABILITY_OPT_IN` here): the older integer
+/// `rpc.grpc.status_code` is absent.
 fn server_span_codes(collector: &Collector) -> BTreeMap<String, u64> {
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
     let spans = collector.spans.lock().unwrap();
     let mut counts = BTreeMap::new();
     for span in spans.iter().filter(|s| s.name.starts_with("ecommerce.v1.")) {
-        let code = match attribute(span, "rpc.grpc.status_code") {
-            Some(Value::IntValue(code)) => {
-                code_name(&format!("{:?}", Code::from_i32(*code as i32)))
-            }
+        assert_eq!(attribute(span, "rpc.grpc.status_code"), None, "{span:?}");
+        let code = match attribute(span, "rpc.status_code") {
+            Some(Value::StringValue(code)) => code.clone(),
             other => format!("{other:?}"),
         };
         *counts.entry(code).or_default() += 1;

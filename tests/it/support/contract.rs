@@ -289,6 +289,7 @@ impl Contract {
 
     /// A write whose request carries an `idempotency_key` (AIP-155): retried with the same key,
     /// it returns the first result and changes nothing more.
+    #[allow(dead_code)] // tests/deploy_manifests checks the client service config with it
     pub fn is_keyed(&self, method: &Method) -> bool {
         self.fields(&method.input)
             .iter()

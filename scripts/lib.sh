@@ -132,6 +132,19 @@ ensure_grpcurl() {
     command -v grpcurl >/dev/null || die "grpcurl is not on PATH after installing it"
 }
 
+# The Buf CLI (lint and breaking-change checks of proto/), from PyPI's buf-bin, which ships the
+# binary itself: no download beyond the package registry, and none at all when it runs.
+BUF_VERSION=1.75.0
+ensure_buf() {
+    command -v buf >/dev/null && return
+    say "installing buf $BUF_VERSION from PyPI (buf-bin)"
+    python3 -m pip install -q --disable-pip-version-check "buf-bin==$BUF_VERSION" >/dev/null 2>&1 \
+        || python3 -m pip install -q --user --disable-pip-version-check "buf-bin==$BUF_VERSION" >/dev/null
+    hash -r
+    command -v buf >/dev/null || export PATH="$HOME/.local/bin:$PATH"
+    command -v buf >/dev/null || die "buf is not on PATH after installing it"
+}
+
 # A free TCP port on loopback.
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'

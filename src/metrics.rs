@@ -163,6 +163,11 @@ fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
+/// Whether `path` is a method this server answers (`/ecommerce.v1.OrderService/PlaceOrder`).
+pub fn is_served(path: &str) -> bool {
+    CALLS.by_path.contains_key(path)
+}
+
 /// Records one finished call.
 pub fn record_call(path: &str, code: Code, latency: Duration) {
     let table = &*CALLS;

@@ -181,6 +181,8 @@ pub struct TelemetrySettings {
     pub log_filter: String,
     /// Where traces are exported (OTLP over gRPC); `None`: tracing is off.
     pub otlp_endpoint: Option<String>,
+    /// `OTEL_SEMCONV_STABILITY_OPT_IN` as set (`crate::telemetry` reads `rpc/dup` from it).
+    pub semconv_opt_in: String,
 }
 
 /// Balances and orders.
@@ -274,6 +276,7 @@ impl Config {
                 otlp_endpoint: r
                     .set(&v::OTEL_EXPORTER_OTLP_ENDPOINT)
                     .filter(|e| !e.is_empty()),
+                semconv_opt_in: r.text(&v::OTEL_SEMCONV_STABILITY_OPT_IN),
             },
             orders: OrderSettings {
                 max_balance: Won::new(r.integer(&v::MAX_BALANCE)),

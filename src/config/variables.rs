@@ -161,6 +161,9 @@ variables! {
     OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT", Unset,
         Range::Described("an OTLP/gRPC URL, e.g. `http://otel-collector:4317`"),
         "when set, traces are exported there (service name `ecommerce`; the SDK reads the other standard `OTEL_*` variables); unset, tracing is off and costs nothing";
+    OTEL_SEMCONV_STABILITY_OPT_IN = "OTEL_SEMCONV_STABILITY_OPT_IN", Unset,
+        Range::Described("a comma-separated list; `rpc/dup` is read, other values are ignored"),
+        "call spans carry OpenTelemetry's current RPC attributes (`rpc.system.name`, `rpc.method` in full, `rpc.status_code`, `error.type`, `server.address`, `server.port`); with `rpc/dup` also the older ones (`rpc.system`, `rpc.service`, `rpc.grpc.status_code`) for dashboards still reading them";
     // Balances and orders
     MAX_BALANCE = "MAX_BALANCE", Value("1000000000000"),
         Range::Integer { min: 1, max: 2_305_843_009_213_693_951 },

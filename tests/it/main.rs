@@ -7,6 +7,7 @@
 
 mod support;
 
+mod abandoned;
 mod admin;
 mod balance;
 mod cart;
@@ -15,6 +16,7 @@ mod conservation;
 mod coupon_retries;
 mod coupons;
 mod faults;
+mod field_behavior;
 mod first_run;
 mod group_commit;
 mod health;

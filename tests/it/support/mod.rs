@@ -3,8 +3,12 @@
 //!
 //! Beside it, the helpers the test files share: `shop`, `coupons` and `refunds` drive the RPCs,
 //! `rules` judges the books, `private` and `proxy` stand in for dependencies a test must kill or
-//! cut.
+//! cut, `contract` reads the descriptors and builds any request from them, `collector` receives
+//! traces, `binary` runs the server binary as a deployment would.
 
+pub mod binary;
+pub mod collector;
+pub mod contract;
 pub mod coupons;
 pub mod metrics;
 pub mod private;

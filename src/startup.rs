@@ -150,6 +150,7 @@ impl Application {
         let watcher = HealthWatcher {
             health: health.clone(),
             pg: pg.clone(),
+            postgres: postgres::Probe::new(config.postgres.database.0.clone()),
             redis: redis.clone(),
             interval: config.server.health_check_interval,
         };

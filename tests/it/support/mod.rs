@@ -5,6 +5,7 @@
 //! judges the books, `private` and `proxy` stand in for dependencies a test must kill or cut.
 
 pub mod coupons;
+pub mod ha;
 pub mod metrics;
 pub mod private;
 pub mod proxy;

@@ -27,6 +27,7 @@ mod orders;
 mod outbox;
 mod outbox_nats;
 mod popular;
+mod primary_faults;
 mod production;
 mod products;
 mod rate_limits;

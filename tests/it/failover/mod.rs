@@ -98,16 +98,17 @@ fn watch_readiness(app: &TestApp) -> Arc<Mutex<Vec<(Instant, ServingStatus)>>> {
     seen
 }
 
-/// How long after `at` the first write was acknowledged (answers already on their way at
-/// `at` excluded).
+/// How long after `at` the first write sent after `at` was acknowledged (an answer to one
+/// sent before may be one the old primary gave).
 async fn writes_again_after(seen: &Shared, at: Instant) -> Duration {
     let first = || {
         seen.lock()
             .unwrap()
-            .ok_at
+            .ok_attempts
             .iter()
-            .find(|t| **t > at + Duration::from_millis(100))
-            .copied()
+            .filter(|(sent, _)| *sent > at)
+            .map(|(_, answered)| *answered)
+            .min()
     };
     assert!(
         eventually(Duration::from_secs(90), || async { first().is_some() }).await,
@@ -183,12 +184,10 @@ async fn a_killed_or_frozen_leader_loses_no_acknowledged_write() {
             events.push((format!("SIGKILL {killed}"), at, window));
             tokio::time::sleep(Duration::from_secs(1)).await;
             cluster.run(&["start", &killed]).await;
-            assert!(
-                cluster.wait_whole(Duration::from_secs(120)).await,
-                "{killed} rejoins"
-            );
+            cluster.wait_whole().await;
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.wait_whole().await;
         let frozen = cluster.run(&["freeze-leader"]).await;
         let at = Instant::now();
         let window = writes_again_after(&workload.seen, at).await;
@@ -197,10 +196,7 @@ async fn a_killed_or_frozen_leader_loses_no_acknowledged_write() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert_ne!(cluster.leader().await.as_deref(), Some(frozen.as_str()));
         cluster.run(&["thaw", &frozen]).await;
-        assert!(
-            cluster.wait_whole(Duration::from_secs(120)).await,
-            "{frozen} rejoins"
-        );
+        cluster.wait_whole().await;
         let status = cluster.run(&["status"]).await;
         let line = status
             .lines()

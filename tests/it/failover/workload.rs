@@ -66,8 +66,8 @@ pub struct Seen {
     pub acked: Vec<Acked>,
     /// Answers per `method code/reason`, retried ones included.
     pub answers: BTreeMap<String, usize>,
-    /// When each acknowledged write's answer arrived.
-    pub ok_at: Vec<Instant>,
+    /// When each successful attempt was sent and answered.
+    pub ok_attempts: Vec<(Instant, Instant)>,
 }
 
 pub type Shared = Arc<Mutex<Seen>>;
@@ -107,12 +107,18 @@ where
 {
     let started = Instant::now();
     loop {
+        let sent = Instant::now();
         let answer = call().await;
         let key = match &answer {
             Ok(_) => format!("{method} OK"),
             Err(status) => label(method, status),
         };
-        *seen.lock().unwrap().answers.entry(key).or_default() += 1;
+        let mut seen_now = seen.lock().unwrap();
+        *seen_now.answers.entry(key).or_default() += 1;
+        if answer.is_ok() {
+            seen_now.ok_attempts.push((sent, Instant::now()));
+        }
+        drop(seen_now);
         match answer {
             Err(status) if indeterminate(status.code()) => {
                 assert!(
@@ -127,9 +133,7 @@ where
 }
 
 fn ack(seen: &Shared, acked: Acked) {
-    let mut seen = seen.lock().unwrap();
-    seen.acked.push(acked);
-    seen.ok_at.push(Instant::now());
+    seen.lock().unwrap().acked.push(acked);
 }
 
 /// One user's loop: charges, orders and their payments, coupon issues, cart checkouts, until

@@ -13,7 +13,6 @@ use std::{
     process::Command,
     str::FromStr,
     sync::{Mutex, MutexGuard, PoisonError},
-    time::Duration,
 };
 
 use sqlx::postgres::PgConnectOptions;
@@ -149,18 +148,11 @@ impl HaCluster {
         .expect("scripts/ha task")
     }
 
-    /// Waits until the cluster has a leader, a synchronous standby (when synchronous) and a
-    /// third member streaming.
-    pub async fn wait_whole(&self, within: Duration) -> bool {
-        super::eventually(within, || async {
-            let status = self.run(&["status"]).await;
-            let running = status
-                .lines()
-                .filter(|l| l.contains("running") || l.contains("streaming"))
-                .count();
-            running == 3 && status.contains("leader")
-        })
-        .await
+    /// Waits until the cluster has a leader, a synchronous standby (in synchronous mode) and
+    /// a third member running: a leader lost before it named its synchronous standby leaves no
+    /// member Patroni may promote, by design (it cannot know which one has every commit).
+    pub async fn wait_whole(&self) {
+        self.run(&["wait-whole", "120"]).await;
     }
 }
 

@@ -149,6 +149,8 @@ pub struct SecuritySettings {
 #[derive(Clone, Debug)]
 pub struct PostgresSettings {
     pub database: Database,
+    /// A standby the catalog may read from, and how far behind it may be.
+    pub read: Option<(Database, Duration)>,
     pub max_connections: u32,
     pub acquire_timeout: Duration,
     /// Apply migrations at start-up (under sqlx's advisory lock, so replicas may race safely).
@@ -382,8 +384,20 @@ fn postgres(r: &mut Reader<'_>) -> PostgresSettings {
         r.error(&v::DATABASE_URL, format!("not a Postgres URL ({e})"));
         PgConnectOptions::new()
     });
+    let read_max_lag = r.duration(&v::READ_MAX_LAG_MS);
+    let read = r
+        .set(&v::DATABASE_READ_URL)
+        .filter(|u| !u.is_empty())
+        .and_then(|url| match PgConnectOptions::from_str(&url) {
+            Ok(options) => Some((Database(options), read_max_lag)),
+            Err(e) => {
+                r.error(&v::DATABASE_READ_URL, format!("not a Postgres URL ({e})"));
+                None
+            }
+        });
     PostgresSettings {
         database: Database(options),
+        read,
         max_connections: r.integer(&v::DATABASE_MAX_CONNECTIONS),
         acquire_timeout: r.duration(&v::DATABASE_ACQUIRE_TIMEOUT_MS),
         run_migrations: r.parsed(&v::RUN_MIGRATIONS),

@@ -12,6 +12,7 @@ pub mod orders;
 pub mod outbox;
 pub mod payments;
 pub mod products;
+pub mod replica;
 pub mod sales;
 
 use std::time::Duration;
@@ -59,7 +60,7 @@ pub fn pool(options: PgConnectOptions, max_connections: u32, acquire_timeout: Du
 }
 
 /// The options every connection of the service uses.
-fn session(options: PgConnectOptions, application_name: &str) -> PgConnectOptions {
+pub(super) fn session(options: PgConnectOptions, application_name: &str) -> PgConnectOptions {
     options
         .application_name(application_name)
         // Statements are prepared once per connection and reused for its lifetime.

@@ -181,6 +181,7 @@ async fn a_killed_or_frozen_leader_loses_no_acknowledged_write() {
             let killed = cluster.run(&["kill-leader"]).await;
             let at = Instant::now();
             let window = writes_again_after(&workload.seen, at).await;
+            eprintln!("failover: SIGKILL {killed}: writes again after {window:?}");
             events.push((format!("SIGKILL {killed}"), at, window));
             tokio::time::sleep(Duration::from_secs(1)).await;
             cluster.run(&["start", &killed]).await;
@@ -191,6 +192,10 @@ async fn a_killed_or_frozen_leader_loses_no_acknowledged_write() {
         let frozen = cluster.run(&["freeze-leader"]).await;
         let at = Instant::now();
         let window = writes_again_after(&workload.seen, at).await;
+        eprintln!(
+            "failover: SIGSTOP {frozen}: writes again after {window:?}; {}",
+            cluster.run(&["status"]).await
+        );
         events.push((format!("SIGSTOP {frozen}"), at, window));
         // Frozen well past its lease, then resumed: it must come back as a replica.
         tokio::time::sleep(Duration::from_secs(3)).await;

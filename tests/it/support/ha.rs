@@ -162,9 +162,13 @@ fn rand_block() -> u32 {
 
 impl Drop for HaCluster {
     fn drop(&mut self) {
-        let _ = Command::new(script())
-            .arg("down")
-            .env("HA_DIR", &self.dir)
-            .output();
+        let mut down = Command::new(script());
+        down.arg("down").env("HA_DIR", &self.dir);
+        if std::thread::panicking() {
+            let logs = std::env::temp_dir().join("ecommerce-ha-failed-logs");
+            eprintln!("the cluster's logs are in {}", logs.display());
+            down.env("HA_KEEP_LOGS", logs);
+        }
+        let _ = down.output();
     }
 }

@@ -34,4 +34,5 @@ mod rate_limits;
 mod reconcile;
 mod replay;
 mod replicas;
+mod standby_reads;
 mod stock;

@@ -11,7 +11,8 @@
 //! WAL ended then). Each standby connection handed out is first asked how far it has replayed
 //! (that query replaces the pool's liveness ping, so it costs no extra round trip); it is fresh
 //! enough when it has replayed the position the primary had at some sample no older than
-//! `max_lag`. A standby that does not answer, is not a standby, or lags is not used. Behind
+//! `max_lag`. A standby that lags, or is not a standby, is not used; one that does not answer
+//! is not tried again for [`STANDBY_BACKOFF`]. Behind
 //! HAProxy's replica port each connection may lead to another standby, so each is checked.
 //!
 //! Cancel-safety: a dropped [`Reads::acquire`] returns its connection to its pool; the sampler
@@ -37,6 +38,9 @@ use crate::store::StoreError;
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// A standby connection not handed out within this is given up for the primary.
 const STANDBY_ACQUIRE: Duration = Duration::from_millis(250);
+/// After the standby failed to answer, reads go to the primary this long before it is tried
+/// again, so an outage of the standby costs the reads no waiting.
+const STANDBY_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Where a read was served from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +58,8 @@ pub struct Reads {
 struct Standby {
     pool: PgPool,
     max_lag: Duration,
+    /// Not tried before this, after a failure.
+    resting_until: Mutex<Option<Instant>>,
     /// The primary's WAL position at the start of each sample, oldest first.
     samples: Arc<Mutex<VecDeque<(Instant, i64)>>>,
 }
@@ -89,6 +95,7 @@ impl Reads {
             standby: Some(Standby {
                 pool,
                 max_lag,
+                resting_until: Mutex::new(None),
                 samples: samples.clone(),
             }),
         });
@@ -110,19 +117,34 @@ impl Reads {
 
 impl Standby {
     async fn fresh(&self) -> Option<PoolConnection<Postgres>> {
-        let mut conn = self.pool.acquire().await.ok()?;
+        let now = Instant::now();
+        let resting = self.resting_until.lock().expect("backoff lock");
+        if resting.is_some_and(|until| now < until) {
+            return None;
+        }
+        drop(resting);
+        let rest = || {
+            *self.resting_until.lock().expect("backoff lock") = Some(now + STANDBY_BACKOFF);
+        };
+        let Ok(mut conn) = self.pool.acquire().await else {
+            rest();
+            return None;
+        };
         let asked = Instant::now();
         // NULL on a server that is not a standby: not one to read from here.
         let replayed: Option<i64> =
-            sqlx::query_scalar("SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint")
+            match sqlx::query_scalar("SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint")
                 .fetch_one(&mut *conn)
                 .await
-                .map_err(|e| {
+            {
+                Ok(replayed) => replayed,
+                Err(_) => {
                     // A broken connection must not go back to the pool.
                     conn.close_on_drop();
-                    e
-                })
-                .ok()?;
+                    rest();
+                    return None;
+                }
+            };
         let samples = self.samples.lock().expect("samples lock");
         fresh_enough(&samples, replayed?, asked, self.max_lag).then_some(conn)
     }

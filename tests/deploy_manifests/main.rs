@@ -5,6 +5,7 @@
 //! port it listens on and the shutdown drain it takes.
 
 mod dockerfile;
+mod ha;
 mod kubernetes;
 
 use std::{
@@ -29,10 +30,17 @@ const OPTIONAL: &[&str] = &[
     "TLS_CLIENT_CA_PATH",
     // Tracing is on only where a collector runs; docs/DEPLOY.md shows where to set it.
     "OTEL_EXPORTER_OTLP_ENDPOINT",
+    // Standbys to read from exist only in the highly available set-up (deploy/ha sets it).
+    "DATABASE_READ_URL",
 ];
 
 /// Variables that carry credentials and so belong in the Secret, never in the ConfigMap.
 const SECRET_VARIABLES: &[&str] = &["DATABASE_URL", "REDIS_URL", "ADMIN_TOKEN", "SERVICE_TOKEN"];
+
+/// The highly available overlay.
+fn ha_dir() -> PathBuf {
+    repo().join("deploy/ha")
+}
 
 const KINDS: &[&str] = &[
     "Deployment",

@@ -58,10 +58,7 @@ async fn rename(app: &TestApp, product: i64, name: &str) {
 async fn catalog_reads_use_the_standby_only_while_it_is_fresh_enough() {
     let primary = PrivatePostgres::start().await;
     let standby = primary.standby().await;
-    let standby_url = format!(
-        "postgres://postgres@127.0.0.1:{}/postgres",
-        standby.port
-    );
+    let standby_url = format!("postgres://postgres@127.0.0.1:{}/postgres", standby.port);
     let app = spawn_app_with(primary.options(), |s| {
         s.set("DATABASE_READ_URL", standby_url)
             .set("READ_MAX_LAG_MS", MAX_LAG.as_millis());

@@ -118,11 +118,10 @@ impl Reads {
 impl Standby {
     async fn fresh(&self) -> Option<PoolConnection<Postgres>> {
         let now = Instant::now();
-        let resting = self.resting_until.lock().expect("backoff lock");
-        if resting.is_some_and(|until| now < until) {
+        let resting_until = *self.resting_until.lock().expect("backoff lock");
+        if resting_until.is_some_and(|until| now < until) {
             return None;
         }
-        drop(resting);
         let rest = || {
             *self.resting_until.lock().expect("backoff lock") = Some(now + STANDBY_BACKOFF);
         };

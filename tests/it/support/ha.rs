@@ -107,11 +107,6 @@ impl HaCluster {
         PgConnectOptions::from_str(self.var("DATABASE_URL")).expect("a Postgres URL")
     }
 
-    /// Through HAProxy's replica port.
-    pub fn replicas(&self) -> PgConnectOptions {
-        PgConnectOptions::from_str(self.var("DATABASE_READ_URL")).expect("a Postgres URL")
-    }
-
     /// One node, directly (`node1`, `node2`, `node3`).
     pub fn node(&self, name: &str) -> PgConnectOptions {
         let index: usize = name

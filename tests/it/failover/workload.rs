@@ -113,12 +113,13 @@ where
             Ok(_) => format!("{method} OK"),
             Err(status) => label(method, status),
         };
-        let mut seen_now = seen.lock().unwrap();
-        *seen_now.answers.entry(key).or_default() += 1;
-        if answer.is_ok() {
-            seen_now.ok_attempts.push((sent, Instant::now()));
+        {
+            let mut seen = seen.lock().unwrap();
+            *seen.answers.entry(key).or_default() += 1;
+            if answer.is_ok() {
+                seen.ok_attempts.push((sent, Instant::now()));
+            }
         }
-        drop(seen_now);
         match answer {
             Err(status) if indeterminate(status.code()) => {
                 assert!(

@@ -38,7 +38,8 @@ impl HaCluster {
         let dir = temp_dir("ha");
         // scripts/ha creates it (and hands it to the postgres user).
         std::fs::remove_dir_all(&dir).expect("empty temp dir");
-        let base = 26_000 + 16 * (rand_block() % 800);
+        // Below the kernel's ephemeral ports, where outgoing connections would take them.
+        let from = 20_000 + 16 * (rand_block() % 700);
         let mut cluster = Self {
             dir,
             env: HashMap::new(),
@@ -47,7 +48,7 @@ impl HaCluster {
         let out = cluster.run_with(
             &["up"],
             &[
-                ("HA_PORT_BASE", base.to_string()),
+                ("HA_PORT_FROM", from.to_string()),
                 ("HA_SYNC", if synchronous { "on" } else { "off" }.into()),
             ],
         );

@@ -98,6 +98,17 @@ fn watch_readiness(app: &TestApp) -> Arc<Mutex<Vec<(Instant, ServingStatus)>>> {
     seen
 }
 
+/// Runs `scripts/ha kill-leader` or `freeze-leader`: the node it hit, and when.
+async fn fault(cluster: &HaCluster, command: &str) -> (String, Instant) {
+    let printed = cluster.run(&[command]).await;
+    let (node, epoch) = printed.split_once(' ').expect("NODE TIME");
+    let at = std::time::UNIX_EPOCH + Duration::from_secs_f64(epoch.parse().expect("a time"));
+    let ago = std::time::SystemTime::now()
+        .duration_since(at)
+        .unwrap_or_default();
+    (node.to_string(), Instant::now() - ago)
+}
+
 /// How long after `at` the first write sent after `at` was acknowledged (an answer to one
 /// sent before may be one the old primary gave).
 async fn writes_again_after(seen: &Shared, at: Instant) -> Duration {
@@ -178,8 +189,7 @@ async fn a_killed_or_frozen_leader_loses_no_acknowledged_write() {
     let faults = async {
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_secs(4)).await;
-            let killed = cluster.run(&["kill-leader"]).await;
-            let at = Instant::now();
+            let (killed, at) = fault(&cluster, "kill-leader").await;
             let window = writes_again_after(&workload.seen, at).await;
             eprintln!("failover: SIGKILL {killed}: writes again after {window:?}");
             events.push((format!("SIGKILL {killed}"), at, window));
@@ -189,8 +199,7 @@ async fn a_killed_or_frozen_leader_loses_no_acknowledged_write() {
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         cluster.wait_whole().await;
-        let frozen = cluster.run(&["freeze-leader"]).await;
-        let at = Instant::now();
+        let (frozen, at) = fault(&cluster, "freeze-leader").await;
         let window = writes_again_after(&workload.seen, at).await;
         eprintln!(
             "failover: SIGSTOP {frozen}: writes again after {window:?}; {}",
@@ -285,8 +294,7 @@ async fn the_checker_finds_losses_under_asynchronous_replication() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         cluster.run(&["lag", "on"]).await;
         tokio::time::sleep(Duration::from_secs(4)).await;
-        cluster.run(&["kill-leader"]).await;
-        let at = Instant::now();
+        let (_, at) = fault(&cluster, "kill-leader").await;
         window = writes_again_after(&workload.seen, at).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         workload.stop.store(true, Ordering::Relaxed);

@@ -5,7 +5,8 @@
 //! reached right now" becomes [`StoreError::Unavailable`], which callers see as UNAVAILABLE.
 //! That includes a Postgres that is no longer a writable primary (a failover demoted it, an
 //! operator made it read-only, or the address now leads to a standby): such an answer also
-//! retires the pool's connections (`postgres::fence`), so no call goes back to the old primary.
+//! has the pool check its older connections before their next use (`postgres::fence`), so no
+//! call goes back to the old primary.
 //! A connection lost while a write was being committed is [`StoreError::OutcomeUnknown`]: the
 //! write may or may not be in the record, and only a keyed retry (or a read) can tell.
 

@@ -280,8 +280,8 @@ async fn a_commit_whose_answer_is_lost_is_outcome_unknown_and_a_keyed_retry_sett
     };
 
     // The COMMIT never reaches the server: nothing happened, and the retry does it.
-    proxy.cut_at_next_commit(CommitCut::Before);
-    let unknown = keyed_charge(&app, 1, 300, "lost")
+    proxy.cut_at_commit_after("outcome-lost", CommitCut::Before);
+    let unknown = keyed_charge(&app, 1, 300, "outcome-lost")
         .await
         .expect_err("cut at COMMIT");
     assert!(proxy.commit_cut_done());
@@ -293,14 +293,14 @@ async fn a_commit_whose_answer_is_lost_is_outcome_unknown_and_a_keyed_retry_sett
         ledger(1).await.is_empty(),
         "the cut COMMIT committed nothing"
     );
-    let retried = keyed_charge(&app, 1, 300, "lost")
+    let retried = keyed_charge(&app, 1, 300, "outcome-lost")
         .await
         .expect("the retry runs the call");
     assert_eq!(ledger(1).await, vec![(retried, 300)]);
 
     // The server commits, its answer is lost: the retry returns the first result.
-    proxy.cut_at_next_commit(CommitCut::After);
-    let unknown = keyed_charge(&app, 2, 500, "kept")
+    proxy.cut_at_commit_after("outcome-kept", CommitCut::After);
+    let unknown = keyed_charge(&app, 2, 500, "outcome-kept")
         .await
         .expect_err("cut after COMMIT");
     assert!(proxy.commit_cut_done());
@@ -310,7 +310,7 @@ async fn a_commit_whose_answer_is_lost_is_outcome_unknown_and_a_keyed_retry_sett
     );
     let committed = ledger(2).await;
     assert_eq!(committed.len(), 1, "the COMMIT went through");
-    let retried = keyed_charge(&app, 2, 500, "kept")
+    let retried = keyed_charge(&app, 2, 500, "outcome-kept")
         .await
         .expect("the retry replays");
     assert_eq!(

@@ -2,15 +2,19 @@
 //!
 //! Invariant: once a call has heard from Postgres that the server behind `DATABASE_URL` is not
 //! a writable primary (25006 read-only, 57P0x shutting down or in recovery: a failover demoted
-//! it, an operator made it read-only, the address led to a standby), no pooled connection
-//! opened before that answer serves another call: each is closed at its next acquire or
-//! release, and the pool opens a new one, which goes wherever the address leads now (HAProxy's
-//! primary port, a DNS name moved to the new primary).
+//! it, an operator made it read-only, the address led to a standby), a pooled connection
+//! opened before that answer serves another call only after it showed, at its next acquire,
+//! that its server takes writes; one that does not is closed, and the pool opens a new one,
+//! which goes wherever the address leads now (HAProxy's primary port, a DNS name moved to the
+//! new primary).
 //!
 //! The fence is one instant for the process, because an error does not know the pool it came
-//! from; only the primary pool consults it. It rises at most once per [`MIN_INTERVAL`], so a
-//! database that stays read-only makes each connection reconnect at most that often, not once
-//! per refused call. Reading it costs one atomic load per acquire and release.
+//! from; only primary pools consult it, and a pool whose server is fine pays one query per
+//! connection acquired in the [`SUSPECT_FOR`] after a rise, not a reconnection (several
+//! services in one process, as in the tests, do not reconnect each other's pools). It rises at
+//! most once per [`MIN_INTERVAL`]. Reading it costs one atomic load per acquire. A connection
+//! idle through the whole window and to a demoted server fails its next write with 25006,
+//! which raises the fence again.
 
 use std::{
     sync::{
@@ -22,6 +26,8 @@ use std::{
 
 /// The fence rises at most this often.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+/// How long after a rise older connections are checked before use.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(10);
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 /// Microseconds after [`EPOCH`] of the last rise; 0: never risen.
@@ -49,10 +55,14 @@ pub fn raise() {
     }
 }
 
-/// Whether a pooled connection of this `age` was opened before the fence last rose.
-pub fn retires(age: Duration) -> bool {
+/// Whether a pooled connection of this `age` must show that its server takes writes before
+/// it is used: it was opened before the fence last rose, and that was recently.
+pub fn suspects(age: Duration) -> bool {
     let raised = RAISED_AT.load(Ordering::Relaxed);
-    raised != 0 && opened_before(Instant::now(), age, raised)
+    let now = Instant::now();
+    raised != 0
+        && micros_since_epoch(now).saturating_sub(raised) < SUSPECT_FOR.as_micros() as u64
+        && opened_before(now, age, raised)
 }
 
 fn opened_before(now: Instant, age: Duration, raised: u64) -> bool {

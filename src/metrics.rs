@@ -265,6 +265,11 @@ pub fn outbox_backlog(pending: i64, parked: i64) {
     gauge!("ecommerce_outbox_backlog", "status" => "parked").set(parked as f64);
 }
 
+/// A read that may be stale was served by a standby or the primary.
+pub fn db_read(source: &'static str) {
+    counter!("ecommerce_db_stale_ok_reads_total", "source" => source).increment(1);
+}
+
 pub fn db_pool(size: u32, idle: usize, max: u32) {
     gauge!("ecommerce_db_pool_connections", "state" => "idle").set(idle as f64);
     gauge!("ecommerce_db_pool_connections", "state" => "in_use").set(f64::from(size) - idle as f64);

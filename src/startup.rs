@@ -150,6 +150,7 @@ impl Application {
         let watcher = HealthWatcher {
             health: health.clone(),
             pg: pg.clone(),
+            postgres: postgres::Probe::new(config.postgres.database.0.clone()),
             redis: redis.clone(),
             interval: config.server.health_check_interval,
         };
@@ -235,8 +236,18 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
         SoldOutMarkers::new(redis.clone()),
         config.orders.sold_out_marker_ttl,
     ));
+    let reads = match &config.postgres.read {
+        Some((standby, max_lag)) => postgres::replica::Reads::with_standby(
+            pg.clone(),
+            standby.0.clone(),
+            config.postgres.max_connections,
+            *max_lag,
+        ),
+        None => postgres::replica::Reads::primary_only(pg.clone()),
+    };
     let popular = Arc::new(Popular::new(
         pg.clone(),
+        reads.clone(),
         Ranking::new(redis.clone()),
         RankingSettings {
             calendar: Calendar::new(config.ranking.timezone),
@@ -278,7 +289,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
         )),
         carts: Arc::new(Carts::new(pg.clone(), orders.clone(), rate.clone())),
         refunds: Arc::new(Refunds::new(pg.clone(), sold_out.clone(), popular.clone())),
-        catalog: Arc::new(Catalog::new(pg.clone(), sold_out)),
+        catalog: Arc::new(Catalog::new(pg.clone(), reads, sold_out)),
         coupons: Arc::new(Coupons::new(
             pg.clone(),
             CouponGate::new(redis.clone()),

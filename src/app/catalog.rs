@@ -2,11 +2,12 @@
 //!
 //! Invariant: stock never goes below zero, whoever changes it and however concurrently (every
 //! change is one conditional statement), and any increase clears the sold-out shortcuts on
-//! every replica.
+//! every replica. Listing and reading may be served by a standby (`DATABASE_READ_URL`),
+//! at most `READ_MAX_LAG_MS` behind; the admin's changes go to the primary.
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, pool::PoolConnection};
 
 use super::sold_out::SoldOut;
 use crate::{
@@ -14,18 +15,37 @@ use crate::{
         MAX_STOCK, NewProduct, PageSize, PageToken, Product, ProductChanges, ProductId, Restock,
     },
     error::{AppError, Resource},
-    store::postgres::products::{self, Changed, StockRefusal},
+    metrics,
+    store::postgres::{
+        products::{self, Changed, StockRefusal},
+        replica::{Reads, Source},
+    },
 };
 
 /// The catalog flows.
 pub struct Catalog {
     pg: PgPool,
+    reads: Arc<Reads>,
     sold_out: Arc<SoldOut>,
 }
 
+/// A connection for a read that may be `READ_MAX_LAG_MS` stale, counted by where it leads.
+pub(super) async fn stale_ok_read(reads: &Reads) -> Result<PoolConnection<Postgres>, AppError> {
+    let (conn, source) = reads.acquire().await?;
+    metrics::db_read(match source {
+        Source::Standby => "standby",
+        Source::Primary => "primary",
+    });
+    Ok(conn)
+}
+
 impl Catalog {
-    pub fn new(pg: PgPool, sold_out: Arc<SoldOut>) -> Self {
-        Self { pg, sold_out }
+    pub fn new(pg: PgPool, reads: Arc<Reads>, sold_out: Arc<SoldOut>) -> Self {
+        Self {
+            pg,
+            reads,
+            sold_out,
+        }
     }
 
     pub async fn selling(
@@ -33,11 +53,13 @@ impl Catalog {
         page_size: PageSize,
         after: Option<PageToken>,
     ) -> Result<(Vec<Product>, Option<PageToken>), AppError> {
-        Ok(products::selling_page(&self.pg, page_size, after).await?)
+        let mut conn = stale_ok_read(&self.reads).await?;
+        Ok(products::selling_page(&mut *conn, page_size, after).await?)
     }
 
     pub async fn product(&self, id: ProductId) -> Result<Product, AppError> {
-        products::get(&self.pg, id)
+        let mut conn = stale_ok_read(&self.reads).await?;
+        products::get(&mut *conn, id)
             .await?
             .ok_or(product_not_found(id))
     }

@@ -35,7 +35,7 @@ use crate::{
     error::AppError,
     metrics,
     store::{
-        postgres::{products, sales},
+        postgres::{products, replica::Reads, sales},
         redis::ranking::{Counted, Ranking},
     },
 };
@@ -134,15 +134,18 @@ fn window(today: NaiveDate, days: PopularDays) -> Vec<NaiveDate> {
 /// The ranking flows: counting sales, reading the best sellers, rebuilding from Postgres.
 pub struct Popular {
     pg: PgPool,
+    /// For the product details, which may be `READ_MAX_LAG_MS` stale.
+    reads: Arc<Reads>,
     ranking: Ranking,
     cache: PopularCache,
     settings: RankingSettings,
 }
 
 impl Popular {
-    pub fn new(pg: PgPool, ranking: Ranking, settings: RankingSettings) -> Self {
+    pub fn new(pg: PgPool, reads: Arc<Reads>, ranking: Ranking, settings: RankingSettings) -> Self {
         Self {
             pg,
+            reads,
             ranking,
             cache: PopularCache::default(),
             settings,
@@ -254,7 +257,8 @@ impl Popular {
         let totals = self.ranking.totals(&window).await?;
         let top = top_sellers(totals, MAX_POPULAR);
         let ids: Vec<i64> = top.iter().map(|(id, _)| *id).collect();
-        let mut details: HashMap<i64, Product> = products::get_many(&self.pg, &ids)
+        let mut conn = super::catalog::stale_ok_read(&self.reads).await?;
+        let mut details: HashMap<i64, Product> = products::get_many(&mut *conn, &ids)
             .await?
             .into_iter()
             .map(|p| (p.id.get(), p))

@@ -3,14 +3,15 @@
 //! validated once at start-up, every problem reported at once so an operator fixes them in one
 //! go. The settings are grouped in sections, one per part of the service.
 
+mod postgres;
 mod reader;
 pub mod variables;
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use chrono_tz::Tz;
-use sqlx::postgres::PgConnectOptions;
 
+pub use self::postgres::{Database, PostgresSettings};
 use self::{reader::Reader, variables as v};
 use crate::domain::Won;
 
@@ -77,22 +78,6 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Postgres connection options, which may hold a password: `Debug` shows only where they point.
-#[derive(Clone)]
-pub struct Database(pub PgConnectOptions);
-
-impl fmt::Debug for Database {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}/{}",
-            self.0.get_host(),
-            self.0.get_port(),
-            self.0.get_database().unwrap_or("")
-        )
-    }
-}
-
 /// Everything the service needs to start. Built by [`Config::from_env`] in production and by
 /// the test harness through [`Config::from_lookup`].
 #[derive(Clone, Debug)]
@@ -144,15 +129,6 @@ pub struct SecuritySettings {
     /// When set, every call except health, reflection and AdminService needs this bearer token.
     pub service_token: Option<Secret>,
     pub tls: Option<TlsFiles>,
-}
-
-#[derive(Clone, Debug)]
-pub struct PostgresSettings {
-    pub database: Database,
-    pub max_connections: u32,
-    pub acquire_timeout: Duration,
-    /// Apply migrations at start-up (under sqlx's advisory lock, so replicas may race safely).
-    pub run_migrations: bool,
 }
 
 #[derive(Clone)]
@@ -268,7 +244,7 @@ impl Config {
         let config = Config {
             server: server(&mut r),
             security: security(&mut r),
-            postgres: postgres(&mut r),
+            postgres: postgres::read(&mut r),
             redis: redis(&mut r),
             telemetry: TelemetrySettings {
                 log_format: r.parsed(&v::LOG_FORMAT),
@@ -376,20 +352,6 @@ fn security(r: &mut Reader<'_>) -> SecuritySettings {
         admin_token,
         service_token,
         tls,
-    }
-}
-
-fn postgres(r: &mut Reader<'_>) -> PostgresSettings {
-    let url = r.text(&v::DATABASE_URL);
-    let options = PgConnectOptions::from_str(&url).unwrap_or_else(|e| {
-        r.error(&v::DATABASE_URL, format!("not a Postgres URL ({e})"));
-        PgConnectOptions::new()
-    });
-    PostgresSettings {
-        database: Database(options),
-        max_connections: r.integer(&v::DATABASE_MAX_CONNECTIONS),
-        acquire_timeout: r.duration(&v::DATABASE_ACQUIRE_TIMEOUT_MS),
-        run_migrations: r.parsed(&v::RUN_MIGRATIONS),
     }
 }
 

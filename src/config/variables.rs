@@ -133,7 +133,12 @@ variables! {
         "with TLS: require client certificates signed by this CA (mTLS)";
     // Postgres
     DATABASE_URL = "DATABASE_URL", Value("postgres://postgres@127.0.0.1:5432/ecommerce"),
-        Range::Described("a Postgres URL"), "Postgres";
+        Range::Described("a Postgres URL"), "Postgres: the primary (with Patroni, HAProxy's primary port)";
+    DATABASE_READ_URL = "DATABASE_READ_URL", Unset,
+        Range::Described("a Postgres URL: a standby, or HAProxy's replica port"),
+        "when set, ListProducts, GetProduct and the product details of GetPopularProducts read from here while it lags at most `READ_MAX_LAG_MS` (from `DATABASE_URL` otherwise); everything else reads from `DATABASE_URL`";
+    READ_MAX_LAG_MS = "READ_MAX_LAG_MS", Value("1000"), Range::Millis { min: 100, max: 600_000 },
+        "a `DATABASE_READ_URL` server that has not replayed what the primary had this long ago is not read from";
     DATABASE_MAX_CONNECTIONS = "DATABASE_MAX_CONNECTIONS", Value("16"),
         Range::Integer { min: 1, max: 1000 }, "pool size per replica";
     DATABASE_ACQUIRE_TIMEOUT_MS = "DATABASE_ACQUIRE_TIMEOUT_MS", Value("2000"),
@@ -142,7 +147,7 @@ variables! {
     RUN_MIGRATIONS = "RUN_MIGRATIONS", Value("true"), Range::Bool, "apply migrations at start-up";
     // Redis
     REDIS_URL = "REDIS_URL", Value("redis://127.0.0.1:6379"),
-        Range::Described("a Redis URL; a cluster is `redis-cluster://host1:port1?node=host2:port2&node=host3:port3`"),
+        Range::Described("a Redis URL; a cluster is `redis-cluster://host1:port1?node=host2:port2&node=host3:port3`; behind Sentinels `redis-sentinel://sentinel1:26379?sentinelServiceName=NAME&node=sentinel2:26379&node=sentinel3:26379`"),
         "Redis";
     REDIS_POOL_SIZE = "REDIS_POOL_SIZE", Value("4"), Range::Integer { min: 1, max: 256 },
         "Redis connections (each multiplexes many calls)";

@@ -10,6 +10,7 @@ mod client;
 #[path = "../it/support/contract.rs"]
 mod contract;
 mod dockerfile;
+mod ha;
 mod kubernetes;
 
 use std::{
@@ -36,6 +37,8 @@ const OPTIONAL: &[&str] = &[
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     // Read only with tracing on, and only while dashboards still need the older RPC attributes.
     "OTEL_SEMCONV_STABILITY_OPT_IN",
+    // Standbys to read from exist only in the highly available set-up (deploy/ha sets it).
+    "DATABASE_READ_URL",
 ];
 
 /// Variables that carry credentials and so belong in the Secret, never in the ConfigMap.
@@ -44,6 +47,10 @@ const SECRET_VARIABLES: &[&str] = &["DATABASE_URL", "REDIS_URL", "ADMIN_TOKEN", 
 /// The Services: the ClusterIP one (balances connections), and the headless one whose DNS name
 /// lists every ready pod, for clients that balance calls themselves (deploy/client).
 const SERVICES: &[&str] = &["ecommerce", "ecommerce-headless"];
+/// The highly available overlay.
+fn ha_dir() -> PathBuf {
+    repo().join("deploy/ha")
+}
 
 const KINDS: &[&str] = &[
     "Deployment",

@@ -10,6 +10,7 @@ pub mod binary;
 pub mod collector;
 pub mod contract;
 pub mod coupons;
+pub mod ha;
 pub mod metrics;
 pub mod private;
 pub mod proxy;

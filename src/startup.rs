@@ -269,6 +269,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
         config.orders.order_ttl,
         config.orders.write_batch_max,
         rate.clone(),
+        outbox.nudge(),
     ));
     Services {
         balances: Arc::new(Balances::new(

@@ -2,8 +2,8 @@
 //!
 //! Invariants: at most one payment per order; the balance never goes negative and always
 //! equals its ledger; every payment has exactly one PaymentCompleted event in the outbox,
-//! written in the payment's transaction, so the data platform gets every payment even if this
-//! process dies right after the commit.
+//! written in the payment's transaction and numbered with its order's next event number, so
+//! the data platform gets every payment even if this process dies right after the commit.
 //!
 //! Payments are group-committed ([`super::group_commit`]) like orders: one transaction pays a
 //! batch. The idempotency key is looked up before a payment joins a batch and claimed in it
@@ -333,16 +333,10 @@ impl PayBatch {
                 amount: order.final_amount,
                 items: order_items,
                 paid_at,
+                // The number record_many takes for the order, whose row this batch holds.
+                sequence: order.event_sequence + 1,
             };
-            let payload = serde_json::to_value(&event)
-                .map_err(|e| StoreError::Inconsistent(format!("event payload: {e}")))?;
-            events.push(NewEvent {
-                event_id: event.event_id,
-                event_type: PaymentCompleted::EVENT_TYPE,
-                aggregate_id: id.get(),
-                payload,
-                trace: calls[*i].trace.clone(),
-            });
+            events.push(NewEvent::of(&event, calls[*i].trace.clone())?);
             records.push(PaymentRecord {
                 id,
                 order_id: order.id,

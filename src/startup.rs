@@ -81,7 +81,11 @@ impl Application {
         if !redis.wait_connected(Duration::from_secs(5)).await {
             tracing::warn!("Redis is not reachable yet; starting anyway (NOT_SERVING until it is)");
         }
-        let sink = Sink::new(&config.outbox.sink, config.outbox.sink_timeout)
+        let sink = Sink::new(
+            &config.outbox.sink,
+            &config.outbox.event_source,
+            config.outbox.sink_timeout,
+        )
             .await
             .context("configuring the data platform sink")?;
         let services = build_services(&pg, &redis, sink, &config);

@@ -14,6 +14,7 @@ mod connections;
 mod conservation;
 mod coupon_retries;
 mod coupons;
+mod events;
 mod faults;
 mod first_run;
 mod group_commit;

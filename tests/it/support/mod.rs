@@ -2,10 +2,12 @@
 //! path), on port 0, against the test's own database and Redis key prefix.
 //!
 //! Beside it, the helpers the test files share: `shop` and `coupons` drive the RPCs, `rules`
-//! judges the books, `private` and `proxy` stand in for dependencies a test must kill or cut.
+//! judges the books, `private` and `proxy` stand in for dependencies a test must kill or cut,
+//! `platform` for the data platform (an HTTP receiver, a JetStream reader, CloudEvents checks).
 
 pub mod coupons;
 pub mod metrics;
+pub mod platform;
 pub mod private;
 pub mod proxy;
 pub mod rules;

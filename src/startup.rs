@@ -86,8 +86,8 @@ impl Application {
             &config.outbox.event_source,
             config.outbox.sink_timeout,
         )
-            .await
-            .context("configuring the data platform sink")?;
+        .await
+        .context("configuring the data platform sink")?;
         let services = build_services(&pg, &redis, sink, &config);
         if config.server.seed_demo_data {
             let seeded = seed_demo(&services.catalog, &services.coupons)

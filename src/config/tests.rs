@@ -174,7 +174,10 @@ fn the_nats_sink_has_defaults_and_checks_its_names() {
         ("DATA_PLATFORM_SUBJECT", "events..{type}"),
         ("DATA_PLATFORM_SUBJECT", "events.*.{type}"),
         // A subject from before the event types: one subject for every type is refused.
-        ("DATA_PLATFORM_SUBJECT", "ecommerce.events.payment_completed"),
+        (
+            "DATA_PLATFORM_SUBJECT",
+            "ecommerce.events.payment_completed",
+        ),
         ("DATA_PLATFORM_SUBJECT", "events.{type}.{type}"),
         ("DATA_PLATFORM_SUBJECT", "events.paid_{type}"),
         ("EVENT_SOURCE", "/shop one"),
@@ -202,7 +205,9 @@ fn each_event_type_gets_its_subject_and_every_event_the_source() {
         ("EVENT_SOURCE", "https://shop.example.com/ecommerce"),
     ])
     .unwrap();
-    assert!(matches!(c.outbox.sink, SinkKind::Nats { ref subject, .. } if subject == "{type}.shop-1"));
+    assert!(
+        matches!(c.outbox.sink, SinkKind::Nats { ref subject, .. } if subject == "{type}.shop-1")
+    );
     assert_eq!(c.outbox.event_source, "https://shop.example.com/ecommerce");
     let defaults = config(&[("ADMIN_TOKEN", "0123456789")]).unwrap();
     assert_eq!(defaults.outbox.event_source, "/ecommerce");

@@ -11,7 +11,9 @@ use chrono::{DateTime, Utc};
 use serde::Serializer;
 use uuid::Uuid;
 
-use super::{Order, OrderId, OrderItem, PaymentId, ProductId, UserCouponId, UserId, ValidationError, Won};
+use super::{
+    Order, OrderId, OrderItem, PaymentId, ProductId, UserCouponId, UserId, ValidationError, Won,
+};
 
 /// An order's events are numbered 1, 2, 3... in the order of its transitions, so a consumer
 /// can order them (delivery order is not promised). Each transition takes its number under
@@ -408,7 +410,11 @@ mod tests {
         assert_eq!(placed["placed_at"], "2023-11-14T22:13:20.123456Z");
         let no_coupon = assert_is_its_message(&OrderPlaced::of(&order(None)));
         assert_eq!(no_coupon["user_coupon_id"], 0);
-        assert_is_its_message(&OrderCancelled::of(&order(Some(7)), 2, at(1_700_000_100, 0)));
+        assert_is_its_message(&OrderCancelled::of(
+            &order(Some(7)),
+            2,
+            at(1_700_000_100, 0),
+        ));
         assert_is_its_message(&OrderExpired::of(&order(None), 2, at(1_700_000_901, 5)));
         assert_is_its_message(&payment());
         assert_is_its_message(&refund());
@@ -417,7 +423,11 @@ mod tests {
     #[test]
     fn each_event_names_its_order_and_the_row_it_is_filed_under() {
         assert_eq!(payment().order_id().get(), 2);
-        assert_eq!(payment().aggregate_id(), 3, "a payment is filed under its payment");
+        assert_eq!(
+            payment().aggregate_id(),
+            3,
+            "a payment is filed under its payment"
+        );
         assert_eq!(payment().event_id(), Some(Uuid::nil()));
         let placed = OrderPlaced::of(&order(None));
         assert_eq!((placed.aggregate_id(), placed.event_id()), (2, None));

@@ -81,7 +81,9 @@ async fn workload(app: &TestApp) {
                 _ => {
                     set_item(app, user, pen, 1).await.unwrap();
                     set_item(app, user, ink, 2).await.unwrap();
-                    let order = checkout(app, user, &format!("checkout-{user}")).await.unwrap();
+                    let order = checkout(app, user, &format!("checkout-{user}"))
+                        .await
+                        .unwrap();
                     let _ = pay(app, user, order.id).await;
                 }
             }
@@ -147,17 +149,19 @@ async fn assert_one_event_per_transition(app: &TestApp, received: Vec<CloudEvent
             by_id.insert(event.id.clone(), event);
         }
     }
-    let outbox: HashSet<String> = sqlx::query_scalar::<_, uuid::Uuid>(
-        "SELECT event_id FROM outbox_events",
-    )
-    .fetch_all(&app.pg)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|id| id.to_string())
-    .collect();
+    let outbox: HashSet<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT event_id FROM outbox_events")
+            .fetch_all(&app.pg)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|id| id.to_string())
+            .collect();
     let arrived: HashSet<String> = by_id.keys().cloned().collect();
-    assert_eq!(arrived, outbox, "every event written arrived, and nothing else");
+    assert_eq!(
+        arrived, outbox,
+        "every event written arrived, and nothing else"
+    );
 
     let mut per_order: BTreeMap<i64, BTreeMap<i64, &CloudEvent>> = BTreeMap::new();
     for event in by_id.values() {
@@ -194,12 +198,18 @@ async fn assert_one_event_per_transition(app: &TestApp, received: Vec<CloudEvent
         );
         assert_eq!(recorded.event_sequence, 2);
         let placed = events[&1];
-        assert_eq!(field_i64(&placed.message, "final_amount"), recorded.final_amount);
+        assert_eq!(
+            field_i64(&placed.message, "final_amount"),
+            recorded.final_amount
+        );
         assert_eq!(time_of(placed, "placed_at"), placed.time);
         let closed = events[&2];
         match closing {
             "PaymentCompleted" => {
-                assert_eq!(Some(field_i64(&closed.message, "payment_id")), recorded.payment_id);
+                assert_eq!(
+                    Some(field_i64(&closed.message, "payment_id")),
+                    recorded.payment_id
+                );
                 assert_eq!(field_i64(&closed.message, "amount"), recorded.final_amount);
                 assert_eq!(time_of(closed, "paid_at"), closed.time);
             }
@@ -211,8 +221,16 @@ async fn assert_one_event_per_transition(app: &TestApp, received: Vec<CloudEvent
         }
     }
     println!("{} orders, events by type: {by_type:?}", per_order.len());
-    for kind in ["OrderPlaced", "PaymentCompleted", "OrderCancelled", "OrderExpired"] {
-        assert!(by_type.get(kind).is_some_and(|n| *n > 0), "no {kind} in {by_type:?}");
+    for kind in [
+        "OrderPlaced",
+        "PaymentCompleted",
+        "OrderCancelled",
+        "OrderExpired",
+    ] {
+        assert!(
+            by_type.get(kind).is_some_and(|n| *n > 0),
+            "no {kind} in {by_type:?}"
+        );
     }
 }
 

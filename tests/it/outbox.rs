@@ -188,7 +188,11 @@ async fn events_failing_past_the_horizon_are_parked_and_redriven(
     let ids: HashSet<&String> = parked.iter().map(|e| &e.event_id).collect();
     assert_eq!(ids.len(), 4);
     let orders: HashSet<i64> = parked.iter().map(|e| e.order_id).collect();
-    assert_eq!(orders.len(), 2, "each parked event names its order: {parked:?}");
+    assert_eq!(
+        orders.len(),
+        2,
+        "each parked event names its order: {parked:?}"
+    );
     for event in &parked {
         match event.event_type.as_str() {
             "OrderPlaced" => assert_eq!(event.payment_id, 0),
@@ -302,7 +306,11 @@ async fn one_refused_event_never_holds_back_the_others(_: PgPoolOptions, db: PgC
     }
 
     state.lock().unwrap().refuse_user = None;
-    let redriven = redrive(&app, vec![parked.event_id.clone(), both[0].event_id.clone()], false);
+    let redriven = redrive(
+        &app,
+        vec![parked.event_id.clone(), both[0].event_id.clone()],
+        false,
+    );
     assert_eq!(redriven.await.unwrap(), 2);
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -408,7 +416,11 @@ async fn delivered_events_and_old_idempotency_keys_are_purged(
         }
     };
     assert_eq!(count("idempotency_keys").await, 3);
-    assert_eq!(count("outbox_events").await, 6, "each order placed and paid");
+    assert_eq!(
+        count("outbox_events").await,
+        6,
+        "each order placed and paid"
+    );
     // A parked event is kept, however old (this one as written before events named their
     // order).
     sqlx::query(

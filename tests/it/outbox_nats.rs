@@ -82,7 +82,10 @@ async fn two_hundred_payments_are_four_hundred_jetstream_messages(
     let started = Instant::now();
     let payments = pay_orders(&app, 1..=200).await;
     assert!(all_delivered(&app, 400, Duration::from_secs(30)).await);
-    println!("200 orders placed, paid and published in {:?}", started.elapsed());
+    println!(
+        "200 orders placed, paid and published in {:?}",
+        started.elapsed()
+    );
     let messages = stream.messages().await;
     assert_eq!(messages.len(), 400);
     assert_one_message_per_event(&stream, &messages, &event_ids(&app).await, &payments);
@@ -113,9 +116,18 @@ async fn a_stream_made_for_payments_alone_is_widened_to_every_type(
     assert!(all_delivered(&app, 20, Duration::from_secs(30)).await);
     let messages = stream.messages().await;
     assert_one_message_per_event(&stream, &messages, &event_ids(&app).await, &payments);
-    let mut info = stream.jetstream().await.get_stream(&stream.name).await.unwrap();
+    let mut info = stream
+        .jetstream()
+        .await
+        .get_stream(&stream.name)
+        .await
+        .unwrap();
     let subjects = info.info().await.unwrap().config.subjects.clone();
-    assert_eq!(subjects, vec![stream.subject_of("*")], "{old_subject} replaced");
+    assert_eq!(
+        subjects,
+        vec![stream.subject_of("*")],
+        "{old_subject} replaced"
+    );
     app.stop().await;
     stream.delete().await;
 }

@@ -398,6 +398,7 @@ async fn a_payment_trace_reaches_the_data_platform(
         .insert("traceparent", header.parse().unwrap());
     app.payments().pay(request).await.expect("paid");
 
+    let subject = order_id.to_string();
     let event_of = |event_type: &str| {
         let cloud_type = format!("ecommerce.v1.{event_type}");
         platform
@@ -405,7 +406,7 @@ async fn a_payment_trace_reaches_the_data_platform(
             .lock()
             .unwrap()
             .iter()
-            .find(|(_, e)| e["type"] == cloud_type.as_str() && e["subject"] == order_id.to_string())
+            .find(|(_, e)| e["type"] == cloud_type.as_str() && e["subject"] == subject.as_str())
             .cloned()
     };
     let event = || event_of("PaymentCompleted");

@@ -39,12 +39,9 @@ impl Orders {
             orders::release(&mut tx, &[(&row, &items)], OrderStatus::Cancelled).await?;
         let order = released.orders.remove(0).with_items(items);
         let at = closed_at(&order)?;
-        events::record(
-            &mut tx,
-            &[id],
-            &TraceContext::current(),
-            |_, sequence| OrderCancelled::of(&order, sequence, at),
-        )
+        events::record(&mut tx, &[id], &TraceContext::current(), |_, sequence| {
+            OrderCancelled::of(&order, sequence, at)
+        })
         .await?;
         postgres::commit(tx).await?;
         self.outbox_nudge.notify_one();
@@ -76,7 +73,10 @@ impl Orders {
                 .map(|(row, items)| row.with_items(items))
                 .collect();
             let ids: Vec<OrderId> = closed.iter().map(|o| o.id).collect();
-            let at = closed.iter().map(closed_at).collect::<Result<Vec<_>, _>>()?;
+            let at = closed
+                .iter()
+                .map(closed_at)
+                .collect::<Result<Vec<_>, _>>()?;
             events::record(&mut tx, &ids, &TraceContext::current(), |i, sequence| {
                 OrderExpired::of(&closed[i], sequence, at[i])
             })

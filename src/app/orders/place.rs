@@ -24,8 +24,8 @@ use crate::{
         sold_out::SoldOut,
     },
     domain::{
-        IdempotencyKey, Order, OrderId, OrderPlaced, Pricing, ProductId, UserCoupon,
-        UserCouponId, UserCouponStatus, UserId, ValidationError, Won,
+        IdempotencyKey, Order, OrderId, OrderPlaced, Pricing, ProductId, UserCoupon, UserCouponId,
+        UserCouponStatus, UserId, ValidationError, Won,
     },
     error::{AppError, Resource},
     metrics,
@@ -329,8 +329,10 @@ impl PlaceBatch {
             .await?
             .into_iter()
             .collect();
-        let mut product_ids: Vec<ProductId> =
-            open.iter().flat_map(|&i| calls[i].cmd.product_ids()).collect();
+        let mut product_ids: Vec<ProductId> = open
+            .iter()
+            .flat_map(|&i| calls[i].cmd.product_ids())
+            .collect();
         product_ids.sort_unstable();
         product_ids.dedup();
         let mut products: HashMap<ProductId, StockRow> = if product_ids.is_empty() {
@@ -390,7 +392,9 @@ impl PlaceBatch {
         let events = placed
             .iter()
             .zip(&new)
-            .map(|(order, (i, _, _))| NewEvent::of(&OrderPlaced::of(order), calls[*i].trace.clone()))
+            .map(|(order, (i, _, _))| {
+                NewEvent::of(&OrderPlaced::of(order), calls[*i].trace.clone())
+            })
             .collect::<Result<Vec<_>, _>>()?;
         outbox::enqueue_many(tx, events).await?;
         Ok(placed)

@@ -165,12 +165,17 @@ mod tests {
         );
         let untraced = event(None);
         let json = serde_json::to_value(Envelope::of(&untraced, "/shop")).unwrap();
-        assert!(json.get("traceparent").is_none(), "no extension while tracing is off");
+        assert!(
+            json.get("traceparent").is_none(),
+            "no extension while tracing is off"
+        );
     }
 
     #[test]
     fn nats_headers_carry_every_attribute_with_the_ce_prefix() {
-        let traced = event(Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        let traced = event(Some(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ));
         let headers = Envelope::of(&traced, "https://shop.example/ecommerce service").headers();
         let get = |name: &str| {
             headers
@@ -198,7 +203,10 @@ mod tests {
         assert_eq!(subject_token("PaymentCompleted"), "payment_completed");
         assert_eq!(subject_token("OrderRefunded"), "order_refunded");
         assert_eq!(percent_encode("a b\"c%d"), "a%20b%22c%25d");
-        assert_eq!(percent_encode("Euro € 😀"), "Euro%20%E2%82%AC%20%F0%9F%98%80");
+        assert_eq!(
+            percent_encode("Euro € 😀"),
+            "Euro%20%E2%82%AC%20%F0%9F%98%80"
+        );
         assert_eq!(percent_encode("k=v,k2=v2"), "k=v,k2=v2");
     }
 }

@@ -195,7 +195,10 @@ mod tests {
             Some("00000000-0000-0000-0000-000000000007")
         );
         assert_eq!(get("ce-id"), get("Nats-Msg-Id"));
-        assert_eq!(get("ce-type").as_deref(), Some("ecommerce.v1.PaymentCompleted"));
+        assert_eq!(
+            get("ce-type").as_deref(),
+            Some("ecommerce.v1.PaymentCompleted")
+        );
         assert_eq!(get("ce-subject").as_deref(), Some("3"));
         assert_eq!(get("traceparent").as_deref(), Some(parent));
         assert_eq!(get("ce-traceparent").as_deref(), Some(parent));
@@ -208,13 +211,19 @@ mod tests {
 
     #[test]
     fn a_wildcard_covers_the_subjects_it_captures() {
-        assert!(covers("ecommerce.events.*", "ecommerce.events.payment_completed"));
+        assert!(covers(
+            "ecommerce.events.*",
+            "ecommerce.events.payment_completed"
+        ));
         assert!(covers("ecommerce.events.*", "ecommerce.events.*"));
         assert!(covers("ecommerce.>", "ecommerce.events.*"));
         assert!(!covers("ecommerce.events.*", "ecommerce.events.>"));
         assert!(!covers("ecommerce.events.*", "ecommerce.events"));
         assert!(!covers("ecommerce.events.*", "ecommerce.events.a.b"));
-        assert!(!covers("ecommerce.events.payment_completed", "ecommerce.events.*"));
+        assert!(!covers(
+            "ecommerce.events.payment_completed",
+            "ecommerce.events.*"
+        ));
         assert!(!covers("other.*", "ecommerce.events"));
     }
 }

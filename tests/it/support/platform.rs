@@ -178,7 +178,9 @@ impl CloudEvent {
             .strip_prefix("ecommerce.v1.")
             .unwrap_or_else(|| panic!("type {cloud_type} is an ecommerce.v1 message"))
             .to_owned();
-        let order_id: i64 = required("subject").parse().expect("the subject is the order id");
+        let order_id: i64 = required("subject")
+            .parse()
+            .expect("the subject is the order id");
         let time = chrono::DateTime::parse_from_rfc3339(&required("time"))
             .expect("time is an RFC 3339 timestamp");
         assert_eq!(required("datacontenttype"), "application/json");

@@ -13,8 +13,9 @@
 
 use sqlx::PgConnection;
 
+use super::idempotency::Keyed;
 use crate::{
-    domain::{EventSequence, OrderEvent, OrderId},
+    domain::{EventSequence, IdempotencyKey, OrderEvent, OrderId, UserId},
     store::{
         StoreError,
         postgres::{
@@ -46,4 +47,35 @@ pub(in crate::app) async fn record<E: OrderEvent>(
         .map(|(i, sequence)| NewEvent::of(&build(i, sequence), trace.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     outbox::enqueue_many(tx, events).await
+}
+
+/// A call on its way to a group-commit batch, with the trace context of its caller, captured in
+/// the caller's task before it joins the batch: the event the batch writes for it carries the
+/// caller's trace, not the batch's.
+pub(in crate::app) struct Traced<C> {
+    pub cmd: C,
+    pub trace: TraceContext,
+}
+
+impl<C> Traced<C> {
+    pub fn new(cmd: C) -> Self {
+        Self {
+            cmd,
+            trace: TraceContext::current(),
+        }
+    }
+}
+
+impl<C: Keyed> Keyed for Traced<C> {
+    fn user_id(&self) -> UserId {
+        self.cmd.user_id()
+    }
+
+    fn key(&self) -> Option<&IdempotencyKey> {
+        self.cmd.key()
+    }
+
+    fn fingerprint(&self) -> String {
+        self.cmd.fingerprint()
+    }
 }

@@ -32,6 +32,7 @@ use uuid::Uuid;
 
 use super::{
     Popular,
+    events::Traced,
     group_commit::{Callers, GroupCommit, Step, left_in},
     idempotency::{BatchKeys, Keyed, call_keys, claim_batch, saved_result, settle_batch},
     popular::Sale,
@@ -78,24 +79,7 @@ impl Keyed for PayCommand {
 }
 
 /// A payment on its way to a batch, with the trace context of the call that made it.
-struct Paying {
-    cmd: PayCommand,
-    trace: telemetry::TraceContext,
-}
-
-impl Keyed for Paying {
-    fn user_id(&self) -> UserId {
-        self.cmd.user_id
-    }
-
-    fn key(&self) -> Option<&IdempotencyKey> {
-        self.cmd.key()
-    }
-
-    fn fingerprint(&self) -> String {
-        self.cmd.fingerprint()
-    }
-}
+type Paying = Traced<PayCommand>;
 
 /// The payment flow.
 pub struct Payments {
@@ -148,13 +132,7 @@ impl Payments {
         if let Some(id) = saved_result(&self.pg, Operation::Pay, &cmd).await? {
             return saved_payment(&self.pg, id).await;
         }
-        // Captured here, in the caller's task, before the call joins a batch: the event carries
-        // the paying call's trace, not the batch's.
-        let call = Paying {
-            cmd,
-            trace: telemetry::TraceContext::current(),
-        };
-        let paid = match self.paying.submit(call).await? {
+        let paid = match self.paying.submit(Traced::new(cmd)).await? {
             Paid::Busy(call) => self.paying.alone(call).await?,
             paid => paid,
         };

@@ -2,9 +2,10 @@
 //!
 //! Invariant: an order reserves all its stock and its coupon, priced and checked against the
 //! balance, and writes its `OrderPlaced` event, in one transaction, or leaves no trace; each
-//! order of a batch gets the answer it would get alone (the parent module's docs say how). Cancel safety: a batch runs in a task of
-//! its own ([`super::super::group_commit`]); an order whose caller left before its batch
-//! started, or while the batch waited for its row locks, is not placed at all.
+//! order of a batch gets the answer it would get alone (the parent module's docs say how).
+//! Cancel safety: a batch runs in a task of its own ([`super::super::group_commit`]); an order
+//! whose caller left before its batch started, or while the batch waited for its row locks, is
+//! not placed at all.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -18,13 +19,14 @@ use tracing::Instrument as _;
 use super::{Orders, PlaceOrderCommand};
 use crate::{
     app::{
+        events::Traced,
         group_commit::{Callers, Step, left_in},
-        idempotency::{BatchKeys, Keyed, call_keys, claim_batch, saved_result, settle_batch},
+        idempotency::{BatchKeys, call_keys, claim_batch, saved_result, settle_batch},
         rate_limit::LimitedCall,
         sold_out::SoldOut,
     },
     domain::{
-        IdempotencyKey, Order, OrderId, OrderPlaced, Pricing, ProductId, UserCoupon, UserCouponId,
+        Order, OrderId, OrderPlaced, Pricing, ProductId, UserCoupon, UserCouponId,
         UserCouponStatus, UserId, ValidationError, Won,
     },
     error::{AppError, Resource},
@@ -38,39 +40,11 @@ use crate::{
             outbox::{self, NewEvent},
         },
     },
-    telemetry::{self, TraceContext},
+    telemetry,
 };
 
-/// An order on its way to a batch, with the trace context of the call that placed it (its
-/// event carries the caller's trace, not the batch's).
-pub(super) struct Placing {
-    cmd: PlaceOrderCommand,
-    trace: TraceContext,
-}
-
-impl Placing {
-    /// Captured in the caller's task, before the call joins a batch.
-    fn new(cmd: PlaceOrderCommand) -> Self {
-        Self {
-            cmd,
-            trace: TraceContext::current(),
-        }
-    }
-}
-
-impl Keyed for Placing {
-    fn user_id(&self) -> UserId {
-        self.cmd.user_id
-    }
-
-    fn key(&self) -> Option<&IdempotencyKey> {
-        self.cmd.key()
-    }
-
-    fn fingerprint(&self) -> String {
-        self.cmd.fingerprint()
-    }
-}
+/// An order on its way to a batch, with the trace context of the call that placed it.
+pub(super) type Placing = Traced<PlaceOrderCommand>;
 
 impl Orders {
     pub async fn place(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
@@ -94,7 +68,7 @@ impl Orders {
         }
         // After the key: a retry of a success is answered above, never refused here.
         self.refuse_sold_out(&cmd.product_ids()).await?;
-        match self.placing.submit(Placing::new(cmd)).await? {
+        match self.placing.submit(Traced::new(cmd)).await? {
             Placed::Answer(result) => result,
             Placed::Busy(cmd) => match self.placing.alone(cmd).await? {
                 Placed::Answer(result) => result,
@@ -115,7 +89,7 @@ impl Orders {
     ) -> Result<Order, AppError> {
         let mut steps = [Step::Open];
         let mut sold_out = BTreeMap::new();
-        let call = Placing::new(cmd);
+        let call = Traced::new(cmd);
         let mut placed = self
             .batch
             .decide_and_write(

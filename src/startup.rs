@@ -81,9 +81,13 @@ impl Application {
         if !redis.wait_connected(Duration::from_secs(5)).await {
             tracing::warn!("Redis is not reachable yet; starting anyway (NOT_SERVING until it is)");
         }
-        let sink = Sink::new(&config.outbox.sink, config.outbox.sink_timeout)
-            .await
-            .context("configuring the data platform sink")?;
+        let sink = Sink::new(
+            &config.outbox.sink,
+            &config.outbox.event_source,
+            config.outbox.sink_timeout,
+        )
+        .await
+        .context("configuring the data platform sink")?;
         let services = build_services(&pg, &redis, sink, &config);
         if config.server.seed_demo_data {
             let seeded = seed_demo(&services.catalog, &services.coupons)
@@ -280,6 +284,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
         config.orders.order_ttl,
         config.orders.write_batch_max,
         rate.clone(),
+        outbox.nudge(),
     ));
     Services {
         balances: Arc::new(Balances::new(
@@ -288,7 +293,12 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
             rate.clone(),
         )),
         carts: Arc::new(Carts::new(pg.clone(), orders.clone(), rate.clone())),
-        refunds: Arc::new(Refunds::new(pg.clone(), sold_out.clone(), popular.clone())),
+        refunds: Arc::new(Refunds::new(
+            pg.clone(),
+            sold_out.clone(),
+            popular.clone(),
+            outbox.nudge(),
+        )),
         catalog: Arc::new(Catalog::new(pg.clone(), reads, sold_out)),
         coupons: Arc::new(Coupons::new(
             pg.clone(),

@@ -140,6 +140,6 @@ impl Carts {
             user_coupon_id: cmd.user_coupon_id,
             idempotency_key: cmd.idempotency_key,
         };
-        self.orders.place_in(tx, &order, Operation::Checkout).await
+        self.orders.place_in(tx, order, Operation::Checkout).await
     }
 }

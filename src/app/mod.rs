@@ -8,6 +8,7 @@ mod cart;
 mod catalog;
 mod coupons;
 mod demo;
+mod events;
 mod group_commit;
 mod idempotency;
 mod orders;

@@ -10,8 +10,9 @@
 //! payments, cancels and expiry take them, so none of them deadlock with a refund): claim the
 //! idempotency key, lock the order and decide the refund against its rows as they are now
 //! (PAID or PARTIALLY_REFUNDED, enough units left), lock the buyer's balance, give the coupon
-//! back, put the units back in stock, and write the refund with the counters it bumps (the
-//! schema's CHECKs on them refuse anything past what was paid, whatever the code does). Refunds
+//! back, put the units back in stock, write the refund with the counters it bumps (the
+//! schema's CHECKs on them refuse anything past what was paid, whatever the code does) and its
+//! `OrderRefunded` event, numbered under the order's lock ([`super::events`]). Refunds
 //! of one order thus run one after the other, each seeing what the previous one left.
 //! After the commit the restocked products lose their sold-out markers (so every replica can
 //! sell the units within 100 ms) and the refunded units leave the ranking's bucket of the day
@@ -33,17 +34,19 @@
 
 use std::sync::Arc;
 
+use tokio::sync::Notify;
 use tracing::Instrument as _;
 
 use super::{
-    Popular, SoldOut,
+    Popular, SoldOut, events,
     idempotency::{Keyed, NextAction, next_action, saved_result},
     popular::Unsold,
 };
 use crate::{
     domain::{
-        IdempotencyKey, Order, OrderId, OrderStatus, ProductId, Refund, RefundId, RefundPlan,
-        RefundReason, RefundRefusal, RefundSelection, Restock, TxId, UserId, ValidationError, Won,
+        IdempotencyKey, Order, OrderId, OrderRefunded, OrderStatus, ProductId, Refund, RefundId,
+        RefundPlan, RefundReason, RefundRefusal, RefundSelection, Restock, TxId, UserId,
+        ValidationError, Won,
     },
     error::{AppError, Resource},
     metrics,
@@ -54,7 +57,7 @@ use crate::{
         payments,
         refunds::{self, RefundRecord},
     },
-    telemetry,
+    telemetry::{self, TraceContext},
 };
 
 pub struct RefundCommand {
@@ -103,6 +106,8 @@ struct RefundFlow {
     sold_out: Arc<SoldOut>,
     /// Refunded units leave the ranking.
     popular: Arc<Popular>,
+    /// Wakes the outbox job: the refund's event should leave at once.
+    outbox_nudge: Arc<Notify>,
 }
 
 /// A refund made by this call's transaction.
@@ -121,12 +126,18 @@ enum Committed {
 }
 
 impl Refunds {
-    pub fn new(pg: sqlx::PgPool, sold_out: Arc<SoldOut>, popular: Arc<Popular>) -> Self {
+    pub fn new(
+        pg: sqlx::PgPool,
+        sold_out: Arc<SoldOut>,
+        popular: Arc<Popular>,
+        outbox_nudge: Arc<Notify>,
+    ) -> Self {
         Self {
             flow: Arc::new(RefundFlow {
                 pg,
                 sold_out,
                 popular,
+                outbox_nudge,
             }),
         }
     }
@@ -170,6 +181,7 @@ impl RefundFlow {
             Committed::Replayed(id) => return self.saved(id).await,
             Committed::Made(made) => *made,
         };
+        self.outbox_nudge.notify_one();
         self.sold_out.clear(restocks).await;
         if let Some(paid_at) = order.paid_at {
             let unsold = Unsold {
@@ -254,6 +266,22 @@ impl RefundFlow {
                 reason: cmd.reason.as_str(),
             },
         )
+        .await?;
+        // Its event, numbered under the order's lock, commits with it.
+        let trace = TraceContext::current();
+        events::record(&mut tx, &[order.id], &trace, |_, sequence| OrderRefunded {
+            order_id: order.id,
+            user_id: buyer,
+            sequence,
+            refund_id: recorded.id.get(),
+            amount: plan.amount,
+            refunded_amount: recorded.order.refunded_amount,
+            fully_refunded: plan.completes,
+            lines: plan.lines.clone(),
+            restocked: cmd.restock,
+            reason: cmd.reason.as_str().to_owned(),
+            refunded_at: recorded.created_at,
+        })
         .await?;
         idempotency::complete(
             &mut tx,

@@ -198,23 +198,26 @@ variables! {
         "a rate check Redis has not answered within this lets the call through (fails open), with a warning and `ecommerce_rate_limit_fail_open_total`";
     // Outbox and the data platform
     DATA_PLATFORM_SINK = "DATA_PLATFORM_SINK", Value("log"), Range::OneOf(&["log", "http", "nats"]),
-        "`log` (one line per event), `http` (JSON batches POSTed to `DATA_PLATFORM_URL`) or `nats` (NATS JetStream)";
+        "`log` (one line per event), `http` (CloudEvents batches POSTed to `DATA_PLATFORM_URL`) or `nats` (NATS JetStream, a subject per event type)";
     DATA_PLATFORM_URL = "DATA_PLATFORM_URL", Unset, Range::Described("an http(s) URL"),
-        "required with `http`: where event batches are POSTed";
+        "required with `http`: where event batches (`application/cloudevents-batch+json`) are POSTed";
     NATS_URL = "NATS_URL", Value("nats://127.0.0.1:4222"),
         Range::Described("a `nats://` URL, or several separated by commas"),
         "with `nats`: the NATS server (the client reconnects by itself)";
-    DATA_PLATFORM_SUBJECT = "DATA_PLATFORM_SUBJECT", Value("ecommerce.events.payment_completed"),
-        Range::Described("a NATS subject without wildcards"),
-        "with `nats`: the subject each event is published to";
+    DATA_PLATFORM_SUBJECT = "DATA_PLATFORM_SUBJECT", Value("ecommerce.events.{type}"),
+        Range::Described("a NATS subject without wildcards, with `{type}` as one whole token"),
+        "with `nats`: each event's subject, `{type}` replaced by its type in snake case (`order_placed`, `order_cancelled`, `order_expired`, `payment_completed`, `order_refunded`)";
     DATA_PLATFORM_STREAM = "DATA_PLATFORM_STREAM", Value("ECOMMERCE_EVENTS"),
         Range::Described("letters, digits, `-` and `_`"),
-        "with `nats`: the JetStream stream capturing the subject; created if missing (file storage, a 2-hour duplicate window); an event counts as delivered once the stream acknowledged it";
+        "with `nats`: the JetStream stream capturing every type's subject (`DATA_PLATFORM_SUBJECT` with `{type}` as `*`); created if missing (file storage, a 2-hour duplicate window), and widened to that filter if it exists without it; an event counts as delivered once the stream acknowledged it";
+    EVENT_SOURCE = "EVENT_SOURCE", Value("/ecommerce"),
+        Range::Described("a URI reference, 1..=256 characters, no spaces"),
+        "the CloudEvents `source` of every event (with the event id, what a receiver deduplicates on); e.g. `https://shop.example.com/ecommerce`";
     DATA_PLATFORM_TIMEOUT_MS = "DATA_PLATFORM_TIMEOUT_MS", Value("5000"),
         Range::Millis { min: 1, max: 3_600_000 }, "timeout of one delivery";
     OUTBOX_INTERVAL_SECS = "OUTBOX_INTERVAL_SECS", Value("1"),
         Range::Seconds { min: 1, max: 3600 },
-        "delivery job interval (payments also nudge it)";
+        "delivery job interval (every commit that writes events also nudges it)";
     OUTBOX_BATCH_SIZE = "OUTBOX_BATCH_SIZE", Value("100"), Range::Integer { min: 1, max: 10_000 },
         "events per delivery";
     OUTBOX_RETRY_BASE_MS = "OUTBOX_RETRY_BASE_MS", Value("500"),

@@ -29,7 +29,10 @@ pub use coupon::{
     Coupon, CouponTerms, Discount, IssueWindow, NewCoupon, UserCoupon, UserCouponStatus, ValidDays,
     parse_total_quantity,
 };
-pub use events::{ParkedEvent, PaymentCompleted, RedriveSelection};
+pub use events::{
+    EventSequence, OrderCancelled, OrderEvent, OrderExpired, OrderPlaced, OrderRefunded,
+    ParkedEvent, PaymentCompleted, RedriveSelection,
+};
 pub use idempotency::IdempotencyKey;
 pub use ids::{CouponId, OrderId, PaymentId, ProductId, RefundId, UserCouponId, UserId};
 pub use money::Won;

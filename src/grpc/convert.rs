@@ -6,9 +6,9 @@ use prost_types::Timestamp;
 use crate::{
     app::{CouponStock, PopularProduct},
     domain::{
-        Cart, CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderStatus, ParkedEvent,
-        Payment, Product, ProductStatus, Refund, UserCoupon, UserCouponId, UserCouponStatus,
-        UserId, ValidationError,
+        Cart, CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderId, OrderStatus,
+        ParkedEvent, Payment, PaymentId, Product, ProductStatus, Refund, UserCoupon, UserCouponId,
+        UserCouponStatus, UserId, ValidationError,
     },
     proto,
 };
@@ -273,7 +273,8 @@ pub fn parked_event(e: ParkedEvent) -> proto::ParkedEvent {
     proto::ParkedEvent {
         event_id: e.event_id.to_string(),
         event_type: e.event_type,
-        payment_id: e.payment_id.get(),
+        payment_id: e.payment_id.map_or(0, PaymentId::get),
+        order_id: e.order_id.map_or(0, OrderId::get),
         attempts: e.attempts,
         reason: e.reason,
         created_at: timestamp(e.created_at),

@@ -15,6 +15,7 @@ mod connections;
 mod conservation;
 mod coupon_retries;
 mod coupons;
+mod events;
 mod failover;
 mod faults;
 mod field_behavior;

@@ -187,6 +187,7 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
         "balances.read_many",
         "orders.lock_products",
         "orders.insert_batch",
+        "outbox.enqueue_batch",
         "postgres.commit",
     ] {
         let span = batch_trace
@@ -224,6 +225,7 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
         &collector,
         &platform,
         placed_order.order.expect("the order").id,
+        &placed,
     )
     .await;
     app.stop().await;
@@ -365,7 +367,7 @@ impl Platform {
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
                     let mut received = received.lock().unwrap();
-                    for event in batch["events"].as_array().cloned().unwrap_or_default() {
+                    for event in batch.as_array().cloned().unwrap_or_default() {
                         received.push((header.clone(), event));
                     }
                     axum::http::StatusCode::OK
@@ -378,12 +380,15 @@ impl Platform {
 }
 
 /// A Pay sent with a `traceparent`: its event reaches the data platform carrying that trace,
-/// and the delivery's span (named by the request's header) links to it.
+/// and the delivery's span (named by the request's header) links to it. The order's
+/// OrderPlaced event, written by a group-commit batch, carries the placing call's trace
+/// (`placed`), not the batch's.
 async fn a_payment_trace_reaches_the_data_platform(
     app: &TestApp,
     collector: &Collector,
     platform: &Platform,
     order_id: i64,
+    placed: &[u8; 16],
 ) {
     let trace_id = [0x7e; 16];
     let mut request = Request::new(PayRequest {
@@ -397,18 +402,30 @@ async fn a_payment_trace_reaches_the_data_platform(
         .insert("traceparent", header.parse().unwrap());
     app.payments().pay(request).await.expect("paid");
 
-    let event = || {
+    let subject = order_id.to_string();
+    let event_of = |event_type: &str| {
+        let cloud_type = format!("ecommerce.v1.{event_type}");
         platform
             .received
             .lock()
             .unwrap()
             .iter()
-            .find(|(_, e)| e["payload"]["order_id"] == order_id)
+            .find(|(_, e)| e["type"] == cloud_type.as_str() && e["subject"] == subject.as_str())
             .cloned()
     };
+    let event = || event_of("PaymentCompleted");
     assert!(
         eventually(Duration::from_secs(20), || async { event().is_some() }).await,
         "the payment's event reached the platform"
+    );
+    let (_, placed_event) = event_of("OrderPlaced").expect("the order's event too");
+    let placing = placed_event["traceparent"]
+        .as_str()
+        .expect("the OrderPlaced event carries its trace");
+    assert_eq!(
+        placing.split('-').nth(1),
+        Some(hex(placed).as_str()),
+        "the OrderPlaced event continues the placing call's trace: {placing}"
     );
     let (delivery_header, event) = event().unwrap();
     let carried = event["traceparent"]

@@ -69,8 +69,9 @@ impl RefundReason {
         &self.0
     }
 }
-/// One refunded line: `quantity` units of `product_id`, giving back `amount`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::FromRow)]
+/// One refunded line: `quantity` units of `product_id`, giving back `amount`. Its JSON is the
+/// `RefundedLine` of events.proto (an `OrderRefunded` event carries its refund's lines).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct RefundedLine {
     pub product_id: ProductId,
     pub quantity: i32,

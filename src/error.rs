@@ -103,6 +103,10 @@ pub enum AppError {
     OrderClosed { status: OrderStatus },
     #[error("the order's payment window has passed")]
     OrderExpired,
+    #[error("the order is {status}: only a paid order with units left can be refunded")]
+    OrderNotRefundable { status: OrderStatus },
+    #[error("product {product_id} has only {remaining} units left to refund")]
+    RefundExceedsRemaining { product_id: i64, remaining: i32 },
     #[error("the cart already holds {max} lines")]
     CartFull { max: usize },
     #[error("the cart is empty")]
@@ -125,9 +129,19 @@ pub enum AppError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The connection to Postgres was lost while the call's write was committing: it may or
+    /// may not have happened. A retry with the same idempotency key settles it.
+    #[error(
+        "the outcome is unknown: postgres was lost while committing; retry with the same idempotency key"
+    )]
+    OutcomeUnknown(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
+
+/// How long a caller told UNAVAILABLE waits before retrying (`google.rpc.RetryInfo`): about the
+/// time a dependency's failover or restart takes to show, so retries neither hammer nor dawdle.
+pub const RETRY_UNAVAILABLE_AFTER: Duration = Duration::from_secs(1);
 
 impl AppError {
     pub fn internal(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
@@ -155,6 +169,12 @@ impl AppError {
             AppError::OrderAlreadyPaid => (Code::AlreadyExists, "ORDER_ALREADY_PAID"),
             AppError::OrderClosed { .. } => (Code::FailedPrecondition, "ORDER_CLOSED"),
             AppError::OrderExpired => (Code::FailedPrecondition, "ORDER_EXPIRED"),
+            AppError::OrderNotRefundable { .. } => {
+                (Code::FailedPrecondition, "ORDER_NOT_REFUNDABLE")
+            }
+            AppError::RefundExceedsRemaining { .. } => {
+                (Code::FailedPrecondition, "REFUND_EXCEEDS_REMAINING")
+            }
             AppError::CartFull { .. } => (Code::FailedPrecondition, "CART_FULL"),
             AppError::CartEmpty => (Code::FailedPrecondition, "CART_EMPTY"),
             AppError::NotOrderOwner => (Code::PermissionDenied, "NOT_ORDER_OWNER"),
@@ -164,6 +184,7 @@ impl AppError {
             AppError::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
             AppError::MessageTooLarge => (Code::ResourceExhausted, "MESSAGE_TOO_LARGE"),
             AppError::Unavailable { .. } => (Code::Unavailable, "DEPENDENCY_UNAVAILABLE"),
+            AppError::OutcomeUnknown(_) => (Code::Unavailable, "OUTCOME_UNKNOWN"),
             AppError::Internal(_) => (Code::Internal, "INTERNAL"),
         }
     }
@@ -192,12 +213,24 @@ impl AppError {
             AppError::InsufficientBalance { required } => {
                 put("required", required.get().to_string().into())
             }
-            AppError::OrderClosed { status } => put("status", Cow::Borrowed(status.as_str())),
+            AppError::OrderClosed { status } | AppError::OrderNotRefundable { status } => {
+                put("status", Cow::Borrowed(status.as_str()))
+            }
+            AppError::RefundExceedsRemaining {
+                product_id,
+                remaining,
+            } => {
+                put("product_id", product_id.to_string().into());
+                put("remaining", remaining.to_string().into());
+            }
             AppError::RateLimited { retry_after } => {
                 put("retry_after_ms", retry_after.as_millis().to_string().into())
             }
             AppError::Unavailable { dependency, .. } => {
                 put("dependency", Cow::Borrowed(dependency.name()))
+            }
+            AppError::OutcomeUnknown(_) => {
+                put("dependency", Cow::Borrowed(Dependency::Postgres.name()))
             }
             _ => {}
         }
@@ -211,6 +244,7 @@ impl From<StoreError> for AppError {
             StoreError::Unavailable { dependency, source } => {
                 AppError::Unavailable { dependency, source }
             }
+            StoreError::OutcomeUnknown(source) => AppError::OutcomeUnknown(source),
             other => AppError::Internal(Box::new(other)),
         }
     }
@@ -225,6 +259,9 @@ impl From<&StoreError> for AppError {
                 dependency: *dependency,
                 source: source.to_string().into(),
             },
+            StoreError::OutcomeUnknown(source) => {
+                AppError::OutcomeUnknown(source.to_string().into())
+            }
             other => AppError::internal(other.to_string()),
         }
     }
@@ -255,6 +292,9 @@ impl From<AppError> for Status {
             AppError::Unavailable { source, .. } => {
                 tracing::warn!(error = %source, "dependency unavailable");
             }
+            AppError::OutcomeUnknown(source) => {
+                tracing::warn!(error = %source, "connection lost while committing: outcome unknown");
+            }
             _ => {}
         }
         let mut details = vec![ErrorDetail::from(ErrorInfo::new(
@@ -268,6 +308,9 @@ impl From<AppError> for Status {
             ),
             AppError::RateLimited { retry_after } => {
                 details.push(RetryInfo::new(Some(*retry_after)).into());
+            }
+            AppError::Unavailable { .. } | AppError::OutcomeUnknown(_) => {
+                details.push(RetryInfo::new(Some(RETRY_UNAVAILABLE_AFTER)).into());
             }
             _ => {}
         }
@@ -332,5 +375,103 @@ mod tests {
         assert!(!status.message().contains("hunter2"));
         assert!(!status.message().contains("10.0.0.7"));
         assert_eq!(reason_of(&status), "DEPENDENCY_UNAVAILABLE");
+        let retry = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(retry.retry_delay, Some(RETRY_UNAVAILABLE_AFTER));
+    }
+
+    /// What a failover looks like to the store, error by error.
+    #[test]
+    fn a_failover_answers_unavailable_never_internal() {
+        let db = |code: &str, message: &str| -> sqlx::Error { database_error(code, message) };
+        for (error, reason) in [
+            (
+                db("25006", "cannot execute INSERT in a read-only transaction"),
+                "DEPENDENCY_UNAVAILABLE",
+            ),
+            (
+                db(
+                    "57P01",
+                    "terminating connection due to administrator command",
+                ),
+                "DEPENDENCY_UNAVAILABLE",
+            ),
+            (
+                db(
+                    "57P02",
+                    "terminating connection because of crash of another server process",
+                ),
+                "DEPENDENCY_UNAVAILABLE",
+            ),
+            (
+                db("57P03", "the database system is in recovery mode"),
+                "DEPENDENCY_UNAVAILABLE",
+            ),
+            (
+                sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into()),
+                "DEPENDENCY_UNAVAILABLE",
+            ),
+        ] {
+            let status: Status = AppError::from(error).into();
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert_eq!(reason_of(&status), reason);
+            assert!(status.get_details_retry_info().is_some());
+        }
+        // The same losses during COMMIT leave the outcome unknown; a refusal does not.
+        for lost in [
+            sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into()),
+            db(
+                "57P01",
+                "terminating connection due to administrator command",
+            ),
+        ] {
+            let status: Status = AppError::from(StoreError::from_commit(lost)).into();
+            assert_eq!(status.code(), Code::Unavailable);
+            assert_eq!(reason_of(&status), "OUTCOME_UNKNOWN");
+            assert_eq!(
+                status.get_details_error_info().unwrap().metadata["dependency"],
+                "postgres"
+            );
+            assert!(status.get_details_retry_info().is_some());
+        }
+        let refused = StoreError::from_commit(db("40001", "could not serialize access"));
+        assert_eq!(
+            AppError::from(refused).code_and_reason(),
+            (Code::Unavailable, "DEPENDENCY_UNAVAILABLE")
+        );
+        let constraint = StoreError::from_commit(db("23514", "check violation"));
+        assert!(matches!(constraint, StoreError::Postgres(_)));
+    }
+
+    /// A server error with this SQLSTATE, as sqlx returns it.
+    fn database_error(code: &str, message: &str) -> sqlx::Error {
+        #[derive(Debug)]
+        struct Db(String, String);
+        impl std::fmt::Display for Db {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.1)
+            }
+        }
+        impl std::error::Error for Db {}
+        impl sqlx::error::DatabaseError for Db {
+            fn message(&self) -> &str {
+                &self.1
+            }
+            fn code(&self) -> Option<Cow<'_, str>> {
+                Some(Cow::Borrowed(&self.0))
+            }
+            fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+                self
+            }
+            fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+                self
+            }
+            fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+                self
+            }
+            fn kind(&self) -> sqlx::error::ErrorKind {
+                sqlx::error::ErrorKind::Other
+            }
+        }
+        sqlx::Error::Database(Box::new(Db(code.into(), message.into())))
     }
 }

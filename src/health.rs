@@ -8,6 +8,10 @@
 //! - a dependency-aware name reads SERVING only while every dependency it needs answered its
 //!   last ping: NOT_SERVING from start-up until the first ping round, and from the start of
 //!   shutdown on, for good;
+//! - Postgres answers only as a primary that takes writes (not a standby, not read-only), on a
+//!   connection of the probe's own: calls that hold every pooled connection (commits waiting
+//!   for a synchronous standby after a failover) are load, and made readiness flap when the
+//!   ping waited for the pool;
 //! - [`LIVENESS`] never depends on Postgres, Redis or shutdown, so a dependency outage makes pods
 //!   unready, never dead;
 //! - the set of names never changes, so Check answers NOT_FOUND and Watch streams
@@ -198,7 +202,10 @@ fn until_stopped(
 /// Pings the dependencies every `interval` and sets the dependency-aware names.
 pub struct HealthWatcher {
     pub health: Health,
+    /// The service's pool, for its metrics.
     pub pg: PgPool,
+    /// Postgres as the probe sees it, on its own connection.
+    pub postgres: postgres::Probe,
     pub redis: Redis,
     pub interval: Duration,
 }
@@ -220,7 +227,7 @@ impl Up {
 
 impl HealthWatcher {
     /// Runs until `shutdown`, then marks every dependency-aware name NOT_SERVING.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let mut last: Option<Up> = None;
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -250,7 +257,7 @@ impl HealthWatcher {
         self.report(Up::default());
     }
 
-    async fn probe(&self) -> Up {
+    async fn probe(&mut self) -> Up {
         // A ping slower than the interval counts as down: callers would time out too.
         let timeout = self.interval.max(Duration::from_millis(500));
         let timed = |ping| async move {
@@ -259,7 +266,7 @@ impl HealthWatcher {
             (up, started.elapsed())
         };
         let ((postgres, pg_rtt), (redis, redis_rtt)) = tokio::join!(
-            timed(Box::pin(postgres::ping(&self.pg)) as Ping<'_>),
+            timed(Box::pin(self.postgres.writable()) as Ping<'_>),
             timed(Box::pin(self.redis.ping()) as Ping<'_>),
         );
         metrics::dependency_ping("postgres", postgres, pg_rtt);

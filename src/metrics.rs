@@ -163,6 +163,11 @@ fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
+/// Whether `path` is a method this server answers (`/ecommerce.v1.OrderService/PlaceOrder`).
+pub fn is_served(path: &str) -> bool {
+    CALLS.by_path.contains_key(path)
+}
+
 /// Records one finished call.
 pub fn record_call(path: &str, code: Code, latency: Duration) {
     let table = &*CALLS;
@@ -233,6 +238,10 @@ pub fn payment(outcome: &'static str) {
     counter!("ecommerce_payments_total", "outcome" => outcome).increment(1);
 }
 
+pub fn refund(outcome: &'static str) {
+    counter!("ecommerce_refunds_total", "outcome" => outcome).increment(1);
+}
+
 /// A payment's ranking bump that a rebuild's snapshot had already counted: without the
 /// snapshot it would have been counted twice.
 pub fn ranking_bump_already_counted() {
@@ -254,6 +263,11 @@ pub fn outbox_delivery(delivered: usize, failed: usize, parked: usize) {
 pub fn outbox_backlog(pending: i64, parked: i64) {
     gauge!("ecommerce_outbox_backlog", "status" => "pending").set(pending as f64);
     gauge!("ecommerce_outbox_backlog", "status" => "parked").set(parked as f64);
+}
+
+/// A read that may be stale was served by a standby or the primary.
+pub fn db_read(source: &'static str) {
+    counter!("ecommerce_db_stale_ok_reads_total", "source" => source).increment(1);
 }
 
 pub fn db_pool(size: u32, idle: usize, max: u32) {

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::{
         Balances, Carts, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings,
-        Payments, Popular, RankingSettings, Retention, RetentionSettings, SoldOut, UserRateLimit,
-        seed_demo,
+        Payments, Popular, RankingSettings, Refunds, Retention, RetentionSettings, SoldOut,
+        UserRateLimit, seed_demo,
     },
     config::Config,
     connections::{self, Ageing},
@@ -81,9 +81,13 @@ impl Application {
         if !redis.wait_connected(Duration::from_secs(5)).await {
             tracing::warn!("Redis is not reachable yet; starting anyway (NOT_SERVING until it is)");
         }
-        let sink = Sink::new(&config.outbox.sink, config.outbox.sink_timeout)
-            .await
-            .context("configuring the data platform sink")?;
+        let sink = Sink::new(
+            &config.outbox.sink,
+            &config.outbox.event_source,
+            config.outbox.sink_timeout,
+        )
+        .await
+        .context("configuring the data platform sink")?;
         let services = build_services(&pg, &redis, sink, &config);
         if config.server.seed_demo_data {
             let seeded = seed_demo(&services.catalog, &services.coupons)
@@ -150,6 +154,7 @@ impl Application {
         let watcher = HealthWatcher {
             health: health.clone(),
             pg: pg.clone(),
+            postgres: postgres::Probe::new(config.postgres.database.0.clone()),
             redis: redis.clone(),
             interval: config.server.health_check_interval,
         };
@@ -235,8 +240,18 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
         SoldOutMarkers::new(redis.clone()),
         config.orders.sold_out_marker_ttl,
     ));
+    let reads = match &config.postgres.read {
+        Some((standby, max_lag)) => postgres::replica::Reads::with_standby(
+            pg.clone(),
+            standby.0.clone(),
+            config.postgres.max_connections,
+            *max_lag,
+        ),
+        None => postgres::replica::Reads::primary_only(pg.clone()),
+    };
     let popular = Arc::new(Popular::new(
         pg.clone(),
+        reads.clone(),
         Ranking::new(redis.clone()),
         RankingSettings {
             calendar: Calendar::new(config.ranking.timezone),
@@ -269,6 +284,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
         config.orders.order_ttl,
         config.orders.write_batch_max,
         rate.clone(),
+        outbox.nudge(),
     ));
     Services {
         balances: Arc::new(Balances::new(
@@ -277,7 +293,13 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
             rate.clone(),
         )),
         carts: Arc::new(Carts::new(pg.clone(), orders.clone(), rate.clone())),
-        catalog: Arc::new(Catalog::new(pg.clone(), sold_out)),
+        refunds: Arc::new(Refunds::new(
+            pg.clone(),
+            sold_out.clone(),
+            popular.clone(),
+            outbox.nudge(),
+        )),
+        catalog: Arc::new(Catalog::new(pg.clone(), reads, sold_out)),
         coupons: Arc::new(Coupons::new(
             pg.clone(),
             CouponGate::new(redis.clone()),

@@ -36,11 +36,24 @@ pub const SPANS: &str = "otel";
 const SERVICE_NAME: &str = "ecommerce";
 
 static TRACING: AtomicBool = AtomicBool::new(false);
+static RPC_DUP: AtomicBool = AtomicBool::new(false);
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 
 /// Whether spans are exported (so call sites may skip preparing what only a trace needs).
 pub fn tracing_on() -> bool {
     TRACING.load(Ordering::Relaxed)
+}
+
+/// Whether call spans also carry the RPC attributes of the semantic conventions before their
+/// stable version (`OTEL_SEMCONV_STABILITY_OPT_IN` holds `rpc/dup`), beside the current ones.
+pub fn rpc_dup() -> bool {
+    RPC_DUP.load(Ordering::Relaxed)
+}
+
+/// `rpc/dup` among the comma-separated values of `OTEL_SEMCONV_STABILITY_OPT_IN` (the other
+/// values are other instrumentations' business).
+fn asks_rpc_dup(opt_in: &str) -> bool {
+    opt_in.split(',').any(|value| value.trim() == "rpc/dup")
 }
 
 /// Installs the global subscriber (and, with an OTLP endpoint, the trace exporter). Must run
@@ -80,6 +93,7 @@ pub fn init(settings: &TelemetrySettings) {
         .is_ok();
     if installed && PROVIDER.get().is_some() {
         global::set_text_map_propagator(TraceContextPropagator::new());
+        RPC_DUP.store(asks_rpc_dup(&settings.semconv_opt_in), Ordering::Relaxed);
         TRACING.store(true, Ordering::Relaxed);
     }
 }
@@ -228,4 +242,18 @@ pub fn delivery(events: impl IntoIterator<Item = TraceContext>) -> (Span, TraceC
     link_all(&span, events.into_iter().map(|e| e.span_context()));
     let context = TraceContext::of(&span.context());
     (span, context)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_rpc_dup_asks_for_the_older_attributes() {
+        assert!(asks_rpc_dup("rpc/dup"));
+        assert!(asks_rpc_dup("http, rpc/dup"));
+        assert!(!asks_rpc_dup(""));
+        assert!(!asks_rpc_dup("rpc"));
+        assert!(!asks_rpc_dup("http/dup,database"));
+    }
 }

@@ -117,6 +117,18 @@ enum Command {
     /// the same order), until the product sells out and beyond (by default
     /// stock/2 + max(stock/10, 100) checkouts). Checks stock conservation and one order per key.
     Cart(ProductArgs),
+    /// Health checks (grpc.health.v1.Health/Check of the whole server): the cheapest call the
+    /// server answers, the floor other paths' cost is measured against.
+    Health,
+    /// Holders ask again: `holders` users are issued the coupon during set-up (with as many
+    /// seats to spare), then random holders ask for it again (double clicks, impatient
+    /// retries); every answer must be ALREADY_EXISTS/COUPON_ALREADY_ISSUED naming the holder's
+    /// own coupon, and no seat may be taken. Use --warmup to leave out the first seconds, while
+    /// the server may still be settling the holders' rows.
+    CouponRepeat {
+        #[arg(long, default_value_t = 1_000)]
+        holders: u64,
+    },
     /// A weighted blend of the other scenarios on shared fixtures; the buyers are also the
     /// users charged (weights: coupon, order, pay, popular, charge, checkout).
     Mixed {
@@ -177,6 +189,8 @@ impl Command {
                 limit: p.limit,
             },
             Command::Charge { users } => Scenario::Charge { users },
+            Command::Health => Scenario::Health,
+            Command::CouponRepeat { holders } => Scenario::CouponRepeat { holders },
             Command::Cart(p) => Scenario::Cart {
                 stock: p.stock,
                 buyers: p.buyers,
@@ -376,6 +390,21 @@ mod tests {
         assert_eq!(options.seed, 9);
         assert!(!options.progress, "--json hides the progress bar");
         assert_eq!(cli.command.scenario(), Scenario::Mixed(Mixed::default()));
+    }
+
+    #[test]
+    fn the_floor_and_the_repeat_holders_parse() {
+        assert_eq!(parse(&["health"]).command.scenario(), Scenario::Health);
+        assert_eq!(
+            parse(&["--warmup", "2s", "coupon-repeat", "--holders", "50"])
+                .command
+                .scenario(),
+            Scenario::CouponRepeat { holders: 50 }
+        );
+        assert_eq!(
+            parse(&["coupon-repeat"]).command.scenario(),
+            Scenario::CouponRepeat { holders: 1_000 }
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context;
@@ -65,6 +65,9 @@ pub struct Driven {
     pub timeline: Timeline,
     /// From the end of the warm-up to the end of the last call.
     pub measured: Duration,
+    /// The same span on the wall clock.
+    pub measured_from: SystemTime,
+    pub finished_at: SystemTime,
     pub units: u64,
 }
 
@@ -76,6 +79,7 @@ pub async fn drive(
     progress: bool,
 ) -> anyhow::Result<Driven> {
     let started = Instant::now();
+    let started_at = SystemTime::now();
     let measure_from = started + warmup;
     let budget = Arc::new(Budget::new(requests, duration.map(|d| measure_from + d)));
     let bar = progress.then(|| progress_bar(requests, duration.map(|d| d + warmup)));
@@ -123,6 +127,7 @@ pub async fn drive(
         workers.push(worker);
     }
     let finished = Instant::now();
+    let finished_at = SystemTime::now();
     if let Some(ticker) = ticker {
         ticker.abort();
     }
@@ -134,6 +139,8 @@ pub async fn drive(
         recorder,
         timeline: timeline.take(),
         measured: finished.saturating_duration_since(measure_from),
+        measured_from: started_at + warmup,
+        finished_at,
         units: budget.taken(),
     })
 }

@@ -1,6 +1,6 @@
 //! Set-up through the public API only, so a run works against any deployment: a coupon and a
-//! product created with the Admin RPCs, every pool user's balance read before the run, and
-//! buyers funded with ChargeBalance.
+//! product created with the Admin RPCs, every pool user's balance read before the run, buyers
+//! funded with ChargeBalance, and holders issued the coupon with IssueCoupon.
 //!
 //! Guarantees: funding charges and the Admin creations carry an idempotency key, so a retried
 //! charge never credits twice and a retried creation never makes a second coupon or product;
@@ -14,6 +14,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 
 use super::{
     connect::{Connections, describe, retry},
+    holders::{Holder, make_holders},
     ledger::BalanceBook,
     listing::Listing,
     scenario::{COUPON_DISCOUNT, PRICE, Plan},
@@ -38,6 +39,8 @@ pub struct Fixtures {
     pub buyers: Vec<i64>,
     /// Pool users who receive random charges.
     pub charged: Vec<i64>,
+    /// Coupon users issued the coupon before the run.
+    pub holders: Vec<Holder>,
     /// Every pool user's balance before the run, plus the funding credits.
     pub book: BalanceBook,
 }
@@ -60,6 +63,12 @@ pub async fn set_up(
     let coupon_id = match plan.coupon_stock {
         Some(stock) => Some(create_coupon(connections, stock, tag).await?),
         None => None,
+    };
+    let holders = match coupon_id {
+        Some(coupon_id) if plan.holders > 0 => {
+            make_holders(connections, coupon_id, users, plan.holders, concurrency).await?
+        }
+        _ => Vec::new(),
     };
     let product_id = match plan.product_stock {
         Some(stock) => Some(create_product(connections, stock, tag).await?),
@@ -122,6 +131,7 @@ pub async fn set_up(
         product_id,
         buyers: pool[..plan.buyers as usize].to_vec(),
         charged: pool[..plan.charged as usize].to_vec(),
+        holders,
         book,
     })
 }

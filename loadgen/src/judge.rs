@@ -150,6 +150,12 @@ pub fn served_check(calls: &[(&str, &Outcomes)]) -> Check {
     )
 }
 
+/// Every health check the server answered said SERVING: a floor measured on a server that
+/// is not serving would measure its refusals.
+pub fn health_check(problems: &Problems, answered: u64) -> Check {
+    Check::none("every health check answers SERVING", problems, answered)
+}
+
 /// What Postgres says about the coupon (only with `--database-url`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DbCoupon {

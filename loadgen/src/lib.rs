@@ -23,6 +23,7 @@ pub mod cli;
 mod connect;
 mod driver;
 mod fixtures;
+mod holders;
 pub mod html;
 pub mod judge;
 pub mod ledger;
@@ -152,6 +153,7 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         product_id: fixtures.product_id.unwrap_or(0),
         buyers: fixtures.buyers.clone(),
         charged: fixtures.charged.clone(),
+        holders: fixtures.holders.clone(),
         users,
         tag,
         popular: plan.popular,
@@ -209,7 +211,9 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         .filter(|(_, outcomes)| outcomes.total() > 0)
         .collect();
     let mut invariants: Vec<Check> = vec![judge::served_check(&called)];
-    if let Some(stock) = plan.coupon_stock {
+    if let Some(stock) = plan.coupon_stock
+        && plan.weights.contains(Op::Coupon)
+    {
         invariants.extend(judge::coupon_checks(&CouponFacts {
             stock,
             calls: rec.all(Rpc::IssueCoupon),
@@ -228,8 +232,26 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
             db: fin.db.payments,
         }));
     }
+    if let Some(stock) = plan.coupon_stock
+        && plan.holders > 0
+    {
+        invariants.extend(holders::checks(&holders::HolderFacts {
+            holders: plan.holders,
+            stock,
+            repeats: rec.all(Rpc::IssueCouponHeld),
+            wrong: &observed.repeat_coupons,
+            remaining: fin.coupon_remaining,
+            db_rows: fin.db.coupon.map(|c| c.rows),
+        }));
+    }
     if plan.weights.contains(Op::Popular) {
         invariants.extend(judge::popular_checks(&observed, plan.popular.1));
+    }
+    if plan.weights.contains(Op::Health) {
+        invariants.push(judge::health_check(
+            &observed.health_problems,
+            rec.all(Rpc::HealthCheck).ok(),
+        ));
     }
     if let Some(listing) = &plan.listing {
         invariants.push(judge::page_check(&observed, listing));
@@ -258,6 +280,9 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
     if !fixtures.charged.is_empty() {
         facts.insert("charged_users".into(), fixtures.charged.len() as i64);
     }
+    if !fixtures.holders.is_empty() {
+        facts.insert("holders".into(), fixtures.holders.len() as i64);
+    }
     if let (Some(listing), Some(history)) = (&plan.listing, history) {
         facts.insert("listed_user_id".into(), listing.user_id);
         facts.insert("page_size".into(), i64::from(listing.page_size));
@@ -276,6 +301,8 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         connections: options.connections(),
         warmup_secs: options.warmup.as_secs_f64(),
         measured_secs,
+        measured_from_unix_secs: unix_secs(driven.measured_from),
+        measured_until_unix_secs: unix_secs(driven.finished_at),
         warmup_calls: rec.warmup_calls(),
         units_of_work: driven.units,
         fixtures: facts,
@@ -283,6 +310,12 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         invariants,
         passed,
     })
+}
+
+/// Seconds since the Unix epoch, as other tools on the machine read the clock.
+fn unix_secs(at: SystemTime) -> f64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Names this run's fixtures and idempotency keys. The wall clock keeps two runs with the same

@@ -47,6 +47,13 @@ pub enum Scenario {
     },
     /// A weighted blend of all of the above on shared fixtures.
     Mixed(Mixed),
+    /// Health checks (`grpc.health.v1.Health/Check`): the cheapest call the server answers,
+    /// the floor other paths' cost per call is measured against.
+    Health,
+    /// `holders` users get one coupon each during set-up, then ask for it again and again
+    /// (double clicks, impatient retries): every answer must be ALREADY_EXISTS naming the
+    /// holder's own coupon.
+    CouponRepeat { holders: u64 },
     /// ListOrders walks through one buyer's order history, which must hold `min_orders`.
     ListOrders(Listing),
 }
@@ -93,6 +100,8 @@ impl Scenario {
             Scenario::Charge { .. } => "charge",
             Scenario::Cart { .. } => "cart",
             Scenario::Mixed(_) => "mixed",
+            Scenario::Health => "health",
+            Scenario::CouponRepeat { .. } => "coupon-repeat",
             Scenario::ListOrders(_) => "list-orders",
         }
     }
@@ -114,6 +123,20 @@ impl Scenario {
                 weights: Weights::only(Op::Popular),
                 default_duration: Some(DEFAULT_DURATION),
                 popular: (days, limit),
+                ..Plan::default()
+            },
+            Scenario::Health => Plan {
+                weights: Weights::only(Op::Health),
+                default_duration: Some(DEFAULT_DURATION),
+                ..Plan::default()
+            },
+            // A spare seat per holder: a repeat mistaken for a first request would win one, and
+            // show in the remaining count.
+            &Scenario::CouponRepeat { holders } => Plan {
+                weights: Weights::only(Op::CouponAgain),
+                default_duration: Some(DEFAULT_DURATION),
+                coupon_stock: Some(i64::try_from(holders.saturating_mul(2)).unwrap_or(i64::MAX)),
+                holders,
                 ..Plan::default()
             },
             &Scenario::Charge { users } => Plan {
@@ -177,6 +200,8 @@ pub struct Plan {
     pub fund_each: i64,
     /// Pool users `0..charged` receive random charges.
     pub charged: u64,
+    /// Coupon users `0..holders` are issued the coupon during set-up.
+    pub holders: u64,
     pub popular: (i32, i32),
     /// The buyer whose orders the workers list.
     pub listing: Option<Listing>,
@@ -194,6 +219,7 @@ impl Default for Plan {
             buyers: 0,
             fund_each: 0,
             charged: 0,
+            holders: 0,
             popular: (3, 5),
             listing: None,
         }
@@ -240,6 +266,9 @@ impl Plan {
         }
         if self.weights.contains(Op::Charge) {
             ensure!(self.charged >= 1, "--users must be at least 1");
+        }
+        if self.weights.contains(Op::CouponAgain) {
+            ensure!(self.holders >= 1, "--holders must be at least 1");
         }
         ensure!(
             self.pool() <= UserSpace::MAX_POOL,
@@ -381,6 +410,20 @@ mod tests {
     }
 
     #[test]
+    fn repeat_holders_get_one_seat_each_and_the_floor_needs_no_fixture() {
+        let plan = Scenario::CouponRepeat { holders: 500 }.plan().unwrap();
+        assert_eq!(plan.weights, Weights::only(Op::CouponAgain));
+        assert_eq!((plan.coupon_stock, plan.holders), (Some(1_000), 500));
+        assert_eq!(plan.stop(None, None), (None, Some(DEFAULT_DURATION)));
+        let floor = Scenario::Health.plan().unwrap();
+        assert_eq!(floor.weights, Weights::only(Op::Health));
+        assert_eq!(
+            (floor.coupon_stock, floor.product_stock, floor.pool()),
+            (None, None, 0)
+        );
+    }
+
+    #[test]
     fn mixed_creates_only_what_its_weights_use() {
         let plan = Scenario::Mixed(Mixed {
             weights: "popular=1,charge=1".parse().unwrap(),
@@ -426,6 +469,8 @@ mod tests {
             },
             Scenario::Charge { users: 0 },
             Scenario::Charge { users: 1 << 40 },
+            Scenario::CouponRepeat { holders: 0 },
+            Scenario::CouponRepeat { holders: 500_001 },
         ];
         for scenario in bad {
             assert!(scenario.plan().is_err(), "{scenario:?} should be refused");

@@ -68,6 +68,10 @@ pub struct Observed {
     pub repeat_pays: Problems,
     /// Checkouts sent again with their key that did not return the same order.
     pub repeat_checkouts: Problems,
+    /// Holders asking for their coupon again who were not told ALREADY_EXISTS with its id.
+    pub repeat_coupons: Problems,
+    /// Health checks answered with anything but SERVING.
+    pub health_problems: Problems,
     /// GetPopularProducts answers checked, and the ill-formed ones.
     pub popular_answers: u64,
     pub popular_problems: Problems,
@@ -88,6 +92,8 @@ impl Observed {
         self.unsure_pays.extend(other.unsure_pays);
         self.repeat_pays.merge(other.repeat_pays);
         self.repeat_checkouts.merge(other.repeat_checkouts);
+        self.repeat_coupons.merge(other.repeat_coupons);
+        self.health_problems.merge(other.health_problems);
         self.popular_answers += other.popular_answers;
         self.popular_problems.merge(other.popular_problems);
         self.order_pages += other.order_pages;

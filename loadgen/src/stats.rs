@@ -26,6 +26,8 @@ const SIGNIFICANT_DIGITS: u8 = 3;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Rpc {
     IssueCoupon,
+    /// IssueCoupon by a user who already holds the coupon: the answer must be ALREADY_EXISTS.
+    IssueCouponHeld,
     PlaceOrder,
     Pay,
     /// Pay again for an order just paid: the answer must be ALREADY_EXISTS.
@@ -38,12 +40,15 @@ pub enum Rpc {
     Checkout,
     /// Checkout again with the key of a checkout just answered: it must return the same order.
     CheckoutAgain,
+    /// `grpc.health.v1.Health/Check`.
+    HealthCheck,
     ListOrders,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 11] = [
+    pub const ALL: [Rpc; 13] = [
         Rpc::IssueCoupon,
+        Rpc::IssueCouponHeld,
         Rpc::PlaceOrder,
         Rpc::Pay,
         Rpc::PayAgain,
@@ -53,12 +58,14 @@ impl Rpc {
         Rpc::SetItem,
         Rpc::Checkout,
         Rpc::CheckoutAgain,
+        Rpc::HealthCheck,
         Rpc::ListOrders,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Rpc::IssueCoupon => "IssueCoupon",
+            Rpc::IssueCouponHeld => "IssueCoupon (holder)",
             Rpc::PlaceOrder => "PlaceOrder",
             Rpc::Pay => "Pay",
             Rpc::PayAgain => "Pay (repeat)",
@@ -68,6 +75,7 @@ impl Rpc {
             Rpc::SetItem => "SetItem",
             Rpc::Checkout => "Checkout",
             Rpc::CheckoutAgain => "Checkout (same key)",
+            Rpc::HealthCheck => "Health/Check",
             Rpc::ListOrders => "ListOrders",
         }
     }

@@ -11,6 +11,8 @@ use std::{fmt, str::FromStr};
 pub enum Op {
     /// IssueCoupon for a user who never asked before.
     Coupon,
+    /// IssueCoupon again for a user who holds the coupon since the set-up.
+    CouponAgain,
     /// PlaceOrder for one unit; the order waits for a later [`Op::Pay`].
     Order,
     /// Pay the oldest order this worker placed and has not paid (places one when none waits).
@@ -19,6 +21,8 @@ pub enum Op {
     OrderThenPay,
     Popular,
     Charge,
+    /// `grpc.health.v1.Health/Check` of the whole server.
+    Health,
     /// SetItem (1..=3 units of the product) into a buyer's cart, then a keyed Checkout; one in
     /// ten is sent again with the same key and must return the same order.
     Checkout,
@@ -40,11 +44,13 @@ impl Op {
     fn name(self) -> &'static str {
         match self {
             Op::Coupon => "coupon",
+            Op::CouponAgain => "coupon-again",
             Op::Order => "order",
             Op::Pay => "pay",
             Op::OrderThenPay => "order-then-pay",
             Op::Popular => "popular",
             Op::Charge => "charge",
+            Op::Health => "health",
             Op::Checkout => "checkout",
             Op::ListOrders => "list-orders",
         }

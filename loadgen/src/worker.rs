@@ -9,6 +9,7 @@ use tonic::{Code, transport::Channel};
 
 use super::{
     connect::describe,
+    holders::{Holder, judge_repeat},
     judge::popular_problem,
     listing::{Listing, Walk, next_page},
     seen::{Observed, PaymentSeen, PlacedOrder},
@@ -22,6 +23,9 @@ use ecommerce::proto::{
     balance_service_client::BalanceServiceClient, cart_service_client::CartServiceClient,
     coupon_service_client::CouponServiceClient, order_service_client::OrderServiceClient,
     payment_service_client::PaymentServiceClient, product_service_client::ProductServiceClient,
+};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
 /// One in this many successful Pays is followed by a second Pay of the same order.
@@ -46,6 +50,7 @@ pub struct Shared {
     pub product_id: i64,
     pub buyers: Vec<i64>,
     pub charged: Vec<i64>,
+    pub holders: Vec<Holder>,
     pub users: UserSpace,
     /// Prefix of this run's idempotency keys.
     pub tag: String,
@@ -70,6 +75,7 @@ pub struct Worker {
     products: ProductServiceClient<Channel>,
     balance: BalanceServiceClient<Channel>,
     carts: CartServiceClient<Channel>,
+    health: HealthClient<Channel>,
     /// Orders placed and waiting for a [`Op::Pay`], oldest first.
     unpaid: VecDeque<PlacedOrder>,
     recent_keys: VecDeque<KeyedCharge>,
@@ -90,7 +96,8 @@ impl Worker {
             payments: PaymentServiceClient::new(channel.clone()),
             products: ProductServiceClient::new(channel.clone()),
             balance: BalanceServiceClient::new(channel.clone()),
-            carts: CartServiceClient::new(channel),
+            carts: CartServiceClient::new(channel.clone()),
+            health: HealthClient::new(channel),
             unpaid: VecDeque::new(),
             recent_keys: VecDeque::new(),
             keys_made: 0,
@@ -109,6 +116,7 @@ impl Worker {
         });
         match op {
             Op::Coupon => self.issue_coupon(n, rec).await,
+            Op::CouponAgain => self.issue_coupon_again(rec).await,
             Op::Order => {
                 if let Some(order) = self.place_order(rec).await {
                     self.unpaid.push_back(order);
@@ -130,6 +138,7 @@ impl Worker {
             }
             Op::Popular => self.popular(rec).await,
             Op::Charge => self.charge(rec).await,
+            Op::Health => self.health_check(rec).await,
             Op::Checkout => self.checkout(rec).await,
             Op::ListOrders => {
                 if let Some(listing) = self.shared.listing {
@@ -144,6 +153,36 @@ impl Worker {
                     )
                     .await;
                 }
+            }
+        }
+    }
+
+    /// A holder, picked at random, asks for the coupon again.
+    async fn issue_coupon_again(&mut self, rec: &mut Recorder) {
+        let holders = &self.shared.holders;
+        let holder = holders[self.rng.random_range(0..holders.len())];
+        let request = IssueCouponRequest {
+            user_id: holder.user_id,
+            coupon_id: self.shared.coupon_id,
+        };
+        let started = Instant::now();
+        let result = self.coupons.issue_coupon(request).await;
+        rec.record(Rpc::IssueCouponHeld, started, &result);
+        if let Some(problem) = judge_repeat(holder, &result) {
+            self.observed.repeat_coupons.add(|| problem);
+        }
+    }
+
+    async fn health_check(&mut self, rec: &mut Recorder) {
+        let started = Instant::now();
+        let result = self.health.check(HealthCheckRequest::default()).await;
+        rec.record(Rpc::HealthCheck, started, &result);
+        if let Ok(response) = result {
+            let status = response.into_inner().status;
+            if status != ServingStatus::Serving as i32 {
+                self.observed
+                    .health_problems
+                    .add(|| format!("answered {status} instead of SERVING"));
             }
         }
     }

@@ -26,6 +26,7 @@ use crate::{
     error::{AppError, Resource},
     metrics,
     store::postgres::{
+        self,
         carts::{self, AddRefusal},
         idempotency::Operation,
     },
@@ -95,14 +96,14 @@ impl Carts {
             LineChange::Remove => carts::remove_line(&mut tx, user_id, product_id).await?,
         }
         let cart = carts::get(&mut tx, user_id).await?;
-        tx.commit().await?;
+        postgres::commit(tx).await?;
         Ok(cart)
     }
 
     pub async fn clear(&self, user_id: UserId) -> Result<Cart, AppError> {
         let mut tx = self.pg.begin().await?;
         carts::take_lines(&mut tx, user_id).await?;
-        tx.commit().await?;
+        postgres::commit(tx).await?;
         Ok(Cart { lines: Vec::new() })
     }
 
@@ -139,6 +140,6 @@ impl Carts {
             user_coupon_id: cmd.user_coupon_id,
             idempotency_key: cmd.idempotency_key,
         };
-        self.orders.place_in(tx, &order, Operation::Checkout).await
+        self.orders.place_in(tx, order, Operation::Checkout).await
     }
 }

@@ -2,14 +2,16 @@
 //!
 //! Invariant: stock never goes below zero, whoever changes it and however concurrently (every
 //! change is one conditional statement), and any increase clears the sold-out shortcuts on
-//! every replica. A creation or stock adjustment retried with its idempotency key (admin scope)
-//! happens once: the key is claimed in the change's own transaction, so a concurrent retry waits
-//! for the first attempt and replays it, and an attempt abandoned at any await (a deadline, a
-//! disconnect) rolls back with its claim, leaving the retry to do the work.
+//! every replica. Listing and reading may be served by a standby (`DATABASE_READ_URL`),
+//! at most `READ_MAX_LAG_MS` behind; the admin's changes and lists go to the primary. A creation
+//! or stock adjustment retried with its idempotency key (admin scope) happens once: the key is
+//! claimed in the change's own transaction, so a concurrent retry waits for the first attempt
+//! and replays it, and an attempt abandoned at any await (a deadline, a disconnect) rolls back
+//! with its claim, leaving the retry to do the work.
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, pool::PoolConnection};
 
 use super::{
     idempotency::{NextAction, next_action},
@@ -21,22 +23,39 @@ use crate::{
         ProductChanges, ProductId, ProductStatus, Restock, StatusSet,
     },
     error::{AppError, Resource},
+    metrics,
     store::postgres::{
         self as postgres,
         idempotency::{self, Operation},
         products::{self, Changed, StockRefusal},
+        replica::{Reads, Source},
     },
 };
 
 /// The catalog flows.
 pub struct Catalog {
     pg: PgPool,
+    reads: Arc<Reads>,
     sold_out: Arc<SoldOut>,
 }
 
+/// A connection for a read that may be `READ_MAX_LAG_MS` stale, counted by where it leads.
+pub(super) async fn stale_ok_read(reads: &Reads) -> Result<PoolConnection<Postgres>, AppError> {
+    let (conn, source) = reads.acquire().await?;
+    metrics::db_read(match source {
+        Source::Standby => "standby",
+        Source::Primary => "primary",
+    });
+    Ok(conn)
+}
+
 impl Catalog {
-    pub fn new(pg: PgPool, sold_out: Arc<SoldOut>) -> Self {
-        Self { pg, sold_out }
+    pub fn new(pg: PgPool, reads: Arc<Reads>, sold_out: Arc<SoldOut>) -> Self {
+        Self {
+            pg,
+            reads,
+            sold_out,
+        }
     }
 
     pub async fn selling(
@@ -45,11 +64,13 @@ impl Catalog {
         after: Option<PageToken>,
     ) -> Result<(Vec<Product>, Option<PageToken>), AppError> {
         let selling = StatusSet::products([ProductStatus::Selling]);
-        Ok(products::page(&self.pg, &selling, page_size, after).await?)
+        let mut conn = stale_ok_read(&self.reads).await?;
+        Ok(products::page(&mut *conn, &selling, page_size, after).await?)
     }
 
     pub async fn product(&self, id: ProductId) -> Result<Product, AppError> {
-        products::get(&self.pg, id)
+        let mut conn = stale_ok_read(&self.reads).await?;
+        products::get(&mut *conn, id)
             .await?
             .ok_or(product_not_found(id))
     }

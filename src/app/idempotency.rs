@@ -1,7 +1,8 @@
-//! The first step of every keyed call (ChargeBalance, PlaceOrder, Checkout, Pay, and the admin's
-//! AdjustStock, CreateProduct, CreateCoupon): claim the key, or learn that it already has a
-//! result, before any shortcut, cache or check is consulted, so a retry of a success always gets
-//! that success. A buyer's keys and the admin's are separate scopes ([`KeyScope`]).
+//! The first step of every keyed call (ChargeBalance, PlaceOrder, Checkout, Pay, RefundOrder, and
+//! the admin's AdjustStock, CreateProduct, CreateCoupon): claim the key, or learn that it already
+//! has a result, before any shortcut, cache or check is consulted, so a retry of a success always
+//! gets that success. A buyer's keys and the admin's are separate scopes ([`KeyScope`]);
+//! RefundOrder's key is in its order's buyer's.
 //!
 //! The claim is a row inserted in the call's own transaction: a concurrent retry waits on it
 //! until the first attempt commits (then replays its result) or rolls back (then starts

@@ -2,8 +2,8 @@
 //!
 //! Invariants: at most one payment per order; the balance never goes negative and always
 //! equals its ledger; every payment has exactly one PaymentCompleted event in the outbox,
-//! written in the payment's transaction, so the data platform gets every payment even if this
-//! process dies right after the commit.
+//! written in the payment's transaction and numbered with its order's next event number, so
+//! the data platform gets every payment even if this process dies right after the commit.
 //!
 //! Payments are group-committed ([`super::group_commit`]) like orders: one transaction pays a
 //! batch. The idempotency key is looked up before a payment joins a batch and claimed in it
@@ -32,6 +32,7 @@ use uuid::Uuid;
 
 use super::{
     Popular,
+    events::Traced,
     group_commit::{Callers, GroupCommit, Step, left_in},
     idempotency::{BatchKeys, Keyed, call_keys, claim_batch, saved_result, settle_batch},
     popular::Sale,
@@ -78,24 +79,7 @@ impl Keyed for PayCommand {
 }
 
 /// A payment on its way to a batch, with the trace context of the call that made it.
-struct Paying {
-    cmd: PayCommand,
-    trace: telemetry::TraceContext,
-}
-
-impl Keyed for Paying {
-    fn user_id(&self) -> UserId {
-        self.cmd.user_id
-    }
-
-    fn key(&self) -> Option<&IdempotencyKey> {
-        self.cmd.key()
-    }
-
-    fn fingerprint(&self) -> String {
-        self.cmd.fingerprint()
-    }
-}
+type Paying = Traced<PayCommand>;
 
 /// The payment flow.
 pub struct Payments {
@@ -148,13 +132,7 @@ impl Payments {
         if let Some(id) = saved_result(&self.pg, Operation::Pay, &cmd).await? {
             return saved_payment(&self.pg, id).await;
         }
-        // Captured here, in the caller's task, before the call joins a batch: the event carries
-        // the paying call's trace, not the batch's.
-        let call = Paying {
-            cmd,
-            trace: telemetry::TraceContext::current(),
-        };
-        let paid = match self.paying.submit(call).await? {
+        let paid = match self.paying.submit(Traced::new(cmd)).await? {
             Paid::Busy(call) => self.paying.alone(call).await?,
             paid => paid,
         };
@@ -333,16 +311,10 @@ impl PayBatch {
                 amount: order.final_amount,
                 items: order_items,
                 paid_at,
+                // The number record_many takes for the order, whose row this batch holds.
+                sequence: order.event_sequence + 1,
             };
-            let payload = serde_json::to_value(&event)
-                .map_err(|e| StoreError::Inconsistent(format!("event payload: {e}")))?;
-            events.push(NewEvent {
-                event_id: event.event_id,
-                event_type: PaymentCompleted::EVENT_TYPE,
-                aggregate_id: id.get(),
-                payload,
-                trace: calls[*i].trace.clone(),
-            });
+            events.push(NewEvent::of(&event, calls[*i].trace.clone())?);
             records.push(PaymentRecord {
                 id,
                 order_id: order.id,
@@ -396,7 +368,9 @@ fn decide(
             return Err(AppError::OrderExpired);
         }
         OrderStatus::PendingPayment => {}
-        OrderStatus::Paid => return Err(AppError::OrderAlreadyPaid),
+        OrderStatus::Paid | OrderStatus::PartiallyRefunded | OrderStatus::Refunded => {
+            return Err(AppError::OrderAlreadyPaid);
+        }
         status @ (OrderStatus::Cancelled | OrderStatus::Expired) => {
             return Err(AppError::OrderClosed { status });
         }

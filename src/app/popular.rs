@@ -1,9 +1,10 @@
 //! Popular products: the best sellers of the last days.
 //!
 //! Every payment adds its quantities to the day's Redis bucket after it commits, keyed by its
-//! payment and transaction ids; reads union the buckets of the window. A job rebuilds the
-//! buckets from Postgres, which heals lost bumps, drift and a wiped Redis. Only paid orders
-//! ever count.
+//! payment and transaction ids, and every refund takes its units away again from the bucket of
+//! the day they were paid, keyed by its refund and transaction ids; reads union the buckets of
+//! the window. A job rebuilds the buckets from Postgres (paid units less refunded ones), which
+//! heals lost bumps, drift and a wiped Redis. Only paid, unrefunded units ever count.
 //!
 //! Invariant: the ranking a read returns counts every payment whose Pay call answered on this
 //! replica before the read began, each exactly once, whenever the job runs
@@ -27,12 +28,15 @@ use sqlx::PgPool;
 use tokio::{sync::Mutex, time::Instant};
 
 use crate::{
-    domain::{Calendar, OrderItem, PaymentId, Product, ProductId, TxId, ValidationError},
+    domain::{
+        Calendar, OrderItem, PaymentId, Product, ProductId, RefundId, RefundedLine, TxId,
+        ValidationError,
+    },
     error::AppError,
     metrics,
     store::{
-        postgres::{products, sales},
-        redis::ranking::Ranking,
+        postgres::{products, replica::Reads, sales},
+        redis::ranking::{Counted, Ranking},
     },
 };
 
@@ -84,6 +88,16 @@ pub struct Sale {
     pub items: Vec<OrderItem>,
 }
 
+/// A committed refund, as the ranking takes it away.
+pub struct Unsold {
+    pub refund_id: RefundId,
+    /// The refund's transaction (see [`Sale::tx`]).
+    pub tx: TxId,
+    /// When the refunded order was paid: its units leave that day's bucket.
+    pub paid_at: DateTime<Utc>,
+    pub lines: Vec<RefundedLine>,
+}
+
 /// The cached top of each window. Reads take a shared lock for a moment; a stale window is
 /// refreshed by one caller while the others wait for it (no stampede on Redis or Postgres),
 /// and every waiter that began before that refresh read Redis takes its result.
@@ -120,15 +134,18 @@ fn window(today: NaiveDate, days: PopularDays) -> Vec<NaiveDate> {
 /// The ranking flows: counting sales, reading the best sellers, rebuilding from Postgres.
 pub struct Popular {
     pg: PgPool,
+    /// For the product details, which may be `READ_MAX_LAG_MS` stale.
+    reads: Arc<Reads>,
     ranking: Ranking,
     cache: PopularCache,
     settings: RankingSettings,
 }
 
 impl Popular {
-    pub fn new(pg: PgPool, ranking: Ranking, settings: RankingSettings) -> Self {
+    pub fn new(pg: PgPool, reads: Arc<Reads>, ranking: Ranking, settings: RankingSettings) -> Self {
         Self {
             pg,
+            reads,
             ranking,
             cache: PopularCache::default(),
             settings,
@@ -143,13 +160,40 @@ impl Popular {
             .iter()
             .map(|i| (i.product_id, i64::from(i.quantity)))
             .collect();
-        let day = self.settings.calendar.day_of(sale.paid_at);
+        let counted = Counted::Payment(sale.payment_id);
+        self.bump(counted, sale.tx, sale.paid_at, &sold).await;
+    }
+
+    /// Takes a committed refund's units away from the day they were paid, once however often
+    /// it is called. Best effort, as for sales. A refund of units paid before the retention
+    /// window has nothing to take them from.
+    pub(super) async fn record_refund(&self, unsold: &Unsold) {
+        let window = self
+            .settings
+            .calendar
+            .window(Utc::now(), self.settings.retention_days);
+        if unsold.paid_at < window.start() {
+            return;
+        }
+        let units: Vec<(ProductId, i64)> = unsold
+            .lines
+            .iter()
+            .map(|l| (l.product_id, -i64::from(l.quantity)))
+            .collect();
+        let counted = Counted::Refund(unsold.refund_id);
+        self.bump(counted, unsold.tx, unsold.paid_at, &units).await;
+    }
+
+    async fn bump(
+        &self,
+        counted: Counted,
+        tx: TxId,
+        paid_at: DateTime<Utc>,
+        units: &[(ProductId, i64)],
+    ) {
+        let day = self.settings.calendar.day_of(paid_at);
         let retention = self.settings.bucket_ttl();
-        match self
-            .ranking
-            .count(day, sale.payment_id, sale.tx, &sold, retention)
-            .await
-        {
+        match self.ranking.count(day, counted, tx, units, retention).await {
             Ok(true) => self.changed(),
             Ok(false) => metrics::ranking_bump_already_counted(),
             Err(e) => {
@@ -213,7 +257,8 @@ impl Popular {
         let totals = self.ranking.totals(&window).await?;
         let top = top_sellers(totals, MAX_POPULAR);
         let ids: Vec<i64> = top.iter().map(|(id, _)| *id).collect();
-        let mut details: HashMap<i64, Product> = products::get_many(&self.pg, &ids)
+        let mut conn = super::catalog::stale_ok_read(&self.reads).await?;
+        let mut details: HashMap<i64, Product> = products::get_many(&mut *conn, &ids)
             .await?
             .into_iter()
             .map(|p| (p.id.get(), p))

@@ -3,15 +3,18 @@
 //! validated once at start-up, every problem reported at once so an operator fixes them in one
 //! go. The settings are grouped in sections, one per part of the service.
 
+mod outbox;
+mod postgres;
 mod reader;
 pub mod variables;
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use chrono_tz::Tz;
-use sqlx::postgres::PgConnectOptions;
 
-use self::{reader::Reader, variables as v};
+pub use self::outbox::{OutboxSettings, SUBJECT_TYPE_PLACEHOLDER, SinkKind};
+pub use self::postgres::{Database, PostgresSettings};
+use self::{outbox::outbox, reader::Reader, variables as v};
 use crate::domain::Won;
 
 /// How log lines are written.
@@ -31,21 +34,6 @@ impl FromStr for LogFormat {
             _ => Err("expected `text` or `json`".into()),
         }
     }
-}
-
-/// Where the outbox job delivers payment events.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SinkKind {
-    /// One structured log line per event (local runs).
-    Log,
-    /// POST a JSON batch to this URL.
-    Http(String),
-    /// Publish each event to NATS JetStream.
-    Nats {
-        url: String,
-        subject: String,
-        stream: String,
-    },
 }
 
 /// TLS for the gRPC listener: the server's certificate chain and key (PEM), and optionally a
@@ -74,22 +62,6 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(***)")
-    }
-}
-
-/// Postgres connection options, which may hold a password: `Debug` shows only where they point.
-#[derive(Clone)]
-pub struct Database(pub PgConnectOptions);
-
-impl fmt::Debug for Database {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}/{}",
-            self.0.get_host(),
-            self.0.get_port(),
-            self.0.get_database().unwrap_or("")
-        )
     }
 }
 
@@ -146,15 +118,6 @@ pub struct SecuritySettings {
     pub tls: Option<TlsFiles>,
 }
 
-#[derive(Clone, Debug)]
-pub struct PostgresSettings {
-    pub database: Database,
-    pub max_connections: u32,
-    pub acquire_timeout: Duration,
-    /// Apply migrations at start-up (under sqlx's advisory lock, so replicas may race safely).
-    pub run_migrations: bool,
-}
-
 #[derive(Clone)]
 pub struct RedisSettings {
     pub url: String,
@@ -181,6 +144,8 @@ pub struct TelemetrySettings {
     pub log_filter: String,
     /// Where traces are exported (OTLP over gRPC); `None`: tracing is off.
     pub otlp_endpoint: Option<String>,
+    /// `OTEL_SEMCONV_STABILITY_OPT_IN` as set (`crate::telemetry` reads `rpc/dup` from it).
+    pub semconv_opt_in: String,
 }
 
 /// Balances and orders.
@@ -220,19 +185,6 @@ pub struct UserRate {
     pub burst: u32,
 }
 
-/// The outbox job and the data platform it delivers to.
-#[derive(Clone, Debug)]
-pub struct OutboxSettings {
-    pub interval: Duration,
-    pub batch_size: u32,
-    pub retry_base: Duration,
-    pub retry_max: Duration,
-    /// An event failing (an outage) for this long is parked instead of retried.
-    pub park_after: Duration,
-    pub sink: SinkKind,
-    pub sink_timeout: Duration,
-}
-
 /// What is deleted after a while, and how often.
 #[derive(Clone, Debug)]
 pub struct RetentionSettings {
@@ -266,7 +218,7 @@ impl Config {
         let config = Config {
             server: server(&mut r),
             security: security(&mut r),
-            postgres: postgres(&mut r),
+            postgres: postgres::read(&mut r),
             redis: redis(&mut r),
             telemetry: TelemetrySettings {
                 log_format: r.parsed(&v::LOG_FORMAT),
@@ -274,6 +226,7 @@ impl Config {
                 otlp_endpoint: r
                     .set(&v::OTEL_EXPORTER_OTLP_ENDPOINT)
                     .filter(|e| !e.is_empty()),
+                semconv_opt_in: r.text(&v::OTEL_SEMCONV_STABILITY_OPT_IN),
             },
             orders: OrderSettings {
                 max_balance: Won::new(r.integer(&v::MAX_BALANCE)),
@@ -376,20 +329,6 @@ fn security(r: &mut Reader<'_>) -> SecuritySettings {
     }
 }
 
-fn postgres(r: &mut Reader<'_>) -> PostgresSettings {
-    let url = r.text(&v::DATABASE_URL);
-    let options = PgConnectOptions::from_str(&url).unwrap_or_else(|e| {
-        r.error(&v::DATABASE_URL, format!("not a Postgres URL ({e})"));
-        PgConnectOptions::new()
-    });
-    PostgresSettings {
-        database: Database(options),
-        max_connections: r.integer(&v::DATABASE_MAX_CONNECTIONS),
-        acquire_timeout: r.duration(&v::DATABASE_ACQUIRE_TIMEOUT_MS),
-        run_migrations: r.parsed(&v::RUN_MIGRATIONS),
-    }
-}
-
 fn redis(r: &mut Reader<'_>) -> RedisSettings {
     let url = r.text(&v::REDIS_URL);
     if let Err(e) = fred::types::config::Config::from_url(&url) {
@@ -413,72 +352,6 @@ fn rate_limits(r: &mut Reader<'_>) -> RateLimitSettings {
     RateLimitSettings {
         user: (per_sec > 0 && burst > 0).then_some(UserRate { per_sec, burst }),
         timeout: r.duration(&v::USER_RATE_TIMEOUT_MS),
-    }
-}
-
-fn outbox(r: &mut Reader<'_>) -> OutboxSettings {
-    let sink = match r.parsed::<String>(&v::DATA_PLATFORM_SINK).as_str() {
-        "http" => match r.set(&v::DATA_PLATFORM_URL) {
-            Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
-                SinkKind::Http(url)
-            }
-            _ => {
-                r.error(
-                    &v::DATA_PLATFORM_URL,
-                    "an http(s) URL is required when DATA_PLATFORM_SINK=http",
-                );
-                SinkKind::Log
-            }
-        },
-        "nats" => nats_sink(r),
-        _ => SinkKind::Log,
-    };
-    OutboxSettings {
-        interval: r.duration(&v::OUTBOX_INTERVAL_SECS),
-        batch_size: r.integer(&v::OUTBOX_BATCH_SIZE),
-        retry_base: r.duration(&v::OUTBOX_RETRY_BASE_MS),
-        retry_max: r.duration(&v::OUTBOX_RETRY_MAX_MS),
-        park_after: r.hours(&v::OUTBOX_PARK_AFTER_HOURS),
-        sink,
-        sink_timeout: r.duration(&v::DATA_PLATFORM_TIMEOUT_MS),
-    }
-}
-
-fn nats_sink(r: &mut Reader<'_>) -> SinkKind {
-    let url = r.text(&v::NATS_URL);
-    if !url.split(',').all(|u| {
-        let u = u.trim();
-        u.starts_with("nats://") || u.starts_with("tls://")
-    }) {
-        r.error(&v::NATS_URL, "expected nats:// (or tls://) URLs");
-    }
-    let subject = r.text(&v::DATA_PLATFORM_SUBJECT);
-    let subject_ok = !subject.is_empty()
-        && subject
-            .split('.')
-            .all(|token| !token.is_empty() && token != "*" && token != ">")
-        && !subject.contains(|c: char| c.is_whitespace() || c.is_control());
-    if !subject_ok {
-        r.error(
-            &v::DATA_PLATFORM_SUBJECT,
-            "expected a subject without wildcards",
-        );
-    }
-    let stream = r.text(&v::DATA_PLATFORM_STREAM);
-    if stream.is_empty()
-        || !stream
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        r.error(
-            &v::DATA_PLATFORM_STREAM,
-            "expected letters, digits, `-` and `_`",
-        );
-    }
-    SinkKind::Nats {
-        url,
-        subject,
-        stream,
     }
 }
 

@@ -164,14 +164,23 @@ fn the_nats_sink_has_defaults_and_checks_its_names() {
         c.outbox.sink,
         SinkKind::Nats {
             url: "nats://127.0.0.1:4222".into(),
-            subject: "ecommerce.events.payment_completed".into(),
+            subject: "ecommerce.events.{type}".into(),
             stream: "ECOMMERCE_EVENTS".into(),
         }
     );
     for (name, value) in [
         ("NATS_URL", "http://nats:4222"),
         ("DATA_PLATFORM_SUBJECT", "events.>"),
-        ("DATA_PLATFORM_SUBJECT", "events..paid"),
+        ("DATA_PLATFORM_SUBJECT", "events..{type}"),
+        ("DATA_PLATFORM_SUBJECT", "events.*.{type}"),
+        // A subject from before the event types: one subject for every type is refused.
+        (
+            "DATA_PLATFORM_SUBJECT",
+            "ecommerce.events.payment_completed",
+        ),
+        ("DATA_PLATFORM_SUBJECT", "events.{type}.{type}"),
+        ("DATA_PLATFORM_SUBJECT", "events.paid_{type}"),
+        ("EVENT_SOURCE", "/shop one"),
         ("DATA_PLATFORM_STREAM", "EVENTS.PAID"),
         ("DATA_PLATFORM_STREAM", ""),
     ] {
@@ -185,6 +194,23 @@ fn the_nats_sink_has_defaults_and_checks_its_names() {
             "{name}={value}"
         );
     }
+}
+
+#[test]
+fn each_event_type_gets_its_subject_and_every_event_the_source() {
+    let c = config(&[
+        ("ADMIN_TOKEN", "0123456789"),
+        ("DATA_PLATFORM_SINK", "nats"),
+        ("DATA_PLATFORM_SUBJECT", "{type}.shop-1"),
+        ("EVENT_SOURCE", "https://shop.example.com/ecommerce"),
+    ])
+    .unwrap();
+    assert!(
+        matches!(c.outbox.sink, SinkKind::Nats { ref subject, .. } if subject == "{type}.shop-1")
+    );
+    assert_eq!(c.outbox.event_source, "https://shop.example.com/ecommerce");
+    let defaults = config(&[("ADMIN_TOKEN", "0123456789")]).unwrap();
+    assert_eq!(defaults.outbox.event_source, "/ecommerce");
 }
 
 #[test]

@@ -133,7 +133,12 @@ variables! {
         "with TLS: require client certificates signed by this CA (mTLS)";
     // Postgres
     DATABASE_URL = "DATABASE_URL", Value("postgres://postgres@127.0.0.1:5432/ecommerce"),
-        Range::Described("a Postgres URL"), "Postgres";
+        Range::Described("a Postgres URL"), "Postgres: the primary (with Patroni, HAProxy's primary port)";
+    DATABASE_READ_URL = "DATABASE_READ_URL", Unset,
+        Range::Described("a Postgres URL: a standby, or HAProxy's replica port"),
+        "when set, ListProducts, GetProduct and the product details of GetPopularProducts read from here while it lags at most `READ_MAX_LAG_MS` (from `DATABASE_URL` otherwise); everything else reads from `DATABASE_URL`";
+    READ_MAX_LAG_MS = "READ_MAX_LAG_MS", Value("1000"), Range::Millis { min: 100, max: 600_000 },
+        "a `DATABASE_READ_URL` server that has not replayed what the primary had this long ago is not read from";
     DATABASE_MAX_CONNECTIONS = "DATABASE_MAX_CONNECTIONS", Value("16"),
         Range::Integer { min: 1, max: 1000 }, "pool size per replica";
     DATABASE_ACQUIRE_TIMEOUT_MS = "DATABASE_ACQUIRE_TIMEOUT_MS", Value("2000"),
@@ -142,7 +147,7 @@ variables! {
     RUN_MIGRATIONS = "RUN_MIGRATIONS", Value("true"), Range::Bool, "apply migrations at start-up";
     // Redis
     REDIS_URL = "REDIS_URL", Value("redis://127.0.0.1:6379"),
-        Range::Described("a Redis URL; a cluster is `redis-cluster://host1:port1?node=host2:port2&node=host3:port3`"),
+        Range::Described("a Redis URL; a cluster is `redis-cluster://host1:port1?node=host2:port2&node=host3:port3`; behind Sentinels `redis-sentinel://sentinel1:26379?sentinelServiceName=NAME&node=sentinel2:26379&node=sentinel3:26379`"),
         "Redis";
     REDIS_POOL_SIZE = "REDIS_POOL_SIZE", Value("4"), Range::Integer { min: 1, max: 256 },
         "Redis connections (each multiplexes many calls)";
@@ -161,6 +166,9 @@ variables! {
     OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT", Unset,
         Range::Described("an OTLP/gRPC URL, e.g. `http://otel-collector:4317`"),
         "when set, traces are exported there (service name `ecommerce`; the SDK reads the other standard `OTEL_*` variables); unset, tracing is off and costs nothing";
+    OTEL_SEMCONV_STABILITY_OPT_IN = "OTEL_SEMCONV_STABILITY_OPT_IN", Unset,
+        Range::Described("a comma-separated list; `rpc/dup` is read, other values are ignored"),
+        "call spans carry OpenTelemetry's current RPC attributes (`rpc.system.name`, `rpc.method` in full, `rpc.status_code`, `error.type`, `server.address`, `server.port`); with `rpc/dup` also the older ones (`rpc.system`, `rpc.service`, `rpc.grpc.status_code`) for dashboards still reading them";
     // Balances and orders
     MAX_BALANCE = "MAX_BALANCE", Value("1000000000000"),
         Range::Integer { min: 1, max: 2_305_843_009_213_693_951 },
@@ -190,23 +198,26 @@ variables! {
         "a rate check Redis has not answered within this lets the call through (fails open), with a warning and `ecommerce_rate_limit_fail_open_total`";
     // Outbox and the data platform
     DATA_PLATFORM_SINK = "DATA_PLATFORM_SINK", Value("log"), Range::OneOf(&["log", "http", "nats"]),
-        "`log` (one line per event), `http` (JSON batches POSTed to `DATA_PLATFORM_URL`) or `nats` (NATS JetStream)";
+        "`log` (one line per event), `http` (CloudEvents batches POSTed to `DATA_PLATFORM_URL`) or `nats` (NATS JetStream, a subject per event type)";
     DATA_PLATFORM_URL = "DATA_PLATFORM_URL", Unset, Range::Described("an http(s) URL"),
-        "required with `http`: where event batches are POSTed";
+        "required with `http`: where event batches (`application/cloudevents-batch+json`) are POSTed";
     NATS_URL = "NATS_URL", Value("nats://127.0.0.1:4222"),
         Range::Described("a `nats://` URL, or several separated by commas"),
         "with `nats`: the NATS server (the client reconnects by itself)";
-    DATA_PLATFORM_SUBJECT = "DATA_PLATFORM_SUBJECT", Value("ecommerce.events.payment_completed"),
-        Range::Described("a NATS subject without wildcards"),
-        "with `nats`: the subject each event is published to";
+    DATA_PLATFORM_SUBJECT = "DATA_PLATFORM_SUBJECT", Value("ecommerce.events.{type}"),
+        Range::Described("a NATS subject without wildcards, with `{type}` as one whole token"),
+        "with `nats`: each event's subject, `{type}` replaced by its type in snake case (`order_placed`, `order_cancelled`, `order_expired`, `payment_completed`, `order_refunded`)";
     DATA_PLATFORM_STREAM = "DATA_PLATFORM_STREAM", Value("ECOMMERCE_EVENTS"),
         Range::Described("letters, digits, `-` and `_`"),
-        "with `nats`: the JetStream stream capturing the subject; created if missing (file storage, a 2-hour duplicate window); an event counts as delivered once the stream acknowledged it";
+        "with `nats`: the JetStream stream capturing every type's subject (`DATA_PLATFORM_SUBJECT` with `{type}` as `*`); created if missing (file storage, a 2-hour duplicate window), and widened to that filter if it exists without it; an event counts as delivered once the stream acknowledged it";
+    EVENT_SOURCE = "EVENT_SOURCE", Value("/ecommerce"),
+        Range::Described("a URI reference, 1..=256 characters, no spaces"),
+        "the CloudEvents `source` of every event (with the event id, what a receiver deduplicates on); e.g. `https://shop.example.com/ecommerce`";
     DATA_PLATFORM_TIMEOUT_MS = "DATA_PLATFORM_TIMEOUT_MS", Value("5000"),
         Range::Millis { min: 1, max: 3_600_000 }, "timeout of one delivery";
     OUTBOX_INTERVAL_SECS = "OUTBOX_INTERVAL_SECS", Value("1"),
         Range::Seconds { min: 1, max: 3600 },
-        "delivery job interval (payments also nudge it)";
+        "delivery job interval (every commit that writes events also nudges it)";
     OUTBOX_BATCH_SIZE = "OUTBOX_BATCH_SIZE", Value("100"), Range::Integer { min: 1, max: 10_000 },
         "events per delivery";
     OUTBOX_RETRY_BASE_MS = "OUTBOX_RETRY_BASE_MS", Value("500"),

@@ -53,6 +53,10 @@ id_type!(
 );
 id_type!(OrderId);
 id_type!(PaymentId);
+id_type!(
+    /// One refund of (part of) a paid order.
+    RefundId
+);
 
 #[cfg(test)]
 mod tests {

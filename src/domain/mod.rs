@@ -19,6 +19,7 @@ mod name;
 mod order;
 mod pagination;
 mod product;
+mod refund;
 mod validation;
 
 pub use balance::{LedgerEntry, LedgerKind};
@@ -29,9 +30,12 @@ pub use coupon::{
     Coupon, CouponTerms, Discount, IssueWindow, NewCoupon, UserCoupon, UserCouponStatus, ValidDays,
     parse_total_quantity,
 };
-pub use events::{ParkedEvent, PaymentCompleted, RedriveSelection};
+pub use events::{
+    EventSequence, OrderCancelled, OrderEvent, OrderExpired, OrderPlaced, OrderRefunded,
+    ParkedEvent, PaymentCompleted, RedriveSelection,
+};
 pub use idempotency::{IdempotencyKey, KeyScope};
-pub use ids::{CouponId, OrderId, PaymentId, ProductId, UserCouponId, UserId};
+pub use ids::{CouponId, OrderId, PaymentId, ProductId, RefundId, UserCouponId, UserId};
 pub use listing::{CreatedRange, OrderFilter, StatusSet};
 pub use money::Won;
 pub use name::DisplayName;
@@ -43,4 +47,5 @@ pub use pagination::{CreatedCursor, PageSize, PageToken};
 pub use product::{
     MAX_STOCK, NewProduct, Product, ProductChanges, ProductStatus, Restock, parse_stock,
 };
+pub use refund::{Refund, RefundPlan, RefundReason, RefundRefusal, RefundSelection, RefundedLine};
 pub use validation::ValidationError;

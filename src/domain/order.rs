@@ -1,5 +1,7 @@
 //! Order lines, pricing and the order life cycle:
-//! PENDING_PAYMENT -> PAID | CANCELLED | EXPIRED, and nothing leaves PAID, CANCELLED or EXPIRED.
+//! PENDING_PAYMENT -> PAID | CANCELLED | EXPIRED; PAID -> PARTIALLY_REFUNDED | REFUNDED;
+//! PARTIALLY_REFUNDED -> PARTIALLY_REFUNDED | REFUNDED; nothing leaves REFUNDED, CANCELLED or
+//! EXPIRED.
 
 use std::collections::HashSet;
 
@@ -45,29 +47,34 @@ pub struct OrderLines(Vec<OrderLine>);
 
 impl OrderLines {
     pub fn parse(raw: impl ExactSizeIterator<Item = (i64, i32)>) -> Result<Self, ValidationError> {
+        Self::parse_field(raw, "items")
+    }
+
+    /// The lines of request field `field` (`items` of an order, `lines` of a refund).
+    pub fn parse_field(
+        raw: impl ExactSizeIterator<Item = (i64, i32)>,
+        field: &'static str,
+    ) -> Result<Self, ValidationError> {
         if raw.len() == 0 {
             return Err(ValidationError::new(
-                "items",
+                field,
                 "must contain at least one line",
             ));
         }
         if raw.len() > MAX_ORDER_LINES {
-            return Err(ValidationError::new(
-                "items",
-                "must contain at most 50 lines",
-            ));
+            return Err(ValidationError::new(field, "must contain at most 50 lines"));
         }
         let mut seen = HashSet::with_capacity(raw.len());
         let mut lines = Vec::with_capacity(raw.len());
         for (i, (product_id, quantity)) in raw.enumerate() {
-            let product_id = ProductId::parse(product_id, "items.product_id")
-                .map_err(|e| ValidationError::new(format!("items[{i}].product_id"), e.message))?;
-            let quantity = Quantity::parse(quantity, "items.quantity")
-                .map_err(|e| ValidationError::new(format!("items[{i}].quantity"), e.message))?;
+            let product_id = ProductId::parse(product_id, "product_id")
+                .map_err(|e| ValidationError::new(format!("{field}[{i}].product_id"), e.message))?;
+            let quantity = Quantity::parse(quantity, "quantity")
+                .map_err(|e| ValidationError::new(format!("{field}[{i}].quantity"), e.message))?;
             if !seen.insert(product_id) {
                 return Err(ValidationError::new(
-                    format!("items[{i}].product_id"),
-                    "repeats a product; order each product once with its total quantity",
+                    format!("{field}[{i}].product_id"),
+                    "repeats a product; name each product once with its total quantity",
                 ));
             }
             lines.push(OrderLine {
@@ -97,6 +104,8 @@ impl OrderLines {
 pub enum OrderStatus {
     PendingPayment,
     Paid,
+    PartiallyRefunded,
+    Refunded,
     Cancelled,
     Expired,
 }
@@ -104,6 +113,8 @@ pub enum OrderStatus {
 text_enum!(OrderStatus {
     PendingPayment => "PENDING_PAYMENT",
     Paid => "PAID",
+    PartiallyRefunded => "PARTIALLY_REFUNDED",
+    Refunded => "REFUNDED",
     Cancelled => "CANCELLED",
     Expired => "EXPIRED",
 });
@@ -112,6 +123,11 @@ impl OrderStatus {
     /// Only an order awaiting payment can be paid, cancelled or expired.
     pub fn is_open(self) -> bool {
         self == OrderStatus::PendingPayment
+    }
+
+    /// Only a paid order with units left to refund can be refunded.
+    pub fn is_refundable(self) -> bool {
+        matches!(self, OrderStatus::Paid | OrderStatus::PartiallyRefunded)
     }
 }
 
@@ -149,6 +165,10 @@ pub struct OrderItem {
     pub name: String,
     pub unit_price: Won,
     pub quantity: i32,
+    /// Units refunded so far (0..=quantity). Not part of an event's item: a payment's event
+    /// describes the order as it was paid.
+    #[serde(skip)]
+    pub refunded_quantity: i32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,6 +178,8 @@ pub struct Order {
     pub status: OrderStatus,
     pub items: Vec<OrderItem>,
     pub pricing: Pricing,
+    /// What refunds gave back so far (0..=final amount).
+    pub refunded: Won,
     pub user_coupon_id: Option<UserCouponId>,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
@@ -220,6 +242,7 @@ mod tests {
             name: format!("product {product}"),
             unit_price: Won::new(price),
             quantity,
+            refunded_quantity: 0,
         }
     }
 
@@ -238,14 +261,23 @@ mod tests {
     }
 
     #[test]
-    fn only_pending_orders_are_open() {
-        assert!(OrderStatus::PendingPayment.is_open());
+    fn only_pending_orders_are_open_and_only_paid_ones_refundable() {
+        use OrderStatus::*;
         for s in [
-            OrderStatus::Paid,
-            OrderStatus::Cancelled,
-            OrderStatus::Expired,
+            PendingPayment,
+            Paid,
+            PartiallyRefunded,
+            Refunded,
+            Cancelled,
+            Expired,
         ] {
-            assert!(!s.is_open());
+            assert_eq!(s.is_open(), s == PendingPayment, "{s}");
+            assert_eq!(
+                s.is_refundable(),
+                matches!(s, Paid | PartiallyRefunded),
+                "{s}"
+            );
+            assert_eq!(s.as_str().parse::<OrderStatus>(), Ok(s));
         }
     }
 }

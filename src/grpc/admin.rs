@@ -7,12 +7,12 @@ use tonic::{Request, Response, Status, service::Interceptor};
 
 use super::convert;
 use crate::{
-    app::{Catalog, Coupons, Orders, Outbox},
+    app::{Catalog, Coupons, Orders, Outbox, RefundCommand, Refunds},
     domain::{
         CreatedCursor, CreatedRange, DisplayName, IdempotencyKey, IssueWindow, NewCoupon,
         NewProduct, OrderFilter, OrderId, PageSize, PageToken, ProductChanges, ProductId,
-        RedriveSelection, UserId, ValidDays, ValidationError, Won, parse_stock,
-        parse_total_quantity,
+        RedriveSelection, RefundReason, RefundSelection, UserId, ValidDays, ValidationError, Won,
+        parse_stock, parse_total_quantity,
     },
     error::AppError,
     proto::{
@@ -21,8 +21,9 @@ use crate::{
         AdminServiceListOrdersResponse, AdminServiceListProductsRequest,
         AdminServiceListProductsResponse, CreateCouponRequest, CreateCouponResponse,
         CreateProductRequest, CreateProductResponse, ListParkedEventsRequest,
-        ListParkedEventsResponse, RedriveEventsRequest, RedriveEventsResponse,
-        UpdateProductRequest, UpdateProductResponse, admin_service_server::AdminService,
+        ListParkedEventsResponse, RedriveEventsRequest, RedriveEventsResponse, RefundOrderRequest,
+        RefundOrderResponse, UpdateProductRequest, UpdateProductResponse,
+        admin_service_server::AdminService,
     },
 };
 
@@ -58,6 +59,7 @@ pub struct AdminHandler {
     pub catalog: Arc<Catalog>,
     pub coupons: Arc<Coupons>,
     pub outbox: Arc<Outbox>,
+    pub refunds: Arc<Refunds>,
     pub orders: Arc<Orders>,
 }
 
@@ -177,6 +179,28 @@ impl AdminService for AdminHandler {
         let redriven = self.outbox.redrive(selection).await?;
         Ok(Response::new(RedriveEventsResponse {
             redriven: redriven as i64,
+        }))
+    }
+
+    async fn refund_order(
+        &self,
+        request: Request<RefundOrderRequest>,
+    ) -> Result<Response<RefundOrderResponse>, Status> {
+        let req = request.into_inner();
+        let cmd = RefundCommand {
+            order_id: OrderId::parse(req.order_id, "order_id")?,
+            selection: RefundSelection::parse(
+                req.lines.iter().map(|l| (l.product_id, l.quantity)),
+            )?,
+            restock: req.restock,
+            reason: RefundReason::parse(req.reason)?,
+            idempotency_key: IdempotencyKey::parse(req.idempotency_key)?
+                .ok_or_else(|| ValidationError::new("idempotency_key", "is required"))?,
+        };
+        let (order, refund) = self.refunds.refund(cmd).await?;
+        Ok(Response::new(RefundOrderResponse {
+            order: Some(convert::order(order)),
+            refund: Some(convert::refund(refund)),
         }))
     }
 

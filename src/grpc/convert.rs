@@ -6,9 +6,9 @@ use prost_types::Timestamp;
 use crate::{
     app::{CouponStock, PopularProduct},
     domain::{
-        Cart, CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderStatus, ParkedEvent,
-        Payment, Product, ProductStatus, StatusSet, UserCoupon, UserCouponId, UserCouponStatus,
-        UserId, ValidationError,
+        Cart, CouponTerms, Discount, LedgerEntry, LedgerKind, Order, OrderId, OrderStatus,
+        ParkedEvent, Payment, PaymentId, Product, ProductStatus, Refund, StatusSet, UserCoupon,
+        UserCouponId, UserCouponStatus, UserId, ValidationError,
     },
     proto,
 };
@@ -203,6 +203,8 @@ pub fn order_status(status: OrderStatus) -> proto::OrderStatus {
     match status {
         OrderStatus::PendingPayment => proto::OrderStatus::PendingPayment,
         OrderStatus::Paid => proto::OrderStatus::Paid,
+        OrderStatus::PartiallyRefunded => proto::OrderStatus::PartiallyRefunded,
+        OrderStatus::Refunded => proto::OrderStatus::Refunded,
         OrderStatus::Cancelled => proto::OrderStatus::Cancelled,
         OrderStatus::Expired => proto::OrderStatus::Expired,
     }
@@ -222,6 +224,7 @@ pub fn order(o: Order) -> proto::Order {
                 name: i.name,
                 unit_price: i.unit_price.get(),
                 quantity: i.quantity,
+                refunded_quantity: i.refunded_quantity,
             })
             .collect(),
         total_amount: o.pricing.total.get(),
@@ -232,6 +235,30 @@ pub fn order(o: Order) -> proto::Order {
         expires_at: timestamp(o.expires_at),
         paid_at: optional_timestamp(o.paid_at),
         cancelled_at: optional_timestamp(o.cancelled_at),
+        refunded_amount: o.refunded.get(),
+    }
+}
+
+pub fn refund(r: Refund) -> proto::Refund {
+    proto::Refund {
+        id: r.id.get(),
+        order_id: r.order_id.get(),
+        user_id: r.user_id.get(),
+        lines: r
+            .lines
+            .into_iter()
+            .map(|l| proto::refund::Line {
+                product_id: l.product_id.get(),
+                quantity: l.quantity,
+                amount: l.amount.get(),
+            })
+            .collect(),
+        amount: r.amount.get(),
+        balance_after: r.balance_after.get(),
+        restocked: r.restocked,
+        coupon_returned: r.coupon_returned,
+        reason: r.reason,
+        created_at: timestamp(r.created_at),
     }
 }
 
@@ -246,6 +273,8 @@ pub fn parse_order_statuses(
         match proto::OrderStatus::try_from(n) {
             Ok(proto::OrderStatus::PendingPayment) => Ok(OrderStatus::PendingPayment),
             Ok(proto::OrderStatus::Paid) => Ok(OrderStatus::Paid),
+            Ok(proto::OrderStatus::PartiallyRefunded) => Ok(OrderStatus::PartiallyRefunded),
+            Ok(proto::OrderStatus::Refunded) => Ok(OrderStatus::Refunded),
             Ok(proto::OrderStatus::Cancelled) => Ok(OrderStatus::Cancelled),
             Ok(proto::OrderStatus::Expired) => Ok(OrderStatus::Expired),
             Ok(proto::OrderStatus::Unspecified) | Err(_) => Err(ValidationError::new(
@@ -294,7 +323,8 @@ pub fn parked_event(e: ParkedEvent) -> proto::ParkedEvent {
     proto::ParkedEvent {
         event_id: e.event_id.to_string(),
         event_type: e.event_type,
-        payment_id: e.payment_id.get(),
+        payment_id: e.payment_id.map_or(0, PaymentId::get),
+        order_id: e.order_id.map_or(0, OrderId::get),
         attempts: e.attempts,
         reason: e.reason,
         created_at: timestamp(e.created_at),

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tonic::service::Routes;
 
 use crate::{
-    app::{Balances, Carts, Catalog, Coupons, Orders, Outbox, Payments, Popular},
+    app::{Balances, Carts, Catalog, Coupons, Orders, Outbox, Payments, Popular, Refunds},
     proto::{
         FILE_DESCRIPTOR_SET, admin_service_server::AdminServiceServer,
         balance_service_server::BalanceServiceServer, cart_service_server::CartServiceServer,
@@ -45,6 +45,7 @@ pub struct Services {
     pub payments: Arc<Payments>,
     pub popular: Arc<Popular>,
     pub outbox: Arc<Outbox>,
+    pub refunds: Arc<Refunds>,
 }
 
 /// The `ecommerce.v1` services and server reflection (v1 and v1alpha: grpcurl 1.8 asks for the
@@ -59,6 +60,7 @@ pub fn routes(services: Services, admin_auth: AdminAuth, limits: Limits) -> Rout
         payments,
         popular,
         outbox,
+        refunds,
     } = services;
     let max = limits.max_message_bytes;
     let reflection = || {
@@ -101,6 +103,7 @@ pub fn routes(services: Services, admin_auth: AdminAuth, limits: Limits) -> Rout
                 catalog,
                 coupons,
                 outbox,
+                refunds,
                 orders,
             })
             .max_decoding_message_size(max),

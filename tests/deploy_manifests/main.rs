@@ -2,9 +2,15 @@
 //! cluster to try the files on, so these tests read them: the Kubernetes manifests under
 //! `deploy/k8s` (as plain YAML, no API types), `deploy/Dockerfile` and `.dockerignore`, and hold
 //! them to what the code does: the variables the server reads (`src/config/variables.rs`), the values it accepts, the
-//! port it listens on and the shutdown drain it takes.
+//! port it listens on and the shutdown drain it takes; and the client service config
+//! (`deploy/client/`) to the contract.
 
+mod client;
+#[allow(dead_code)] // the descriptors are read here; calls are made by tests/it
+#[path = "../it/support/contract.rs"]
+mod contract;
 mod dockerfile;
+mod ha;
 mod kubernetes;
 
 use std::{
@@ -29,10 +35,22 @@ const OPTIONAL: &[&str] = &[
     "TLS_CLIENT_CA_PATH",
     // Tracing is on only where a collector runs; docs/DEPLOY.md shows where to set it.
     "OTEL_EXPORTER_OTLP_ENDPOINT",
+    // Read only with tracing on, and only while dashboards still need the older RPC attributes.
+    "OTEL_SEMCONV_STABILITY_OPT_IN",
+    // Standbys to read from exist only in the highly available set-up (deploy/ha sets it).
+    "DATABASE_READ_URL",
 ];
 
 /// Variables that carry credentials and so belong in the Secret, never in the ConfigMap.
 const SECRET_VARIABLES: &[&str] = &["DATABASE_URL", "REDIS_URL", "ADMIN_TOKEN", "SERVICE_TOKEN"];
+
+/// The Services: the ClusterIP one (balances connections), and the headless one whose DNS name
+/// lists every ready pod, for clients that balance calls themselves (deploy/client).
+const SERVICES: &[&str] = &["ecommerce", "ecommerce-headless"];
+/// The highly available overlay.
+fn ha_dir() -> PathBuf {
+    repo().join("deploy/ha")
+}
 
 const KINDS: &[&str] = &[
     "Deployment",
@@ -80,6 +98,18 @@ fn manifest_files() -> BTreeSet<String> {
         .filter(|name| name.ends_with(".yaml") || name.ends_with(".yml"))
         .filter(|name| name != "kustomization.yaml" && name != "kustomization.yml")
         .collect()
+}
+
+/// The Service named `name`.
+fn service(name: &str) -> Value {
+    documents()
+        .into_iter()
+        .map(|(_, value)| value)
+        .find(|value| {
+            value["kind"].as_str() == Some("Service")
+                && value["metadata"]["name"].as_str() == Some(name)
+        })
+        .unwrap_or_else(|| panic!("no Service named {name}"))
 }
 
 /// The one object of `kind`.

@@ -22,9 +22,9 @@ use tonic_health::pb::{
 
 use crate::support::{
     TestApp,
-    coupons::{create_coupon, remaining},
+    coupons::{create_coupon, gate_agrees_in, gate_state_in, issued_in_postgres, remaining},
     eventually,
-    private::{PrivatePostgres, PrivateRedis},
+    private::{PrivatePostgres, PrivateRedis, PrivateRedisSentinel},
     reason,
     rules::RULES,
     shop::{charge, create_product, pay, place},
@@ -277,5 +277,125 @@ async fn postgres_crash_under_order_load_leaves_no_partial_order() {
         "postgres fault: outcomes {:?}, record {figures:?}",
         outcomes.lock().unwrap()
     );
+    app.stop().await;
+}
+
+/// A client of the Redis at `addr` alone.
+async fn redis_at(addr: std::net::SocketAddr) -> fred::clients::Client {
+    use fred::interfaces::ClientLike;
+    let client = fred::prelude::Builder::from_config(
+        fred::types::config::Config::from_url(&format!("redis://{addr}")).unwrap(),
+    )
+    .build()
+    .unwrap();
+    client.init().await.unwrap();
+    client
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_sentinel_failover_to_a_lagging_replica_never_over_issues(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    const TOTAL: i64 = 500;
+    let mut redis = PrivateRedisSentinel::start().await;
+    let app = spawn_app_with(db, |s| {
+        s.set("REDIS_URL", redis.url())
+            .set("REDIS_COMMAND_TIMEOUT_MS", 500)
+            .set("COUPON_RECONCILE_INTERVAL_SECS", 1);
+    })
+    .await;
+    let coupon = create_coupon(&app, TOTAL).await;
+    let mut outcomes = Tally::new();
+    let mut winners = HashSet::new();
+    let mut missed = 0;
+
+    // Waves of 100 users. Before wave 2 the replica stops receiving (its link is held); after
+    // wave 3 the primary is killed, with every win of waves 2 and 3 only on it.
+    for wave in 0..14_i64 {
+        if wave == 2 {
+            redis.link.hold();
+        }
+        if wave == 4 {
+            let recorded = issued_in_postgres(&app, coupon).await.len() as i64;
+            redis.kill_primary().await;
+            redis.link.cut().await;
+            assert!(
+                eventually(Duration::from_secs(30), || redis.replica_promoted()).await,
+                "the Sentinels promote the replica"
+            );
+            let promoted = redis_at(redis.replica_addr).await;
+            let kept = gate_state_in(&promoted, &app.redis_prefix, coupon)
+                .await
+                .map_or(0, |(holders, _)| holders.len() as i64);
+            missed = recorded - kept;
+            assert!(
+                missed > 0,
+                "the promoted replica must have missed wins ({recorded} recorded, {kept} kept)"
+            );
+        }
+        let calls = (wave * 100 + 1..=wave * 100 + 100).map(|user| {
+            let mut client = app.coupons();
+            async move {
+                let result = client
+                    .issue_coupon(IssueCouponRequest {
+                        user_id: user,
+                        coupon_id: coupon,
+                    })
+                    .await;
+                (user, result)
+            }
+        });
+        for (user, result) in join_all(calls).await {
+            match result {
+                Ok(_) => {
+                    winners.insert(user);
+                    tally(&mut outcomes, Ok(()));
+                }
+                Err(status) => {
+                    assert_ne!(status.code(), Code::Internal, "{status:?}");
+                    tally(&mut outcomes, Err(status));
+                }
+            }
+        }
+    }
+
+    let issued: Vec<i64> = issued_in_postgres(&app, coupon).await;
+    let distinct: HashSet<i64> = issued.iter().copied().collect();
+    eprintln!(
+        "sentinel failover: 1400 calls, outcomes {outcomes:?}, issued {}, wins the promoted replica missed {missed}",
+        issued.len()
+    );
+    assert!(
+        issued.len() as i64 <= TOTAL,
+        "over-issued: {}",
+        issued.len()
+    );
+    assert_eq!(distinct.len(), issued.len(), "one per user");
+    assert!(winners.is_subset(&distinct), "every success is recorded");
+    // The gate heals by itself (the reconciliation job), and then grants exactly what is left.
+    let promoted = redis_at(redis.replica_addr).await;
+    assert!(
+        eventually(Duration::from_secs(30), || gate_agrees_in(
+            &app, &promoted, coupon, TOTAL
+        ))
+        .await,
+        "the gate agrees with Postgres again"
+    );
+    let left = TOTAL - issued.len() as i64;
+    let probe = (100_001..=100_000 + left + 50).map(|user| {
+        let mut client = app.coupons();
+        async move {
+            client
+                .issue_coupon(IssueCouponRequest {
+                    user_id: user,
+                    coupon_id: coupon,
+                })
+                .await
+                .is_ok()
+        }
+    });
+    let granted = join_all(probe).await.into_iter().filter(|ok| *ok).count() as i64;
+    assert_eq!(granted, left, "the healed gate grants exactly what is left");
     app.stop().await;
 }

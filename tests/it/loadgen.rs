@@ -287,6 +287,79 @@ async fn a_mixed_run_keeps_every_invariant(_: PgPoolOptions, db: PgConnectOption
 }
 
 #[sqlx::test(migrations = false)]
+async fn health_checks_answer_serving_within_the_measured_span(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app(db.clone()).await;
+    let mut options = options(&app, &db);
+    options.requests = Some(300);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let report = loadgen::run(&options, &Scenario::Health)
+        .await
+        .expect("the run happens");
+    assert_sound(&report);
+    assert_eq!(calls(&report, "Health/Check"), 300);
+    assert_eq!(count(&report, "Health/Check", "OK"), 300);
+    assert!(
+        report
+            .invariants
+            .iter()
+            .any(|c| c.name.contains("SERVING") && c.passed)
+    );
+    // The wall-clock span scripts/bench charges with the server's CPU.
+    let (from, until) = (
+        report.measured_from_unix_secs,
+        report.measured_until_unix_secs,
+    );
+    assert!(before <= from && from <= until, "{before} {from} {until}");
+    assert!((until - from - report.measured_secs).abs() < 0.05);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_holder_asking_again_is_told_its_own_coupon_and_takes_no_seat(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app(db.clone()).await;
+    let mut options = options(&app, &db);
+    options.requests = Some(400);
+    let report = loadgen::run(&options, &Scenario::CouponRepeat { holders: 40 })
+        .await
+        .expect("the run happens");
+    assert_sound(&report);
+    assert_eq!(report.fixtures["holders"], 40);
+    assert_eq!(calls(&report, "IssueCoupon (holder)"), 400);
+    assert_eq!(
+        count(
+            &report,
+            "IssueCoupon (holder)",
+            "ALREADY_EXISTS/COUPON_ALREADY_ISSUED"
+        ),
+        400
+    );
+    assert!(
+        report
+            .invariants
+            .iter()
+            .any(|c| c.name.contains("naming its own coupon") && c.passed),
+        "{}",
+        report.to_table()
+    );
+    let issued: i64 = sqlx::query_scalar("SELECT count(*) FROM user_coupons WHERE coupon_id = $1")
+        .bind(report.fixtures["coupon_id"])
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(issued, 40);
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
 async fn list_orders_walks_a_buyers_history_and_needs_it_first(
     _: PgPoolOptions,
     db: PgConnectOptions,

@@ -7,6 +7,7 @@
 
 mod support;
 
+mod abandoned;
 mod admin;
 mod admin_keys;
 mod balance;
@@ -15,7 +16,10 @@ mod connections;
 mod conservation;
 mod coupon_retries;
 mod coupons;
+mod events;
+mod failover;
 mod faults;
+mod field_behavior;
 mod first_run;
 mod group_commit;
 mod health;
@@ -28,10 +32,15 @@ mod orders;
 mod outbox;
 mod outbox_nats;
 mod popular;
+mod primary_faults;
 mod production;
 mod products;
 mod rate_limits;
 mod reconcile;
+mod refund_allocation;
+mod refund_effects;
+mod refunds;
 mod replay;
 mod replicas;
+mod standby_reads;
 mod stock;

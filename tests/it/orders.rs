@@ -1,8 +1,8 @@
 use std::{collections::HashMap, time::Duration};
 
 use ecommerce::proto::{
-    CancelOrderRequest, CreateCouponRequest, Discount, OrderStatus, PercentDiscount,
-    PlaceOrderRequest, ProductStatus, UpdateProductRequest, discount,
+    CancelOrderRequest, CreateCouponRequest, OrderStatus, PlaceOrderRequest, ProductStatus,
+    UpdateProductRequest,
 };
 use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -10,7 +10,7 @@ use tonic::Code;
 
 use crate::support::{
     TestApp, assert_error,
-    coupons::{coupon_request, create_coupon_with, issue},
+    coupons::{coupon_request, create_coupon_with, issue, percent},
     eventually, invalid_field, reason,
     shop::{
         assert_ledger_matches, balance, charge, create_product, create_product_with_status,
@@ -18,15 +18,6 @@ use crate::support::{
     },
     spawn_app, spawn_app_with,
 };
-
-fn percent(percent: i32, max_discount: i64) -> Option<Discount> {
-    Some(Discount {
-        kind: Some(discount::Kind::Percent(PercentDiscount {
-            percent,
-            max_discount,
-        })),
-    })
-}
 
 async fn count(app: &TestApp, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&app.pg).await.unwrap()
@@ -106,7 +97,9 @@ async fn fifty_concurrent_payments_of_one_order_pay_once(_: PgPoolOptions, db: P
         .await,
         1
     );
-    assert_eq!(count(&app, "SELECT count(*) FROM outbox_events").await, 1);
+    let events = "SELECT count(*) FROM outbox_events WHERE event_type = 'PaymentCompleted'";
+    assert_eq!(count(&app, events).await, 1);
+    assert_eq!(count(&app, "SELECT count(*) FROM outbox_events").await, 2);
     assert_eq!(assert_ledger_matches(&app, 1).await, 86_000);
     let order = get_order(&app, 1, order.id).await.unwrap();
     assert_eq!(order.status(), OrderStatus::Paid);

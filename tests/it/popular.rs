@@ -1,10 +1,7 @@
-use std::{
-    collections::{HashMap, HashSet},
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
 use ecommerce::proto::{GetPopularProductsRequest, PopularProduct};
-use fred::interfaces::{KeysInterface, LuaInterface};
+use fred::interfaces::LuaInterface;
 use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
@@ -13,6 +10,7 @@ use tonic::Code;
 use crate::support::{
     TestApp, delete_keys, eventually, invalid_field,
     metrics::{metrics_text, series_value},
+    ranking::count_rebuilds,
     shop::{charge, create_product, pay, place},
     spawn_app, spawn_app_with,
 };
@@ -280,25 +278,6 @@ async fn pay_for(app: &TestApp, buyers: i64, products: &[i64], run: Duration) ->
 struct PaidTotals {
     by_product: Vec<(i64, i64)>,
     payments: usize,
-}
-
-/// Watches today's bucket snapshot (written by every rebuild) until `stop`; returns how many
-/// different snapshots it saw, i.e. rebuilds swapped in while it watched.
-fn count_rebuilds(app: &TestApp, stop: CancellationToken) -> tokio::task::JoinHandle<usize> {
-    let redis = app.redis.clone();
-    let today = chrono::Utc::now()
-        .with_timezone(&chrono_tz::Asia::Seoul)
-        .format("%Y%m%d");
-    let key = format!("{}rank:{{products}}:{today}:snapshot", app.redis_prefix);
-    tokio::spawn(async move {
-        let mut seen = HashSet::new();
-        while !stop.is_cancelled() {
-            let snapshot: Option<String> = redis.get(&key).await.unwrap_or(None);
-            seen.extend(snapshot);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        seen.len()
-    })
 }
 
 /// Reads the ranking all along, so the in-process cache always holds a window when a payment

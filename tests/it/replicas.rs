@@ -12,23 +12,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
 use crate::support::{
-    TestApp, assert_error,
+    assert_error,
     coupons::{create_coupon, gate_agrees, issue, issued_in_postgres, sold_out},
-    reason, redis_url,
+    reason, redis_url, replicas,
     shop::{charge, create_product, place},
-    spawn_app_with,
 };
-
-async fn replicas(db: PgConnectOptions) -> [TestApp; 3] {
-    let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
-    let spawn = || {
-        let prefix = prefix.clone();
-        spawn_app_with(db.clone(), move |s| {
-            s.set("REDIS_KEY_PREFIX", prefix);
-        })
-    };
-    [spawn().await, spawn().await, spawn().await]
-}
 
 #[sqlx::test(migrations = false)]
 async fn a_unit_cancelled_on_one_replica_sells_on_the_others_within_100ms(

@@ -16,79 +16,20 @@ use std::{
 };
 
 use ecommerce::proto::{IssueCouponRequest, OrderLine, PayRequest, PlaceOrderRequest};
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
-    },
-    common::v1::{AnyValue, any_value::Value},
-    trace::v1::Span,
-};
+use opentelemetry_proto::tonic::{common::v1::any_value::Value, trace::v1::Span};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::net::TcpListener;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Request};
 
 use crate::support::{
     TestApp,
+    collector::{Collector, attribute},
+    contract::{Method, RawCodec},
     coupons::create_coupon,
     eventually,
     shop::{charge, create_product},
     spawn_app_with,
 };
-
-/// A real OTLP/gRPC collector, keeping every span it is sent.
-#[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<Mutex<Vec<Span>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for resource in request.into_inner().resource_spans {
-            for scope in resource.scope_spans {
-                spans.extend(scope.spans);
-            }
-        }
-        Ok(Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-impl Collector {
-    async fn start(&self) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let service = TraceServiceServer::new(self.clone());
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-        });
-        addr
-    }
-
-    fn of_trace(&self, trace_id: &[u8]) -> Vec<Span> {
-        let spans = self.spans.lock().unwrap();
-        spans
-            .iter()
-            .filter(|s| s.trace_id == trace_id)
-            .cloned()
-            .collect()
-    }
-}
-
-fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v: &AnyValue| v.value.as_ref())
-}
 
 fn names(spans: &[Span]) -> Vec<&str> {
     spans.iter().map(|s| s.name.as_str()).collect()
@@ -130,7 +71,9 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
                 "DATA_PLATFORM_URL",
                 format!("http://{platform_addr}/events"),
             )
-            .set("OUTBOX_INTERVAL_SECS", 1);
+            .set("OUTBOX_INTERVAL_SECS", 1)
+            // Both generations of RPC attributes (tests/it/abandoned.rs sees the default).
+            .set("OTEL_SEMCONV_STABILITY_OPT_IN", "http,rpc/dup");
     })
     .await;
     let product = create_product(&app, "traced", 1_000, 10).await;
@@ -184,14 +127,23 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
     };
     let ok = server(&placed);
     assert_eq!(ok.parent_span_id, parent, "a child of the caller's span");
-    assert_eq!(
-        attribute(&ok, "rpc.grpc.status_code"),
-        Some(&Value::IntValue(0))
-    );
-    assert_eq!(
-        attribute(&ok, "rpc.system"),
-        Some(&Value::StringValue("grpc".into()))
-    );
+    let text = |value: &str| Some(Value::StringValue(value.into()));
+    let port = i64::from(app.addr.port());
+    // OpenTelemetry's current RPC conventions ...
+    for (key, value) in [
+        ("rpc.system.name", text("grpc")),
+        ("rpc.method", text("ecommerce.v1.OrderService/PlaceOrder")),
+        ("rpc.status_code", text("OK")),
+        ("server.address", text("127.0.0.1")),
+        ("server.port", Some(Value::IntValue(port))),
+        ("error.type", None),
+        // ... and, asked for with rpc/dup, the older ones.
+        ("rpc.system", text("grpc")),
+        ("rpc.service", text("ecommerce.v1.OrderService")),
+        ("rpc.grpc.status_code", Some(Value::IntValue(0))),
+    ] {
+        assert_eq!(attribute(&ok, key).cloned(), value, "{key}");
+    }
     // The use case is the call's child; its Postgres work is done by a group-commit batch: a
     // trace of its own, linked to the call's span, whose statements and commit are the batch's
     // children.
@@ -235,6 +187,7 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
         "balances.read_many",
         "orders.lock_products",
         "orders.insert_batch",
+        "outbox.enqueue_batch",
         "postgres.commit",
     ] {
         let span = batch_trace
@@ -252,14 +205,19 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
         );
     }
     let failed = server(&refused);
-    assert_eq!(
-        attribute(&failed, "rpc.grpc.status_code"),
-        Some(&Value::IntValue(Code::NotFound as i64))
-    );
-    assert_eq!(
-        attribute(&failed, "error.reason"),
-        Some(&Value::StringValue("PRODUCT_NOT_FOUND".into()))
-    );
+    for (key, value) in [
+        ("rpc.status_code", text("NOT_FOUND")),
+        (
+            "rpc.grpc.status_code",
+            Some(Value::IntValue(Code::NotFound as i64)),
+        ),
+        ("error.reason", text("PRODUCT_NOT_FOUND")),
+        // A refusal, not a server error: no error.type, no ERROR status.
+        ("error.type", None),
+    ] {
+        assert_eq!(attribute(&failed, key).cloned(), value, "{key}");
+    }
+    an_unknown_method_is_other(&app, &collector).await;
 
     a_coupon_call_leads_to_its_gate_script_and_the_batch_that_recorded_it(&app, &collector).await;
     a_payment_trace_reaches_the_data_platform(
@@ -267,9 +225,57 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
         &collector,
         &platform,
         placed_order.order.expect("the order").id,
+        &placed,
     )
     .await;
     app.stop().await;
+}
+
+/// A call of a method the server does not serve: a span named `grpc`, `rpc.method` `_OTHER`
+/// (so that a caller cannot make up span names), the path in `rpc.method_original`, and
+/// UNIMPLEMENTED as a server error.
+async fn an_unknown_method_is_other(app: &TestApp, collector: &Collector) {
+    let trace_id = [0x3a; 16];
+    let method = Method {
+        service: "ecommerce.v1.NoSuchService".into(),
+        name: "Call".into(),
+        input: String::new(),
+        output: String::new(),
+        streaming: false,
+    };
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    grpc.ready().await.unwrap();
+    let mut request = Request::new(Vec::new());
+    let header = format!("00-{}-{}-01", hex(&trace_id), hex(&[0x44; 8]));
+    request
+        .metadata_mut()
+        .insert("traceparent", header.parse().unwrap());
+    let status = grpc
+        .unary(request, method.path().parse().unwrap(), RawCodec)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            !collector.of_trace(&trace_id).is_empty()
+        })
+        .await,
+        "the collector received the call"
+    );
+    let span = collector.of_trace(&trace_id).remove(0);
+    assert_eq!(span.name, "grpc");
+    let text = |value: &str| Some(Value::StringValue(value.into()));
+    for (key, value) in [
+        ("rpc.method", text("_OTHER")),
+        (
+            "rpc.method_original",
+            text("ecommerce.v1.NoSuchService/Call"),
+        ),
+        ("rpc.status_code", text("UNIMPLEMENTED")),
+        ("error.type", text("UNIMPLEMENTED")),
+    ] {
+        assert_eq!(attribute(&span, key).cloned(), value, "{key}");
+    }
 }
 
 /// A coupon call leads to its gate script and to the batch that recorded its winner.
@@ -361,7 +367,7 @@ impl Platform {
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
                     let mut received = received.lock().unwrap();
-                    for event in batch["events"].as_array().cloned().unwrap_or_default() {
+                    for event in batch.as_array().cloned().unwrap_or_default() {
                         received.push((header.clone(), event));
                     }
                     axum::http::StatusCode::OK
@@ -374,12 +380,15 @@ impl Platform {
 }
 
 /// A Pay sent with a `traceparent`: its event reaches the data platform carrying that trace,
-/// and the delivery's span (named by the request's header) links to it.
+/// and the delivery's span (named by the request's header) links to it. The order's
+/// OrderPlaced event, written by a group-commit batch, carries the placing call's trace
+/// (`placed`), not the batch's.
 async fn a_payment_trace_reaches_the_data_platform(
     app: &TestApp,
     collector: &Collector,
     platform: &Platform,
     order_id: i64,
+    placed: &[u8; 16],
 ) {
     let trace_id = [0x7e; 16];
     let mut request = Request::new(PayRequest {
@@ -393,18 +402,30 @@ async fn a_payment_trace_reaches_the_data_platform(
         .insert("traceparent", header.parse().unwrap());
     app.payments().pay(request).await.expect("paid");
 
-    let event = || {
+    let subject = order_id.to_string();
+    let event_of = |event_type: &str| {
+        let cloud_type = format!("ecommerce.v1.{event_type}");
         platform
             .received
             .lock()
             .unwrap()
             .iter()
-            .find(|(_, e)| e["payload"]["order_id"] == order_id)
+            .find(|(_, e)| e["type"] == cloud_type.as_str() && e["subject"] == subject.as_str())
             .cloned()
     };
+    let event = || event_of("PaymentCompleted");
     assert!(
         eventually(Duration::from_secs(20), || async { event().is_some() }).await,
         "the payment's event reached the platform"
+    );
+    let (_, placed_event) = event_of("OrderPlaced").expect("the order's event too");
+    let placing = placed_event["traceparent"]
+        .as_str()
+        .expect("the OrderPlaced event carries its trace");
+    assert_eq!(
+        placing.split('-').nth(1),
+        Some(hex(placed).as_str()),
+        "the OrderPlaced event continues the placing call's trace: {placing}"
     );
     let (delivery_header, event) = event().unwrap();
     let carried = event["traceparent"]

@@ -328,6 +328,11 @@ impl Coupons {
                     self.release_grant(coupon_id, user_id, &grant, false).await;
                     return Err(AppError::CouponSoldOut);
                 }
+                Err(e @ StoreError::OutcomeUnknown(_)) => {
+                    // The row may exist: the win stays pending, and the user's next call (or
+                    // the reconciliation job) finds the row or releases the orphan.
+                    return Err(e.into());
+                }
                 Err(e) => {
                     // Nothing was recorded: the seat goes back to the pool.
                     self.release_grant(coupon_id, user_id, &grant, true).await;

@@ -6,6 +6,11 @@
 //! out are refused from Redis without touching Postgres; keyed orders look their key up first,
 //! so a retry of a success is never refused by that shortcut.
 //!
+//! Every transition writes its event in its own transaction ([`super::events`]): an
+//! `OrderPlaced` per order placed (a batch writes its orders' events with one multi-row
+//! insert), an `OrderCancelled` or `OrderExpired` per order closed; each commit then nudges the
+//! outbox job.
+//!
 //! Placing is group-committed ([`super::group_commit`]): concurrent orders are placed by one
 //! transaction, so a hot product's row is locked once and its stock taken once (`stock - sum`)
 //! for the whole batch, and one WAL flush commits them all. Each order still gets exactly the
@@ -44,9 +49,10 @@ mod read;
 use std::{sync::Arc, time::Duration};
 
 use sqlx::PgPool;
+use tokio::sync::Notify;
 
 pub(super) use place::saved_order;
-use place::{PlaceBatch, Placed};
+use place::{PlaceBatch, Placed, Placing};
 
 use super::{
     group_commit::GroupCommit, idempotency::Keyed, rate_limit::UserRateLimit, sold_out::SoldOut,
@@ -88,10 +94,12 @@ impl PlaceOrderCommand {
 pub struct Orders {
     pg: PgPool,
     sold_out: Arc<SoldOut>,
-    placing: GroupCommit<PlaceOrderCommand, Placed>,
+    placing: GroupCommit<Placing, Placed>,
     /// The placement rules, shared by the batches and by a checkout's transaction.
     batch: Arc<PlaceBatch>,
     rate: Arc<UserRateLimit>,
+    /// Wakes the outbox job after a commit that wrote events, so they leave at once.
+    outbox_nudge: Arc<Notify>,
 }
 
 impl Orders {
@@ -103,6 +111,7 @@ impl Orders {
         order_ttl: Duration,
         write_batch_max: usize,
         rate: Arc<UserRateLimit>,
+        outbox_nudge: Arc<Notify>,
     ) -> Self {
         let batch = Arc::new(PlaceBatch {
             pg: pg.clone(),
@@ -123,6 +132,7 @@ impl Orders {
             placing,
             batch,
             rate,
+            outbox_nudge,
         }
     }
 }

@@ -1,10 +1,11 @@
 //! Placing orders: PlaceOrder's batches and Checkout's one order in the cart's transaction.
 //!
 //! Invariant: an order reserves all its stock and its coupon, priced and checked against the
-//! balance, in one transaction, or leaves no trace; each order of a batch gets the answer it
-//! would get alone (the parent module's docs say how). Cancel safety: a batch runs in a task of
-//! its own ([`super::super::group_commit`]); an order whose caller left before its batch
-//! started, or while the batch waited for its row locks, is not placed at all.
+//! balance, and writes its `OrderPlaced` event, in one transaction, or leaves no trace; each
+//! order of a batch gets the answer it would get alone (the parent module's docs say how).
+//! Cancel safety: a batch runs in a task of its own ([`super::super::group_commit`]); an order
+//! whose caller left before its batch started, or while the batch waited for its row locks, is
+//! not placed at all.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -18,14 +19,15 @@ use tracing::Instrument as _;
 use super::{Orders, PlaceOrderCommand};
 use crate::{
     app::{
+        events::Traced,
         group_commit::{Callers, Step, left_in},
         idempotency::{BatchKeys, call_keys, claim_batch, saved_result, settle_batch},
         rate_limit::LimitedCall,
         sold_out::SoldOut,
     },
     domain::{
-        Order, OrderId, Pricing, ProductId, UserCoupon, UserCouponId, UserCouponStatus, UserId,
-        ValidationError, Won,
+        Order, OrderId, OrderPlaced, Pricing, ProductId, UserCoupon, UserCouponId,
+        UserCouponStatus, UserId, ValidationError, Won,
     },
     error::{AppError, Resource},
     metrics,
@@ -35,10 +37,14 @@ use crate::{
             self as postgres, balances, coupons,
             idempotency::{self, Operation},
             orders::{self, LineRefusal, NewOrder, StockRow},
+            outbox::{self, NewEvent},
         },
     },
     telemetry,
 };
+
+/// An order on its way to a batch, with the trace context of the call that placed it.
+pub(super) type Placing = Traced<PlaceOrderCommand>;
 
 impl Orders {
     pub async fn place(&self, cmd: PlaceOrderCommand) -> Result<Order, AppError> {
@@ -47,6 +53,9 @@ impl Orders {
             .instrument(telemetry::step("orders.place"))
             .await;
         metrics::order_placed(metrics::outcome(&result));
+        if result.is_ok() {
+            self.outbox_nudge.notify_one();
+        }
         result
     }
 
@@ -59,7 +68,7 @@ impl Orders {
         }
         // After the key: a retry of a success is answered above, never refused here.
         self.refuse_sold_out(&cmd.product_ids()).await?;
-        match self.placing.submit(cmd).await? {
+        match self.placing.submit(Traced::new(cmd)).await? {
             Placed::Answer(result) => result,
             Placed::Busy(cmd) => match self.placing.alone(cmd).await? {
                 Placed::Answer(result) => result,
@@ -75,16 +84,17 @@ impl Orders {
     pub(in crate::app) async fn place_in(
         &self,
         mut tx: Transaction<'static, Postgres>,
-        cmd: &PlaceOrderCommand,
+        cmd: PlaceOrderCommand,
         operation: Operation,
     ) -> Result<Order, AppError> {
         let mut steps = [Step::Open];
         let mut sold_out = BTreeMap::new();
+        let call = Traced::new(cmd);
         let mut placed = self
             .batch
             .decide_and_write(
                 &mut tx,
-                std::slice::from_ref(cmd),
+                std::slice::from_ref(&call),
                 &[0],
                 &Callers::default(),
                 &mut steps,
@@ -94,11 +104,13 @@ impl Orders {
         let [step] = steps;
         match (step, placed.pop()) {
             (Step::Done(_), Some(order)) => {
+                let cmd = &call.cmd;
                 if let Some(key) = &cmd.idempotency_key {
                     idempotency::complete(&mut tx, cmd.user_id, operation, key, order.id.get())
                         .await?;
                 }
                 postgres::commit(tx).await?;
+                self.outbox_nudge.notify_one();
                 Ok(order)
             }
             (Step::Refused(e), _) => {
@@ -162,7 +174,7 @@ pub(super) enum Placed {
     Answer(Result<Order, AppError>),
     /// Its key is being claimed by another transaction (or by an earlier order of the same
     /// batch): it must run alone, where its claim may wait.
-    Busy(PlaceOrderCommand),
+    Busy(Placing),
 }
 
 /// Places a batch of orders in one transaction (the module docs say how).
@@ -175,7 +187,7 @@ pub(super) struct PlaceBatch {
 impl PlaceBatch {
     pub(super) async fn run(
         self: Arc<Self>,
-        calls: Vec<PlaceOrderCommand>,
+        calls: Vec<Placing>,
         alone: bool,
         callers: Callers,
     ) -> Vec<Placed> {
@@ -230,7 +242,7 @@ impl PlaceBatch {
     /// orders decided and written, the keys settled, one commit.
     async fn decide_and_commit(
         &self,
-        calls: &[PlaceOrderCommand],
+        calls: &[Placing],
         alone: bool,
         callers: &Callers,
         steps: &mut [Step],
@@ -258,14 +270,14 @@ impl PlaceBatch {
         postgres::commit(tx).await
     }
 
-    /// Decides the `open` calls and writes the accepted ones in `tx`, without committing: the
-    /// placement rules of PlaceOrder's batches and of a checkout's transaction. Sets each open
-    /// call's step (`Done(n)`: the n-th order returned) and collects the products found sold
-    /// out, to mark once the transaction is over.
+    /// Decides the `open` calls and writes the accepted ones with their `OrderPlaced` events in
+    /// `tx`, without committing: the placement rules of PlaceOrder's batches and of a
+    /// checkout's transaction. Sets each open call's step (`Done(n)`: the n-th order returned)
+    /// and collects the products found sold out, to mark once the transaction is over.
     async fn decide_and_write(
         &self,
         tx: &mut PgConnection,
-        calls: &[PlaceOrderCommand],
+        calls: &[Placing],
         open: &[usize],
         callers: &Callers,
         steps: &mut [Step],
@@ -274,7 +286,7 @@ impl PlaceBatch {
         // Rows, in the global lock order: coupons, then products (balances are only read).
         let mut coupon_ids: Vec<UserCouponId> = open
             .iter()
-            .filter_map(|&i| calls[i].user_coupon_id)
+            .filter_map(|&i| calls[i].cmd.user_coupon_id)
             .collect();
         coupon_ids.sort_unstable();
         coupon_ids.dedup();
@@ -284,15 +296,17 @@ impl PlaceBatch {
                 .into_iter()
                 .map(|c| (c.id, c))
                 .collect();
-        let users: Vec<UserId> = open.iter().map(|&i| calls[i].user_id).collect();
+        let users: Vec<UserId> = open.iter().map(|&i| calls[i].cmd.user_id).collect();
         // Read before any product is locked, to keep the hot rows' lock short. Pay deducts
         // conditionally, so this check is advice to the buyer, not the guard of the balance.
         let balances: HashMap<UserId, Won> = balances::balances(&mut *tx, &users)
             .await?
             .into_iter()
             .collect();
-        let mut product_ids: Vec<ProductId> =
-            open.iter().flat_map(|&i| calls[i].product_ids()).collect();
+        let mut product_ids: Vec<ProductId> = open
+            .iter()
+            .flat_map(|&i| calls[i].cmd.product_ids())
+            .collect();
         product_ids.sort_unstable();
         product_ids.dedup();
         let mut products: HashMap<ProductId, StockRow> = if product_ids.is_empty() {
@@ -314,7 +328,7 @@ impl PlaceBatch {
         let now = chrono::Utc::now();
         let mut new = Vec::new();
         for i in open {
-            let cmd = &calls[i];
+            let cmd = &calls[i].cmd;
             let balance = balances.get(&cmd.user_id).copied().unwrap_or(Won::ZERO);
             steps[i] = match decide(cmd, balance, &mut coupons, &mut products, now) {
                 Ok((items, pricing)) => {
@@ -338,17 +352,26 @@ impl PlaceBatch {
             return Ok(Vec::new());
         }
 
-        // One statement for every order, its items, stock and coupon.
+        // One statement for every order, its items, stock and coupon; one for their events.
         let rows: Vec<NewOrder> = new
             .iter()
             .map(|(i, items, pricing)| NewOrder {
-                user_id: calls[*i].user_id,
+                user_id: calls[*i].cmd.user_id,
                 items,
                 pricing: *pricing,
-                user_coupon_id: calls[*i].user_coupon_id,
+                user_coupon_id: calls[*i].cmd.user_coupon_id,
             })
             .collect();
-        orders::insert_many(tx, &rows, self.order_ttl.as_secs_f64()).await
+        let placed = orders::insert_many(&mut *tx, &rows, self.order_ttl.as_secs_f64()).await?;
+        let events = placed
+            .iter()
+            .zip(&new)
+            .map(|(order, (i, _, _))| {
+                NewEvent::of(&OrderPlaced::of(order), calls[*i].trace.clone())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        outbox::enqueue_many(tx, events).await?;
+        Ok(placed)
     }
 }
 

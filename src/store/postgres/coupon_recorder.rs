@@ -150,6 +150,16 @@ async fn record_batch(pg: &PgPool, batch: Vec<Pending>) {
                 let _ = pending.reply.send(outcome);
             }
         }
+        Err(StoreError::OutcomeUnknown(source)) => {
+            // The statement may have committed: each winner hears so, and keeps its win
+            // pending until a row is seen or the orphan grace releases it.
+            let why = source.to_string();
+            for pending in batch {
+                let _ = pending
+                    .reply
+                    .send(Err(StoreError::OutcomeUnknown(why.clone().into())));
+            }
+        }
         Err(e) if e.is_unavailable() => {
             let why = e.to_string();
             for pending in batch {

@@ -311,7 +311,7 @@ pub async fn issue(
         Ok(Some(row)) => Ok(Ok(row.into_user_coupon()?)),
         Ok(None) => Ok(Err(IssueRefusal::NoCoupon)),
         Err(e) => {
-            let error = StoreError::from(e);
+            let error = StoreError::from_commit(e);
             match error.violated_constraint() {
                 Some("user_coupons_one_per_user") => Ok(Err(IssueRefusal::AlreadyIssued)),
                 Some("user_coupons_seat_unique") => Ok(Err(IssueRefusal::SeatTaken)),
@@ -359,7 +359,8 @@ pub async fn issue_many(
     .bind(&user_ids)
     .bind(&seats)
     .fetch_all(db)
-    .await?;
+    .await
+    .map_err(StoreError::from_commit)?;
     rows.into_iter()
         .map(UserCouponRow::into_user_coupon)
         .collect()

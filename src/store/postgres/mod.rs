@@ -5,6 +5,7 @@ pub mod balances;
 pub mod carts;
 pub mod coupon_recorder;
 pub mod coupons;
+pub mod fence;
 pub mod idempotency;
 pub mod job_lock;
 pub mod order_pages;
@@ -12,12 +13,14 @@ pub mod orders;
 pub mod outbox;
 pub mod payments;
 pub mod products;
+pub mod refunds;
+pub mod replica;
 pub mod sales;
 
 use std::time::Duration;
 
 use sqlx::{
-    PgPool, Postgres, Transaction,
+    Connection as _, PgConnection, PgPool, Postgres, Transaction,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
@@ -26,26 +29,57 @@ use crate::domain::{PageSize, PageToken};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// A lazily connecting pool: the service starts (and reports NOT_SERVING) even when Postgres is
-/// down, and every acquire gives up after `acquire_timeout` instead of queueing forever.
+/// A lazily connecting pool to the primary: the service starts (and reports NOT_SERVING) even
+/// when Postgres is down, and every acquire gives up after `acquire_timeout` instead of
+/// queueing forever.
+///
+/// A connection is only ever to a primary: one that lands on a standby (a DNS name or a
+/// pooler that still leads to a demoted server) is closed at once and the pool tries again
+/// until `acquire_timeout`, so money is never read from a server that may lag; and a
+/// connection opened before the [`fence`] last rose is used again only if its server still
+/// takes writes.
 pub fn pool(options: PgConnectOptions, max_connections: u32, acquire_timeout: Duration) -> PgPool {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)
         .acquire_timeout(acquire_timeout)
         .idle_timeout(Some(Duration::from_secs(60)))
-        .connect_lazy_with(
-            options
-                .application_name("ecommerce")
-                // Statements are prepared once per connection and reused for its lifetime.
-                // After five runs Postgres may settle on a generic plan, costed with the table
-                // sizes of that moment and with default sizes for the batches' arrays: a plan
-                // made while `orders` was small kept scanning it whole as it grew (a lone Pay
-                // took 30 ms instead of 2 on a long-running server; new connections were fast).
-                // A custom plan per execution sees the actual arrays and the table's current
-                // size, for a fraction of a millisecond of planning per statement.
-                .options([("plan_cache_mode", "force_custom_plan")]),
-        )
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                let standby: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if standby {
+                    return Err(sqlx::Error::Protocol(
+                        "DATABASE_URL leads to a standby, not the primary".into(),
+                    ));
+                }
+                Ok(())
+            })
+        })
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if !fence::suspects(meta.age) {
+                    return Ok(true);
+                }
+                takes_writes(conn).await
+            })
+        })
+        .connect_lazy_with(session(options, "ecommerce"))
+}
+
+/// The options every connection of the service uses.
+pub(super) fn session(options: PgConnectOptions, application_name: &str) -> PgConnectOptions {
+    options
+        .application_name(application_name)
+        // Statements are prepared once per connection and reused for its lifetime.
+        // After five runs Postgres may settle on a generic plan, costed with the table
+        // sizes of that moment and with default sizes for the batches' arrays: a plan
+        // made while `orders` was small kept scanning it whole as it grew (a lone Pay
+        // took 30 ms instead of 2 on a long-running server; new connections were fast).
+        // A custom plan per execution sees the actual arrays and the table's current
+        // size, for a fraction of a millisecond of planning per statement.
+        .options([("plan_cache_mode", "force_custom_plan")])
 }
 
 /// Applies pending migrations. sqlx holds a Postgres advisory lock while migrating, so replicas
@@ -54,17 +88,60 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
-/// Commits: the step where a call waits for its WAL flush, so it has a span of its own.
+/// Commits: the step where a call waits for its WAL flush (and, with synchronous replication,
+/// for a standby to have it), so it has a span of its own. A connection lost before the answer
+/// is [`StoreError::OutcomeUnknown`].
 #[tracing::instrument(target = "otel", name = "postgres.commit", skip_all, fields(db.system = "postgresql"))]
 pub async fn commit(tx: Transaction<'_, Postgres>) -> Result<(), StoreError> {
-    tx.commit().await?;
-    Ok(())
+    tx.commit().await.map_err(StoreError::from_commit)
 }
 
-/// `SELECT 1`, for health checks.
-pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::query("SELECT 1").execute(pool).await?;
-    Ok(())
+/// Whether the server behind `conn` takes writes: a primary, not made read-only.
+async fn takes_writes(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    let read_only: bool = sqlx::query_scalar(
+        "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::bool",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(!read_only)
+}
+
+/// The readiness probe's own connection to the primary, apart from the pool: a pool busy with
+/// calls (every connection held while a failover makes commits wait) is load, not an outage,
+/// and must not turn readiness off and on.
+pub struct Probe {
+    options: PgConnectOptions,
+    connection: Option<PgConnection>,
+}
+
+impl Probe {
+    pub fn new(options: PgConnectOptions) -> Self {
+        Self {
+            options: session(options, "ecommerce-health"),
+            connection: None,
+        }
+    }
+
+    /// Ok when the server answers as a primary that takes writes: not a standby, not made
+    /// read-only. Any failure drops the connection, so the next probe connects afresh (to
+    /// wherever the address leads then). Cancel-safe: a probe dropped mid-query leaves no
+    /// connection behind.
+    pub async fn writable(&mut self) -> Result<(), StoreError> {
+        let mut connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => PgConnection::connect_with(&self.options).await?,
+        };
+        if !takes_writes(&mut connection).await? {
+            // A read-only server may be a demoted one that the address no longer leads to.
+            let _ = connection.close().await;
+            return Err(StoreError::Unavailable {
+                dependency: super::Dependency::Postgres,
+                source: "the database takes no writes (a standby, or read-only)".into(),
+            });
+        }
+        self.connection = Some(connection);
+        Ok(())
+    }
 }
 
 /// Runs a purge `statement` whose `$1` is an age in seconds and `$2` the most rows it deletes;

@@ -48,6 +48,7 @@ struct PageRow {
     item_name: Option<String>,
     item_unit_price: Option<Won>,
     item_quantity: Option<i32>,
+    item_refunded_quantity: Option<i32>,
 }
 
 /// The orders of `filter` below `after`, newest first, and where the next page starts (if
@@ -104,12 +105,20 @@ fn group(rows: Vec<PageRow>) -> Vec<Order> {
             row.item_name,
             row.item_unit_price,
             row.item_quantity,
+            row.item_refunded_quantity,
         ) {
-            (Some(product_id), Some(name), Some(unit_price), Some(quantity)) => Some(OrderItem {
+            (
+                Some(product_id),
+                Some(name),
+                Some(unit_price),
+                Some(quantity),
+                Some(refunded_quantity),
+            ) => Some(OrderItem {
                 product_id,
                 name,
                 unit_price,
                 quantity,
+                refunded_quantity,
             }),
             _ => None,
         };

@@ -3,7 +3,8 @@
 //! Invariants: stock never goes negative (conditional updates, plus the schema's CHECK); an
 //! order either holds all its stock and its coupon or none (one transaction); a coupon backs at
 //! most one live order. Locks are always taken in the same order (order row, then user coupon,
-//! then products by ascending id) so concurrent transactions never deadlock.
+//! then products by ascending id) so concurrent transactions never deadlock. Refunds live in
+//! `refunds`; the order rows and items read here carry what they refunded.
 
 use std::collections::BTreeMap;
 
@@ -12,18 +13,19 @@ use sqlx::{PgConnection, PgExecutor};
 
 use crate::{
     domain::{
-        Order, OrderId, OrderItem, OrderLine, OrderStatus, Pricing, ProductId, ProductStatus,
-        Restock, UserCouponId, UserId, Won,
+        EventSequence, Order, OrderId, OrderItem, OrderLine, OrderStatus, Pricing, ProductId,
+        ProductStatus, Restock, UserCouponId, UserId, Won,
     },
     store::StoreError,
 };
 
 macro_rules! order_columns {
     () => {
-        "id, user_id, status, total_amount, discount_amount, final_amount, user_coupon_id,
-         created_at, expires_at, paid_at, cancelled_at"
+        "id, user_id, status, total_amount, discount_amount, final_amount, refunded_amount,
+         user_coupon_id, created_at, expires_at, paid_at, cancelled_at, event_sequence"
     };
 }
+pub(super) use order_columns;
 
 /// An order row without its items.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -34,11 +36,14 @@ pub struct OrderRow {
     pub total_amount: Won,
     pub discount_amount: Won,
     pub final_amount: Won,
+    pub refunded_amount: Won,
     pub user_coupon_id: Option<UserCouponId>,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub paid_at: Option<DateTime<Utc>>,
     pub cancelled_at: Option<DateTime<Utc>>,
+    /// The number of the order's last event (placing is 1).
+    pub event_sequence: EventSequence,
 }
 
 impl OrderRow {
@@ -53,6 +58,7 @@ impl OrderRow {
                 discount: self.discount_amount,
                 final_amount: self.final_amount,
             },
+            refunded: self.refunded_amount,
             user_coupon_id: self.user_coupon_id,
             created_at: self.created_at,
             expires_at: self.expires_at,
@@ -108,6 +114,7 @@ impl StockRow {
             name: self.name.clone(),
             unit_price: self.price,
             quantity: line.quantity.get(),
+            refunded_quantity: 0,
         })
     }
 }
@@ -236,7 +243,7 @@ pub async fn insert_many(
 
 pub async fn items(db: impl PgExecutor<'_>, order: OrderId) -> Result<Vec<OrderItem>, StoreError> {
     let items = sqlx::query_as(
-        "SELECT product_id, product_name AS name, unit_price, quantity
+        "SELECT product_id, product_name AS name, unit_price, quantity, refunded_quantity
          FROM order_items WHERE order_id = $1 ORDER BY product_id",
     )
     .bind(order)
@@ -263,7 +270,16 @@ pub async fn get(conn: &mut PgConnection, id: OrderId) -> Result<Option<Order>, 
     }
 }
 
-/// Locks the order row for a state change (pay, cancel, expire).
+/// The buyer of an order, read without a lock (it never changes).
+pub async fn buyer(db: impl PgExecutor<'_>, id: OrderId) -> Result<Option<UserId>, StoreError> {
+    let buyer = sqlx::query_scalar("SELECT user_id FROM orders WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db)
+        .await?;
+    Ok(buyer)
+}
+
+/// Locks the order row for a state change (pay, cancel, expire, refund).
 #[tracing::instrument(target = "otel", name = "orders.lock", skip_all, fields(db.system = "postgresql"))]
 pub async fn lock(tx: &mut PgConnection, id: OrderId) -> Result<Option<OrderRow>, StoreError> {
     let row = sqlx::query_as(concat!(
@@ -307,7 +323,8 @@ pub async fn items_of(
         item: OrderItem,
     }
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT order_id, product_id, product_name AS name, unit_price, quantity
+        "SELECT order_id, product_id, product_name AS name, unit_price, quantity,
+             refunded_quantity
          FROM order_items WHERE order_id = ANY($1) ORDER BY order_id, product_id",
     )
     .bind(orders)
@@ -351,19 +368,8 @@ pub async fn release(
         .execute(&mut *tx)
         .await?;
     }
-    let mut restocks = Vec::new();
-    for (product, units) in units_to_return(orders.iter().flat_map(|(_, items)| items.iter())) {
-        let stock_gen: i64 = sqlx::query_scalar(
-            "UPDATE products SET stock = stock + $2, stock_gen = stock_gen + 1, updated_at = now()
-             WHERE id = $1
-             RETURNING stock_gen",
-        )
-        .bind(product)
-        .bind(units)
-        .fetch_one(&mut *tx)
-        .await?;
-        restocks.push(Restock { product, stock_gen });
-    }
+    let units = units_to_return(orders.iter().flat_map(|(_, items)| items.iter()));
+    let restocks = restock(tx, &units).await?;
     let mut closed = Vec::with_capacity(orders.len());
     for (order, _) in orders {
         let row = sqlx::query_as(concat!(
@@ -382,6 +388,57 @@ pub async fn release(
         orders: closed,
         restocks,
     })
+}
+
+/// Puts `units` back in stock (by ascending product id, as given: the last step of the global
+/// lock order), bumping each product's stock generation so that a sold-out marker from before
+/// is refused. Returns the products with their new generation, for clearing their markers.
+pub async fn restock(
+    tx: &mut PgConnection,
+    units: &[(ProductId, i64)],
+) -> Result<Vec<Restock>, StoreError> {
+    let mut restocks = Vec::with_capacity(units.len());
+    for &(product, units) in units {
+        let stock_gen: i64 = sqlx::query_scalar(
+            "UPDATE products SET stock = stock + $2, stock_gen = stock_gen + 1, updated_at = now()
+             WHERE id = $1
+             RETURNING stock_gen",
+        )
+        .bind(product)
+        .bind(units)
+        .fetch_one(&mut *tx)
+        .await?;
+        restocks.push(Restock { product, stock_gen });
+    }
+    Ok(restocks)
+}
+
+/// Takes the next event number of each of `orders`, whose rows this transaction must hold
+/// locked for the transition the events report; returns them in the order given.
+#[tracing::instrument(target = "otel", name = "orders.next_event_sequences", skip_all, fields(db.system = "postgresql"))]
+pub async fn next_event_sequences(
+    tx: &mut PgConnection,
+    orders: &[OrderId],
+) -> Result<Vec<EventSequence>, StoreError> {
+    let taken: BTreeMap<OrderId, EventSequence> = sqlx::query_as(
+        "UPDATE orders SET event_sequence = event_sequence + 1
+         WHERE id = ANY($1)
+         RETURNING id, event_sequence",
+    )
+    .bind(orders)
+    .fetch_all(tx)
+    .await?
+    .into_iter()
+    .collect();
+    orders
+        .iter()
+        .map(|id| {
+            taken
+                .get(id)
+                .copied()
+                .ok_or_else(|| StoreError::Inconsistent(format!("order {id} has no row")))
+        })
+        .collect()
 }
 
 /// The units to put back per product, by ascending product id: the order every transaction
@@ -423,6 +480,7 @@ mod tests {
             name: format!("product {product}"),
             unit_price: Won::new(1_000),
             quantity,
+            refunded_quantity: 0,
         }
     }
 

@@ -1,5 +1,6 @@
-//! The transactional outbox. Events are written in the transaction of what they report, and
-//! delivered later by the outbox job: at least once, with the event id as idempotency key.
+//! The transactional outbox. Events are written in the transaction of what they report (one
+//! per order transition), and delivered later by the outbox job: at least once, with the event
+//! id as idempotency key.
 //!
 //! Invariant: an event is DELIVERED only after the sink accepted it; a batch is claimed with
 //! `FOR UPDATE SKIP LOCKED`, so two replicas never deliver the same event at the same moment.
@@ -15,7 +16,7 @@ use uuid::Uuid;
 
 use super::{delete_older_than, split_page};
 use crate::{
-    domain::{PageSize, PageToken, ParkedEvent},
+    domain::{OrderEvent, OrderId, PageSize, PageToken, ParkedEvent},
     store::StoreError,
     telemetry::TraceContext,
 };
@@ -24,9 +25,14 @@ use crate::{
 pub struct OutboxEvent {
     pub id: i64,
     pub event_id: Uuid,
+    /// The name of the payload's message in events.proto (`OrderPlaced`, ...).
     pub event_type: String,
+    /// The order it is about (the CloudEvents `subject`): the column, or for an event written
+    /// before it existed, its payload's `order_id`.
+    pub order_id: Option<i64>,
     pub payload: serde_json::Value,
     pub attempts: i32,
+    /// When its transition committed (the transaction's time): the CloudEvents `time`.
     pub created_at: DateTime<Utc>,
     /// The trace context of the call that wrote the event, sent along with it.
     pub traceparent: Option<String>,
@@ -42,42 +48,58 @@ impl OutboxEvent {
     }
 }
 
-/// An event to enqueue with others.
-pub struct NewEvent<'a> {
+/// An event to enqueue with others: its columns, ready to be bound as arrays.
+pub struct NewEvent {
     pub event_id: Uuid,
-    pub event_type: &'a str,
+    pub event_type: &'static str,
     pub aggregate_id: i64,
+    pub order_id: OrderId,
     pub payload: serde_json::Value,
-    /// The trace context of the call that wrote the event, captured in the caller's task.
+    /// The trace context of the call that made the transition, captured in the caller's task.
     pub trace: TraceContext,
+}
+
+impl NewEvent {
+    /// The row of `event`, with a fresh id unless its payload carries one.
+    pub fn of<E: OrderEvent>(event: &E, trace: TraceContext) -> Result<Self, StoreError> {
+        let payload = serde_json::to_value(event)
+            .map_err(|e| StoreError::Inconsistent(format!("{} payload: {e}", E::TYPE)))?;
+        Ok(Self {
+            event_id: event.event_id().unwrap_or_else(Uuid::new_v4),
+            event_type: E::TYPE,
+            aggregate_id: event.aggregate_id(),
+            order_id: event.order_id(),
+            payload,
+            trace,
+        })
+    }
 }
 
 /// Enqueues several events with one multi-row insert.
 #[tracing::instrument(target = "otel", name = "outbox.enqueue_batch", skip_all, fields(db.system = "postgresql"))]
-pub async fn enqueue_many(
-    tx: &mut PgConnection,
-    events: Vec<NewEvent<'_>>,
-) -> Result<(), StoreError> {
+pub async fn enqueue_many(tx: &mut PgConnection, events: Vec<NewEvent>) -> Result<(), StoreError> {
     if events.is_empty() {
         return Ok(());
     }
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
     let aggregates: Vec<i64> = events.iter().map(|e| e.aggregate_id).collect();
+    let orders: Vec<OrderId> = events.iter().map(|e| e.order_id).collect();
     let traceparents: Vec<Option<String>> =
         events.iter().map(|e| e.trace.traceparent.clone()).collect();
     let tracestates: Vec<Option<String>> =
         events.iter().map(|e| e.trace.tracestate.clone()).collect();
     let payloads: Vec<serde_json::Value> = events.into_iter().map(|e| e.payload).collect();
     sqlx::query(
-        "INSERT INTO outbox_events (event_id, event_type, aggregate_id, payload, traceparent,
-                                    tracestate)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::jsonb[], $5::text[],
-                              $6::text[])",
+        "INSERT INTO outbox_events (event_id, event_type, aggregate_id, order_id, payload,
+                                    traceparent, tracestate)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[],
+                              $6::text[], $7::text[])",
     )
     .bind(&ids)
     .bind(&types)
     .bind(&aggregates)
+    .bind(&orders)
     .bind(&payloads)
     .bind(&traceparents)
     .bind(&tracestates)
@@ -86,18 +108,27 @@ pub async fn enqueue_many(
     Ok(())
 }
 
+/// The order of an event: its column, or the payload's for a row written before the column.
+macro_rules! event_order {
+    () => {
+        "coalesce(order_id, (payload->>'order_id')::bigint)"
+    };
+}
+
 /// Locks up to `limit` events that are due, oldest first, skipping those another transaction
 /// is delivering.
 #[tracing::instrument(target = "otel", name = "outbox.claim_due", skip_all, fields(db.system = "postgresql"))]
 pub async fn claim_due(tx: &mut PgConnection, limit: i64) -> Result<Vec<OutboxEvent>, StoreError> {
-    let events = sqlx::query_as(
-        "SELECT id, event_id, event_type, payload, attempts, created_at, traceparent, tracestate
+    let events = sqlx::query_as(concat!(
+        "SELECT id, event_id, event_type, ",
+        event_order!(),
+        " AS order_id, payload, attempts, created_at, traceparent, tracestate
          FROM outbox_events
          WHERE status = 'PENDING' AND next_attempt_at <= now()
          ORDER BY id
          LIMIT $1
-         FOR UPDATE SKIP LOCKED",
-    )
+         FOR UPDATE SKIP LOCKED"
+    ))
     .bind(limit)
     .fetch_all(tx)
     .await?;
@@ -209,14 +240,16 @@ pub async fn parked_page(
     page_size: PageSize,
     after: Option<PageToken>,
 ) -> Result<(Vec<ParkedEvent>, Option<PageToken>), StoreError> {
-    let mut rows: Vec<ParkedEvent> = sqlx::query_as(
-        "SELECT id, event_id, event_type, aggregate_id AS payment_id, attempts,
-                coalesce(last_error, '') AS reason, created_at, parked_at
+    let mut rows: Vec<ParkedEvent> = sqlx::query_as(concat!(
+        "SELECT id, event_id, event_type,
+                CASE WHEN event_type = 'PaymentCompleted' THEN aggregate_id END AS payment_id, ",
+        event_order!(),
+        " AS order_id, attempts, coalesce(last_error, '') AS reason, created_at, parked_at
          FROM outbox_events
          WHERE status = 'PARKED' AND id > $1
          ORDER BY id
-         LIMIT $2",
-    )
+         LIMIT $2"
+    ))
     .bind(after.map_or(0, PageToken::last_key))
     .bind(page_size.get() + 1)
     .fetch_all(db)

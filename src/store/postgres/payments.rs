@@ -65,7 +65,8 @@ pub struct PaymentRecord {
 /// Writes payments in one statement: each buyer's balance debited once (by the sum of their
 /// payments, whose `balance_after` were computed from the locked balance), a balance row for a
 /// buyer of fully discounted orders who never charged, one USE ledger entry and one payment
-/// per order, the orders as PAID at `paid_at` and their coupons as USED. The orders and
+/// per order, the orders as PAID at `paid_at` with their next event number taken (their
+/// PaymentCompleted events carry it: the locked row's number + 1) and their coupons as USED. The orders and
 /// balances must be locked by this transaction and checked. Also returns the transaction's id,
 /// shared by every payment of the batch: once committed, it tells which snapshots see them
 /// (the ranking counts each payment once).
@@ -121,7 +122,8 @@ pub async fn record_many(
              FROM req r JOIN ledger l USING (order_id)
          ),
          paid AS (
-             UPDATE orders o SET status = 'PAID', paid_at = $9
+             UPDATE orders o SET status = 'PAID', paid_at = $9,
+                 event_sequence = o.event_sequence + 1
              WHERE o.id = ANY($2)
          ),
          used AS (

@@ -1,6 +1,7 @@
 //! Paid quantities per product and day: what the popular-products ranking must show.
-//! Only PAID orders count (an order has a payment row only once it is paid, and paid orders
-//! never change again), bucketed by the day span (`domain::Calendar`) holding the payment's
+//! Only paid orders count (an order has a payment row only once it is paid), less the units
+//! refunded since (a refund only ever raises an item's `refunded_quantity`, in the transaction
+//! the ranking knows it by), bucketed by the day span (`domain::Calendar`) holding the payment's
 //! `paid_at`: the spans come from the service, not from Postgres' time zone rules, so a payment
 //! lands in the same day here as in the bump made when it was paid.
 
@@ -45,7 +46,7 @@ async fn daily(db: &mut PgConnection, window: &DayWindow) -> Result<Vec<DailySal
     let rows: Vec<(i32, ProductId, i64)> = sqlx::query_as(
         "SELECT width_bucket(p.paid_at, $1::timestamptz[]) AS day,
                 oi.product_id,
-                sum(oi.quantity)::bigint AS quantity
+                sum(oi.quantity - oi.refunded_quantity)::bigint AS quantity
          FROM payments p
          JOIN order_items oi ON oi.order_id = p.order_id
          WHERE p.paid_at >= $2 AND p.paid_at < $3

@@ -2,10 +2,14 @@
 //! score = paid quantity). All keys share one hash tag, so a union of days and every script
 //! runs on one cluster node. Keys expire after the retention period.
 //!
-//! Invariant: a day's bucket counts every committed payment of the day exactly once, whenever
-//! the rebuild runs, except a payment whose bump never reached Redis (the next rebuild adds it).
-//! Beside each bucket live the Postgres snapshot it was last rebuilt from (`...:snapshot`) and
-//! the payments counted by bumps since (`...:counted`, payment id -> transaction id and items).
+//! Invariant: a day's bucket counts every committed payment of the day exactly once, and takes
+//! away every committed refund of those payments' units exactly once, whenever the rebuild runs,
+//! except a bump that never reached Redis (the next rebuild puts it in). A refund is a bump
+//! too, of negative quantities, in the bucket of the day its order was paid, and follows the
+//! same rules as a payment's (read "payment or refund" for "payment" below; a refund is named
+//! `r<refund id>` in `counted`). Beside each bucket live the Postgres snapshot it was last
+//! rebuilt from (`...:snapshot`) and the payments counted by bumps since (`...:counted`,
+//! payment id -> transaction id and items).
 //! - A bump (rank_bump.lua) is refused if the snapshot saw its transaction (the rebuild counted
 //!   it) or its payment is already in `counted` (a repeated call); otherwise it adds the items
 //!   and records the payment, in one step.
@@ -30,9 +34,25 @@ use fred::{
 
 use super::{LuaScript, Redis};
 use crate::{
-    domain::{PaymentId, ProductId, Snapshot, TxId},
+    domain::{PaymentId, ProductId, RefundId, Snapshot, TxId},
     store::StoreError,
 };
+
+/// What a bump counts: a payment's units, or a refund taking some of them away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counted {
+    Payment(PaymentId),
+    Refund(RefundId),
+}
+
+impl std::fmt::Display for Counted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Counted::Payment(id) => write!(f, "{id}"),
+            Counted::Refund(id) => write!(f, "r{id}"),
+        }
+    }
+}
 
 pub struct Ranking {
     redis: Redis,
@@ -94,20 +114,21 @@ impl Ranking {
         }
     }
 
-    /// Counts committed payment `payment` (transaction `tx`) in `day`'s bucket, unless the
-    /// bucket already holds it. Returns whether it was counted now.
+    /// Counts committed payment or refund `counted` (transaction `tx`; a refund's quantities
+    /// are negative) in `day`'s bucket, unless the bucket already holds it. Returns whether it
+    /// was counted now.
     pub async fn count(
         &self,
         day: NaiveDate,
-        payment: PaymentId,
+        counted: Counted,
         tx: TxId,
         sold: &[(ProductId, i64)],
         retention: Duration,
     ) -> Result<bool, StoreError> {
         let keys = DayKeys::new(&self.redis, day);
-        let (ttl, payment, tx) = (
+        let (ttl, counted, tx) = (
             retention.as_secs().to_string(),
-            payment.to_string(),
+            counted.to_string(),
             tx.to_string(),
         );
         let items = items_arg(sold);
@@ -116,7 +137,7 @@ impl Ranking {
             .call(
                 &self.redis,
                 &[&keys.bucket, &keys.snapshot, &keys.counted],
-                &[&ttl, &payment, &tx, &items],
+                &[&ttl, &counted, &tx, &items],
             )
             .await?;
         Ok(counted == 1)

@@ -1,6 +1,6 @@
 //! The books, read on one consistent snapshot: the shared rules and stock conservation, which hold
-//! at any moment of the workload; and, once it is over, every balance, order, payment, coupon and
-//! charge against what the RPCs reported.
+//! at any moment of the workload; and, once it is over, every balance (charges - uses + refunds),
+//! order, payment, refund, coupon and charge against what the RPCs reported.
 
 use std::collections::{HashMap, HashSet};
 
@@ -40,11 +40,17 @@ pub(super) async fn audit(
         }
     }
 
-    // Stock: every unit is on the shelf, in an open order or in a paid one.
-    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+    // Stock: every unit is on the shelf, in an open order, kept by a buyer who paid, or
+    // refunded without going back to stock.
+    let rows: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(
         "SELECT p.id, p.stock,
                 coalesce(sum(i.quantity) FILTER (WHERE o.status = 'PENDING_PAYMENT'), 0)::bigint,
-                coalesce(sum(i.quantity) FILTER (WHERE o.status = 'PAID'), 0)::bigint
+                coalesce(sum(i.quantity - i.refunded_quantity)
+                    FILTER (WHERE o.status IN ('PAID', 'PARTIALLY_REFUNDED', 'REFUNDED')),
+                    0)::bigint,
+                (SELECT coalesce(sum(l.quantity), 0)::bigint
+                 FROM refund_lines l JOIN refunds r ON r.id = l.refund_id
+                 WHERE l.product_id = p.id AND NOT r.restocked)
          FROM products p
          LEFT JOIN order_items i ON i.product_id = p.id
          LEFT JOIN orders o ON o.id = i.order_id
@@ -55,12 +61,13 @@ pub(super) async fn audit(
     .fetch_all(&mut *tx)
     .await
     .unwrap();
-    for (product, stock, open, paid) in rows {
+    for (product, stock, open, kept, gone) in rows {
         let initial = shop.products.iter().find(|p| p.0 == product).unwrap().2;
         checked += 1;
-        if stock + open + paid != initial {
+        if stock + open + kept + gone != initial {
             fail(format!(
-                "product {product}: stock {stock} + open {open} + paid {paid} != {initial}"
+                "product {product}: stock {stock} + open {open} + paid and kept {kept} \
+                 + refunded but not restocked {gone} != {initial}"
             ));
         }
     }
@@ -81,8 +88,9 @@ pub(super) async fn check_books(
     let mut checked = audit(&mut tx, shop, violations, when).await;
     let mut fail = |message: String| violations.push(format!("{when}: {message}"));
 
-    // Balances: what the RPCs reported, per user, against the ledger.
-    let mut expected: HashMap<i64, (i64, i64, i64)> = HashMap::new(); // charged, charges, paid
+    // Balances: what the RPCs reported, per user, against the ledger: charges - uses + refunds.
+    // (charged, charges, paid, refunded)
+    let mut expected: HashMap<i64, (i64, i64, i64, i64)> = HashMap::new();
     for (user, amount) in record.charges.values() {
         let e = expected.entry(*user).or_default();
         e.0 += amount;
@@ -91,13 +99,16 @@ pub(super) async fn check_books(
     for (user, _, amount) in record.payments.values() {
         expected.entry(*user).or_default().2 += amount;
     }
+    for refund in record.refunds.values() {
+        expected.entry(refund.user).or_default().3 += refund.amount;
+    }
     let rows = sqlx::query(
         "SELECT u.user_id,
                 coalesce((SELECT balance FROM user_balances b WHERE b.user_id = u.user_id), 0),
                 coalesce(sum(h.amount) FILTER (WHERE h.kind = 'CHARGE'), 0)::bigint,
                 count(h.id) FILTER (WHERE h.kind = 'CHARGE'),
                 coalesce(sum(h.amount) FILTER (WHERE h.kind = 'USE'), 0)::bigint,
-                count(h.id) FILTER (WHERE h.kind = 'REFUND')
+                coalesce(sum(h.amount) FILTER (WHERE h.kind = 'REFUND'), 0)::bigint
          FROM generate_series(1, $1::bigint) AS u(user_id)
          LEFT JOIN balance_history h ON h.user_id = u.user_id
          GROUP BY u.user_id ORDER BY u.user_id",
@@ -113,20 +124,21 @@ pub(super) async fn check_books(
             row.get::<i64, _>(2),
             row.get::<i64, _>(3),
             row.get::<i64, _>(4),
+            row.get::<i64, _>(5),
         );
-        let refunds: i64 = row.get(5);
-        let (charged, charges, paid) = expected.get(&user).copied().unwrap_or_default();
+        let (charged, charges, paid, refunded) = expected.get(&user).copied().unwrap_or_default();
         checked += 3;
-        if ledger != (charged, charges, paid) {
+        if ledger != (charged, charges, paid, refunded) {
             fail(format!(
-                "user {user}: ledger charges {} in {} entries, uses {}; the RPCs reported \
-                 charges {charged} in {charges}, payments {paid}",
-                ledger.0, ledger.1, ledger.2
+                "user {user}: ledger charges {} in {} entries, uses {}, refunds {}; the RPCs \
+                 reported charges {charged} in {charges}, payments {paid}, refunds {refunded}",
+                ledger.0, ledger.1, ledger.2, ledger.3
             ));
         }
-        if balance != charged - paid || refunds != 0 {
+        if balance != charged - paid + refunded {
             fail(format!(
-                "user {user}: balance {balance} != {charged} charged - {paid} paid"
+                "user {user}: balance {balance} != {charged} charged - {paid} paid \
+                 + {refunded} refunded"
             ));
         }
         if balance < 0 {
@@ -136,7 +148,7 @@ pub(super) async fn check_books(
 
     // What exists is exactly what the RPCs reported: no phantom or lost orders, payments,
     // coupons or charges.
-    let sets: [(&str, &str, HashSet<i64>); 4] = [
+    let sets: [(&str, &str, HashSet<i64>); 5] = [
         (
             "orders",
             "SELECT id FROM orders",
@@ -156,6 +168,11 @@ pub(super) async fn check_books(
             "charges",
             "SELECT id FROM balance_history WHERE kind = 'CHARGE'",
             record.charges.keys().copied().collect(),
+        ),
+        (
+            "refunds",
+            "SELECT id FROM refunds",
+            record.refunds.keys().copied().collect(),
         ),
     ];
     for (what, sql, reported) in sets {

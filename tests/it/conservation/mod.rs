@@ -4,18 +4,20 @@
 //! with the same key, one after the other or at the same moment), coupon issues (four kinds,
 //! limited stock, fixed and percent), orders of 1-3 lines over 10 products of limited stock, with
 //! and without coupons, cancels, payments (some retried with their key, some sent three times at
-//! once) and orders left to expire (ORDER_TTL_SECS=2), buyers' order lists walked page by
-//! page and the admin's reads (GetOrder, ListOrders, ListProducts), and keyed AdjustStock calls
+//! once), refunds of paid orders (partial and full, restocked or not, retried with their key or
+//! sent twice at once), orders left to expire (ORDER_TTL_SECS=2), buyers' order lists walked page
+//! by page, the admin's reads (GetOrder, ListOrders, ListProducts), and keyed AdjustStock calls
 //! retried and sent twice at once on a product set aside for them. Every answer is recorded.
-//! Afterwards the books must balance, on a consistent snapshot right after the workload and
-//! again once the expiry job and the outbox have settled: every balance equals its ledger and what the RPCs
-//! reported (charges counted once per idempotency key, minus payments); every unit of stock is on
-//! the shelf, in an open order or in a paid one; coupons are never over-issued, are RESERVED
-//! exactly for open orders and USED exactly for paid ones; every paid order has exactly one
-//! payment and one outbox event, every other order none; every list shows only what its filter
-//! keeps, newest first, none twice, and once settled every buyer's list (with and without a
-//! statuses filter) and the admin's are exactly the orders placed; the adjusted product moved
-//! once per key.
+//! Afterwards the books must balance, on a consistent snapshot right after the workload and again
+//! once the expiry job and the outbox have settled: every balance equals its ledger and what the
+//! RPCs reported (charges counted once per idempotency key, minus payments, plus refunds); every
+//! unit of stock is on the shelf, in an open order, kept by a buyer who paid or refunded without
+//! a restock; coupons are never over-issued, are RESERVED exactly for open orders and USED
+//! exactly for paid ones not given back; every paid order has exactly one payment and one outbox
+//! event, every other order none; refunds never give back more than their order paid; every list
+//! shows only what its filter keeps, newest first, none twice, and once settled every buyer's list
+//! (with and without a statuses filter) and the admin's are exactly the orders placed; the
+//! adjusted product moved once per key.
 //!
 //! The default run takes 20-40 s here. To run it long, or with another seed:
 //!
@@ -166,13 +168,16 @@ async fn money_stock_and_coupons_are_conserved_under_a_concurrent_workload(
     }
     let charged: i64 = record.charges.values().map(|c| c.1).sum();
     let paid: i64 = record.payments.values().map(|p| p.2).sum();
+    let refunded: i64 = record.refunds.values().map(|r| r.amount).sum();
     eprintln!(
         "  orders by final status: {statuses:?} ({open_after_workload} still open when the workload ended)"
     );
     eprintln!(
-        "  money: {} charges for {charged} won, {} payments for {paid} won; {} coupons issued",
+        "  money: {} charges for {charged} won, {} payments for {paid} won, {} refunds for \
+         {refunded} won; {} coupons issued",
         record.charges.len(),
         record.payments.len(),
+        record.refunds.len(),
         record.issued.len()
     );
     eprintln!(

@@ -1,5 +1,5 @@
-//! What the RPCs reported, as the workers saw it: every charge, payment, order and issued coupon
-//! by id, every outcome counted, and what was wrong on the spot (a key credited twice, an order
+//! What the RPCs reported, as the workers saw it: every charge, payment, refund, order and issued
+//! coupon by id, every outcome counted, and what was wrong on the spot (a key credited twice, an order
 //! priced or owned wrong, a refusal that cannot happen in this workload). The books are checked
 //! against this record, so that nothing stored goes unreported and nothing reported is lost.
 
@@ -10,17 +10,27 @@ use std::{
 
 use ecommerce::{
     code_name,
-    proto::{Order, OrderStatus},
+    proto::{Order, OrderStatus, Refund},
 };
 use tonic::Status;
 use tonic_types::StatusExt;
 
 use super::shop::Shop;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct Placed {
     pub(super) user: i64,
     pub(super) final_amount: i64,
+    /// (product, quantity) of each line.
+    pub(super) items: Vec<(i64, i32)>,
+}
+
+/// A refund as its answer reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Refunded {
+    pub(super) user: i64,
+    pub(super) order: i64,
+    pub(super) amount: i64,
 }
 
 #[derive(Default)]
@@ -31,6 +41,10 @@ pub(super) struct Record {
     /// Successful payments by payment id: (user, order, amount).
     pub(super) payments: HashMap<i64, (i64, i64, i64)>,
     pub(super) paid_orders: HashMap<i64, i64>,
+    /// Every order paid, in order: what refunds pick from.
+    pub(super) paid_list: Vec<i64>,
+    /// Successful refunds by refund id: a replayed key reports the same id.
+    pub(super) refunds: HashMap<i64, Refunded>,
     pub(super) orders: HashMap<i64, Placed>,
     /// Every order placed, in order, with its buyer: what cancels and payments pick from.
     pub(super) order_list: Vec<(i64, i64)>,
@@ -121,6 +135,11 @@ impl Shared {
             let placed = Placed {
                 user,
                 final_amount: order.final_amount,
+                items: order
+                    .items
+                    .iter()
+                    .map(|i| (i.product_id, i.quantity))
+                    .collect(),
             };
             if r.orders.insert(order.id, placed).is_none() {
                 r.order_list.push((order.id, user));
@@ -136,14 +155,51 @@ impl Shared {
                     "payment {payment_id} of {amount} by user {user} for order {order}, placed as {other:?}"
                 )),
             }
-            if let Some(earlier) = r.paid_orders.insert(order, payment_id)
-                && earlier != payment_id
-            {
-                r.violations.push(format!(
+            match r.paid_orders.insert(order, payment_id) {
+                Some(earlier) if earlier != payment_id => r.violations.push(format!(
                     "order {order} paid twice: payments {earlier} and {payment_id}"
-                ));
+                )),
+                Some(_) => {}
+                None => r.paid_list.push(order),
             }
             r.payments.insert(payment_id, (user, order, amount));
+        });
+    }
+
+    /// A refund answered OK: it must refund an order this record saw paid, to its buyer, and
+    /// never take the order's refunds past what it paid.
+    pub(super) fn refunded(&self, refund: &Refund) {
+        self.with(|r| {
+            let reported = Refunded {
+                user: refund.user_id,
+                order: refund.order_id,
+                amount: refund.amount,
+            };
+            match r.refunds.insert(refund.id, reported.clone()) {
+                Some(earlier) if earlier != reported => r.violations.push(format!(
+                    "refund {} reported as {earlier:?} and as {reported:?}",
+                    refund.id
+                )),
+                Some(_) => return,
+                None => {}
+            }
+            let placed = r.orders.get(&refund.order_id);
+            let given: i64 = r
+                .refunds
+                .values()
+                .filter(|x| x.order == refund.order_id)
+                .map(|x| x.amount)
+                .sum();
+            match placed {
+                Some(p) if p.user == refund.user_id && given <= p.final_amount => {}
+                other => r.violations.push(format!(
+                    "refund {refund:?} (order's refunds now {given}) of order placed as {other:?}"
+                )),
+            }
+            if !r.paid_orders.contains_key(&refund.order_id) {
+                r.violations
+                    .push(format!("refund {} of an order never paid", refund.id));
+            }
         });
     }
 }

@@ -1,13 +1,14 @@
 //! What each worker does, from its own seeded generator: charges, coupon issues, orders with and
 //! without coupons, cancels, payments (retried with their key, or several at once), payments
-//! sent after the TTL, and the reads and admin adjustments of `lists`. Each answer goes to the
-//! record.
+//! sent after the TTL, refunds of paid orders (in part or in full, restocked or not, retried
+//! with their key or sent twice at once), and the reads and admin adjustments of `lists`. Each
+//! answer goes to the record.
 
 use std::{collections::HashSet, time::Duration};
 
 use ecommerce::proto::{
     CancelOrderRequest, ChargeBalanceRequest, GetBalanceRequest, IssueCouponRequest, OrderLine,
-    PayRequest, PlaceOrderRequest,
+    PayRequest, PlaceOrderRequest, RefundLine, RefundOrderRequest,
 };
 use futures::future::join_all;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
@@ -227,6 +228,69 @@ async fn pay_op(
     }
 }
 
+const REFUND_REFUSALS: &[&str] = &["ORDER_NOT_REFUNDABLE", "REFUND_EXCEEDS_REMAINING"];
+
+/// Refunds a paid order: everything left, or some units of some lines (perhaps more than are
+/// left); restocked or not; sometimes sent twice at once or retried with its key.
+async fn refund_op(app: &TestApp, shared: &Shared, rng: &mut StdRng, worker: usize, n: usize) {
+    let Some((order, items)) = shared.with(|r| {
+        let order = *r.paid_list.choose(rng)?;
+        Some((order, r.orders.get(&order)?.items.clone()))
+    }) else {
+        return;
+    };
+    let mut lines = Vec::new();
+    if rng.random_bool(0.7) {
+        for &(product_id, quantity) in &items {
+            if rng.random_bool(0.5) {
+                let quantity = rng.random_range(1..=quantity);
+                lines.push(RefundLine {
+                    product_id,
+                    quantity,
+                });
+            }
+        }
+    }
+    let request = RefundOrderRequest {
+        order_id: order,
+        lines,
+        restock: rng.random_bool(0.5),
+        reason: "conservation".into(),
+        idempotency_key: key("refund", worker, n),
+    };
+    let call = |request: RefundOrderRequest| async move {
+        app.admin()
+            .refund_order(request)
+            .await
+            .map(|r| r.into_inner().refund.unwrap())
+    };
+    let (op, results) = if rng.random_bool(0.15) {
+        let calls = [call(request.clone()), call(request.clone())];
+        ("refund (2 at once, one key)", join_all(calls).await)
+    } else {
+        ("refund", vec![call(request.clone()).await])
+    };
+    let mut ids = HashSet::new();
+    for result in &results {
+        shared.note(op, result, REFUND_REFUSALS);
+        if let Ok(refund) = result {
+            shared.refunded(refund);
+            ids.insert(refund.id);
+        }
+    }
+    if rng.random_bool(0.3) {
+        let again = call(request).await;
+        shared.note("refund retry (same key)", &again, REFUND_REFUSALS);
+        if let Ok(refund) = &again {
+            shared.refunded(refund);
+            ids.insert(refund.id);
+        }
+    }
+    if ids.len() > 1 {
+        shared.violation(format!("one refund key made several refunds: {ids:?}"));
+    }
+}
+
 /// Places an order and pays it only after it expired: it must be refused.
 async fn pay_late_op(app: &TestApp, shop: &Shop, shared: &Shared, rng: &mut StdRng) {
     let user = rng.random_range(1..=USERS);
@@ -311,11 +375,12 @@ pub(super) async fn worker(
                     .await;
                 shared.note("cancel order", &result, &["ORDER_CLOSED"]);
             }
-            68..93 => {
+            68..89 => {
                 if let Some(target) = pick(&mut rng, &mut mine) {
                     pay_op(app, shared, &mut rng, target, worker, n).await;
                 }
             }
+            89..93 => refund_op(app, shared, &mut rng, worker, n).await,
             93..95 => list_op(app, shared, &mut rng).await,
             95..97 => admin_read_op(app, shop, shared, &mut rng).await,
             97 => adjust_op(app, shop, shared, &mut rng, key("adjust", worker, n)).await,

@@ -11,7 +11,8 @@ use ecommerce::proto::{
     GetCouponRequest, GetOrderRequest, GetPopularProductsRequest, GetProductRequest,
     IssueCouponRequest, ListBalanceHistoryRequest, ListOrdersRequest, ListParkedEventsRequest,
     ListProductsRequest, ListUserCouponsRequest, PayRequest, PlaceOrderRequest,
-    RedriveEventsRequest, RemoveItemRequest, SetItemRequest, UpdateProductRequest,
+    RedriveEventsRequest, RefundOrderRequest, RemoveItemRequest, SetItemRequest,
+    UpdateProductRequest,
 };
 use prost::Message;
 use tonic::Status;
@@ -52,6 +53,7 @@ pub(super) enum Call {
     CreateCoupon(Auth, CreateCouponRequest),
     ListParkedEvents(Auth, ListParkedEventsRequest),
     RedriveEvents(Auth, RedriveEventsRequest),
+    RefundOrder(Auth, RefundOrderRequest),
     ListOrders(ListOrdersRequest),
     AdminGetOrder(Auth, AdminServiceGetOrderRequest),
     AdminListOrders(Auth, AdminServiceListOrdersRequest),
@@ -86,6 +88,7 @@ impl fmt::Debug for Call {
             Call::Checkout(r) => format!("{r:?}"),
             Call::ListParkedEvents(a, r) => format!("{a:?} {r:?}"),
             Call::RedriveEvents(a, r) => format!("{a:?} {r:?}"),
+            Call::RefundOrder(a, r) => format!("{a:?} {r:?}"),
             Call::ListOrders(r) => format!("{r:?}"),
             Call::AdminGetOrder(a, r) => format!("{a:?} {r:?}"),
             Call::AdminListOrders(a, r) => format!("{a:?} {r:?}"),
@@ -139,6 +142,8 @@ impl Call {
             Call::ListParkedEvents(..) => "ListParkedEvents (no token)",
             Call::RedriveEvents(Auth::Admin, _) => "RedriveEvents",
             Call::RedriveEvents(..) => "RedriveEvents (no token)",
+            Call::RefundOrder(Auth::Admin, _) => "RefundOrder",
+            Call::RefundOrder(..) => "RefundOrder (no token)",
             Call::ListOrders(_) => "ListOrders",
             Call::AdminGetOrder(Auth::Admin, _) => "Admin GetOrder",
             Call::AdminGetOrder(..) => "Admin GetOrder (no token)",
@@ -177,6 +182,7 @@ impl Call {
             | Call::CreateCoupon(a, _)
             | Call::ListParkedEvents(a, _)
             | Call::RedriveEvents(a, _)
+            | Call::RefundOrder(a, _)
             | Call::AdminGetOrder(a, _)
             | Call::AdminListOrders(a, _)
             | Call::AdminListProducts(a, _) => Some(*a),
@@ -210,6 +216,7 @@ impl Call {
             Call::CreateCoupon(_, r) => r.encoded_len(),
             Call::ListParkedEvents(_, r) => r.encoded_len(),
             Call::RedriveEvents(_, r) => r.encoded_len(),
+            Call::RefundOrder(_, r) => r.encoded_len(),
             Call::ListOrders(r) => r.encoded_len(),
             Call::AdminGetOrder(_, r) => r.encoded_len(),
             Call::AdminListOrders(_, r) => r.encoded_len(),
@@ -249,6 +256,7 @@ impl Call {
             Call::CreateCoupon(a, r) => admin(a).create_coupon(r).await.map(drop),
             Call::ListParkedEvents(a, r) => admin(a).list_parked_events(r).await.map(drop),
             Call::RedriveEvents(a, r) => admin(a).redrive_events(r).await.map(drop),
+            Call::RefundOrder(a, r) => admin(a).refund_order(r).await.map(drop),
             Call::ListOrders(r) => app.orders().list_orders(r).await.map(drop),
             Call::AdminGetOrder(a, r) => admin(a).get_order(r).await.map(drop),
             Call::AdminListOrders(a, r) => admin(a).list_orders(r).await.map(drop),

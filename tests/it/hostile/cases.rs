@@ -8,7 +8,8 @@ use ecommerce::proto::{
     GetCouponRequest, GetOrderRequest, GetPopularProductsRequest, GetProductRequest,
     IssueCouponRequest, ListBalanceHistoryRequest, ListOrdersRequest, ListParkedEventsRequest,
     ListProductsRequest, ListUserCouponsRequest, PayRequest, PlaceOrderRequest,
-    RedriveEventsRequest, RemoveItemRequest, SetItemRequest, UpdateProductRequest,
+    RedriveEventsRequest, RefundLine, RefundOrderRequest, RemoveItemRequest, SetItemRequest,
+    UpdateProductRequest,
 };
 use proptest::{
     prelude::*,
@@ -115,6 +116,46 @@ fn redrive_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Cal
     (auth, event_ids(), any::<bool>()).prop_map(|(auth, event_ids, all)| {
         Call::RedriveEvents(auth, RedriveEventsRequest { event_ids, all })
     })
+}
+
+/// Refunds of the fixture's and the run's orders: mostly everything left (no lines), otherwise
+/// the order lines' strategy (hostile ones included) as refund lines.
+fn refund_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    let refund_lines = prop_oneof![
+        2 => Just(Vec::new()),
+        3 => lines().prop_map(|lines| {
+            lines
+                .into_iter()
+                .map(|l| RefundLine {
+                    product_id: l.product_id,
+                    quantity: l.quantity,
+                })
+                .collect()
+        }),
+    ];
+    let reason = prop_oneof![2 => Just(String::new()), 1 => name()];
+    (
+        auth,
+        order_id(),
+        refund_lines,
+        any::<bool>(),
+        reason,
+        idempotency_key(),
+    )
+        .prop_map(
+            |(auth, order_id, lines, restock, reason, idempotency_key)| {
+                Call::RefundOrder(
+                    auth,
+                    RefundOrderRequest {
+                        order_id,
+                        lines,
+                        restock,
+                        reason,
+                        idempotency_key,
+                    },
+                )
+            },
+        )
 }
 
 fn admin_get_order_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
@@ -395,6 +436,7 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
         (create_coupon_calls(Just(Auth::Admin)).boxed(), CASES),
         (list_parked_calls(Just(Auth::Admin)).boxed(), CASES),
         (redrive_calls(Just(Auth::Admin)).boxed(), CASES),
+        (refund_calls(Just(Auth::Admin)).boxed(), CASES),
         (
             create_product_calls(no_admin()).boxed(),
             UNAUTHENTICATED_CASES,
@@ -413,6 +455,7 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
         ),
         (list_parked_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
         (redrive_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
+        (refund_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
         // Issue 21's reads, drawn after the others so that their draws stay as they were.
         (
             (user_id(), statuses(4), int32(0..=100), created_page_token())

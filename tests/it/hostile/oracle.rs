@@ -94,6 +94,13 @@ impl Call {
                     || r.issue_ends_at.is_none()
             }
             Call::ListParkedEvents(_, r) => !(0..=100).contains(&r.page_size),
+            Call::RefundOrder(_, r) => {
+                bad(r.order_id)
+                    || r.idempotency_key.is_empty()
+                    || r.lines.len() > 50
+                    || r.lines.iter().any(|l| bad(l.product_id))
+                    || r.lines.iter().any(|l| !(1..=1000).contains(&l.quantity))
+            }
             Call::RedriveEvents(_, r) => {
                 r.event_ids.is_empty() != r.all
                     || r.event_ids.len() > 1000
@@ -141,8 +148,11 @@ SELECT concat_ws(' | ',
      FROM (SELECT status || '=' || count(*) AS s FROM user_coupons GROUP BY status) uc),
   (SELECT 'orders ' || coalesce(string_agg(s, ',' ORDER BY s), '')
      FROM (SELECT status || '=' || count(*) AS s FROM orders GROUP BY status) o),
-  (SELECT format('order_items %s/%s', count(*), coalesce(sum(quantity), 0)) FROM order_items),
+  (SELECT format('order_items %s/%s/%s', count(*), coalesce(sum(quantity), 0),
+                 coalesce(sum(refunded_quantity), 0)) FROM order_items),
   (SELECT format('payments %s/%s', count(*), coalesce(sum(amount), 0)) FROM payments),
+  (SELECT format('refunds %s/%s', count(*), coalesce(sum(amount), 0)) FROM refunds),
+  (SELECT format('refund_lines %s/%s', count(*), coalesce(sum(quantity), 0)) FROM refund_lines),
   (SELECT format('outbox_events %s', count(*)) FROM outbox_events),
   (SELECT format('idempotency_keys %s', count(*)) FROM idempotency_keys),
   (SELECT format('cart_items %s/%s/%s', count(*), coalesce(sum(quantity), 0),

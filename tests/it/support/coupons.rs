@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use ecommerce::proto::{
-    CreateCouponRequest, Discount, FixedDiscount, GetCouponRequest, IssueCouponRequest, discount,
+    CreateCouponRequest, Discount, FixedDiscount, GetCouponRequest, IssueCouponRequest,
+    PercentDiscount, discount,
 };
 use fred::interfaces::{HashesInterface, ListInterface};
 use futures::future::join_all;
@@ -24,6 +25,15 @@ pub fn ts(at: DateTime<Utc>) -> Option<Timestamp> {
 pub fn fixed(amount: i64) -> Option<Discount> {
     Some(Discount {
         kind: Some(discount::Kind::Fixed(FixedDiscount { amount })),
+    })
+}
+
+pub fn percent(percent: i32, max_discount: i64) -> Option<Discount> {
+    Some(Discount {
+        kind: Some(discount::Kind::Percent(PercentDiscount {
+            percent,
+            max_discount,
+        })),
     })
 }
 
@@ -106,13 +116,22 @@ pub fn sold_out() -> (Code, String) {
 
 /// What the gate in Redis believes: holders and seats left.
 pub async fn gate_state(app: &TestApp, coupon: i64) -> Option<(HashSet<i64>, i64)> {
-    let state = format!("{}coupon:{{{coupon}}}:state", app.redis_prefix);
-    let holders = format!("{}coupon:{{{coupon}}}:holders", app.redis_prefix);
-    let free = format!("{}coupon:{{{coupon}}}:free", app.redis_prefix);
-    let fields: Vec<Option<i64>> = app.redis.hmget(&state, vec!["total", "next"]).await.ok()?;
+    gate_state_in(&app.redis, &app.redis_prefix, coupon).await
+}
+
+/// The same, in the Redis `redis` reaches (a server the test runs apart from the shared one).
+pub async fn gate_state_in(
+    redis: &fred::clients::Client,
+    prefix: &str,
+    coupon: i64,
+) -> Option<(HashSet<i64>, i64)> {
+    let state = format!("{prefix}coupon:{{{coupon}}}:state");
+    let holders = format!("{prefix}coupon:{{{coupon}}}:holders");
+    let free = format!("{prefix}coupon:{{{coupon}}}:free");
+    let fields: Vec<Option<i64>> = redis.hmget(&state, vec!["total", "next"]).await.ok()?;
     let (total, next) = (fields[0]?, fields[1]?);
-    let free_len: i64 = app.redis.llen(&free).await.ok()?;
-    let holder_map: HashMap<String, String> = app.redis.hgetall(&holders).await.ok()?;
+    let free_len: i64 = redis.llen(&free).await.ok()?;
+    let holder_map: HashMap<String, String> = redis.hgetall(&holders).await.ok()?;
     let users = holder_map
         .keys()
         .filter(|k| k.as_str() != "_")
@@ -123,8 +142,18 @@ pub async fn gate_state(app: &TestApp, coupon: i64) -> Option<(HashSet<i64>, i64
 
 /// True when the gate has exactly Postgres's holders and seats.
 pub async fn gate_agrees(app: &TestApp, coupon: i64, total: i64) -> bool {
+    gate_agrees_in(app, &app.redis, coupon, total).await
+}
+
+/// The same, for the gate in the Redis `redis` reaches.
+pub async fn gate_agrees_in(
+    app: &TestApp,
+    redis: &fred::clients::Client,
+    coupon: i64,
+    total: i64,
+) -> bool {
     let in_pg: HashSet<i64> = issued_in_postgres(app, coupon).await.into_iter().collect();
-    match gate_state(app, coupon).await {
+    match gate_state_in(redis, &app.redis_prefix, coupon).await {
         Some((holders, left)) => holders == in_pg && left == total - in_pg.len() as i64,
         None => false,
     }

@@ -1,14 +1,24 @@
 //! The test harness: `spawn_app` starts the server exactly as `main` does (same `Application`
 //! path), on port 0, against the test's own database and Redis key prefix.
 //!
-//! Beside it, the helpers the test files share: `shop` and `coupons` drive the RPCs, `rules`
-//! judges the books, `private` and `proxy` stand in for dependencies a test must kill or cut.
+//! Beside it, the helpers the test files share: `shop`, `coupons` and `refunds` drive the RPCs,
+//! `rules` judges the books, `private` and `proxy` stand in for dependencies a test must kill or
+//! cut, `contract` reads the descriptors and builds any request from them, `collector` receives
+//! traces, `binary` runs the server binary as a deployment would, `platform` stands for the data
+//! platform (an HTTP receiver, a JetStream reader, CloudEvents checks).
 
+pub mod binary;
+pub mod collector;
+pub mod contract;
 pub mod coupons;
+pub mod ha;
 pub mod lists;
 pub mod metrics;
+pub mod platform;
 pub mod private;
 pub mod proxy;
+pub mod ranking;
+pub mod refunds;
 pub mod rules;
 pub mod shop;
 
@@ -173,6 +183,18 @@ pub async fn spawn_app_on(
         shutdown,
         server,
     }
+}
+
+/// Three servers on one database and one Redis key prefix, as three Kubernetes replicas.
+pub async fn replicas(db: PgConnectOptions) -> [TestApp; 3] {
+    let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
+    let spawn = || {
+        let prefix = prefix.clone();
+        spawn_app_with(db.clone(), move |s| {
+            s.set("REDIS_KEY_PREFIX", prefix);
+        })
+    };
+    [spawn().await, spawn().await, spawn().await]
 }
 
 impl TestApp {

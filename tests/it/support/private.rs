@@ -14,6 +14,8 @@ use std::{
 use sqlx::postgres::PgConnectOptions;
 use tokio::process::Child;
 
+use super::proxy::TcpProxy;
+
 /// A loopback port free a moment ago (a server the test starts binds it next).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -110,6 +112,147 @@ impl PrivateRedis {
                     .args(["--save", "", "--appendonly", "no", "--daemonize", "no"]),
             )
             .await;
+    }
+}
+
+/// A Redis primary, a replica that replicates through a [`TcpProxy`] the test can hold (the
+/// replica falls behind, as over a slow link), and three Sentinels watching them, all child
+/// processes without persistence. The service reaches it by its Sentinel URL.
+pub struct PrivateRedisSentinel {
+    primary: Process,
+    pub replica_addr: SocketAddr,
+    _replica: Process,
+    /// The replication link.
+    pub link: TcpProxy,
+    sentinels: Vec<Process>,
+    dir: PathBuf,
+}
+
+async fn redis_info(addr: SocketAddr, section: &str) -> String {
+    let out = tokio::process::Command::new("redis-cli")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &addr.port().to_string(),
+            "info",
+            section,
+        ])
+        .output()
+        .await
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl PrivateRedisSentinel {
+    pub async fn start() -> Self {
+        let dir = temp_dir("redis-sentinel");
+        let mut primary = Process::on_free_port();
+        let port = primary.addr.port().to_string();
+        primary
+            .restart(
+                tokio::process::Command::new("redis-server")
+                    .args(["--bind", "127.0.0.1", "--port", &port])
+                    .args(["--save", "", "--appendonly", "no"]),
+            )
+            .await;
+        let link = TcpProxy::start(primary.addr).await;
+        let mut replica = Process::on_free_port();
+        let replica_port = replica.addr.port().to_string();
+        replica
+            .restart(
+                tokio::process::Command::new("redis-server")
+                    .args(["--bind", "127.0.0.1", "--port", &replica_port])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .args(["--replicaof", "127.0.0.1", &link.addr.port().to_string()]),
+            )
+            .await;
+        for _ in 0..100 {
+            if redis_info(replica.addr, "replication")
+                .await
+                .contains("master_link_status:up")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            let mut sentinel = Process::on_free_port();
+            let conf = dir.join(format!("sentinel-{}.conf", sentinel.addr.port()));
+            // The replica points at the link, not at the primary: a Sentinel "fixes" such a
+            // replica only after failover-timeout, longer than the test.
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor shop 127.0.0.1 {port} 2\n\
+                     sentinel down-after-milliseconds shop 1000\n\
+                     sentinel failover-timeout shop 120000\n",
+                    sentinel.addr.port(),
+                    dir.display()
+                ),
+            )
+            .expect("sentinel config");
+            sentinel
+                .restart(
+                    tokio::process::Command::new("redis-server")
+                        .arg(&conf)
+                        .arg("--sentinel"),
+                )
+                .await;
+            sentinels.push(sentinel);
+        }
+        for _ in 0..100 {
+            let out = tokio::process::Command::new("redis-cli")
+                .args(["-p", &sentinels[0].addr.port().to_string()])
+                .args(["sentinel", "replicas", "shop"])
+                .output()
+                .await
+                .expect("redis-cli runs");
+            if String::from_utf8_lossy(&out.stdout).contains(&replica_port) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self {
+            primary,
+            replica_addr: replica.addr,
+            _replica: replica,
+            link,
+            sentinels,
+            dir,
+        }
+    }
+
+    /// The service's `REDIS_URL`: the Sentinels, and the name of the primary they watch.
+    pub fn url(&self) -> String {
+        let mut url = format!(
+            "redis-sentinel://{}?sentinelServiceName=shop",
+            self.sentinels[0].addr
+        );
+        for sentinel in &self.sentinels[1..] {
+            url.push_str(&format!("&node={}", sentinel.addr));
+        }
+        url
+    }
+
+    /// SIGKILL to the primary: everything the replica had not received is gone.
+    pub async fn kill_primary(&mut self) {
+        self.primary.kill().await;
+    }
+
+    /// Whether the replica has been promoted.
+    pub async fn replica_promoted(&self) -> bool {
+        redis_info(self.replica_addr, "replication")
+            .await
+            .contains("role:master")
+    }
+}
+
+impl Drop for PrivateRedisSentinel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -323,6 +466,50 @@ impl PrivatePostgres {
 
     pub async fn start_again(&self) {
         self.pg_ctl(&["start", "-w"]).await;
+    }
+
+    /// A streaming standby of this cluster (`pg_basebackup -R`), started on a port of its own.
+    pub async fn standby(&self) -> PrivatePostgres {
+        let dir = temp_dir("postgres-standby");
+        if is_root() {
+            let chown = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(chown.success());
+        }
+        let mut command = as_cluster_owner(&self.bin.join("pg_basebackup"));
+        command
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-X", "stream", "-R", "--no-sync", "-D"])
+            .arg(dir.join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let status = tokio::task::spawn_blocking(move || command.status())
+            .await
+            .expect("pg_basebackup task")
+            .expect("pg_basebackup runs");
+        assert!(status.success(), "pg_basebackup failed");
+        let standby = PrivatePostgres {
+            port: free_port(),
+            dir,
+            bin: self.bin.clone(),
+        };
+        standby.pg_ctl(&["start", "-w"]).await;
+        standby
+    }
+
+    /// Promotes a standby: it takes writes from then on.
+    pub async fn promote(&self) {
+        self.pg_ctl(&["promote", "-w"]).await;
     }
 }
 

@@ -20,7 +20,7 @@ for i = 1, #counted, 2 do
     redis.call('HDEL', KEYS[3], counted[i])
   else
     -- Committed after the snapshot: only its bump counted it, and it stays counted.
-    for product, qty in string.gmatch(items, '(%d+) (%d+)') do
+    for product, qty in string.gmatch(items, '(%d+) (%-?%d+)') do
       redis.call('ZINCRBY', KEYS[4], qty, product)
     end
     carried = carried + 1

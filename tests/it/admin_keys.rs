@@ -131,7 +131,13 @@ async fn an_adjustment_retried_after_a_timeout_is_applied_once(
     let mut request = Request::new(adjustment(product, 7, "after-timeout"));
     request.set_timeout(Duration::from_millis(300));
     let first = app.admin().adjust_stock(request).await;
-    assert_eq!(first.unwrap_err().code(), Code::DeadlineExceeded);
+    // The server answers DEADLINE_EXCEEDED; on a loaded machine tonic's own timer (it sends
+    // the deadline as grpc-timeout and times the call out itself) may answer first, CANCELLED.
+    let code = first.unwrap_err().code();
+    assert!(
+        matches!(code, Code::DeadlineExceeded | Code::Cancelled),
+        "{code:?}"
+    );
     // The retry, sent while the first attempt may still be in Postgres, waits for it.
     let retry = tokio::spawn({
         let mut admin = app.admin();

@@ -170,9 +170,11 @@ fn nats_runs_three_nodes_and_the_stream_keeps_three_replicas() {
         command.contains(&env["DATA_PLATFORM_STREAM"]),
         "the service's stream: {command:?}"
     );
+    // The stream captures every type's subject: the template with its `{type}` token as `*`.
+    let subjects = env["DATA_PLATFORM_SUBJECT"].replace("{type}", "*");
     assert!(
-        command.contains(&format!("--subjects={}", env["DATA_PLATFORM_SUBJECT"])),
-        "the service's subject: {command:?}"
+        command.contains(&format!("--subjects={subjects}")),
+        "the service's subjects ({subjects}): {command:?}"
     );
     assert_eq!(env["DATA_PLATFORM_SINK"], "nats");
     assert_eq!(

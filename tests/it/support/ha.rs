@@ -144,6 +144,18 @@ impl HaCluster {
         .expect("scripts/ha task")
     }
 
+    /// The timeline `scripts/ha status` shows for a member: a former leader that rejoined the
+    /// cluster's new history is on the new timeline, one that kept its own is not.
+    pub async fn timeline(&self, node: &str) -> Option<u64> {
+        let status = self.run(&["status"]).await;
+        let line = status
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(node))?;
+        let mut words = line.split_whitespace();
+        words.find(|w| *w == "timeline")?;
+        words.next()?.parse().ok()
+    }
+
     /// Waits until the cluster has a leader, a synchronous standby (in synchronous mode) and
     /// a third member running: a leader lost before it named its synchronous standby leaves no
     /// member Patroni may promote, by design (it cannot know which one has every commit).

@@ -27,7 +27,7 @@ pub use calendar::{Calendar, DayWindow};
 pub use cart::{Cart, CartLine, LineChange, MAX_CART_LINES};
 pub use commit::{Snapshot, TxId};
 pub use coupon::{
-    Coupon, CouponTerms, Discount, IssueWindow, NewCoupon, UserCoupon, UserCouponStatus, ValidDays,
+    Coupon, CouponChanges, CouponTerms, Discount, IssueWindow, NewCoupon, UserCoupon, UserCouponStatus, ValidDays,
     parse_total_quantity,
 };
 pub use events::{

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{Coupons, RepairReason};
 use crate::{
-    domain::CouponId,
+    domain::{Coupon, CouponId},
     error::AppError,
     store::{
         postgres::coupons,
@@ -59,7 +59,9 @@ impl Coupons {
                 }
                 continue;
             };
-            if let Some(why) = gate_disagrees(&summary, recorded) {
+            let disagreement =
+                gate_disagrees(&summary, recorded).or_else(|| stale_terms(&summary, &coupon));
+            if let Some(why) = disagreement {
                 tracing::warn!(coupon = %coupon.id, why, ?summary, recorded,
                     "coupon gate disagrees with Postgres: rebuilding");
                 if self
@@ -148,6 +150,19 @@ fn gate_disagrees(gate: &GateSummary, recorded: i64) -> Option<&'static str> {
     None
 }
 
+/// Whether the gate decides by other terms than `coupon` says: an UpdateCoupon whose Redis
+/// step failed (Postgres had committed). The rebuild reads the coupon again under the gate's
+/// lock, so a coupon changed since it was read here is installed as it is now.
+fn stale_terms(gate: &GateSummary, coupon: &Coupon) -> Option<&'static str> {
+    if gate.total != coupon.total_quantity {
+        return Some("the gate's total is not the coupon's");
+    }
+    if gate.ends_ms != coupon.window.ends_at().timestamp_millis() {
+        return Some("the gate's issue window is not the coupon's");
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +174,7 @@ mod tests {
             free_seats: free,
             holders,
             pending,
+            ends_ms: 0,
         }
     }
 

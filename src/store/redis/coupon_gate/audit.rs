@@ -157,6 +157,7 @@ mod tests {
             free_seats: 2,
             holders: 5,
             pending: 0,
+            ends_ms: 0,
         };
         assert_eq!(summary.remaining(), 5);
         let exhausted = GateSummary {

@@ -248,12 +248,18 @@ mod tests {
             ..Default::default()
         };
         let moved = sooner.window(window).unwrap();
-        assert_eq!((moved.starts_at(), moved.ends_at()), (starts, starts + Duration::minutes(1)));
+        assert_eq!(
+            (moved.starts_at(), moved.ends_at()),
+            (starts, starts + Duration::minutes(1))
+        );
         let before_start = CouponChanges {
             issue_ends_at: Some(starts),
             ..Default::default()
         };
-        assert_eq!(before_start.window(window).unwrap_err().field, "issue_ends_at");
+        assert_eq!(
+            before_start.window(window).unwrap_err().field,
+            "issue_ends_at"
+        );
     }
 
     #[test]

@@ -9,10 +9,10 @@ use super::convert;
 use crate::{
     app::{Catalog, Coupons, Orders, Outbox, RefundCommand, Refunds},
     domain::{
-        CouponChanges, CouponId, CreatedCursor, CreatedRange, DisplayName, IdempotencyKey, IssueWindow, NewCoupon,
-        NewProduct, OrderFilter, OrderId, PageSize, PageToken, ProductChanges, ProductId,
-        RedriveSelection, RefundReason, RefundSelection, UserId, ValidDays, ValidationError, Won,
-        parse_stock, parse_total_quantity,
+        CouponChanges, CouponId, CreatedCursor, CreatedRange, DisplayName, IdempotencyKey,
+        IssueWindow, NewCoupon, NewProduct, OrderFilter, OrderId, PageSize, PageToken,
+        ProductChanges, ProductId, RedriveSelection, RefundReason, RefundSelection, UserId,
+        ValidDays, ValidationError, Won, parse_stock, parse_total_quantity,
     },
     error::AppError,
     proto::{
@@ -21,9 +21,9 @@ use crate::{
         AdminServiceListOrdersResponse, AdminServiceListProductsRequest,
         AdminServiceListProductsResponse, CreateCouponRequest, CreateCouponResponse,
         CreateProductRequest, CreateProductResponse, ListCouponsRequest, ListCouponsResponse,
-        ListParkedEventsRequest, ListParkedEventsResponse, RedriveEventsRequest, RedriveEventsResponse, RefundOrderRequest,
-        RefundOrderResponse, UpdateCouponRequest, UpdateCouponResponse, UpdateProductRequest,
-        UpdateProductResponse,
+        ListParkedEventsRequest, ListParkedEventsResponse, RedriveEventsRequest,
+        RedriveEventsResponse, RefundOrderRequest, RefundOrderResponse, UpdateCouponRequest,
+        UpdateCouponResponse, UpdateProductRequest, UpdateProductResponse,
         admin_service_server::AdminService,
     },
 };

@@ -23,11 +23,11 @@ use tonic::{Code, Status, transport::Channel};
 use tonic_types::StatusExt;
 
 use crate::support::{
-    ADMIN_TOKEN, BearerToken, TestApp, assert_error, delete_keys, eventually,
+    ADMIN_TOKEN, BearerToken, TestApp, assert_error,
     coupons::{
         create_coupon, gate_agrees, gate_state, issue, issued_in_postgres, sold_out, stampede,
     },
-    reason, replicas, spawn_app_with,
+    delete_keys, eventually, reason, replicas, spawn_app_with,
 };
 
 async fn update(app: &TestApp, request: UpdateCouponRequest) -> Result<Coupon, Status> {
@@ -39,10 +39,7 @@ async fn update(app: &TestApp, request: UpdateCouponRequest) -> Result<Coupon, S
 
 /// The operator's own connection: its call does not queue behind a stampede's thousands of
 /// streams on the shoppers' connection.
-async fn update_as_operator(
-    app: &TestApp,
-    request: UpdateCouponRequest,
-) -> Result<Coupon, Status> {
+async fn update_as_operator(app: &TestApp, request: UpdateCouponRequest) -> Result<Coupon, Status> {
     let channel = Channel::from_shared(format!("http://{}", app.addr))
         .expect("valid uri")
         .connect()
@@ -83,7 +80,10 @@ async fn assert_seats_within(app: &TestApp, coupon: i64, total: i64) {
     .await
     .unwrap();
     assert_eq!(distinct, rows, "two coupons share a seat");
-    assert!(max.unwrap_or(0) <= total, "seat {max:?} beyond the total {total}");
+    assert!(
+        max.unwrap_or(0) <= total,
+        "seat {max:?} beyond the total {total}"
+    );
 }
 
 /// Accumulates one stampede's refusals into `into`; only "sold out" is expected.
@@ -146,7 +146,11 @@ async fn raising_the_total_mid_stampede_adds_exactly_the_new_seats(
     assert_eq!(winners.len(), 1_000, "issued is the new total exactly");
     assert_eq!(in_pg, winners, "every winner, and only they, recorded");
     assert_seats_within(&app, coupon, 1_000).await;
-    assert!(gate_agrees(&app, coupon, 1_000).await, "{:?}", gate_state(&app, coupon).await);
+    assert!(
+        gate_agrees(&app, coupon, 1_000).await,
+        "{:?}",
+        gate_state(&app, coupon).await
+    );
     app.stop().await;
 }
 
@@ -251,26 +255,27 @@ async fn ending_the_window_on_one_replica_stops_issuance_on_all_three_within_100
         issue_until_stopped(&b, coupon, &next_user, &stop),
         issue_until_stopped(&c, coupon, &next_user, &stop),
         async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = Utc::now();
-        let ended = update(
-            &a,
-            UpdateCouponRequest {
-                coupon_id: coupon,
-                issue_ends_at: Some(Timestamp {
-                    seconds: now.timestamp(),
-                    nanos: now.timestamp_subsec_nanos() as i32,
-                }),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("window ended");
-        *ended_at.lock().unwrap() = Some(Instant::now());
-        assert_eq!(ended.issue_ends_at.unwrap().seconds, now.timestamp());
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        stop.store(true, Ordering::SeqCst);
-    });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = Utc::now();
+            let ended = update(
+                &a,
+                UpdateCouponRequest {
+                    coupon_id: coupon,
+                    issue_ends_at: Some(Timestamp {
+                        seconds: now.timestamp(),
+                        nanos: now.timestamp_subsec_nanos() as i32,
+                    }),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("window ended");
+            *ended_at.lock().unwrap() = Some(Instant::now());
+            assert_eq!(ended.issue_ends_at.unwrap().seconds, now.timestamp());
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            stop.store(true, Ordering::SeqCst);
+        }
+    );
     let ended_at = ended_at.lock().unwrap().expect("ended");
     let accepted: Vec<_> = from_a.into_iter().chain(from_b).chain(from_c).collect();
     assert!(
@@ -321,15 +326,25 @@ async fn lowering_the_total_stops_at_the_coupons_issued(_: PgPoolOptions, db: Pg
     assert_eq!(info.metadata.get("issued").map(String::as_str), Some("6"));
     assert_eq!(issued_count(&app, coupon).await, 6);
 
-    let lowered = update(&app, new_total(coupon, 6)).await.expect("lowered to issued");
+    let lowered = update(&app, new_total(coupon, 6))
+        .await
+        .expect("lowered to issued");
     assert_eq!(
-        (lowered.total_quantity, lowered.issued_quantity, lowered.remaining_quantity),
+        (
+            lowered.total_quantity,
+            lowered.issued_quantity,
+            lowered.remaining_quantity
+        ),
         (6, 6, 0)
     );
     // The coupons on seats 7 and 8 moved to the free seats 1 and 2.
     assert_seats_within(&app, coupon, 6).await;
     assert_eq!(stampede(&app, coupon, 100..=120).await.0.len(), 0);
-    assert!(gate_agrees(&app, coupon, 6).await, "{:?}", gate_state(&app, coupon).await);
+    assert!(
+        gate_agrees(&app, coupon, 6).await,
+        "{:?}",
+        gate_state(&app, coupon).await
+    );
 
     // Raised again: exactly the two new seats.
     update(&app, new_total(coupon, 8)).await.expect("raised");
@@ -455,7 +470,11 @@ async fn update_coupon_refuses_what_it_cannot_apply(_: PgPoolOptions, db: PgConn
             "issue_ends_at",
         ),
     ] {
-        let status = assert_error(update(&app, request).await, Code::InvalidArgument, "INVALID_FIELD");
+        let status = assert_error(
+            update(&app, request).await,
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        );
         assert_eq!(field(status), want);
     }
     assert_error(
@@ -464,12 +483,16 @@ async fn update_coupon_refuses_what_it_cannot_apply(_: PgPoolOptions, db: PgConn
         "COUPON_NOT_FOUND",
     );
     assert_error(
-        app.admin_with_token(None).update_coupon(new_total(coupon, 20)).await,
+        app.admin_with_token(None)
+            .update_coupon(new_total(coupon, 20))
+            .await,
         Code::Unauthenticated,
         "UNAUTHENTICATED",
     );
     assert_error(
-        app.admin_with_token(Some("wrong")).update_coupon(new_total(coupon, 20)).await,
+        app.admin_with_token(Some("wrong"))
+            .update_coupon(new_total(coupon, 20))
+            .await,
         Code::Unauthenticated,
         "UNAUTHENTICATED",
     );
@@ -482,7 +505,10 @@ async fn update_coupon_refuses_what_it_cannot_apply(_: PgPoolOptions, db: PgConn
         .into_inner()
         .coupons;
     assert_eq!(listed.len(), 1);
-    assert_eq!((listed[0].total_quantity, listed[0].issued_quantity), (10, 0));
+    assert_eq!(
+        (listed[0].total_quantity, listed[0].issued_quantity),
+        (10, 0)
+    );
     assert_ne!(listed[0].terms.as_ref().unwrap().name, " ");
     app.stop().await;
 }

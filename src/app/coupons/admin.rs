@@ -57,7 +57,11 @@ impl Coupons {
         let this = self.clone();
         tokio::spawn(async move { this.update_now(id, changes).await })
             .await
-            .unwrap_or_else(|e| Err(AppError::internal(format!("coupon update task failed: {e}"))))
+            .unwrap_or_else(|e| {
+                Err(AppError::internal(format!(
+                    "coupon update task failed: {e}"
+                )))
+            })
     }
 
     async fn update_now(

@@ -149,7 +149,9 @@ impl Coupons {
             return Ok(false);
         };
         let held = coupons::held_seats(&self.pg, coupon_id).await?;
-        let installed = gate.install(token, &coupon, &held, mode, Utc::now()).await?;
+        let installed = gate
+            .install(token, &coupon, &held, mode, Utc::now())
+            .await?;
         if installed {
             self.sold_out.forget(&[coupon_id]);
             if let Some(reason) = reason {

@@ -9,10 +9,10 @@ use ecommerce::proto::{
     AdminServiceListProductsRequest, CancelOrderRequest, ChargeBalanceRequest, CheckoutRequest,
     ClearRequest, CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest,
     GetCouponRequest, GetOrderRequest, GetPopularProductsRequest, GetProductRequest,
-    IssueCouponRequest, ListBalanceHistoryRequest, ListOrdersRequest, ListParkedEventsRequest,
-    ListCouponsRequest, ListProductsRequest, ListUserCouponsRequest, PayRequest,
-    PlaceOrderRequest, RedriveEventsRequest, RefundOrderRequest, RemoveItemRequest,
-    SetItemRequest, UpdateCouponRequest, UpdateProductRequest,
+    IssueCouponRequest, ListBalanceHistoryRequest, ListCouponsRequest, ListOrdersRequest,
+    ListParkedEventsRequest, ListProductsRequest, ListUserCouponsRequest, PayRequest,
+    PlaceOrderRequest, RedriveEventsRequest, RefundOrderRequest, RemoveItemRequest, SetItemRequest,
+    UpdateCouponRequest, UpdateProductRequest,
 };
 use prost::Message;
 use tonic::Status;

@@ -6,8 +6,8 @@ use ecommerce::proto::{
     AdminServiceListProductsRequest, CancelOrderRequest, ChargeBalanceRequest, CheckoutRequest,
     ClearRequest, CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest,
     GetCouponRequest, GetOrderRequest, GetPopularProductsRequest, GetProductRequest,
-    IssueCouponRequest, ListBalanceHistoryRequest, ListOrdersRequest, ListParkedEventsRequest,
-    ListCouponsRequest, ListProductsRequest, ListUserCouponsRequest, PayRequest,
+    IssueCouponRequest, ListBalanceHistoryRequest, ListCouponsRequest, ListOrdersRequest,
+    ListParkedEventsRequest, ListProductsRequest, ListUserCouponsRequest, PayRequest,
     PlaceOrderRequest, RedriveEventsRequest, RefundLine, RefundOrderRequest, RemoveItemRequest,
     SetItemRequest, UpdateCouponRequest, UpdateProductRequest,
 };
@@ -511,8 +511,14 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
         (admin_list_products_calls(Just(Auth::Admin)).boxed(), CASES),
         (list_coupons_calls(Just(Auth::Admin)).boxed(), CASES),
         (update_coupon_calls(Just(Auth::Admin)).boxed(), CASES),
-        (list_coupons_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
-        (update_coupon_calls(no_admin()).boxed(), UNAUTHENTICATED_CASES),
+        (
+            list_coupons_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
+        (
+            update_coupon_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
         (
             admin_get_order_calls(no_admin()).boxed(),
             UNAUTHENTICATED_CASES,

@@ -126,8 +126,7 @@ impl Call {
             Call::ListCoupons(_, r) => bad_page(r.page_size),
             Call::UpdateCoupon(_, r) => {
                 bad(r.coupon_id)
-                    || r
-                        .total_quantity
+                    || r.total_quantity
                         .is_some_and(|t| !(1..=1_000_000).contains(&t))
             }
         }

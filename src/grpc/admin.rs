@@ -282,7 +282,8 @@ impl AdminService for AdminHandler {
             issue_ends_at: convert::parse_optional_timestamp(req.issue_ends_at, "issue_ends_at")?,
             total_quantity: req.total_quantity.map(parse_total_quantity).transpose()?,
         };
-        let stock = self.coupons.update(id, changes).await?;
+        let key = IdempotencyKey::parse(req.idempotency_key)?;
+        let stock = self.coupons.update(id, changes, key).await?;
         Ok(Response::new(UpdateCouponResponse {
             coupon: Some(convert::coupon(stock)),
         }))

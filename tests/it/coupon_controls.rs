@@ -512,3 +512,53 @@ async fn update_coupon_refuses_what_it_cannot_apply(_: PgPoolOptions, db: PgConn
     assert_ne!(listed[0].terms.as_ref().unwrap().name, " ");
     app.stop().await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_keyed_update_applies_once_and_a_reused_key_is_refused(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app_with(db, |_| {}).await;
+    let coupon = create_coupon(&app, 10).await;
+    let keyed = |total: i64, key: &str| UpdateCouponRequest {
+        idempotency_key: key.into(),
+        ..new_total(coupon, total)
+    };
+    let first = update(&app, keyed(20, "raise-1")).await.expect("raised");
+    assert_eq!(first.total_quantity, 20);
+    let (won, _) = stampede(&app, coupon, 1..=3).await;
+    assert_eq!(won.len(), 3);
+    // Another change, then the first one's retry: it applies nothing and answers the coupon
+    // as it is now.
+    update(&app, keyed(25, "raise-2"))
+        .await
+        .expect("raised again");
+    let replay = update(&app, keyed(20, "raise-1")).await.expect("replayed");
+    assert_eq!(
+        (
+            replay.total_quantity,
+            replay.issued_quantity,
+            replay.remaining_quantity
+        ),
+        (25, 3, 22)
+    );
+    assert_error(
+        update(&app, keyed(30, "raise-1")).await,
+        Code::InvalidArgument,
+        "IDEMPOTENCY_KEY_REUSED",
+    );
+    // A refused lowering claims nothing: the key can carry a valid change afterwards.
+    assert_error(
+        update(&app, keyed(2, "lower-1")).await,
+        Code::FailedPrecondition,
+        "COUPON_QUANTITY_BELOW_ISSUED",
+    );
+    let lowered = update(&app, keyed(3, "lower-1")).await.expect("lowered");
+    assert_eq!((lowered.total_quantity, lowered.remaining_quantity), (3, 0));
+    assert!(
+        gate_agrees(&app, coupon, 3).await,
+        "{:?}",
+        gate_state(&app, coupon).await
+    );
+    app.stop().await;
+}

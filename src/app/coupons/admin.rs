@@ -22,13 +22,19 @@ use chrono::Utc;
 
 use super::{CouponStock, Coupons, coupon_not_found, gate_unavailable};
 use crate::{
-    domain::{CouponChanges, CouponId, PageSize, PageToken},
+    app::idempotency::{NextAction, next_action},
+    domain::{CouponChanges, CouponId, DisplayName, IdempotencyKey, KeyScope, PageSize, PageToken},
     error::AppError,
     store::{
-        postgres::{self as postgres, coupon_admin, coupons},
+        postgres::{
+            self as postgres, coupon_admin, coupons,
+            idempotency::{self, Operation},
+        },
         redis::coupon_gate::{InstallMode, TermsApplied},
     },
 };
+
+const OPERATION: Operation = Operation::UpdateCoupon;
 
 /// How long a change waits for a rebuild of the gate that holds its lock.
 const GATE_LOCK_PATIENCE: Duration = Duration::from_secs(5);
@@ -48,14 +54,17 @@ impl Coupons {
         Ok((stocks, next))
     }
 
-    /// Changes a coupon: see the module docs. Cancel-safe.
+    /// Changes a coupon: see the module docs. With a key (admin scope), a retry applies
+    /// nothing more to Postgres, finishes the gate step, and returns the coupon as it is now.
+    /// Cancel-safe.
     pub async fn update(
         self: &Arc<Self>,
         id: CouponId,
         changes: CouponChanges,
+        key: Option<IdempotencyKey>,
     ) -> Result<CouponStock, AppError> {
         let this = self.clone();
-        tokio::spawn(async move { this.update_now(id, changes).await })
+        tokio::spawn(async move { this.update_now(id, changes, key).await })
             .await
             .unwrap_or_else(|e| {
                 Err(AppError::internal(format!(
@@ -68,6 +77,7 @@ impl Coupons {
         self: &Arc<Self>,
         id: CouponId,
         changes: CouponChanges,
+        key: Option<IdempotencyKey>,
     ) -> Result<CouponStock, AppError> {
         // Seats won at the gate whose rows are still being written count as issued: a lower
         // total must not turn a winner about to hear "yes" into a "sold out". Read before the
@@ -77,6 +87,27 @@ impl Coupons {
             None => 0,
         };
         let mut tx = self.pg.begin().await?;
+        let fingerprint = || {
+            let name = changes.name.as_ref().map(DisplayName::as_str);
+            format!(
+                "{:?}",
+                (id, name, changes.issue_ends_at, changes.total_quantity)
+            )
+        };
+        if let NextAction::ReturnSaved(_) = next_action(
+            &mut tx,
+            KeyScope::Admin,
+            OPERATION,
+            key.as_ref(),
+            fingerprint,
+        )
+        .await?
+        {
+            drop(tx);
+            // The first call committed; an UNAVAILABLE may have cut its gate step.
+            self.sync_gate(id).await?;
+            return self.stock(id).await;
+        }
         let (current, issued) = coupon_admin::lock(&mut tx, id)
             .await?
             .ok_or_else(|| coupon_not_found(id))?;
@@ -91,6 +122,9 @@ impl Coupons {
         if total < current.total_quantity {
             let moved = coupon_admin::compact_seats(&mut tx, id, total).await?;
             tracing::info!(coupon = %id, moved, total, "coupon total lowered: seats compacted");
+        }
+        if let Some(key) = &key {
+            idempotency::complete(&mut tx, KeyScope::Admin, OPERATION, key, id.get()).await?;
         }
         postgres::commit(tx).await?;
         if (total, window) != (current.total_quantity, current.window) {

@@ -230,18 +230,22 @@ fn update_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value
         prop_oneof![Just(None), name().prop_map(Some)],
         optional_timestamp(),
         prop_oneof![Just(None), total.prop_map(Some)],
+        idempotency_key(),
     )
-        .prop_map(|(auth, coupon_id, name, issue_ends_at, total_quantity)| {
-            Call::UpdateCoupon(
-                auth,
-                UpdateCouponRequest {
-                    coupon_id,
-                    name,
-                    issue_ends_at,
-                    total_quantity,
-                },
-            )
-        })
+        .prop_map(
+            |(auth, coupon_id, name, issue_ends_at, total_quantity, idempotency_key)| {
+                Call::UpdateCoupon(
+                    auth,
+                    UpdateCouponRequest {
+                        coupon_id,
+                        name,
+                        issue_ends_at,
+                        total_quantity,
+                        idempotency_key,
+                    },
+                )
+            },
+        )
 }
 
 fn create_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {

@@ -562,3 +562,31 @@ async fn a_keyed_update_applies_once_and_a_reused_key_is_refused(
     );
     app.stop().await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_gate_left_on_the_old_terms_is_repaired_by_the_reconciliation_job(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app_with(db, |s| {
+        s.set("COUPON_RECONCILE_INTERVAL_SECS", 1);
+    })
+    .await;
+    let coupon = create_coupon(&app, 10).await;
+    assert_eq!(stampede(&app, coupon, 1..=4).await.0.len(), 4);
+    update(&app, new_total(coupon, 20)).await.expect("raised");
+    // As if the raise's gate step had been cut after the commit: the gate on the old total.
+    let state = format!("{}coupon:{{{coupon}}}:state", app.redis_prefix);
+    let _: i64 = fred::interfaces::HashesInterface::hset(&app.redis, &state, ("total", 10))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || gate_agrees(&app, coupon, 20)).await,
+        "{:?}",
+        gate_state(&app, coupon).await
+    );
+    let (won, refused) = stampede(&app, coupon, 100..=130).await;
+    assert_eq!(won.len(), 16);
+    only_sold_out(&refused);
+    app.stop().await;
+}

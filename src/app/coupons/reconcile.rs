@@ -199,4 +199,42 @@ mod tests {
         // Two holders without rows, only one pending.
         assert!(gate_disagrees(&summary(10, 7, 0, 6, 1), 4).is_some());
     }
+
+    #[test]
+    fn a_gate_on_another_total_or_window_end_has_stale_terms() {
+        use crate::domain::{CouponTerms, Discount, DisplayName, IssueWindow, ValidDays, Won};
+        let starts = Utc::now();
+        let ends = starts + chrono::Duration::hours(1);
+        let coupon = Coupon {
+            id: CouponId::parse(1, "coupon_id").unwrap(),
+            terms: CouponTerms {
+                name: DisplayName::parse("sale".into(), "name").unwrap(),
+                discount: Discount::Fixed {
+                    amount: Won::new(100),
+                },
+                min_order_amount: Won::ZERO,
+                valid_days: ValidDays::parse(1).unwrap(),
+            },
+            total_quantity: 10,
+            window: IssueWindow::parse(starts, ends).unwrap(),
+            created_at: starts,
+        };
+        let agreeing = GateSummary {
+            ends_ms: ends.timestamp_millis(),
+            ..summary(10, 8, 1, 6, 2)
+        };
+        assert_eq!(stale_terms(&agreeing, &coupon), None);
+        // A raise whose gate step failed: the gate still has the old total.
+        let old_total = GateSummary {
+            total: 8,
+            ..agreeing.clone()
+        };
+        assert!(stale_terms(&old_total, &coupon).is_some());
+        // The window ended in Postgres, not yet at the gate.
+        let old_end = GateSummary {
+            ends_ms: ends.timestamp_millis() + 60_000,
+            ..agreeing
+        };
+        assert!(stale_terms(&old_end, &coupon).is_some());
+    }
 }

@@ -282,6 +282,12 @@ async fn ending_the_window_on_one_replica_stops_issuance_on_all_three_within_100
         accepted.iter().any(|sent| *sent < ended_at),
         "no issue was accepted before the end: the test proves nothing"
     );
+    let last = accepted.iter().max().expect("accepted");
+    eprintln!(
+        "{} issues accepted on three replicas; the last sent {:?} before the end answered",
+        accepted.len(),
+        ended_at.saturating_duration_since(*last)
+    );
     let late: Vec<_> = accepted
         .iter()
         .filter(|sent| **sent >= ended_at + Duration::from_millis(100))

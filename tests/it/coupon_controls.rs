@@ -596,3 +596,29 @@ async fn a_gate_left_on_the_old_terms_is_repaired_by_the_reconciliation_job(
     only_sold_out(&refused);
     app.stop().await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn the_same_change_sent_again_finishes_a_gate_step_that_was_cut(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    // The reconciliation job (every 30 s by default) does not run during this test.
+    let app = spawn_app_with(db, |_| {}).await;
+    let coupon = create_coupon(&app, 10).await;
+    update(&app, new_total(coupon, 20)).await.expect("raised");
+    let state = format!("{}coupon:{{{coupon}}}:state", app.redis_prefix);
+    let _: i64 = fred::interfaces::HashesInterface::hset(&app.redis, &state, ("total", 10))
+        .await
+        .unwrap();
+    assert!(!gate_agrees(&app, coupon, 20).await);
+    // Postgres already has 20: the request changes nothing there, and sets the gate again.
+    update(&app, new_total(coupon, 20))
+        .await
+        .expect("sent again");
+    assert!(
+        gate_agrees(&app, coupon, 20).await,
+        "{:?}",
+        gate_state(&app, coupon).await
+    );
+    app.stop().await;
+}

@@ -127,7 +127,9 @@ impl Coupons {
             idempotency::complete(&mut tx, KeyScope::Admin, OPERATION, key, id.get()).await?;
         }
         postgres::commit(tx).await?;
-        if (total, window) != (current.total_quantity, current.window) {
+        // Also when Postgres already had these values: the same request sent again after an
+        // UNAVAILABLE finishes the gate step that call could not.
+        if changes.total_quantity.is_some() || changes.issue_ends_at.is_some() {
             self.sync_gate(id).await?;
         }
         Ok(CouponStock::counted(updated, issued))

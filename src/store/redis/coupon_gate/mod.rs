@@ -10,6 +10,10 @@
 //! row is inserted, and the schema refuses a second coupon per user or a seat beyond the total,
 //! so a gate that forgot or repeated something can slow a caller down but never over-issue.
 //!
+//! The total and the window live in the state hash and the issue script reads them on every
+//! call, so an operator's change (`terms.rs`: one script, under the rebuild lock) holds on every
+//! replica from the next request.
+//!
 //! Seat conservation holds inside the gate at every instant: holders + seats left = total.
 //! Every holder is either pending (its row may not exist yet) or known to have its row, so the
 //! reconciliation job compares the gate with Postgres by counts and by the pending wins only,

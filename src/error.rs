@@ -85,6 +85,8 @@ pub enum AppError {
     CouponAlreadyIssued { user_coupon_id: i64 },
     #[error("the coupon cannot be issued outside its issue window")]
     CouponNotIssuable,
+    #[error("{issued} coupons are already issued: the total cannot go below that")]
+    CouponQuantityBelowIssued { issued: i64 },
     #[error("product {product_id} is not on sale")]
     ProductNotSelling { product_id: i64 },
     #[error("product {product_id} does not have enough stock")]
@@ -158,6 +160,9 @@ impl AppError {
             AppError::CouponSoldOut => (Code::ResourceExhausted, "COUPON_SOLD_OUT"),
             AppError::CouponAlreadyIssued { .. } => (Code::AlreadyExists, "COUPON_ALREADY_ISSUED"),
             AppError::CouponNotIssuable => (Code::FailedPrecondition, "COUPON_NOT_ISSUABLE"),
+            AppError::CouponQuantityBelowIssued { .. } => {
+                (Code::FailedPrecondition, "COUPON_QUANTITY_BELOW_ISSUED")
+            }
             AppError::ProductNotSelling { .. } => (Code::FailedPrecondition, "PRODUCT_NOT_SELLING"),
             AppError::OutOfStock { .. } => (Code::FailedPrecondition, "OUT_OF_STOCK"),
             AppError::StockChanged { .. } => (Code::Aborted, "STOCK_CHANGED"),
@@ -207,6 +212,9 @@ impl AppError {
                 put("user_coupon_id", user_coupon_id.to_string().into())
             }
             AppError::StockChanged { stock } => put("stock", stock.to_string().into()),
+            AppError::CouponQuantityBelowIssued { issued } => {
+                put("issued", issued.to_string().into())
+            }
             AppError::CartFull { max } => put("max_lines", max.to_string().into()),
             AppError::StockLimitExceeded { max } => put("max_stock", max.to_string().into()),
             AppError::CouponUnusable { why } => put("why", Cow::Borrowed(why)),

@@ -184,6 +184,27 @@ impl UserCouponStatus {
     }
 }
 
+/// An admin's change to a coupon; fields left `None` keep their value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CouponChanges {
+    pub name: Option<DisplayName>,
+    /// The new end of the issue window; its start never moves.
+    pub issue_ends_at: Option<DateTime<Utc>>,
+    /// Already checked by [`parse_total_quantity`]; whether it covers the coupons issued is
+    /// for the use case to tell (it needs the count).
+    pub total_quantity: Option<i64>,
+}
+
+impl CouponChanges {
+    /// The issue window once the change applies to `current`.
+    pub fn window(&self, current: IssueWindow) -> Result<IssueWindow, ValidationError> {
+        match self.issue_ends_at {
+            Some(ends_at) => IssueWindow::parse(current.starts_at(), ends_at),
+            None => Ok(current),
+        }
+    }
+}
+
 /// A coupon definition: its terms, how many exist, and when they can be issued.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Coupon {
@@ -215,6 +236,30 @@ mod tests {
 
     fn won(v: i64) -> Won {
         Won::new(v)
+    }
+
+    #[test]
+    fn a_change_moves_only_the_end_of_the_window() {
+        let starts = Utc::now();
+        let window = IssueWindow::parse(starts, starts + Duration::hours(1)).unwrap();
+        assert_eq!(CouponChanges::default().window(window), Ok(window));
+        let sooner = CouponChanges {
+            issue_ends_at: Some(starts + Duration::minutes(1)),
+            ..Default::default()
+        };
+        let moved = sooner.window(window).unwrap();
+        assert_eq!(
+            (moved.starts_at(), moved.ends_at()),
+            (starts, starts + Duration::minutes(1))
+        );
+        let before_start = CouponChanges {
+            issue_ends_at: Some(starts),
+            ..Default::default()
+        };
+        assert_eq!(
+            before_start.window(window).unwrap_err().field,
+            "issue_ends_at"
+        );
     }
 
     #[test]

@@ -9,10 +9,10 @@ use super::convert;
 use crate::{
     app::{Catalog, Coupons, Orders, Outbox, RefundCommand, Refunds},
     domain::{
-        CreatedCursor, CreatedRange, DisplayName, IdempotencyKey, IssueWindow, NewCoupon,
-        NewProduct, OrderFilter, OrderId, PageSize, PageToken, ProductChanges, ProductId,
-        RedriveSelection, RefundReason, RefundSelection, UserId, ValidDays, ValidationError, Won,
-        parse_stock, parse_total_quantity,
+        CouponChanges, CouponId, CreatedCursor, CreatedRange, DisplayName, IdempotencyKey,
+        IssueWindow, NewCoupon, NewProduct, OrderFilter, OrderId, PageSize, PageToken,
+        ProductChanges, ProductId, RedriveSelection, RefundReason, RefundSelection, UserId,
+        ValidDays, ValidationError, Won, parse_stock, parse_total_quantity,
     },
     error::AppError,
     proto::{
@@ -20,9 +20,10 @@ use crate::{
         AdminServiceGetOrderResponse, AdminServiceListOrdersRequest,
         AdminServiceListOrdersResponse, AdminServiceListProductsRequest,
         AdminServiceListProductsResponse, CreateCouponRequest, CreateCouponResponse,
-        CreateProductRequest, CreateProductResponse, ListParkedEventsRequest,
-        ListParkedEventsResponse, RedriveEventsRequest, RedriveEventsResponse, RefundOrderRequest,
-        RefundOrderResponse, UpdateProductRequest, UpdateProductResponse,
+        CreateProductRequest, CreateProductResponse, ListCouponsRequest, ListCouponsResponse,
+        ListParkedEventsRequest, ListParkedEventsResponse, RedriveEventsRequest,
+        RedriveEventsResponse, RefundOrderRequest, RefundOrderResponse, UpdateCouponRequest,
+        UpdateCouponResponse, UpdateProductRequest, UpdateProductResponse,
         admin_service_server::AdminService,
     },
 };
@@ -250,6 +251,41 @@ impl AdminService for AdminHandler {
         Ok(Response::new(AdminServiceListProductsResponse {
             products: products.into_iter().map(convert::product).collect(),
             next_page_token: next.map(PageToken::encode).unwrap_or_default(),
+        }))
+    }
+
+    async fn list_coupons(
+        &self,
+        request: Request<ListCouponsRequest>,
+    ) -> Result<Response<ListCouponsResponse>, Status> {
+        let req = request.into_inner();
+        let size = PageSize::parse(req.page_size)?;
+        let after = PageToken::parse(&req.page_token)?;
+        let (coupons, next) = self.coupons.page(size, after).await?;
+        Ok(Response::new(ListCouponsResponse {
+            coupons: coupons.into_iter().map(convert::coupon).collect(),
+            next_page_token: next.map(PageToken::encode).unwrap_or_default(),
+        }))
+    }
+
+    async fn update_coupon(
+        &self,
+        request: Request<UpdateCouponRequest>,
+    ) -> Result<Response<UpdateCouponResponse>, Status> {
+        let req = request.into_inner();
+        let id = CouponId::parse(req.coupon_id, "coupon_id")?;
+        let changes = CouponChanges {
+            name: req
+                .name
+                .map(|n| DisplayName::parse(n, "name"))
+                .transpose()?,
+            issue_ends_at: convert::parse_optional_timestamp(req.issue_ends_at, "issue_ends_at")?,
+            total_quantity: req.total_quantity.map(parse_total_quantity).transpose()?,
+        };
+        let key = IdempotencyKey::parse(req.idempotency_key)?;
+        let stock = self.coupons.update(id, changes, key).await?;
+        Ok(Response::new(UpdateCouponResponse {
+            coupon: Some(convert::coupon(stock)),
         }))
     }
 }

@@ -174,6 +174,7 @@ pub fn coupon(stock: CouponStock) -> proto::Coupon {
         terms: Some(coupon_terms(c.terms)),
         total_quantity: c.total_quantity,
         remaining_quantity: stock.remaining,
+        issued_quantity: stock.issued,
         issue_starts_at: timestamp(c.window.starts_at()),
         issue_ends_at: timestamp(c.window.ends_at()),
         created_at: timestamp(c.created_at),

@@ -14,6 +14,7 @@ mod balance;
 mod cart;
 mod connections;
 mod conservation;
+mod coupon_controls;
 mod coupon_retries;
 mod coupons;
 mod events;

@@ -16,6 +16,7 @@
 //! Gate rebuilds run in their own task too, shared by every caller of this process that needs
 //! the same gate, and always unlock what they locked.
 
+mod admin;
 mod rebuild;
 mod reconcile;
 mod stats;
@@ -63,10 +64,23 @@ const IN_FLIGHT_POLL: Duration = Duration::from_millis(10);
 /// after a rebuild raced with inserts in flight) before the gate is rebuilt.
 const MAX_SEAT_COLLISIONS: u32 = 5;
 
-/// A coupon and how many are left.
+/// A coupon and how many were issued and are left (as Postgres records them).
 pub struct CouponStock {
     pub coupon: Coupon,
+    pub issued: i64,
     pub remaining: i64,
+}
+
+impl CouponStock {
+    fn counted(coupon: Coupon, issued: i64) -> Self {
+        Self {
+            // A lowered total never goes below the coupons issued; max() only guards the
+            // arithmetic.
+            remaining: (coupon.total_quantity - issued).max(0),
+            issued,
+            coupon,
+        }
+    }
 }
 
 /// The coupon flows: issuing, reading, and keeping the Redis gates true to Postgres.
@@ -149,10 +163,7 @@ impl Coupons {
         if let Err(e) = loaded {
             tracing::warn!(coupon = %coupon.id, error = %e, "coupon gate not loaded yet");
         }
-        Ok(CouponStock {
-            remaining: coupon.total_quantity,
-            coupon,
-        })
+        Ok(CouponStock::counted(coupon, 0))
     }
 
     /// Claims the key and creates the coupon in one transaction: the coupon, or the id of the
@@ -200,10 +211,7 @@ impl Coupons {
                     resource: Resource::Coupon,
                     id: id.get(),
                 })?;
-        Ok(CouponStock {
-            remaining: coupon.total_quantity - issued,
-            coupon,
-        })
+        Ok(CouponStock::counted(coupon, issued))
     }
 
     pub async fn user_coupons(

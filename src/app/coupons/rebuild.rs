@@ -12,7 +12,11 @@ use super::{Coupons, REBUILD_POLL, RepairReason, gate_unavailable};
 use crate::{
     domain::CouponId,
     error::AppError,
-    store::{Dependency, postgres::coupons, redis::coupon_gate::InstallMode},
+    store::{
+        Dependency,
+        postgres::coupons,
+        redis::coupon_gate::{InstallMode, LockToken},
+    },
 };
 
 /// A rebuild's result, shared by every caller waiting for it.
@@ -121,33 +125,47 @@ impl Coupons {
         mode: InstallMode,
         reason: Option<RepairReason>,
     ) -> Result<bool, AppError> {
-        let gate = &self.gate;
-        let Some(token) = gate.try_lock(coupon_id).await? else {
+        let Some(token) = self.gate.try_lock(coupon_id).await? else {
             return Ok(false);
         };
-        let rebuilt = async {
-            let Some(coupon) = coupons::get(&self.pg, coupon_id).await? else {
-                gate.mark_missing(coupon_id).await?;
-                return Ok(false);
-            };
-            let held = coupons::held_seats(&self.pg, coupon_id).await?;
-            let installed = gate
-                .install(&token, &coupon, &held, mode, Utc::now())
-                .await?;
-            if installed {
-                self.sold_out.forget(&[coupon_id]);
-                if let Some(reason) = reason {
-                    self.stats.rebuilt(reason);
-                    tracing::info!(coupon = %coupon_id, issued = held.len(), reason = reason.as_str(),
-                        "coupon gate rebuilt from Postgres");
-                }
+        let rebuilt = self.install_locked(&token, coupon_id, mode, reason).await;
+        self.unlock_gate(coupon_id, token).await;
+        rebuilt
+    }
+
+    /// Installs the gate as Postgres has the coupon now, under the lock `token` proves.
+    /// Returns whether it was installed (false: the lock was lost, the gate was loaded meanwhile
+    /// in [`InstallMode::IfAbsent`], or the coupon does not exist).
+    pub(super) async fn install_locked(
+        &self,
+        token: &LockToken,
+        coupon_id: CouponId,
+        mode: InstallMode,
+        reason: Option<RepairReason>,
+    ) -> Result<bool, AppError> {
+        let gate = &self.gate;
+        let Some(coupon) = coupons::get(&self.pg, coupon_id).await? else {
+            gate.mark_missing(coupon_id).await?;
+            return Ok(false);
+        };
+        let held = coupons::held_seats(&self.pg, coupon_id).await?;
+        let installed = gate
+            .install(token, &coupon, &held, mode, Utc::now())
+            .await?;
+        if installed {
+            self.sold_out.forget(&[coupon_id]);
+            if let Some(reason) = reason {
+                self.stats.rebuilt(reason);
+                tracing::info!(coupon = %coupon_id, issued = held.len(), reason = reason.as_str(),
+                    "coupon gate rebuilt from Postgres");
             }
-            Ok::<_, AppError>(installed)
         }
-        .await;
-        if let Err(e) = gate.unlock(coupon_id, token).await {
+        Ok(installed)
+    }
+
+    pub(super) async fn unlock_gate(&self, coupon_id: CouponId, token: LockToken) {
+        if let Err(e) = self.gate.unlock(coupon_id, token).await {
             tracing::debug!(coupon = %coupon_id, error = %e, "unlock failed; the lock will expire");
         }
-        rebuilt
     }
 }

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{Coupons, RepairReason};
 use crate::{
-    domain::CouponId,
+    domain::{Coupon, CouponId},
     error::AppError,
     store::{
         postgres::coupons,
@@ -59,7 +59,9 @@ impl Coupons {
                 }
                 continue;
             };
-            if let Some(why) = gate_disagrees(&summary, recorded) {
+            let disagreement =
+                gate_disagrees(&summary, recorded).or_else(|| stale_terms(&summary, &coupon));
+            if let Some(why) = disagreement {
                 tracing::warn!(coupon = %coupon.id, why, ?summary, recorded,
                     "coupon gate disagrees with Postgres: rebuilding");
                 if self
@@ -148,6 +150,19 @@ fn gate_disagrees(gate: &GateSummary, recorded: i64) -> Option<&'static str> {
     None
 }
 
+/// Whether the gate decides by other terms than `coupon` says: an UpdateCoupon whose Redis
+/// step failed (Postgres had committed). The rebuild reads the coupon again under the gate's
+/// lock, so a coupon changed since it was read here is installed as it is now.
+fn stale_terms(gate: &GateSummary, coupon: &Coupon) -> Option<&'static str> {
+    if gate.total != coupon.total_quantity {
+        return Some("the gate's total is not the coupon's");
+    }
+    if gate.ends_ms != coupon.window.ends_at().timestamp_millis() {
+        return Some("the gate's issue window is not the coupon's");
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,6 +174,7 @@ mod tests {
             free_seats: free,
             holders,
             pending,
+            ends_ms: 0,
         }
     }
 
@@ -182,5 +198,43 @@ mod tests {
         assert!(gate_disagrees(&summary(10, 7, 0, 6, 0), 7).is_some());
         // Two holders without rows, only one pending.
         assert!(gate_disagrees(&summary(10, 7, 0, 6, 1), 4).is_some());
+    }
+
+    #[test]
+    fn a_gate_on_another_total_or_window_end_has_stale_terms() {
+        use crate::domain::{CouponTerms, Discount, DisplayName, IssueWindow, ValidDays, Won};
+        let starts = Utc::now();
+        let ends = starts + chrono::Duration::hours(1);
+        let coupon = Coupon {
+            id: CouponId::parse(1, "coupon_id").unwrap(),
+            terms: CouponTerms {
+                name: DisplayName::parse("sale".into(), "name").unwrap(),
+                discount: Discount::Fixed {
+                    amount: Won::new(100),
+                },
+                min_order_amount: Won::ZERO,
+                valid_days: ValidDays::parse(1).unwrap(),
+            },
+            total_quantity: 10,
+            window: IssueWindow::parse(starts, ends).unwrap(),
+            created_at: starts,
+        };
+        let agreeing = GateSummary {
+            ends_ms: ends.timestamp_millis(),
+            ..summary(10, 8, 1, 6, 2)
+        };
+        assert_eq!(stale_terms(&agreeing, &coupon), None);
+        // A raise whose gate step failed: the gate still has the old total.
+        let old_total = GateSummary {
+            total: 8,
+            ..agreeing.clone()
+        };
+        assert!(stale_terms(&old_total, &coupon).is_some());
+        // The window ended in Postgres, not yet at the gate.
+        let old_end = GateSummary {
+            ends_ms: ends.timestamp_millis() + 60_000,
+            ..agreeing
+        };
+        assert!(stale_terms(&old_end, &coupon).is_some());
     }
 }

@@ -47,10 +47,11 @@ macro_rules! coupon_columns {
         )
     };
 }
+pub(super) use coupon_columns;
 
 #[derive(sqlx::FromRow)]
-struct CouponRow {
-    c_id: CouponId,
+pub(super) struct CouponRow {
+    pub(super) c_id: CouponId,
     c_name: String,
     c_discount_type: String,
     c_discount_amount: Option<i64>,
@@ -65,7 +66,7 @@ struct CouponRow {
 }
 
 impl CouponRow {
-    fn into_coupon(self) -> Result<Coupon, StoreError> {
+    pub(super) fn into_coupon(self) -> Result<Coupon, StoreError> {
         let id = self.c_id;
         let corrupt = |what: &str| StoreError::Inconsistent(format!("coupon {id}: {what}"));
         let discount = match (
@@ -292,7 +293,10 @@ pub async fn issue(
     seat: i64,
 ) -> Result<Result<UserCoupon, IssueRefusal>, StoreError> {
     let inserted = sqlx::query_as::<_, UserCouponRow>(concat!(
-        "WITH c AS (SELECT * FROM coupons WHERE id = $1),
+        // FOR KEY SHARE (which the foreign key check takes anyway, but only after the row is
+        // in the seat index): an UpdateCoupon that is renumbering seats holds the coupon FOR
+        // UPDATE, and the insert must wait for it before taking a seat, not hold one it waits on.
+        "WITH c AS (SELECT * FROM coupons WHERE id = $1 FOR KEY SHARE),
          ins AS (
              INSERT INTO user_coupons (coupon_id, user_id, seat, expires_at)
              SELECT c.id, $2, $3, now() + make_interval(days => c.valid_days) FROM c
@@ -330,7 +334,8 @@ pub struct SeatGrant {
     pub seat: i64,
 }
 
-/// Records several grants in one statement, so they share one transaction and one WAL flush.
+/// Records several grants in one statement, so they share one transaction and one WAL flush
+/// (each coupon locked FOR KEY SHARE first, as in [`issue`]).
 /// A grant that a unique constraint refuses (the user already holds the coupon, the seat is
 /// taken) is left out of the result; [`issue`] tells why, one by one. Any other failure fails
 /// the whole statement.
@@ -348,6 +353,7 @@ pub async fn issue_many(
              SELECT g.coupon_id, g.user_id, g.seat, now() + make_interval(days => c.valid_days)
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS g(coupon_id, user_id, seat)
              JOIN coupons c ON c.id = g.coupon_id
+             FOR KEY SHARE OF c
              ON CONFLICT DO NOTHING
              RETURNING id, coupon_id, user_id, status, order_id, issued_at, expires_at
          )

@@ -21,6 +21,7 @@ pub enum Operation {
     AdjustStock,
     CreateProduct,
     CreateCoupon,
+    UpdateCoupon,
 }
 
 impl Operation {
@@ -34,6 +35,7 @@ impl Operation {
             Operation::AdjustStock => "ADJUST_STOCK",
             Operation::CreateProduct => "CREATE_PRODUCT",
             Operation::CreateCoupon => "CREATE_COUPON",
+            Operation::UpdateCoupon => "UPDATE_COUPON",
         }
     }
 }

@@ -6,7 +6,8 @@
 //! and without coupons, cancels, payments (some retried with their key, some sent three times at
 //! once), refunds of paid orders (partial and full, restocked or not, retried with their key or
 //! sent twice at once), orders left to expire (ORDER_TTL_SECS=2), buyers' order lists walked page
-//! by page, the admin's reads (GetOrder, ListOrders, ListProducts), and keyed AdjustStock calls
+//! by page, the admin's reads (GetOrder, ListOrders, ListProducts, ListCoupons), coupon totals
+//! raised and lowered while they are issued (UpdateCoupon), and keyed AdjustStock calls
 //! retried and sent twice at once on a product set aside for them. Every answer is recorded.
 //! Afterwards the books must balance, on a consistent snapshot right after the workload and again
 //! once the expiry job and the outbox have settled: every balance equals its ledger and what the
@@ -30,6 +31,7 @@
 //! what the RPCs reported, and `books` checks the database against the rules and the record.
 
 mod books;
+mod coupon_admin;
 mod lists;
 mod record;
 mod shop;

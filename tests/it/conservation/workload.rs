@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 
 use super::{
     ORDER_TTL, USERS,
+    coupon_admin::coupon_admin_op,
     lists::{adjust_op, admin_read_op, list_op},
     record::Shared,
     shop::Shop,
@@ -382,7 +383,8 @@ pub(super) async fn worker(
             }
             89..93 => refund_op(app, shared, &mut rng, worker, n).await,
             93..95 => list_op(app, shared, &mut rng).await,
-            95..97 => admin_read_op(app, shop, shared, &mut rng).await,
+            95 => admin_read_op(app, shop, shared, &mut rng).await,
+            96 => coupon_admin_op(app, shop, shared, &mut rng).await,
             97 => adjust_op(app, shop, shared, &mut rng, key("adjust", worker, n)).await,
             98 => {
                 let user = rng.random_range(1..=USERS);

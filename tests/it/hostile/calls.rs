@@ -9,10 +9,10 @@ use ecommerce::proto::{
     AdminServiceListProductsRequest, CancelOrderRequest, ChargeBalanceRequest, CheckoutRequest,
     ClearRequest, CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest,
     GetCouponRequest, GetOrderRequest, GetPopularProductsRequest, GetProductRequest,
-    IssueCouponRequest, ListBalanceHistoryRequest, ListOrdersRequest, ListParkedEventsRequest,
-    ListProductsRequest, ListUserCouponsRequest, PayRequest, PlaceOrderRequest,
-    RedriveEventsRequest, RefundOrderRequest, RemoveItemRequest, SetItemRequest,
-    UpdateProductRequest,
+    IssueCouponRequest, ListBalanceHistoryRequest, ListCouponsRequest, ListOrdersRequest,
+    ListParkedEventsRequest, ListProductsRequest, ListUserCouponsRequest, PayRequest,
+    PlaceOrderRequest, RedriveEventsRequest, RefundOrderRequest, RemoveItemRequest, SetItemRequest,
+    UpdateCouponRequest, UpdateProductRequest,
 };
 use prost::Message;
 use tonic::Status;
@@ -58,6 +58,8 @@ pub(super) enum Call {
     AdminGetOrder(Auth, AdminServiceGetOrderRequest),
     AdminListOrders(Auth, AdminServiceListOrdersRequest),
     AdminListProducts(Auth, AdminServiceListProductsRequest),
+    ListCoupons(Auth, ListCouponsRequest),
+    UpdateCoupon(Auth, UpdateCouponRequest),
 }
 
 /// Debug output with long strings cut, so a failing 1 MB case prints as one line.
@@ -93,6 +95,8 @@ impl fmt::Debug for Call {
             Call::AdminGetOrder(a, r) => format!("{a:?} {r:?}"),
             Call::AdminListOrders(a, r) => format!("{a:?} {r:?}"),
             Call::AdminListProducts(a, r) => format!("{a:?} {r:?}"),
+            Call::ListCoupons(a, r) => format!("{a:?} {r:?}"),
+            Call::UpdateCoupon(a, r) => format!("{a:?} {r:?}"),
         };
         if full.len() > 600 {
             let cut = full.char_indices().nth(600).map_or(full.len(), |(i, _)| i);
@@ -151,6 +155,10 @@ impl Call {
             Call::AdminListOrders(..) => "Admin ListOrders (no token)",
             Call::AdminListProducts(Auth::Admin, _) => "Admin ListProducts",
             Call::AdminListProducts(..) => "Admin ListProducts (no token)",
+            Call::ListCoupons(Auth::Admin, _) => "ListCoupons",
+            Call::ListCoupons(..) => "ListCoupons (no token)",
+            Call::UpdateCoupon(Auth::Admin, _) => "UpdateCoupon",
+            Call::UpdateCoupon(..) => "UpdateCoupon (no token)",
         }
     }
 
@@ -171,6 +179,7 @@ impl Call {
                 | Call::AdminGetOrder(..)
                 | Call::AdminListOrders(..)
                 | Call::AdminListProducts(..)
+                | Call::ListCoupons(..)
         )
     }
 
@@ -185,7 +194,9 @@ impl Call {
             | Call::RefundOrder(a, _)
             | Call::AdminGetOrder(a, _)
             | Call::AdminListOrders(a, _)
-            | Call::AdminListProducts(a, _) => Some(*a),
+            | Call::AdminListProducts(a, _)
+            | Call::ListCoupons(a, _)
+            | Call::UpdateCoupon(a, _) => Some(*a),
             _ => None,
         }
     }
@@ -221,6 +232,8 @@ impl Call {
             Call::AdminGetOrder(_, r) => r.encoded_len(),
             Call::AdminListOrders(_, r) => r.encoded_len(),
             Call::AdminListProducts(_, r) => r.encoded_len(),
+            Call::ListCoupons(_, r) => r.encoded_len(),
+            Call::UpdateCoupon(_, r) => r.encoded_len(),
         }
     }
 
@@ -261,6 +274,8 @@ impl Call {
             Call::AdminGetOrder(a, r) => admin(a).get_order(r).await.map(drop),
             Call::AdminListOrders(a, r) => admin(a).list_orders(r).await.map(drop),
             Call::AdminListProducts(a, r) => admin(a).list_products(r).await.map(drop),
+            Call::ListCoupons(a, r) => admin(a).list_coupons(r).await.map(drop),
+            Call::UpdateCoupon(a, r) => admin(a).update_coupon(r).await.map(drop),
         }
     }
 }

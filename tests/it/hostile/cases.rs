@@ -6,10 +6,10 @@ use ecommerce::proto::{
     AdminServiceListProductsRequest, CancelOrderRequest, ChargeBalanceRequest, CheckoutRequest,
     ClearRequest, CreateCouponRequest, CreateProductRequest, GetBalanceRequest, GetCartRequest,
     GetCouponRequest, GetOrderRequest, GetPopularProductsRequest, GetProductRequest,
-    IssueCouponRequest, ListBalanceHistoryRequest, ListOrdersRequest, ListParkedEventsRequest,
-    ListProductsRequest, ListUserCouponsRequest, PayRequest, PlaceOrderRequest,
-    RedriveEventsRequest, RefundLine, RefundOrderRequest, RemoveItemRequest, SetItemRequest,
-    UpdateProductRequest,
+    IssueCouponRequest, ListBalanceHistoryRequest, ListCouponsRequest, ListOrdersRequest,
+    ListParkedEventsRequest, ListProductsRequest, ListUserCouponsRequest, PayRequest,
+    PlaceOrderRequest, RedriveEventsRequest, RefundLine, RefundOrderRequest, RemoveItemRequest,
+    SetItemRequest, UpdateCouponRequest, UpdateProductRequest,
 };
 use proptest::{
     prelude::*,
@@ -206,6 +206,46 @@ fn admin_list_products_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy
             )
         },
     )
+}
+
+fn list_coupons_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    (auth, int32(0..=100), page_token()).prop_map(|(auth, page_size, page_token)| {
+        Call::ListCoupons(
+            auth,
+            ListCouponsRequest {
+                page_size,
+                page_token,
+            },
+        )
+    })
+}
+
+/// A live coupon renamed, ended (or its end moved before its start), given more seats or
+/// fewer (below the issued ones too), or hostile values in each field.
+fn update_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
+    let total = sane_or_hostile(1..=20i64, hostile_i64());
+    (
+        auth,
+        id(),
+        prop_oneof![Just(None), name().prop_map(Some)],
+        optional_timestamp(),
+        prop_oneof![Just(None), total.prop_map(Some)],
+        idempotency_key(),
+    )
+        .prop_map(
+            |(auth, coupon_id, name, issue_ends_at, total_quantity, idempotency_key)| {
+                Call::UpdateCoupon(
+                    auth,
+                    UpdateCouponRequest {
+                        coupon_id,
+                        name,
+                        issue_ends_at,
+                        total_quantity,
+                        idempotency_key,
+                    },
+                )
+            },
+        )
 }
 
 fn create_coupon_calls(auth: impl Strategy<Value = Auth>) -> impl Strategy<Value = Call> {
@@ -473,6 +513,16 @@ fn strategies() -> Vec<(BoxedStrategy<Call>, usize)> {
         (admin_get_order_calls(Just(Auth::Admin)).boxed(), CASES),
         (admin_list_orders_calls(Just(Auth::Admin)).boxed(), CASES),
         (admin_list_products_calls(Just(Auth::Admin)).boxed(), CASES),
+        (list_coupons_calls(Just(Auth::Admin)).boxed(), CASES),
+        (update_coupon_calls(Just(Auth::Admin)).boxed(), CASES),
+        (
+            list_coupons_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
+        (
+            update_coupon_calls(no_admin()).boxed(),
+            UNAUTHENTICATED_CASES,
+        ),
         (
             admin_get_order_calls(no_admin()).boxed(),
             UNAUTHENTICATED_CASES,

@@ -123,6 +123,12 @@ impl Call {
             Call::AdminListProducts(_, r) => {
                 bad_page(r.page_size) || bad_statuses(&r.statuses, known_product_status)
             }
+            Call::ListCoupons(_, r) => bad_page(r.page_size),
+            Call::UpdateCoupon(_, r) => {
+                bad(r.coupon_id)
+                    || r.total_quantity
+                        .is_some_and(|t| !(1..=1_000_000).contains(&t))
+            }
         }
     }
 }

@@ -15,6 +15,8 @@ pub struct GateSummary {
     pub free_seats: i64,
     pub holders: i64,
     pub pending: i64,
+    /// The end of the issue window the gate decides by (ms since the epoch).
+    pub ends_ms: i64,
 }
 
 impl GateSummary {
@@ -46,7 +48,7 @@ impl CouponGate {
         let reply: Vec<Value> = self.summary.call(&self.redis, &k.all(), &[]).await?;
         let unexpected = || StoreError::Inconsistent(format!("coupon {coupon}: bad gate summary"));
         let int = |v: &Value| v.as_i64().ok_or_else(unexpected);
-        let [total, next_seat, free_seats, holders, pending, _gen] = reply.as_slice() else {
+        let [total, next_seat, free_seats, holders, pending, _gen, ends] = reply.as_slice() else {
             return Ok(None);
         };
         Ok(Some(GateSummary {
@@ -55,6 +57,7 @@ impl CouponGate {
             free_seats: int(free_seats)?,
             holders: int(holders)?,
             pending: int(pending)?,
+            ends_ms: int(ends)?,
         }))
     }
 
@@ -154,6 +157,7 @@ mod tests {
             free_seats: 2,
             holders: 5,
             pending: 0,
+            ends_ms: 0,
         };
         assert_eq!(summary.remaining(), 5);
         let exhausted = GateSummary {

@@ -130,12 +130,7 @@ impl CouponGate {
             InstallMode::IfAbsent => "absent",
             InstallMode::Replace => "replace",
         };
-        // Keep the gate a day past the window (late requests answer NOT_ISSUABLE from Redis),
-        // and at least an hour from now.
-        let expire_at = (coupon.window.ends_at() + chrono::Duration::days(1))
-            .max(now + chrono::Duration::hours(1))
-            .timestamp_millis()
-            .to_string();
+        let expire_at = super::expire_at(coupon, now).to_string();
         let args = [
             token.0.clone(),
             mode.to_owned(),

@@ -10,6 +10,10 @@
 //! row is inserted, and the schema refuses a second coupon per user or a seat beyond the total,
 //! so a gate that forgot or repeated something can slow a caller down but never over-issue.
 //!
+//! The total and the window live in the state hash and the issue script reads them on every
+//! call, so an operator's change (`terms.rs`: one script, under the rebuild lock) holds on every
+//! replica from the next request.
+//!
 //! Seat conservation holds inside the gate at every instant: holders + seats left = total.
 //! Every holder is either pending (its row may not exist yet) or known to have its row, so the
 //! reconciliation job compares the gate with Postgres by counts and by the pending wins only,
@@ -25,11 +29,12 @@ use fred::{
 
 mod audit;
 mod install;
+mod terms;
 
-pub use self::audit::GateSummary;
+pub use self::{audit::GateSummary, terms::TermsApplied};
 use super::{LuaScript, Redis};
 use crate::{
-    domain::{CouponId, UserId},
+    domain::{Coupon, CouponId, UserId},
     store::StoreError,
 };
 
@@ -37,6 +42,14 @@ use crate::{
 const LOCK_TTL: Duration = Duration::from_secs(10);
 /// How long "no such coupon" is remembered, so unknown ids do not reach Postgres every time.
 const MISSING_TTL: Duration = Duration::from_secs(5);
+/// When a gate's keys expire (ms since the epoch): a day past the window (late requests
+/// answer NOT_ISSUABLE from Redis), and at least an hour from now.
+fn expire_at(coupon: &Coupon, now: DateTime<Utc>) -> i64 {
+    (coupon.window.ends_at() + chrono::Duration::days(1))
+        .max(now + chrono::Duration::hours(1))
+        .timestamp_millis()
+}
+
 /// A seat held at the gate, with what is needed to undo it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
@@ -93,6 +106,7 @@ pub struct CouponGate {
     pending: LuaScript,
     settle: LuaScript,
     extend: LuaScript,
+    set_terms: LuaScript,
 }
 
 /// The keys every gate script takes, in this order.
@@ -138,6 +152,10 @@ impl CouponGate {
             extend: LuaScript::new(
                 "coupon_gate.extend_lock",
                 include_str!("../lua/extend_lock.lua"),
+            ),
+            set_terms: LuaScript::new(
+                "coupon_gate.set_terms",
+                include_str!("../lua/set_coupon_terms.lua"),
             ),
         }
     }

@@ -74,7 +74,11 @@ pub async fn set_up(
     };
     let mut products = Vec::new();
     if let Some(stock) = plan.product_stock {
-        for (i, price) in [PRICE, SECOND_PRICE].into_iter().take(plan.products).enumerate() {
+        for (i, price) in [PRICE, SECOND_PRICE]
+            .into_iter()
+            .take(plan.products)
+            .enumerate()
+        {
             products.push(create_product(connections, stock, price, &format!("{tag}-{i}")).await?);
         }
     }

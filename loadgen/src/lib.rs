@@ -170,7 +170,13 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
     let workers = (0..options.concurrency)
         .map(|i| {
             let channel = connections.channel(i);
-            Worker::new(i, options.seed, shared.clone(), channel, connections.admin_on(i))
+            Worker::new(
+                i,
+                options.seed,
+                shared.clone(),
+                channel,
+                connections.admin_on(i),
+            )
         })
         .collect();
     let driven = driver::drive(
@@ -332,7 +338,10 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         for status in ["PAID", "PARTIALLY_REFUNDED", "REFUNDED", "CANCELLED"] {
             facts.insert(format!("orders_{}", status.to_lowercase()), count(status));
         }
-        facts.insert("refunds".into(), life_db.orders.iter().map(|o| o.refunds).sum());
+        facts.insert(
+            "refunds".into(),
+            life_db.orders.iter().map(|o| o.refunds).sum(),
+        );
         facts.insert("outbox_events".into(), life_db.events.len() as i64);
     }
     let measured_secs = driven.measured.as_secs_f64();

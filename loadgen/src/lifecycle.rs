@@ -373,8 +373,7 @@ impl Lifecycle {
         let mut wanted = asked.clone();
         wanted.sort_unstable();
         let line_sum: i64 = refund.lines.iter().map(|l| l.amount).sum();
-        if given != wanted || line_sum != refund.amount || refund.order_id != life.order.order_id
-        {
+        if given != wanted || line_sum != refund.amount || refund.order_id != life.order.order_id {
             let order = life.order.order_id;
             seen.refund_answers.add(|| {
                 format!(

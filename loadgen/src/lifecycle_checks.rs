@@ -135,13 +135,19 @@ const EVENTS: &str = "
 
 pub async fn read(pool: &PgPool, products: &[i64]) -> Result<LifeDb, sqlx::Error> {
     Ok(LifeDb {
-        orders: sqlx::query_as(ORDERS).bind(products).fetch_all(pool).await?,
+        orders: sqlx::query_as(ORDERS)
+            .bind(products)
+            .fetch_all(pool)
+            .await?,
         lines: sqlx::query_as(LINES).bind(products).fetch_all(pool).await?,
         products: sqlx::query_as(PRODUCTS)
             .bind(products)
             .fetch_all(pool)
             .await?,
-        events: sqlx::query_as(EVENTS).bind(products).fetch_all(pool).await?,
+        events: sqlx::query_as(EVENTS)
+            .bind(products)
+            .fetch_all(pool)
+            .await?,
     })
 }
 
@@ -266,8 +272,11 @@ pub fn checks(db: &LifeDb, seen: &LifeSeen, initial: &HashMap<i64, i64>) -> Vec<
         events_of.entry(event.order_id).or_default().push(event);
     }
     let orders: HashMap<i64, &DbOrder> = db.orders.iter().map(|o| (o.id, o)).collect();
-    let (mut money, mut per_line, mut events) =
-        (Problems::default(), Problems::default(), Problems::default());
+    let (mut money, mut per_line, mut events) = (
+        Problems::default(),
+        Problems::default(),
+        Problems::default(),
+    );
     for o in &db.orders {
         let lines = lines_of.get(&o.id).map_or(&[][..], Vec::as_slice);
         if let Some(p) = money_problem(o, lines) {
@@ -308,7 +317,10 @@ pub fn checks(db: &LifeDb, seen: &LifeSeen, initial: &HashMap<i64, i64>) -> Vec<
         let Some(expected) = life.expected else {
             continue;
         };
-        let status = expected.status.as_str_name().trim_start_matches("ORDER_STATUS_");
+        let status = expected
+            .status
+            .as_str_name()
+            .trim_start_matches("ORDER_STATUS_");
         match orders.get(&life.order_id) {
             Some(o) if o.status == status && o.refunded_amount == expected.refunded_amount => {}
             Some(o) => left.add(|| {
@@ -477,7 +489,10 @@ mod tests {
         db.lines[1].lines_quantity = 1;
         db.lines[1].refunded_quantity = 1;
         let broken = failed(&db, &LifeSeen::default());
-        assert!(broken.iter().any(|b| b.contains("a share of 2500")), "{broken:?}");
+        assert!(
+            broken.iter().any(|b| b.contains("a share of 2500")),
+            "{broken:?}"
+        );
     }
 
     #[test]
@@ -485,7 +500,10 @@ mod tests {
         let mut db = partly_refunded();
         db.products[0].restocked = 1;
         let broken = failed(&db, &LifeSeen::default());
-        assert!(broken.iter().any(|b| b.contains("restocked 1 = 99")), "{broken:?}");
+        assert!(
+            broken.iter().any(|b| b.contains("restocked 1 = 99")),
+            "{broken:?}"
+        );
     }
 
     #[test]
@@ -509,6 +527,9 @@ mod tests {
         let db = partly_refunded();
         let broken = failed(&db, &seen(OrderStatus::Refunded, 4_500));
         assert_eq!(broken.len(), 1, "{broken:?}");
-        assert!(broken[0].contains("left it REFUNDED with 4500"), "{broken:?}");
+        assert!(
+            broken[0].contains("left it REFUNDED with 4500"),
+            "{broken:?}"
+        );
     }
 }

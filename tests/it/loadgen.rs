@@ -427,9 +427,17 @@ async fn a_lifecycle_run_keeps_money_stock_and_events_in_step(
     assert_eq!(report.units_of_work, 150);
     assert_eq!(count(&report, "PlaceOrder", "OK"), 150);
     for rpc in ["Pay", "CancelOrder", "RefundOrder", "ListOrders"] {
-        assert!(count(&report, rpc, "OK") > 0, "{rpc}: {}", report.to_table());
+        assert!(
+            count(&report, rpc, "OK") > 0,
+            "{rpc}: {}",
+            report.to_table()
+        );
     }
-    for check in ["outbox event per transition", "initial stock", "REFUND entries"] {
+    for check in [
+        "outbox event per transition",
+        "initial stock",
+        "REFUND entries",
+    ] {
         assert!(
             report
                 .invariants

@@ -348,7 +348,7 @@ impl Lifecycle {
             async move { admin.refund_order(request).await }
         };
         let user = life.order.user_id;
-        let refund = match call(Rpc::RefundOrder, rec, send).await {
+        let refund = match call(Rpc::RefundOrder, rec, &send).await {
             Answer::Ok(response) => response.refund.unwrap_or_default(),
             Answer::Refused { status, .. } => return refused(seen, "RefundOrder", life, &status),
             Answer::Unknown => {
@@ -395,12 +395,7 @@ impl Lifecycle {
         }
         if rng.random_ratio(1, REPEAT_REFUND_ONE_IN) {
             seen.replayed += 1;
-            let admin = &self.admin;
-            let again = call(Rpc::RefundOrderAgain, rec, || {
-                let (mut admin, request) = (admin.clone(), request.clone());
-                async move { admin.refund_order(request).await }
-            })
-            .await;
+            let again = call(Rpc::RefundOrderAgain, rec, &send).await;
             let order = life.order.order_id;
             match again {
                 Answer::Ok(r) if r.refund.as_ref().is_some_and(|r| r.id == refund.id) => {}

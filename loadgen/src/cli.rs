@@ -159,9 +159,10 @@ enum Command {
     /// (75%); a paid order is refunded (AdminService/RefundOrder, keyed, restocking or not) in
     /// part, in full, in part then the rest, or not at all, one refund in five sent again with
     /// its key; then the buyer's first ListOrders page must show it as left. Needs
-    /// --admin-token and --database-url: checks in Postgres that balances equal charges − uses
-    /// + refunds, stock is conserved, refunds stay within what each order and line paid, and
-    /// each transition wrote exactly one outbox event, numbered 1..n per order.
+    /// --admin-token and --database-url: checks in Postgres that each balance equals its
+    /// charges minus its payments plus its refunds, stock is conserved, refunds stay within what
+    /// each order and line paid, and each transition wrote exactly one outbox event, numbered
+    /// 1..n per order.
     Lifecycle(LifecycleArgs),
 }
 

@@ -461,8 +461,10 @@ async fn a_lifecycle_run_keeps_money_stock_and_events_in_step(
     assert_eq!(report.fixtures["outbox_events"], events);
 
     options.database = None;
-    let refused = loadgen::run(&options, &lifecycle).await;
-    let message = format!("{:#}", refused.err().expect("refused without Postgres"));
+    let Err(refused) = loadgen::run(&options, &lifecycle).await else {
+        panic!("a lifecycle run without Postgres is refused");
+    };
+    let message = format!("{refused:#}");
     assert!(message.contains("--database-url"), "{message}");
     app.stop().await;
 }

@@ -46,6 +46,15 @@ fn assert_sound(report: &Report) {
     assert_eq!(report.warmup_calls, 0);
 }
 
+/// The run is refused before it starts, saying `why`.
+async fn assert_refused(options: &Options, scenario: &Scenario, why: &str) {
+    let Err(refused) = loadgen::run(options, scenario).await else {
+        panic!("{scenario:?} should be refused");
+    };
+    let message = format!("{refused:#}");
+    assert!(message.contains(why), "{message}");
+}
+
 fn calls(report: &Report, rpc: &str) -> u64 {
     report.rpc(rpc).map_or(0, |r| r.calls)
 }
@@ -399,12 +408,12 @@ async fn list_orders_walks_a_buyers_history_and_needs_it_first(
         min_orders: 121,
         ..listing
     };
-    let refused = loadgen::run(&options, &Scenario::ListOrders(short)).await;
-    let Err(refused) = refused else {
-        panic!("a short history is refused");
-    };
-    let message = format!("{refused:#}");
-    assert!(message.contains("scripts/seed-orders"), "{message}");
+    assert_refused(
+        &options,
+        &Scenario::ListOrders(short),
+        "scripts/seed-orders",
+    )
+    .await;
     app.stop().await;
 }
 
@@ -461,11 +470,7 @@ async fn a_lifecycle_run_keeps_money_stock_and_events_in_step(
     assert_eq!(report.fixtures["outbox_events"], events);
 
     options.database = None;
-    let Err(refused) = loadgen::run(&options, &lifecycle).await else {
-        panic!("a lifecycle run without Postgres is refused");
-    };
-    let message = format!("{refused:#}");
-    assert!(message.contains("--database-url"), "{message}");
+    assert_refused(&options, &lifecycle, "--database-url").await;
     app.stop().await;
 }
 

@@ -417,6 +417,13 @@ async fn list_orders_walks_a_buyers_history_and_needs_it_first(
     app.stop().await;
 }
 
+/// Eight buyers: each has several orders in flight at once, so lists are shared and refunds of one
+/// buyer's orders race for the same balance row.
+const LIFECYCLE: Scenario = Scenario::Lifecycle {
+    stock: 1_000,
+    buyers: 8,
+};
+
 #[sqlx::test(migrations = false)]
 async fn a_lifecycle_run_keeps_money_stock_and_events_in_step(
     _: PgPoolOptions,
@@ -425,11 +432,7 @@ async fn a_lifecycle_run_keeps_money_stock_and_events_in_step(
     let app = spawn_app(db.clone()).await;
     let mut options = options(&app, &db);
     options.requests = Some(150);
-    let lifecycle = Scenario::Lifecycle {
-        stock: 1_000,
-        buyers: 8,
-    };
-    let report = loadgen::run(&options, &lifecycle)
+    let report = loadgen::run(&options, &LIFECYCLE)
         .await
         .expect("the run happens");
     assert_sound(&report);
@@ -470,7 +473,7 @@ async fn a_lifecycle_run_keeps_money_stock_and_events_in_step(
     assert_eq!(report.fixtures["outbox_events"], events);
 
     options.database = None;
-    assert_refused(&options, &lifecycle, "--database-url").await;
+    assert_refused(&options, &LIFECYCLE, "--database-url").await;
     app.stop().await;
 }
 
@@ -482,13 +485,7 @@ async fn a_lifecycle_run_reports_an_event_lost_behind_its_back(
     let app = spawn_app(db.clone()).await;
     let mut options = options(&app, &db);
     options.requests = Some(120);
-    let run = loadgen::run(
-        &options,
-        &Scenario::Lifecycle {
-            stock: 1_000,
-            buyers: 8,
-        },
-    );
+    let run = loadgen::run(&options, &LIFECYCLE);
     let meddle = async {
         // Once a refund's event is written, delete it.
         loop {

@@ -154,6 +154,25 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         page_size: i32,
     },
+    /// Orders live their whole life: each unit of work places an order of one or two products
+    /// (1..=3 units a line) with a key, then cancels it (15%), leaves it open (10%) or pays it
+    /// (75%); a paid order is refunded (AdminService/RefundOrder, keyed, restocking or not) in
+    /// part, in full, in part then the rest, or not at all, one refund in five sent again with
+    /// its key; then the buyer's first ListOrders page must show it as left. Needs
+    /// --admin-token and --database-url: checks in Postgres that each balance equals its
+    /// charges minus its payments plus its refunds, stock is conserved, refunds stay within what
+    /// each order and line paid, and each transition wrote exactly one outbox event, numbered
+    /// 1..n per order.
+    Lifecycle(LifecycleArgs),
+}
+
+#[derive(Debug, Args)]
+struct LifecycleArgs {
+    /// Units of each of the two products.
+    #[arg(long, default_value_t = 1_000_000)]
+    stock: i64,
+    #[arg(long, default_value_t = 1_000)]
+    buyers: u64,
 }
 
 #[derive(Debug, Args)]
@@ -210,6 +229,10 @@ impl Command {
                 days: popular.days,
                 limit: popular.limit,
             }),
+            Command::Lifecycle(l) => Scenario::Lifecycle {
+                stock: l.stock,
+                buyers: l.buyers,
+            },
             Command::ListOrders {
                 user_id,
                 min_orders,
@@ -404,6 +427,26 @@ mod tests {
         assert_eq!(
             parse(&["coupon-repeat"]).command.scenario(),
             Scenario::CouponRepeat { holders: 1_000 }
+        );
+    }
+
+    #[test]
+    fn the_lifecycle_parses_with_its_defaults() {
+        assert_eq!(
+            parse(&["lifecycle"]).command.scenario(),
+            Scenario::Lifecycle {
+                stock: 1_000_000,
+                buyers: 1_000
+            }
+        );
+        assert_eq!(
+            parse(&["lifecycle", "--stock", "50", "--buyers", "4"])
+                .command
+                .scenario(),
+            Scenario::Lifecycle {
+                stock: 50,
+                buyers: 4
+            }
         );
     }
 

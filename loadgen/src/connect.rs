@@ -99,7 +99,12 @@ impl Connections {
     }
 
     pub fn admin(&self) -> AdminClient {
-        AdminServiceClient::with_interceptor(self.channel(0), self.bearer.clone())
+        self.admin_on(0)
+    }
+
+    /// An admin client on channel `i`.
+    pub fn admin_on(&self, i: usize) -> AdminClient {
+        AdminServiceClient::with_interceptor(self.channel(i), self.bearer.clone())
     }
 }
 

@@ -17,7 +17,7 @@ use super::{
     holders::{Holder, make_holders},
     ledger::BalanceBook,
     listing::Listing,
-    scenario::{COUPON_DISCOUNT, PRICE, Plan},
+    scenario::{COUPON_DISCOUNT, PRICE, Plan, SECOND_PRICE},
     users::UserSpace,
 };
 use ecommerce::proto::{
@@ -35,6 +35,8 @@ const COUPON_VALID_DAYS: i32 = 7;
 pub struct Fixtures {
     pub coupon_id: Option<i64>,
     pub product_id: Option<i64>,
+    /// Every product created, `product_id` first.
+    pub products: Vec<i64>,
     /// Pool users who place orders.
     pub buyers: Vec<i64>,
     /// Pool users who receive random charges.
@@ -70,10 +72,17 @@ pub async fn set_up(
         }
         _ => Vec::new(),
     };
-    let product_id = match plan.product_stock {
-        Some(stock) => Some(create_product(connections, stock, tag).await?),
-        None => None,
-    };
+    let mut products = Vec::new();
+    if let Some(stock) = plan.product_stock {
+        for (i, price) in [PRICE, SECOND_PRICE]
+            .into_iter()
+            .take(plan.products)
+            .enumerate()
+        {
+            products.push(create_product(connections, stock, price, &format!("{tag}-{i}")).await?);
+        }
+    }
+    let product_id = products.first().copied();
     let pool: Vec<i64> = (0..plan.pool()).map(|i| users.pool_user(i)).collect();
     let opened: Vec<Opened> = stream::iter(pool.iter().enumerate())
         .map(|(i, &user)| {
@@ -129,6 +138,7 @@ pub async fn set_up(
     Ok(Fixtures {
         coupon_id,
         product_id,
+        products,
         buyers: pool[..plan.buyers as usize].to_vec(),
         charged: pool[..plan.charged as usize].to_vec(),
         holders,
@@ -165,10 +175,15 @@ async fn create_coupon(connections: &Connections, stock: i64, tag: &str) -> anyh
     .context("CreateCoupon answered without a coupon")
 }
 
-async fn create_product(connections: &Connections, stock: i64, tag: &str) -> anyhow::Result<i64> {
+async fn create_product(
+    connections: &Connections,
+    stock: i64,
+    price: i64,
+    tag: &str,
+) -> anyhow::Result<i64> {
     let request = CreateProductRequest {
         name: format!("loadgen {tag} hot product"),
-        price: PRICE,
+        price,
         stock,
         status: ProductStatus::Selling.into(),
         idempotency_key: format!("{tag}-product"),

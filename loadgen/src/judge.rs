@@ -508,7 +508,7 @@ pub fn balance_checks(f: &BalanceFacts) -> Vec<Check> {
         }
     }
     let mut check = Check::none(
-        "balance == balance before + distinct successful charges - successful payments",
+        "balance == balance before + distinct successful charges - successful payments + distinct successful refunds",
         &off,
         users,
     );
@@ -933,7 +933,7 @@ mod tests {
         assert_eq!(
             failed(&checks),
             vec![
-                "balance == balance before + distinct successful charges - successful payments",
+                "balance == balance before + distinct successful charges - successful payments + distinct successful refunds",
                 "a repeated idempotency key credits once",
                 "balance == sum of its ledger (Postgres)",
             ]

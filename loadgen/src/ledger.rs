@@ -1,6 +1,7 @@
 //! What the load generator itself knows about the balances it touched: each user's balance
 //! before the run, every credit the server confirmed (by ledger entry id, so a replayed
-//! idempotency key that returns the same entry counts once), every payment it confirmed, and the
+//! idempotency key that returns the same entry counts once), every refund it confirmed (by
+//! refund id, likewise), every payment it confirmed, and the
 //! calls whose effect is unknown. From that it derives the range the server's balance must lie
 //! in; with no unknown calls the range is a single value.
 
@@ -14,6 +15,8 @@ struct Account {
     /// Idempotency keys of confirmed credits: an unknown call with one of these keys is known
     /// after all (its entry is among `credits`).
     credited_keys: BTreeSet<String>,
+    /// Confirmed refunds by refund id.
+    refunds: BTreeMap<i64, i64>,
     debits: i64,
     /// Charges whose effect is unknown, with their idempotency key if they had one.
     unsure_credits: Vec<(Option<String>, i64)>,
@@ -41,7 +44,14 @@ impl BalanceBook {
         }
     }
 
-    /// A charge that may or may not have happened.
+    /// A refund the server confirmed as refund `refund_id`, made with idempotency key `key`.
+    pub fn refund(&mut self, user: i64, refund_id: i64, amount: i64, key: &str) {
+        let account = self.accounts.entry(user).or_default();
+        account.refunds.insert(refund_id, amount);
+        account.credited_keys.insert(key.to_string());
+    }
+
+    /// A charge (or a keyed refund) that may or may not have happened.
     pub fn unsure_credit(&mut self, user: i64, amount: i64, key: Option<String>) {
         self.accounts
             .entry(user)
@@ -67,6 +77,7 @@ impl BalanceBook {
             ours.baseline += theirs.baseline;
             ours.credits.extend(theirs.credits);
             ours.credited_keys.extend(theirs.credited_keys);
+            ours.refunds.extend(theirs.refunds);
             ours.debits += theirs.debits;
             ours.unsure_credits.extend(theirs.unsure_credits);
             ours.unsure_debits += theirs.unsure_debits;
@@ -84,7 +95,8 @@ impl BalanceBook {
     /// The lowest and highest balance the server may hold for `user` now.
     pub fn expected(&self, user: i64) -> Option<(i64, i64)> {
         let a = self.accounts.get(&user)?;
-        let known = a.baseline + a.credits.values().sum::<i64>() - a.debits;
+        let known = a.baseline + a.credits.values().sum::<i64>() + a.refunds.values().sum::<i64>()
+            - a.debits;
         let unsure_credit: i64 = a
             .unsure_credits
             .iter()
@@ -109,6 +121,18 @@ mod tests {
         book.debit(7, 200);
         assert_eq!(book.expected(7), Some((1_600, 1_600)));
         assert_eq!(book.expected(8), None);
+    }
+
+    #[test]
+    fn a_refund_returned_twice_for_its_key_counts_once() {
+        let mut book = BalanceBook::default();
+        book.open(3, 0);
+        book.credit(3, 1, 10_000, None);
+        book.debit(3, 6_000);
+        book.unsure_credit(3, 2_000, Some("r1".into()));
+        book.refund(3, 40, 2_000, "r1");
+        book.refund(3, 40, 2_000, "r1");
+        assert_eq!(book.expected(3), Some((6_000, 6_000)));
     }
 
     #[test]

@@ -27,6 +27,8 @@ mod holders;
 pub mod html;
 pub mod judge;
 pub mod ledger;
+pub mod lifecycle;
+pub mod lifecycle_checks;
 pub mod listing;
 pub mod report;
 mod scenario;
@@ -44,7 +46,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::ensure;
+use anyhow::{Context, ensure};
 use sqlx::postgres::PgConnectOptions;
 
 pub use listing::Listing;
@@ -133,6 +135,11 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         "--connections must be at least 1"
     );
     let plan = scenario.plan()?;
+    ensure!(
+        !plan.checked_in_postgres || options.database.is_some(),
+        "the {} scenario checks its invariants in Postgres: pass --database-url",
+        scenario.name()
+    );
     let (requests, duration) = plan.stop(options.requests, options.duration);
     let connections = Connections::open(options).await?;
     let db = match &options.database {
@@ -158,9 +165,19 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         tag,
         popular: plan.popular,
         listing: plan.listing,
+        products: fixtures.products.clone(),
     });
     let workers = (0..options.concurrency)
-        .map(|i| Worker::new(i, options.seed, shared.clone(), connections.channel(i)))
+        .map(|i| {
+            let channel = connections.channel(i);
+            Worker::new(
+                i,
+                options.seed,
+                shared.clone(),
+                channel,
+                connections.admin_on(i),
+            )
+        })
         .collect();
     let driven = driver::drive(
         workers,
@@ -196,6 +213,14 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         db.as_ref(),
     )
     .await;
+    let life_db = match &db {
+        Some(db) if plan.checked_in_postgres => Some(
+            lifecycle_checks::read(db, &fixtures.products)
+                .await
+                .context("reading the lifecycle's orders from Postgres"),
+        ),
+        _ => None,
+    };
     if let Some(spinner) = spinner {
         spinner.finish_and_clear();
     }
@@ -203,6 +228,7 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         db.close().await;
     }
     let fin = fin?;
+    let life_db = life_db.transpose()?;
 
     let rec = &driven.recorder;
     let called: Vec<(&str, &stats::Outcomes)> = Rpc::ALL
@@ -221,7 +247,18 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
             db: fin.db.coupon,
         }));
     }
-    if let Some(stock) = plan.product_stock {
+    if let Some(life_db) = &life_db {
+        let initial = fixtures
+            .products
+            .iter()
+            .map(|&id| (id, plan.product_stock.unwrap_or_default()))
+            .collect();
+        invariants.extend(lifecycle_checks::checks(
+            life_db,
+            &observed.lifecycle,
+            &initial,
+        ));
+    } else if let Some(stock) = plan.product_stock {
         invariants.extend(judge::order_checks(&OrderFacts {
             initial_stock: stock,
             stock_now: fin.stock_now,
@@ -273,6 +310,9 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
     }
     if let (Some(id), Some(stock)) = (fixtures.product_id, plan.product_stock) {
         facts.insert("product_id".into(), id);
+        if let Some(&second) = fixtures.products.get(1) {
+            facts.insert("second_product_id".into(), second);
+        }
         facts.insert("product_stock".into(), stock);
         facts.insert("buyers".into(), fixtures.buyers.len() as i64);
         facts.insert("funded_each".into(), plan.fund_each);
@@ -290,6 +330,19 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
             facts.insert("orders_in_table".into(), table);
             facts.insert("orders_of_listed_user".into(), user);
         }
+    }
+    if let Some(life_db) = &life_db {
+        let orders = life_db.orders.len() as i64;
+        let count = |s: &str| life_db.orders.iter().filter(|o| o.status == s).count() as i64;
+        facts.insert("orders".into(), orders);
+        for status in ["PAID", "PARTIALLY_REFUNDED", "REFUNDED", "CANCELLED"] {
+            facts.insert(format!("orders_{}", status.to_lowercase()), count(status));
+        }
+        facts.insert(
+            "refunds".into(),
+            life_db.orders.iter().map(|o| o.refunds).sum(),
+        );
+        facts.insert("outbox_events".into(), life_db.events.len() as i64);
     }
     let measured_secs = driven.measured.as_secs_f64();
     let passed = invariants.iter().all(|c| c.passed);

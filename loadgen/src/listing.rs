@@ -36,9 +36,9 @@ impl Listing {
 }
 
 /// An order's place in a newest-first list: (created_at in microseconds, id).
-type Key = (i64, i64);
+pub type Key = (i64, i64);
 
-fn key(order: &Order) -> Key {
+pub fn key(order: &Order) -> Key {
     let at = order.created_at.unwrap_or_default();
     (
         at.seconds.saturating_mul(1_000_000) + i64::from(at.nanos) / 1_000,

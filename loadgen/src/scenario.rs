@@ -16,6 +16,12 @@ use super::{
 
 /// Unit price of the load-tested product, in won.
 pub const PRICE: i64 = 1_000;
+/// Unit price of the lifecycle scenario's second product, in won: not a multiple of the
+/// first, so that orders of both have lines of unequal totals.
+pub const SECOND_PRICE: i64 = 2_500;
+/// What each lifecycle buyer is charged before the run: orders of at most 6 units of
+/// [`SECOND_PRICE`] cost 15,000 won, so this pays for over 6,000 of them (refunds give back).
+pub const LIFECYCLE_FUNDS: i64 = 100_000_000;
 /// The discount of the stampede coupon, in won.
 pub const COUPON_DISCOUNT: i64 = 1_000;
 /// When neither `--requests` nor `--duration` is given and the scenario has no natural size.
@@ -56,6 +62,10 @@ pub enum Scenario {
     CouponRepeat { holders: u64 },
     /// ListOrders walks through one buyer's order history, which must hold `min_orders`.
     ListOrders(Listing),
+    /// Orders of one or two products with `stock` units each live their whole life: placed,
+    /// cancelled, left open, or paid and refunded in part or in full, and listed; the
+    /// invariants are checked in Postgres.
+    Lifecycle { stock: i64, buyers: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +113,7 @@ impl Scenario {
             Scenario::Health => "health",
             Scenario::CouponRepeat { .. } => "coupon-repeat",
             Scenario::ListOrders(_) => "list-orders",
+            Scenario::Lifecycle { .. } => "lifecycle",
         }
     }
 
@@ -157,6 +168,16 @@ impl Scenario {
                 listing: Some(listing),
                 ..Plan::default()
             },
+            &Scenario::Lifecycle { stock, buyers } => Plan {
+                weights: Weights::only(Op::Lifecycle),
+                default_duration: Some(DEFAULT_DURATION),
+                product_stock: Some(stock),
+                products: 2,
+                buyers,
+                fund_each: LIFECYCLE_FUNDS,
+                checked_in_postgres: true,
+                ..Plan::default()
+            },
             Scenario::Mixed(m) => {
                 let needs_stock = [Op::Order, Op::Pay, Op::Checkout]
                     .iter()
@@ -195,6 +216,10 @@ pub struct Plan {
     pub default_duration: Option<Duration>,
     pub coupon_stock: Option<i64>,
     pub product_stock: Option<i64>,
+    /// Products created with `product_stock` units each (prices [`PRICE`], [`SECOND_PRICE`]).
+    pub products: usize,
+    /// The scenario's invariants need `--database-url`.
+    pub checked_in_postgres: bool,
     /// Pool users `0..buyers` place orders; each is charged `fund_each` first.
     pub buyers: u64,
     pub fund_each: i64,
@@ -216,6 +241,8 @@ impl Default for Plan {
             default_duration: None,
             coupon_stock: None,
             product_stock: None,
+            products: 1,
+            checked_in_postgres: false,
             buyers: 0,
             fund_each: 0,
             charged: 0,
@@ -474,6 +501,33 @@ mod tests {
         ];
         for scenario in bad {
             assert!(scenario.plan().is_err(), "{scenario:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn the_lifecycle_orders_two_products_and_needs_postgres() {
+        let plan = Scenario::Lifecycle {
+            stock: 1_000,
+            buyers: 20,
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(plan.weights, Weights::only(Op::Lifecycle));
+        assert_eq!((plan.product_stock, plan.products), (Some(1_000), 2));
+        assert_eq!((plan.buyers, plan.fund_each), (20, LIFECYCLE_FUNDS));
+        assert!(plan.checked_in_postgres);
+        assert_eq!(plan.stop(None, None), (None, Some(DEFAULT_DURATION)));
+        for bad in [
+            Scenario::Lifecycle {
+                stock: 0,
+                buyers: 1,
+            },
+            Scenario::Lifecycle {
+                stock: 1,
+                buyers: 0,
+            },
+        ] {
+            assert!(bad.plan().is_err(), "{bad:?}");
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::ledger::BalanceBook;
+use super::{ledger::BalanceBook, lifecycle::LifeSeen};
 
 /// An order the server confirmed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,6 +79,8 @@ pub struct Observed {
     pub order_pages: u64,
     pub page_problems: Problems,
     pub book: BalanceBook,
+    /// What the lifecycle scenario saw.
+    pub lifecycle: LifeSeen,
     /// Ledger entries returned per charge idempotency key: one each, however often it is sent.
     pub replays: BTreeMap<String, BTreeSet<i64>>,
 }
@@ -99,6 +101,7 @@ impl Observed {
         self.order_pages += other.order_pages;
         self.page_problems.merge(other.page_problems);
         self.book.merge(other.book);
+        self.lifecycle.merge(other.lifecycle);
         for (key, ids) in other.replays {
             self.replays.entry(key).or_default().extend(ids);
         }

@@ -43,10 +43,14 @@ pub enum Rpc {
     /// `grpc.health.v1.Health/Check`.
     HealthCheck,
     ListOrders,
+    CancelOrder,
+    RefundOrder,
+    /// RefundOrder again with the key of a refund just answered: it must return that refund.
+    RefundOrderAgain,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 13] = [
+    pub const ALL: [Rpc; 16] = [
         Rpc::IssueCoupon,
         Rpc::IssueCouponHeld,
         Rpc::PlaceOrder,
@@ -60,6 +64,9 @@ impl Rpc {
         Rpc::CheckoutAgain,
         Rpc::HealthCheck,
         Rpc::ListOrders,
+        Rpc::CancelOrder,
+        Rpc::RefundOrder,
+        Rpc::RefundOrderAgain,
     ];
 
     pub fn name(self) -> &'static str {
@@ -77,6 +84,9 @@ impl Rpc {
             Rpc::CheckoutAgain => "Checkout (same key)",
             Rpc::HealthCheck => "Health/Check",
             Rpc::ListOrders => "ListOrders",
+            Rpc::CancelOrder => "CancelOrder",
+            Rpc::RefundOrder => "RefundOrder",
+            Rpc::RefundOrderAgain => "RefundOrder (same key)",
         }
     }
 

@@ -28,6 +28,9 @@ pub enum Op {
     Checkout,
     /// The next ListOrders page of the worker's walk through one buyer's orders.
     ListOrders,
+    /// One order's whole life: placed, then cancelled, left open, or paid and refunded in part
+    /// or in full, and listed ([`crate::lifecycle`]).
+    Lifecycle,
 }
 
 impl Op {
@@ -53,6 +56,7 @@ impl Op {
             Op::Health => "health",
             Op::Checkout => "checkout",
             Op::ListOrders => "list-orders",
+            Op::Lifecycle => "lifecycle",
         }
     }
 }

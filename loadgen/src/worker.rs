@@ -8,9 +8,10 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use tonic::{Code, transport::Channel};
 
 use super::{
-    connect::describe,
+    connect::{AdminClient, describe},
     holders::{Holder, judge_repeat},
     judge::popular_problem,
+    lifecycle::Lifecycle,
     listing::{Listing, Walk, next_page},
     seen::{Observed, PaymentSeen, PlacedOrder},
     stats::{Class, Recorder, Rpc},
@@ -56,6 +57,8 @@ pub struct Shared {
     pub tag: String,
     pub popular: (i32, i32),
     pub listing: Option<Listing>,
+    /// Every product of the run (the lifecycle scenario orders from all of them).
+    pub products: Vec<i64>,
 }
 
 #[derive(Clone)]
@@ -82,11 +85,23 @@ pub struct Worker {
     keys_made: u64,
     /// This worker's walk through the listed buyer's orders.
     walk: Walk,
+    /// The lifecycle scenario's clients, when the run has that scenario.
+    life: Option<Lifecycle>,
     pub observed: Observed,
 }
 
 impl Worker {
-    pub fn new(index: usize, seed: u64, shared: Arc<Shared>, channel: Channel) -> Self {
+    pub fn new(
+        index: usize,
+        seed: u64,
+        shared: Arc<Shared>,
+        channel: Channel,
+        admin: AdminClient,
+    ) -> Self {
+        let life = shared
+            .weights
+            .contains(Op::Lifecycle)
+            .then(|| Lifecycle::new(index, channel.clone(), admin));
         Self {
             index,
             rng: StdRng::seed_from_u64(worker_seed(seed, index)),
@@ -102,6 +117,7 @@ impl Worker {
             recent_keys: VecDeque::new(),
             keys_made: 0,
             walk: Walk::default(),
+            life,
             observed: Observed::default(),
         }
     }
@@ -140,6 +156,19 @@ impl Worker {
             Op::Charge => self.charge(rec).await,
             Op::Health => self.health_check(rec).await,
             Op::Checkout => self.checkout(rec).await,
+            Op::Lifecycle => {
+                if let Some(life) = &mut self.life {
+                    let observed = &mut self.observed;
+                    life.live(
+                        &self.shared,
+                        &mut self.rng,
+                        rec,
+                        &mut observed.lifecycle,
+                        &mut observed.book,
+                    )
+                    .await;
+                }
+            }
             Op::ListOrders => {
                 if let Some(listing) = self.shared.listing {
                     let observed = &mut self.observed;

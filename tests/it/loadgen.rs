@@ -46,6 +46,15 @@ fn assert_sound(report: &Report) {
     assert_eq!(report.warmup_calls, 0);
 }
 
+/// The run is refused before it starts, saying `why`.
+async fn assert_refused(options: &Options, scenario: &Scenario, why: &str) {
+    let Err(refused) = loadgen::run(options, scenario).await else {
+        panic!("{scenario:?} should be refused");
+    };
+    let message = format!("{refused:#}");
+    assert!(message.contains(why), "{message}");
+}
+
 fn calls(report: &Report, rpc: &str) -> u64 {
     report.rpc(rpc).map_or(0, |r| r.calls)
 }
@@ -399,11 +408,112 @@ async fn list_orders_walks_a_buyers_history_and_needs_it_first(
         min_orders: 121,
         ..listing
     };
-    let refused = loadgen::run(&options, &Scenario::ListOrders(short)).await;
-    let Err(refused) = refused else {
-        panic!("a short history is refused");
+    assert_refused(
+        &options,
+        &Scenario::ListOrders(short),
+        "scripts/seed-orders",
+    )
+    .await;
+    app.stop().await;
+}
+
+/// Eight buyers: each has several orders in flight at once, so lists are shared and refunds of one
+/// buyer's orders race for the same balance row.
+const LIFECYCLE: Scenario = Scenario::Lifecycle {
+    stock: 1_000,
+    buyers: 8,
+};
+
+#[sqlx::test(migrations = false)]
+async fn a_lifecycle_run_keeps_money_stock_and_events_in_step(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app(db.clone()).await;
+    let mut options = options(&app, &db);
+    options.requests = Some(150);
+    let report = loadgen::run(&options, &LIFECYCLE)
+        .await
+        .expect("the run happens");
+    assert_sound(&report);
+    assert_eq!(report.units_of_work, 150);
+    assert_eq!(count(&report, "PlaceOrder", "OK"), 150);
+    for rpc in ["Pay", "CancelOrder", "RefundOrder", "ListOrders"] {
+        assert!(
+            count(&report, rpc, "OK") > 0,
+            "{rpc}: {}",
+            report.to_table()
+        );
+    }
+    for check in [
+        "outbox event per transition",
+        "initial stock",
+        "REFUND entries",
+    ] {
+        assert!(
+            report
+                .invariants
+                .iter()
+                .any(|c| c.name.contains(check) && c.passed),
+            "{check}: {}",
+            report.to_table()
+        );
+    }
+    // Cross-checked directly: one event per placement, payment, cancel and refund.
+    let (transitions, events): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders) + (SELECT count(*) FROM payments)
+              + (SELECT count(*) FROM orders WHERE status = 'CANCELLED')
+              + (SELECT count(*) FROM refunds),
+                (SELECT count(*) FROM outbox_events)",
+    )
+    .fetch_one(&app.pg)
+    .await
+    .unwrap();
+    assert_eq!(events, transitions);
+    assert_eq!(report.fixtures["outbox_events"], events);
+
+    options.database = None;
+    assert_refused(&options, &LIFECYCLE, "--database-url").await;
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_lifecycle_run_reports_an_event_lost_behind_its_back(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app(db.clone()).await;
+    let mut options = options(&app, &db);
+    options.requests = Some(120);
+    let run = loadgen::run(&options, &LIFECYCLE);
+    let meddle = async {
+        // Once a refund's event is written, delete it.
+        loop {
+            let order: Option<i64> = sqlx::query_scalar(
+                "DELETE FROM outbox_events WHERE id = (
+                     SELECT min(id) FROM outbox_events WHERE event_type = 'OrderRefunded')
+                 RETURNING order_id",
+            )
+            .fetch_optional(&app.pg)
+            .await
+            .unwrap();
+            if let Some(order) = order {
+                break order;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     };
-    let message = format!("{refused:#}");
-    assert!(message.contains("scripts/seed-orders"), "{message}");
+    let (report, order) = tokio::join!(run, meddle);
+    let report = report.expect("the run happens");
+    assert!(!report.passed, "{}", report.to_table());
+    let broken: Vec<_> = report.violations().collect();
+    assert_eq!(broken.len(), 1, "{}", report.to_table());
+    assert!(broken[0].name.contains("one outbox event per transition"));
+    assert!(
+        broken[0].detail.starts_with("1 of ")
+            && broken[0].detail.contains(&format!("order {order} (")),
+        "{:?}",
+        broken[0]
+    );
     app.stop().await;
 }

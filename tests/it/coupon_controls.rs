@@ -105,13 +105,13 @@ async fn raising_the_total_mid_stampede_adds_exactly_the_new_seats(
     let coupon = create_coupon(&app, 400).await;
     let started = Instant::now();
 
-    // 6,000 users at once; when 200 of the first 400 seats are recorded, the operator raises
-    // the total to 1,000 while the rest of the calls are in flight.
+    // 10,000 users at once (the stampede); when 200 of the first 400 seats are
+    // recorded, the operator raises the total to 1,000 while the rest of the calls are in flight.
     let finished = Arc::new(AtomicBool::new(false));
     let seen_at_raise = AtomicI64::new(0);
     let ((first_winners, first_refusals), raised) = tokio::join!(
         async {
-            let result = stampede(&app, coupon, 1..=6_000).await;
+            let result = stampede(&app, coupon, 1..=10_000).await;
             finished.store(true, Ordering::SeqCst);
             result
         },

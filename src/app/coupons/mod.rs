@@ -9,9 +9,9 @@
 //! user's row exists in Postgres (its id goes with the answer). Once a holder's row is known to
 //! be committed (the win's insert returned, a repeat call or the reconciliation job read it, a
 //! rebuild loaded it) the gate carries its id, so a settled holder's repeat call is answered by
-//! the gate's script alone; only a holder still pending is looked up in Postgres. A win whose row never appeared
-//! (an orphan) is released by the user's next call once it is older than the orphan grace, and
-//! by the reconciliation job otherwise.
+//! the gate's script alone; only a holder whose row the gate does not know yet is looked up in
+//! Postgres. A win whose row never appeared (an orphan) is released by the user's next call
+//! once it is older than the orphan grace, and by the reconciliation job otherwise.
 //!
 //! Cancel safety: a caller may go away at any await. [`App::issue_coupon`] therefore runs the
 //! gate decision, the durable insert and any undo in a spawned task and only awaits its answer,

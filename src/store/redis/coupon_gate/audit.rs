@@ -133,8 +133,8 @@ impl CouponGate {
 
     /// Records at the gate that `grant`'s row `user_coupon_id` is committed (the caller knows:
     /// its insert returned, or Postgres was read), so the user's next call is answered without
-    /// Postgres. Does nothing if the holder changed or the gate was rebuilt since. Returns
-    /// whether the gate took it.
+    /// Postgres. The win stays pending until the reconciliation job settles it. Does nothing if
+    /// the holder changed or the gate was rebuilt since. Returns whether the gate took it.
     pub async fn record(
         &self,
         coupon: CouponId,
@@ -142,13 +142,18 @@ impl CouponGate {
         grant: &Grant,
         user_coupon_id: UserCouponId,
     ) -> Result<bool, StoreError> {
-        let args = [
-            grant.generation.clone(),
-            user.get().to_string(),
-            grant.holder.clone(),
-            grant.recorded_as(user_coupon_id),
-        ];
-        Ok(self.settle_raw(coupon, &args).await? == 1)
+        let k = self.keys(coupon);
+        let user = user.get().to_string();
+        let value = grant.recorded_as(user_coupon_id);
+        let written: i64 = self
+            .record
+            .call(
+                &self.redis,
+                &k.all(),
+                &[&grant.generation, &user, &grant.holder, &value],
+            )
+            .await?;
+        Ok(written == 1)
     }
 
     /// Runs the settle script: the generation, then (user, holder seen, holder to write)

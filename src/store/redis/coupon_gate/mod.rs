@@ -128,6 +128,7 @@ pub struct CouponGate {
     summary: LuaScript,
     pending: LuaScript,
     settle: LuaScript,
+    record: LuaScript,
     extend: LuaScript,
     set_terms: LuaScript,
 }
@@ -172,6 +173,10 @@ impl CouponGate {
                 include_str!("../lua/pending_wins.lua"),
             ),
             settle: LuaScript::new("coupon_gate.settle", include_str!("../lua/settle_wins.lua")),
+            record: LuaScript::new(
+                "coupon_gate.record",
+                include_str!("../lua/record_holder.lua"),
+            ),
             extend: LuaScript::new(
                 "coupon_gate.extend_lock",
                 include_str!("../lua/extend_lock.lua"),

@@ -1,7 +1,8 @@
 //! A holder asking again: once their row is known to be committed the gate itself answers
 //! COUPON_ALREADY_ISSUED with the row's id (no Postgres); a holder the gate has not yet seen
 //! recorded is looked up in Postgres, and the gate learns the id from that answer; a gate
-//! rebuilt from Postgres carries every holder's id.
+//! rebuilt from Postgres carries every holder's id; a full refund gives the same row back, so
+//! the id stays true.
 //!
 //! Postgres is reached through a proxy the tests cut: a call that still needed it could not
 //! answer ALREADY_EXISTS.
@@ -22,7 +23,10 @@ use crate::support::{
     coupons::{create_coupon, issue},
     eventually,
     proxy::TcpProxy,
-    reason, spawn_app_with,
+    reason,
+    refunds::{paid_order, refund},
+    shop::create_product,
+    spawn_app_with,
 };
 
 /// A server whose Postgres is behind a proxy, and a pool that reaches Postgres directly.
@@ -189,6 +193,37 @@ async fn a_rebuilt_gate_answers_every_holder_with_their_coupon_id(
     for (user, id) in (1..=3).zip(&ids) {
         assert_eq!(already_issued(issue(&app, coupon, user).await), *id);
     }
+    proxy.restore().await;
+    app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_coupon_given_back_by_a_full_refund_keeps_its_id_at_the_gate(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let (app, proxy, direct) = app_behind_proxy(db).await;
+    let coupon = create_coupon(&app, 10).await;
+    let id = issue(&app, coupon, 1).await.expect("user 1 wins");
+    let kettle = create_product(&app, "kettle", 50_000, 10).await;
+    let order = paid_order(&app, 1, &[(kettle, 1)], id).await;
+    let (_, refunded) = refund(&app, order.id, &[], false, "full")
+        .await
+        .expect("a full refund");
+    assert!(refunded.coupon_returned);
+    // The same row is the user's again, AVAILABLE: the id the gate carries is still true.
+    let status: String = sqlx::query_scalar("SELECT status::text FROM user_coupons WHERE id = $1")
+        .bind(id)
+        .fetch_one(&direct)
+        .await
+        .unwrap();
+    assert_eq!(status, "AVAILABLE");
+    assert!(
+        eventually(Duration::from_secs(5), || gate_knows(&app, coupon, 1, id)).await,
+        "the gate carries user 1's coupon {id}"
+    );
+    proxy.cut().await;
+    assert_eq!(already_issued(issue(&app, coupon, 1).await), id);
     proxy.restore().await;
     app.stop().await;
 }

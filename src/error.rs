@@ -11,7 +11,7 @@ use tonic::{Code, Status};
 use tonic_types::{BadRequest, ErrorDetail, ErrorInfo, RetryInfo, StatusExt};
 
 use crate::{
-    domain::{OrderStatus, ValidationError, Won},
+    domain::{OrderStatus, UserCouponId, ValidationError, Won},
     store::{Dependency, StoreError},
 };
 
@@ -82,7 +82,7 @@ pub enum AppError {
     #[error("the coupon is sold out")]
     CouponSoldOut,
     #[error("the user already holds this coupon ({user_coupon_id})")]
-    CouponAlreadyIssued { user_coupon_id: i64 },
+    CouponAlreadyIssued { user_coupon_id: UserCouponId },
     #[error("the coupon cannot be issued outside its issue window")]
     CouponNotIssuable,
     #[error("{issued} coupons are already issued: the total cannot go below that")]

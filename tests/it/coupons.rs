@@ -2,6 +2,8 @@
 //! win durable in Postgres; a Redis gate that is wiped, refused an insert or left an orphaned win
 //! is repaired without ever over-issuing. Also the issue window, validation and the user's list.
 
+mod repeats;
+
 use std::{
     collections::{HashMap, HashSet},
     time::Duration,

@@ -6,9 +6,12 @@
 //! refuse anything the gate got wrong. A failed record gives the seat back.
 //!
 //! Answers are true when given and stay true on a retry: COUPON_ALREADY_ISSUED only once the
-//! user's row exists in Postgres (its id goes with the answer); a win whose row never appeared
-//! (an orphan) is released by the user's next call once it is older than the orphan grace, and
-//! by the reconciliation job otherwise.
+//! user's row exists in Postgres (its id goes with the answer). Once a holder's row is known to
+//! be committed (the win's insert returned, a repeat call or the reconciliation job read it, a
+//! rebuild loaded it) the gate carries its id, so a settled holder's repeat call is answered by
+//! the gate's script alone; only a holder whose row the gate does not know yet is looked up in
+//! Postgres. A win whose row never appeared (an orphan) is released by the user's next call
+//! once it is older than the orphan grace, and by the reconciliation job otherwise.
 //!
 //! Cancel safety: a caller may go away at any await. [`App::issue_coupon`] therefore runs the
 //! gate decision, the durable insert and any undo in a spawned task and only awaits its answer,
@@ -37,7 +40,7 @@ use super::{
 use crate::{
     domain::{
         Coupon, CouponId, IdempotencyKey, KeyScope, NewCoupon, PageSize, PageToken, UserCoupon,
-        UserId,
+        UserCouponId, UserId,
     },
     error::{AppError, Resource},
     metrics,
@@ -100,7 +103,7 @@ pub struct Coupons {
 /// What a call learns about a seat the gate says the user already holds.
 enum Held {
     /// The coupon row exists: the user has it.
-    Recorded(i64),
+    Recorded(UserCouponId),
     /// Won a moment ago by another call of this user, whose insert is still running.
     InFlight,
     /// An orphan, now released: ask the gate again.
@@ -278,9 +281,18 @@ impl Coupons {
                     self.await_rebuild(coupon_id, patience).await?;
                     continue;
                 }
+                Decision::AlreadyHolder(Grant {
+                    user_coupon_id: Some(user_coupon_id),
+                    ..
+                }) => {
+                    // A settled holder: the gate knows the row is committed.
+                    return Err(AppError::CouponAlreadyIssued { user_coupon_id });
+                }
                 Decision::AlreadyHolder(held) => {
                     match self.already_held(coupon_id, user_id, &held).await? {
                         Held::Recorded(user_coupon_id) => {
+                            self.record_at_gate(coupon_id, user_id, &held, user_coupon_id)
+                                .await;
                             return Err(AppError::CouponAlreadyIssued { user_coupon_id });
                         }
                         Held::InFlight => tokio::time::sleep(IN_FLIGHT_POLL).await,
@@ -298,7 +310,16 @@ impl Coupons {
                 })
                 .await;
             match recorded {
-                Ok(Ok(user_coupon)) => return Ok(user_coupon),
+                Ok(Ok(user_coupon)) => {
+                    // The row is committed: the gate learns its id off the answer's path, so
+                    // the winner's repeat calls need no Postgres.
+                    let this = self.clone();
+                    let id = user_coupon.id;
+                    tokio::spawn(async move {
+                        this.record_at_gate(coupon_id, user_id, &grant, id).await;
+                    });
+                    return Ok(user_coupon);
+                }
                 Ok(Err(IssueRefusal::SeatTaken)) => {
                     // The seat is someone else's in Postgres: keep it out of the gate's pool.
                     self.release_grant(coupon_id, user_id, &grant, false).await;
@@ -372,6 +393,14 @@ impl Coupons {
             tracing::info!(%coupon, %user, seat = held.seat, "released an orphaned coupon seat");
         }
         Ok(Held::Released)
+    }
+
+    /// Tells the gate that `held`'s row `id` is committed. If Redis cannot take it now, the
+    /// reconciliation job settles the win later (or the next repeat call reads Postgres again).
+    async fn record_at_gate(&self, coupon: CouponId, user: UserId, held: &Grant, id: UserCouponId) {
+        if let Err(e) = self.gate.record(coupon, user, held, id).await {
+            tracing::debug!(%coupon, %user, error = %e, "could not record a coupon row at the gate");
+        }
     }
 
     /// Undoes a grant that did not become a coupon. If Redis cannot be reached now, the

@@ -5,14 +5,14 @@
 //! Every step is bounded (constant-time counts, then pending wins a chunk at a time), so a
 //! 1,000,000-seat coupon is compared without a large Redis command.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use super::{Coupons, RepairReason};
 use crate::{
-    domain::{Coupon, CouponId},
+    domain::{Coupon, CouponId, UserCouponId},
     error::AppError,
     store::{
         postgres::coupons,
@@ -111,13 +111,20 @@ impl Coupons {
                 break;
             }
             let users: Vec<i64> = chunk.wins.iter().map(|w| w.user).collect();
-            let recorded: HashSet<i64> = coupons::holders_among(&self.pg, coupon, &users)
-                .await?
-                .into_iter()
-                .collect();
-            gate.settle(coupon, &chunk, |user| recorded.contains(&user))
+            // The rows' ids go to the gate with the settling, so these holders' repeat calls
+            // are answered without Postgres from now on.
+            let recorded: HashMap<i64, UserCouponId> =
+                coupons::holders_among(&self.pg, coupon, &users)
+                    .await?
+                    .into_iter()
+                    .collect();
+            gate.settle(coupon, &chunk, |user| recorded.get(&user).copied())
                 .await?;
-            for win in chunk.wins.iter().filter(|w| !recorded.contains(&w.user)) {
+            for win in chunk
+                .wins
+                .iter()
+                .filter(|w| !recorded.contains_key(&w.user))
+            {
                 if gate.release_orphan(coupon, win).await? {
                     released += 1;
                     tracing::warn!(%coupon, user = win.user, "released an orphaned coupon seat");

@@ -219,15 +219,26 @@ pub async fn issuable_around(
     rows.into_iter().map(CouponRow::into_coupon).collect()
 }
 
-/// Every seat issued for `coupon_id`, as (user, seat), in no particular order.
+/// One seat issued in Postgres, as a gate rebuild installs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct HeldSeat {
+    pub user_id: UserId,
+    pub seat: i64,
+    /// The holder's coupon row: a rebuilt gate answers a repeat call with it.
+    pub user_coupon_id: UserCouponId,
+}
+
+/// Every seat issued for `coupon_id`, in no particular order.
 pub async fn held_seats(
     db: impl PgExecutor<'_>,
     coupon_id: CouponId,
-) -> Result<Vec<(UserId, i64)>, StoreError> {
-    let seats = sqlx::query_as("SELECT user_id, seat FROM user_coupons WHERE coupon_id = $1")
-        .bind(coupon_id)
-        .fetch_all(db)
-        .await?;
+) -> Result<Vec<HeldSeat>, StoreError> {
+    let seats = sqlx::query_as(
+        "SELECT user_id, seat, id AS user_coupon_id FROM user_coupons WHERE coupon_id = $1",
+    )
+    .bind(coupon_id)
+    .fetch_all(db)
+    .await?;
     Ok(seats)
 }
 
@@ -245,7 +256,7 @@ pub async fn user_coupon_id(
     db: impl PgExecutor<'_>,
     coupon_id: CouponId,
     user_id: UserId,
-) -> Result<Option<i64>, StoreError> {
+) -> Result<Option<UserCouponId>, StoreError> {
     let id =
         sqlx::query_scalar("SELECT id FROM user_coupons WHERE coupon_id = $1 AND user_id = $2")
             .bind(coupon_id)
@@ -255,14 +266,14 @@ pub async fn user_coupon_id(
     Ok(id)
 }
 
-/// Which of `users` hold a coupon of `coupon_id`.
+/// Which of `users` hold a coupon of `coupon_id`, with the id of that coupon.
 pub async fn holders_among(
     db: impl PgExecutor<'_>,
     coupon_id: CouponId,
     users: &[i64],
-) -> Result<Vec<i64>, StoreError> {
-    let holders = sqlx::query_scalar(
-        "SELECT user_id FROM user_coupons WHERE coupon_id = $1 AND user_id = ANY($2)",
+) -> Result<Vec<(i64, UserCouponId)>, StoreError> {
+    let holders = sqlx::query_as(
+        "SELECT user_id, id FROM user_coupons WHERE coupon_id = $1 AND user_id = ANY($2)",
     )
     .bind(coupon_id)
     .bind(users)

@@ -5,7 +5,10 @@ use chrono::{DateTime, Utc};
 use fred::types::Value;
 
 use super::{CouponGate, Grant};
-use crate::{domain::CouponId, store::StoreError};
+use crate::{
+    domain::{CouponId, UserCouponId, UserId},
+    store::StoreError,
+};
 
 /// The counts of one coupon's gate at one instant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,23 +105,60 @@ impl CouponGate {
         }))
     }
 
-    /// Clears the pending mark of these wins (Postgres has their rows), where the holder is
-    /// still the one the chunk saw. Returns how many were settled.
+    /// Settles these wins, where the holder is still the one the chunk saw: `recorded` gives
+    /// the id of a win's coupon row when Postgres has it; those wins lose their pending mark
+    /// and carry the id from now on. Returns how many were settled.
     pub async fn settle(
         &self,
         coupon: CouponId,
         chunk: &PendingChunk,
-        recorded: impl Fn(i64) -> bool,
+        recorded: impl Fn(i64) -> Option<UserCouponId>,
     ) -> Result<usize, StoreError> {
         let mut args = vec![chunk.generation.clone()];
-        for win in chunk.wins.iter().filter(|w| recorded(w.user)) {
+        for win in &chunk.wins {
+            let Some(user_coupon_id) = recorded(win.user) else {
+                continue;
+            };
             args.push(win.user.to_string());
-            args.push(
-                win.grant
-                    .as_ref()
-                    .map_or(String::new(), |g| g.holder.clone()),
-            );
+            match &win.grant {
+                Some(grant) => {
+                    args.push(grant.holder.clone());
+                    args.push(grant.recorded_as(user_coupon_id));
+                }
+                None => args.extend([String::new(), String::new()]),
+            }
         }
+        self.settle_raw(coupon, &args).await
+    }
+
+    /// Records at the gate that `grant`'s row `user_coupon_id` is committed (the caller knows:
+    /// its insert returned, or Postgres was read), so the user's next call is answered without
+    /// Postgres. The win stays pending until the reconciliation job settles it. Does nothing if
+    /// the holder changed or the gate was rebuilt since. Returns whether the gate took it.
+    pub async fn record(
+        &self,
+        coupon: CouponId,
+        user: UserId,
+        grant: &Grant,
+        user_coupon_id: UserCouponId,
+    ) -> Result<bool, StoreError> {
+        let k = self.keys(coupon);
+        let user = user.get().to_string();
+        let value = grant.recorded_as(user_coupon_id);
+        let written: i64 = self
+            .record
+            .call(
+                &self.redis,
+                &k.all(),
+                &[&grant.generation, &user, &grant.holder, &value],
+            )
+            .await?;
+        Ok(written == 1)
+    }
+
+    /// Runs the settle script: the generation, then (user, holder seen, holder to write)
+    /// triples.
+    async fn settle_raw(&self, coupon: CouponId, args: &[String]) -> Result<usize, StoreError> {
         if args.len() == 1 {
             return Ok(0);
         }

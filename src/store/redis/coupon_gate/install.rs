@@ -11,8 +11,8 @@ use fred::{
 
 use super::{CouponGate, InstallMode, LOCK_TTL, LockToken};
 use crate::{
-    domain::{Coupon, CouponId, UserId},
-    store::StoreError,
+    domain::{Coupon, CouponId},
+    store::{StoreError, postgres::coupons::HeldSeat},
 };
 
 /// Holders and free seats are staged in chunks of this many entries.
@@ -26,7 +26,7 @@ const STAGE_TTL: Duration = Duration::from_secs(60);
 
 impl CouponGate {
     /// Installs the gate of `coupon` from its Postgres record: `held` are the seats issued in
-    /// Postgres. Free seats are the gaps below the highest held seat; fresh seats follow it.
+    /// Postgres (holder, seat, coupon row id; every holder carries its row's id). Free seats are the gaps below the highest held seat; fresh seats follow it.
     /// Returns whether the gate was installed (false: the lock was lost, or in
     /// [`InstallMode::IfAbsent`] another caller loaded it first).
     ///
@@ -36,7 +36,7 @@ impl CouponGate {
         &self,
         token: &LockToken,
         coupon: &Coupon,
-        held: &[(UserId, i64)],
+        held: &[HeldSeat],
         mode: InstallMode,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
@@ -47,7 +47,7 @@ impl CouponGate {
             self.redis
                 .key(format_args!("coupon:{{{id}}}:staged-free:{}", token.0)),
         ];
-        let plan = SeatPlan::from_held(held.iter().map(|(_, seat)| *seat));
+        let plan = SeatPlan::from_held(held.iter().map(|h| h.seat));
         let installed = match self.stage(token, id, held, &plan.free, &staged).await {
             Ok(true) => {
                 self.swap_in(token, coupon, plan.next, &staged, mode, now)
@@ -68,7 +68,7 @@ impl CouponGate {
         &self,
         token: &LockToken,
         id: CouponId,
-        held: &[(UserId, i64)],
+        held: &[HeldSeat],
         free: &[i64],
         [staged_holders, staged_free]: &[String; 2],
     ) -> Result<bool, StoreError> {
@@ -97,8 +97,14 @@ impl CouponGate {
             if let Some(chunk) = holders.next() {
                 let fields: Vec<(String, String)> = chunk
                     .iter()
-                    // Seats recorded in Postgres are settled: won "at 0", never pending.
-                    .map(|(user, seat)| (user.get().to_string(), format!("{seat}:0")))
+                    // Seats recorded in Postgres are settled: won "at 0", never pending, and
+                    // their row's id answers a repeat call from the gate.
+                    .map(|h| {
+                        (
+                            h.user_id.get().to_string(),
+                            format!("{}:0:{}", h.seat, h.user_coupon_id),
+                        )
+                    })
                     .collect();
                 let _: i64 = client.hset(staged_holders, fields).await?;
             } else if let Some(chunk) = free.next() {

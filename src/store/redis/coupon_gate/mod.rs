@@ -14,6 +14,13 @@
 //! call, so an operator's change (`terms.rs`: one script, under the rebuild lock) holds on every
 //! replica from the next request.
 //!
+//! A holder value carries the id of the holder's coupon row only once that row is known to be
+//! committed (the win's insert returned, a later call or the reconciliation job found the row,
+//! or a rebuild read it), so a repeat call is answered COUPON_ALREADY_ISSUED by the issue
+//! script alone, truthfully; a holder without the id may still be in flight or an orphan, and
+//! only that one needs Postgres. Rows are never deleted (a refund gives the same row back), so
+//! the id stays true for as long as the holder does.
+//!
 //! Seat conservation holds inside the gate at every instant: holders + seats left = total.
 //! Every holder is either pending (its row may not exist yet) or known to have its row, so the
 //! reconciliation job compares the gate with Postgres by counts and by the pending wins only,
@@ -34,7 +41,7 @@ mod terms;
 pub use self::{audit::GateSummary, terms::TermsApplied};
 use super::{LuaScript, Redis};
 use crate::{
-    domain::{Coupon, CouponId, UserId},
+    domain::{Coupon, CouponId, UserCouponId, UserId},
     store::StoreError,
 };
 
@@ -56,19 +63,34 @@ pub struct Grant {
     pub seat: i64,
     /// When the seat was won (ms since the epoch); 0 for a holder loaded from Postgres.
     pub won_at_ms: i64,
+    /// The holder's coupon row, once it is known to be committed.
+    pub user_coupon_id: Option<UserCouponId>,
     holder: String,
     generation: String,
 }
 
 impl Grant {
     fn parse(holder: &str, generation: &str) -> Option<Self> {
-        let (seat, won_at) = holder.split_once(':')?;
+        let (seat, rest) = holder.split_once(':')?;
+        let (won_at, user_coupon_id) = match rest.split_once(':') {
+            Some((won_at, id)) => (
+                won_at,
+                Some(UserCouponId::parse(id.parse().ok()?, "user_coupon_id").ok()?),
+            ),
+            None => (rest, None),
+        };
         Some(Self {
             seat: seat.parse().ok()?,
             won_at_ms: won_at.parse().ok()?,
+            user_coupon_id,
             holder: holder.to_owned(),
             generation: generation.to_owned(),
         })
+    }
+
+    /// The holder value of this grant once its row `user_coupon_id` is committed.
+    fn recorded_as(&self, user_coupon_id: UserCouponId) -> String {
+        format!("{}:{}:{user_coupon_id}", self.seat, self.won_at_ms)
     }
 }
 
@@ -79,7 +101,8 @@ pub enum Decision {
     NotLoaded,
     NoSuchCoupon,
     OutsideWindow,
-    /// The user already holds a seat (recorded in Postgres, being recorded, or orphaned).
+    /// The user already holds a seat: recorded in Postgres (known when the grant carries its
+    /// `user_coupon_id`), being recorded, or orphaned.
     AlreadyHolder(Grant),
     SoldOut,
 }
@@ -105,6 +128,7 @@ pub struct CouponGate {
     summary: LuaScript,
     pending: LuaScript,
     settle: LuaScript,
+    record: LuaScript,
     extend: LuaScript,
     set_terms: LuaScript,
 }
@@ -149,6 +173,10 @@ impl CouponGate {
                 include_str!("../lua/pending_wins.lua"),
             ),
             settle: LuaScript::new("coupon_gate.settle", include_str!("../lua/settle_wins.lua")),
+            record: LuaScript::new(
+                "coupon_gate.record",
+                include_str!("../lua/record_holder.lua"),
+            ),
             extend: LuaScript::new(
                 "coupon_gate.extend_lock",
                 include_str!("../lua/extend_lock.lua"),
@@ -291,8 +319,27 @@ mod tests {
     fn grants_parse_seat_and_win_time() {
         let grant = Grant::parse("7:1700000000123", "g1").unwrap();
         assert_eq!((grant.seat, grant.won_at_ms), (7, 1_700_000_000_123));
+        assert_eq!(grant.user_coupon_id, None);
         assert_eq!(Grant::parse("7", "g1"), None);
         assert_eq!(Grant::parse("x:1", "g1"), None);
+        assert_eq!(Grant::parse("7:1:x", "g1"), None);
+    }
+
+    #[test]
+    fn a_recorded_grant_carries_its_row_id() {
+        let grant = Grant::parse("7:1700000000123", "g1").unwrap();
+        let id = |raw| Some(UserCouponId::parse(raw, "user_coupon_id").unwrap());
+        let recorded = Grant::parse(&grant.recorded_as(id(42).unwrap()), "g1").unwrap();
+        assert_eq!(
+            (recorded.seat, recorded.won_at_ms, recorded.user_coupon_id),
+            (7, 1_700_000_000_123, id(42))
+        );
+        let loaded = Grant::parse("3:0:9", "g2").unwrap();
+        assert_eq!(
+            (loaded.seat, loaded.won_at_ms, loaded.user_coupon_id),
+            (3, 0, id(9))
+        );
+        assert_eq!(Grant::parse("3:0:0", "g2"), None);
     }
 
     /// The window rule lives twice: in the gate's Lua (the decision) and in

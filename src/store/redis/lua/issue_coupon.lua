@@ -3,7 +3,8 @@
 -- recorded in Postgres).
 --
 -- KEYS[1] state   hash: total, next (next never-used seat), starts, ends (ms), gen; or missing=1
--- KEYS[2] holders hash: user id -> "seat:won_at_ms" (and the sentinel field "_")
+-- KEYS[2] holders hash: user id -> "seat:won_at_ms", then ":user_coupon_id" once the holder's
+--                 row is known to be committed (and the sentinel field "_")
 -- KEYS[3] free    list: seats given back (failed inserts, released orphans)
 -- KEYS[4] pending zset: user id -> won_at_ms, wins not yet confirmed in Postgres (and the
 --                 sentinel member "_" at +inf)
@@ -11,6 +12,7 @@
 --
 -- Returns {"OK", seat, holder value, gen} | {"NOT_LOADED"} | {"NOT_FOUND"} | {"NOT_ISSUABLE"}
 --       | {"ALREADY", holder value, gen} | {"SOLD_OUT"}
+-- A holder value with its row's id answers a repeat call (COUPON_ALREADY_ISSUED) by itself.
 local state = redis.call('HMGET', KEYS[1], 'total', 'next', 'starts', 'ends', 'gen', 'missing')
 if not state[1] then
   if state[6] then

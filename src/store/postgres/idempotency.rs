@@ -176,8 +176,9 @@ pub async fn lookup(
     })
 }
 
+/// What the claim statement found for one key.
 #[derive(sqlx::FromRow)]
-struct ClaimRow {
+pub(super) struct ClaimRow {
     got: bool,
     fresh: bool,
     stored: Option<String>,
@@ -205,16 +206,8 @@ pub async fn claim_many(
     let keys: Vec<&str> = claims.iter().map(|c| c.key.as_str()).collect();
     let fingerprints: Vec<&str> = claims.iter().map(|c| c.fingerprint).collect();
     if wait {
-        // Its own statement: the claim below must read with a snapshot taken after the wait.
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtextextended(u || ':' || $3 || ':' || k, 0))
-             FROM unnest($1::bigint[], $2::text[]) AS r(u, k) ORDER BY u, k",
-        )
-        .bind(&users)
-        .bind(&keys)
-        .bind(operation.as_str())
-        .execute(&mut *tx)
-        .await?;
+        let claims: Vec<(UserId, &str)> = users.iter().copied().zip(keys.iter().copied()).collect();
+        wait_for_claims(tx, operation, &claims).await?;
     }
     let rows: Vec<ClaimRow> = sqlx::query_as(
         "WITH req AS (
@@ -254,19 +247,50 @@ pub async fn claim_many(
     Ok(rows
         .into_iter()
         .zip(claims)
-        .map(|(row, claim)| match (row.got, row.fresh, row.stored) {
+        .map(|(row, claim)| row.claim(claim.fingerprint))
+        .collect())
+}
+
+/// Waits until no other transaction is claiming `claims` (user, key), holding their advisory
+/// locks from then on. Its own statement: the claim that follows must read with a snapshot
+/// taken after the wait.
+pub(super) async fn wait_for_claims(
+    tx: &mut PgConnection,
+    operation: Operation,
+    claims: &[(UserId, &str)],
+) -> Result<(), StoreError> {
+    if claims.is_empty() {
+        return Ok(());
+    }
+    let (users, keys): (Vec<UserId>, Vec<&str>) = claims.iter().copied().unzip();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended(u || ':' || $3 || ':' || k, 0))
+         FROM unnest($1::bigint[], $2::text[]) AS r(u, k) ORDER BY u, k",
+    )
+    .bind(&users)
+    .bind(&keys)
+    .bind(operation.as_str())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+impl ClaimRow {
+    /// The claim of a request with `fingerprint`.
+    pub(super) fn claim(self, fingerprint: &str) -> BatchClaim {
+        match (self.got, self.fresh, self.stored) {
             (_, true, _) => BatchClaim::Claimed(Claim::Fresh),
-            (true, false, Some(stored)) if stored != claim.fingerprint => {
+            (true, false, Some(stored)) if stored != fingerprint => {
                 BatchClaim::Claimed(Claim::Mismatch)
             }
-            (true, false, Some(_)) => match row.result {
+            (true, false, Some(_)) => match self.result {
                 Some(id) => BatchClaim::Claimed(Claim::Replay(id)),
                 None => BatchClaim::Busy,
             },
             // The lock was taken, or the key was committed after this statement's snapshot.
             _ => BatchClaim::Busy,
-        })
-        .collect())
+        }
+    }
 }
 
 /// Records each call's result under its key (`result_ids[i]` for `claims[i]`) and gives back

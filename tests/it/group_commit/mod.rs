@@ -37,6 +37,8 @@ use crate::support::{
     spawn_app_with,
 };
 
+mod pay;
+
 const CALLS: i64 = 256;
 const PRICE: i64 = 1_000;
 
@@ -152,7 +154,7 @@ async fn prepare(app: &TestApp) -> Vec<PlaceOrderRequest> {
     requests
 }
 
-async fn second_database(db: &PgConnectOptions) -> (PgConnectOptions, String) {
+pub(super) async fn second_database(db: &PgConnectOptions) -> (PgConnectOptions, String) {
     // Short and lowercase: Postgres folds unquoted names and cuts them at 63 bytes.
     let name = format!("group_commit_alone_{}", uuid::Uuid::new_v4().simple());
     let mut admin = PgConnection::connect_with(&db.clone().database("postgres"))
@@ -169,7 +171,7 @@ async fn second_database(db: &PgConnectOptions) -> (PgConnectOptions, String) {
     (db.clone().database(&name), name)
 }
 
-async fn drop_database(db: &PgConnectOptions, name: &str) {
+pub(super) async fn drop_database(db: &PgConnectOptions, name: &str) {
     let mut admin = PgConnection::connect_with(&db.clone().database("postgres"))
         .await
         .unwrap();

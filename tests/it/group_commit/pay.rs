@@ -62,16 +62,20 @@ async fn prepare(app: &TestApp) -> (Vec<Request>, Vec<i64>) {
     for user in 1..=USERS {
         let quantity = 1 + (user % 3) as i32;
         let amount = PRICE * i64::from(quantity);
-        // Insufficient balance: a balance just short of the order.
+        // Insufficient balance: enough for the order when placed, then spent on another.
         if user % 12 == 0 {
-            charge(app, user, amount - 1).await;
+            charge(app, user, amount).await;
         } else if user % 12 != 1 {
             charge(app, user, 100_000).await;
         }
         let order = place(app, user, &[(hot, quantity)]).await;
+        if user % 12 == 0 {
+            let other = place(app, user, &[(hot, 1)]).await.unwrap().id;
+            pay_with_key(app, user, other, "").await.unwrap();
+        }
         let key = format!("pay-{user}");
         let request = match user % 12 {
-            // Never charged: an order placed, but no balance row at all.
+            // Never charged: no order placed (no balance), the payment names none.
             1 => (user, order.map_or(9_999_999, |o| o.id), String::new()),
             // A replayed key: the same payment already succeeded.
             2 => {
@@ -287,7 +291,7 @@ async fn payments_in_one_batch_get_the_answers_they_get_alone(
         .filter(|(_, (user, ..))| user % 12 != 2)
         .filter_map(|(p, _)| p.as_ref().ok().map(|p| p.id))
         .collect();
-    assert!(made.len() >= 64, "only {} payments made", made.len());
+    assert!(made.len() >= 40, "only {} payments made", made.len());
     let commits: i64 =
         sqlx::query_scalar("SELECT count(DISTINCT paid_at) FROM payments WHERE id = ANY($1)")
             .bind(&made)

@@ -185,6 +185,40 @@ pub(super) struct ClaimRow {
     result: Option<i64>,
 }
 
+/// The CTEs that claim keys, after a CTE `req` with the columns `user_id`, `key` (NULL: the
+/// request has none), `fingerprint` and `ord`; `$4` is the operation and `$5` tells whether the
+/// keys' locks are held already (see [`claim_many`]). They give `claim`: each request's `req`
+/// row, whether it holds its key's lock (`got`), whether it claimed the key here (`fresh`), and
+/// the request and result stored under the key by a committed call (`stored`, `result`).
+macro_rules! claim_ctes {
+    () => {
+        "locked AS MATERIALIZED (
+             SELECT ord, CASE WHEN key IS NULL THEN false ELSE $5 OR pg_try_advisory_xact_lock(
+                 hashtextextended(user_id || ':' || $4 || ':' || key, 0)) END AS got
+             FROM req
+         ),
+         ins AS (
+             INSERT INTO idempotency_keys
+                 (user_id, operation, idempotency_key, request_fingerprint)
+             SELECT r.user_id, $4, r.key, r.fingerprint
+             FROM req r JOIN locked l USING (ord) WHERE l.got
+             ON CONFLICT DO NOTHING
+             RETURNING user_id, idempotency_key
+         ),
+         claim AS MATERIALIZED (
+             SELECT r.*, l.got, i.user_id IS NOT NULL AS fresh,
+                 k.request_fingerprint AS stored, k.result_id AS result
+             FROM req r JOIN locked l USING (ord)
+             LEFT JOIN ins i ON i.user_id = r.user_id AND i.idempotency_key = r.key
+             LEFT JOIN LATERAL (
+                 SELECT request_fingerprint, result_id FROM idempotency_keys
+                 WHERE user_id = r.user_id AND operation = $4 AND idempotency_key = r.key
+             ) k ON true
+         )"
+    };
+}
+pub(super) use claim_ctes;
+
 /// Claims several keys at once, in the caller's transaction; one answer per claim, in order.
 ///
 /// Every claim first takes a transaction-scoped advisory lock on its key: whoever holds it may
@@ -209,34 +243,14 @@ pub async fn claim_many(
         let claims: Vec<(UserId, &str)> = users.iter().copied().zip(keys.iter().copied()).collect();
         wait_for_claims(tx, operation, &claims).await?;
     }
-    let rows: Vec<ClaimRow> = sqlx::query_as(
+    let rows: Vec<ClaimRow> = sqlx::query_as(concat!(
         "WITH req AS (
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY
                  AS r(user_id, key, fingerprint, ord)
-         ),
-         locked AS (
-             SELECT ord, $5 OR pg_try_advisory_xact_lock(
-                 hashtextextended(user_id || ':' || $4 || ':' || key, 0)) AS got
-             FROM req
-         ),
-         ins AS (
-             INSERT INTO idempotency_keys
-                 (user_id, operation, idempotency_key, request_fingerprint)
-             SELECT r.user_id, $4, r.key, r.fingerprint
-             FROM req r JOIN locked l USING (ord) WHERE l.got
-             ON CONFLICT DO NOTHING
-             RETURNING user_id, idempotency_key
-         )
-         SELECT l.got, i.user_id IS NOT NULL AS fresh, k.request_fingerprint AS stored,
-             k.result_id AS result
-         FROM req r JOIN locked l USING (ord)
-         LEFT JOIN ins i ON i.user_id = r.user_id AND i.idempotency_key = r.key
-         LEFT JOIN LATERAL (
-             SELECT request_fingerprint, result_id FROM idempotency_keys
-             WHERE user_id = r.user_id AND operation = $4 AND idempotency_key = r.key
-         ) k ON true
-         ORDER BY r.ord",
-    )
+         ), ",
+        claim_ctes!(),
+        " SELECT got, fresh, stored, result FROM claim ORDER BY ord"
+    ))
     .bind(&users)
     .bind(&keys)
     .bind(&fingerprints)

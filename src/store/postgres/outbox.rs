@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, Postgres, postgres::PgArguments, query::Query};
 use uuid::Uuid;
 
 use super::{delete_older_than, split_page};
@@ -108,6 +108,23 @@ impl EventColumns {
         }
         columns
     }
+
+    /// Binds the columns as the next seven parameters of `query`, in the order of the
+    /// `outbox_events` insert: event_id, event_type, aggregate_id, order_id, payload,
+    /// traceparent, tracestate.
+    pub fn bind<'q>(
+        &'q self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.aggregates)
+            .bind(&self.orders)
+            .bind(&self.payloads)
+            .bind(&self.traceparents)
+            .bind(&self.tracestates)
+    }
 }
 
 /// Enqueues several events with one multi-row insert.
@@ -117,21 +134,15 @@ pub async fn enqueue_many(tx: &mut PgConnection, events: Vec<NewEvent>) -> Resul
         return Ok(());
     }
     let events = EventColumns::of(events);
-    sqlx::query(
-        "INSERT INTO outbox_events (event_id, event_type, aggregate_id, order_id, payload,
-                                    traceparent, tracestate)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[],
-                              $6::text[], $7::text[])",
-    )
-    .bind(&events.ids)
-    .bind(&events.types)
-    .bind(&events.aggregates)
-    .bind(&events.orders)
-    .bind(&events.payloads)
-    .bind(&events.traceparents)
-    .bind(&events.tracestates)
-    .execute(tx)
-    .await?;
+    events
+        .bind(sqlx::query(
+            "INSERT INTO outbox_events (event_id, event_type, aggregate_id, order_id, payload,
+                                        traceparent, tracestate)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[],
+                                  $5::jsonb[], $6::text[], $7::text[])",
+        ))
+        .execute(tx)
+        .await?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row as _, postgres::PgRow};
 
 use super::{
-    idempotency::{BatchClaim, ClaimRow, Operation},
+    idempotency::{BatchClaim, ClaimRow, Operation, claim_ctes},
     orders::{OrderRow, order_columns},
     outbox::{EventColumns, NewEvent},
 };
@@ -53,7 +53,8 @@ pub struct Found {
 /// callers' balances, and reads their items, the transaction's time and a payment id for each
 /// order found: one statement. The answer is one [`Found`] per request, in order, and the time.
 ///
-/// The claim is [`super::idempotency::claim_many`]'s; a key must appear once among `requests`.
+/// The claim is [`super::idempotency::claim_many`]'s (the same CTEs); a key must appear once
+/// among `requests`.
 #[tracing::instrument(target = "otel", name = "payments.lock_batch", skip_all, fields(db.system = "postgresql"))]
 pub async fn lock(
     tx: &mut PgConnection,
@@ -78,34 +79,11 @@ pub async fn lock(
     }
     let rows: Vec<PgRow> = sqlx::query(concat!(
         "WITH req AS (
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $6::bigint[])
                  WITH ORDINALITY AS r(user_id, key, fingerprint, order_id, ord)
-         ),
-         locked AS MATERIALIZED (
-             SELECT ord, CASE WHEN key IS NULL THEN false ELSE $6 OR pg_try_advisory_xact_lock(
-                 hashtextextended(user_id || ':' || $5 || ':' || key, 0)) END AS got
-             FROM req
-         ),
-         ins AS (
-             INSERT INTO idempotency_keys
-                 (user_id, operation, idempotency_key, request_fingerprint)
-             SELECT r.user_id, $5, r.key, r.fingerprint
-             FROM req r JOIN locked l USING (ord) WHERE l.got
-             ON CONFLICT DO NOTHING
-             RETURNING user_id, idempotency_key
-         ),
-         claim AS MATERIALIZED (
-             SELECT r.ord, r.user_id, r.order_id, r.key IS NOT NULL AS keyed, l.got,
-                 i.user_id IS NOT NULL AS fresh, k.request_fingerprint AS stored,
-                 k.result_id AS result
-             FROM req r JOIN locked l USING (ord)
-             LEFT JOIN ins i ON i.user_id = r.user_id AND i.idempotency_key = r.key
-             LEFT JOIN LATERAL (
-                 SELECT request_fingerprint, result_id FROM idempotency_keys
-                 WHERE user_id = r.user_id AND operation = $5 AND idempotency_key = r.key
-             ) k ON true
-         ),
-         open AS (SELECT * FROM claim WHERE NOT keyed OR fresh),
+         ), ",
+        claim_ctes!(),
+        ", open AS (SELECT * FROM claim WHERE key IS NULL OR fresh),
          o AS MATERIALIZED (
              SELECT ",
         order_columns!(),
@@ -118,12 +96,12 @@ pub async fn lock(
                  SELECT c.user_id FROM open c JOIN o ON o.id = c.order_id AND o.user_id = c.user_id))
              ORDER BY user_id FOR UPDATE
          )
-         SELECT c.keyed, c.got, c.fresh, c.stored, c.result, now() AS now, b.balance,
+         SELECT c.got, c.fresh, c.stored, c.result, now() AS now, b.balance,
              CASE WHEN o.id IS NOT NULL
                  THEN nextval(pg_get_serial_sequence('payments', 'id')) END AS payment_id,
              it.*, o.*
          FROM claim c
-         LEFT JOIN o ON o.id = c.order_id AND (NOT c.keyed OR c.fresh)
+         LEFT JOIN o ON o.id = c.order_id AND (c.key IS NULL OR c.fresh)
          LEFT JOIN b ON b.user_id = c.user_id AND o.user_id = c.user_id
          LEFT JOIN LATERAL (
              SELECT array_agg(product_id ORDER BY product_id) AS item_products,
@@ -138,9 +116,9 @@ pub async fn lock(
     .bind(&users)
     .bind(&keys)
     .bind(&fingerprints)
-    .bind(&orders)
     .bind(operation.as_str())
     .bind(wait)
+    .bind(&orders)
     .fetch_all(&mut *tx)
     .await?;
     let mut now = None;
@@ -240,7 +218,7 @@ pub async fn write(
     let key_names: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
     let key_results: Vec<Option<i64>> = keys.iter().map(|k| k.2).collect();
     let events = EventColumns::of(events);
-    let query = sqlx::query_scalar(
+    let query = sqlx::query(
         "WITH req AS (
              SELECT * FROM unnest($8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[],
                  $12::bigint[], $13::bigint[])
@@ -303,14 +281,8 @@ pub async fn write(
          )
          SELECT pg_current_xact_id()::text",
     );
-    let tx_id: String = query
-        .bind(&events.ids)
-        .bind(&events.types)
-        .bind(&events.aggregates)
-        .bind(&events.orders)
-        .bind(&events.payloads)
-        .bind(&events.traceparents)
-        .bind(&events.tracestates)
+    let tx_id: String = events
+        .bind(query)
         .bind(&ids)
         .bind(&orders)
         .bind(&users)
@@ -325,6 +297,7 @@ pub async fn write(
         .bind(&key_results)
         .bind(Operation::Pay.as_str())
         .fetch_one(tx)
-        .await?;
+        .await?
+        .try_get(0)?;
     TxId::parse(&tx_id).ok_or_else(|| StoreError::Inconsistent(format!("transaction id {tx_id:?}")))
 }

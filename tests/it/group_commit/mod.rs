@@ -183,6 +183,21 @@ pub(super) async fn drop_database(db: &PgConnectOptions, name: &str) {
     .unwrap();
 }
 
+/// Asserts that the rows `ids` were written by fewer than half as many commits: `commits`
+/// counts the distinct transaction timestamps among them (rows committed together share it).
+pub(super) async fn assert_batched(app: &TestApp, commits: &'static str, ids: &[i64]) {
+    let commits: i64 = sqlx::query_scalar(commits)
+        .bind(ids)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert!(
+        (commits as usize) < ids.len() / 2,
+        "{} rows took {commits} commits: no batching",
+        ids.len()
+    );
+}
+
 type Keys = Vec<(i64, String, String, String, bool)>;
 
 /// What the books say after the calls: stock, coupon states, every balance and its ledger,
@@ -249,18 +264,12 @@ async fn orders_in_one_batch_get_the_answers_they_get_alone(
         .filter_map(|(o, _)| o.as_ref().ok().map(|o| o.id))
         .collect();
     assert!(new.len() >= 64, "only {} orders placed", new.len());
-    // Orders committed together share their transaction's timestamp.
-    let commits: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT created_at) FROM orders WHERE id = ANY($1)")
-            .bind(&new)
-            .fetch_one(&batched.pg)
-            .await
-            .unwrap();
-    assert!(
-        (commits as usize) < new.len() / 2,
-        "{} orders took {commits} commits: no batching",
-        new.len()
-    );
+    assert_batched(
+        &batched,
+        "SELECT count(DISTINCT created_at) FROM orders WHERE id = ANY($1)",
+        &new,
+    )
+    .await;
     let after_orders = books(&batched, CALLS).await;
     assert_eq!(after_orders, books(&alone, CALLS).await);
     // Replayed, reused and fresh keys (16 users each) all still hold their first result.

@@ -7,11 +7,10 @@ use ecommerce::proto::{CancelOrderRequest, Payment};
 use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use super::{assert_batched, drop_database, second_database};
+use super::{Answer, Keys, answer, assert_batched, drop_database, keys, second_database};
 use crate::support::{
     TestApp,
     coupons::{create_coupon, issue},
-    reason,
     shop::{assert_ledger_matches, charge, create_product, pay_with_key, place, place_with},
     spawn_app_with,
 };
@@ -24,31 +23,11 @@ const OTHER: i64 = USERS + 1;
 /// A payment request: user, order, key.
 type Request = (i64, i64, String);
 
-/// What a test can compare between two servers: a payment without its id and time.
-#[derive(Debug, PartialEq, Eq)]
-enum Answer {
-    Paid {
-        order_id: i64,
-        user_id: i64,
-        amount: i64,
-        balance_after: i64,
-    },
-    Refused(tonic::Code, String),
-}
+/// A payment made: order, user, amount, balance after (its id and time differ between servers).
+type Paid = (i64, i64, i64, i64);
 
-fn answer(result: &Result<Payment, tonic::Status>) -> Answer {
-    match result {
-        Ok(p) => Answer::Paid {
-            order_id: p.order_id,
-            user_id: p.user_id,
-            amount: p.amount,
-            balance_after: p.balance_after,
-        },
-        Err(status) => {
-            let (code, reason) = reason(status);
-            Answer::Refused(code, reason)
-        }
-    }
+fn paid(p: &Payment) -> Paid {
+    (p.order_id, p.user_id, p.amount, p.balance_after)
 }
 
 /// The state both servers start from, made by the same calls (so ids agree); returns the
@@ -150,8 +129,6 @@ async fn expire(app: &TestApp, orders: &[i64]) {
         .unwrap();
 }
 
-type Keys = Vec<(i64, String, String, String, bool)>;
-
 /// What the books say after the payments: every balance and its ledger, the orders' states,
 /// the coupons', the payments with their events, the idempotency keys.
 async fn books(
@@ -197,13 +174,7 @@ async fn books(
         whole, payments,
         "a payment without its ledger entry or event"
     );
-    let keys: Keys = sqlx::query_as(
-        "SELECT user_id, operation, idempotency_key, request_fingerprint, result_id IS NOT NULL
-         FROM idempotency_keys ORDER BY 1, 2, 3",
-    )
-    .fetch_all(&app.pg)
-    .await
-    .unwrap();
+    let keys = keys(app).await;
     (
         balances,
         coupons.into_iter().collect(),
@@ -248,11 +219,11 @@ async fn payments_in_one_batch_get_the_answers_they_get_alone(
     let mut reasons = std::collections::BTreeSet::new();
     for ((request, batched), alone) in requests.iter().zip(&together).zip(&one_by_one) {
         assert_eq!(
-            answer(batched),
-            answer(alone),
+            answer(batched, paid),
+            answer(alone, paid),
             "{request:?}: batched {batched:?}, alone {alone:?}"
         );
-        if let Answer::Refused(_, reason) = answer(batched) {
+        if let Answer::Refused(_, reason) = answer(batched, paid) {
             reasons.insert(reason);
         }
     }

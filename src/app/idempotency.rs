@@ -112,39 +112,65 @@ pub(super) async fn claim_batch(
     alone: bool,
     steps: &mut [Step],
 ) -> Result<BatchKeys, StoreError> {
-    let mut seen = HashSet::new();
+    mark_repeated_keys(calls, steps);
     let mut keyed = Vec::new();
     let mut claims = Vec::new();
     for (i, call) in calls.iter().enumerate() {
-        let Some(key) = call.key else { continue };
-        if seen.insert((call.user_id, key.as_str())) {
-            keyed.push(i);
-            claims.push(KeyClaim {
-                user_id: call.user_id,
-                key,
-                fingerprint: &call.fingerprint,
-            });
-        } else {
-            steps[i] = Step::Busy;
-        }
+        let (Some(key), Step::Open) = (call.key, &steps[i]) else {
+            continue;
+        };
+        keyed.push(i);
+        claims.push(KeyClaim {
+            user_id: call.user_id,
+            key,
+            fingerprint: &call.fingerprint,
+        });
     }
     let claimed = idempotency::claim_many(tx, operation, &claims, alone).await?;
     let mut fresh = Vec::new();
     for (i, claim) in keyed.into_iter().zip(claimed) {
-        steps[i] = match claim {
-            BatchClaim::Claimed(Claim::Fresh) => {
-                fresh.push(i);
-                Step::Open
-            }
-            BatchClaim::Claimed(Claim::Replay(id)) => Step::Replay(id),
-            BatchClaim::Claimed(Claim::Mismatch) => Step::Refused(AppError::IdempotencyKeyReused),
-            BatchClaim::Busy => Step::Busy,
-        };
+        steps[i] = step_of(i, claim, &mut fresh);
     }
     let open = (0..calls.len())
         .filter(|&i| matches!(steps[i], Step::Open))
         .collect();
     Ok(BatchKeys { fresh, open })
+}
+
+/// Marks busy each call whose key an earlier call of the batch carries: it runs alone later.
+pub(super) fn mark_repeated_keys(calls: &[CallKey<'_>], steps: &mut [Step]) {
+    let mut seen = HashSet::new();
+    for (i, call) in calls.iter().enumerate() {
+        if let Some(key) = call.key
+            && !seen.insert((call.user_id, key.as_str()))
+        {
+            steps[i] = Step::Busy;
+        }
+    }
+}
+
+/// The step of call `i` whose key was claimed as `claim`: still open (and then `fresh`, its
+/// result to be recorded), a replay, refused (key reused) or busy (claimed elsewhere).
+pub(super) fn step_of(i: usize, claim: BatchClaim, fresh: &mut Vec<usize>) -> Step {
+    match claim {
+        BatchClaim::Claimed(Claim::Fresh) => {
+            fresh.push(i);
+            Step::Open
+        }
+        BatchClaim::Claimed(Claim::Replay(id)) => Step::Replay(id),
+        BatchClaim::Claimed(Claim::Mismatch) => Step::Refused(AppError::IdempotencyKeyReused),
+        BatchClaim::Busy => Step::Busy,
+    }
+}
+
+impl<'a> CallKey<'a> {
+    pub fn key(&self) -> Option<&'a IdempotencyKey> {
+        self.key
+    }
+
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
 }
 
 /// Records under each key claimed by the batch (`fresh`) its call's result (`result_of` the
@@ -157,7 +183,18 @@ pub(super) async fn settle_batch(
     steps: &[Step],
     result_of: impl Fn(usize) -> i64,
 ) -> Result<(), StoreError> {
-    let settled: Vec<_> = fresh
+    idempotency::settle_many(tx, operation, &settled(calls, fresh, steps, result_of)).await
+}
+
+/// What [`settle_batch`] records: for each key claimed by the batch, its caller, the key and
+/// the result (`None`: the key is given back).
+pub(super) fn settled<'a>(
+    calls: &[CallKey<'a>],
+    fresh: &[usize],
+    steps: &[Step],
+    result_of: impl Fn(usize) -> i64,
+) -> Vec<(UserId, &'a IdempotencyKey, Option<i64>)> {
+    fresh
         .iter()
         .filter_map(|&i| {
             let result = match steps[i] {
@@ -166,6 +203,5 @@ pub(super) async fn settle_batch(
             };
             Some((calls[i].user_id, calls[i].key?, result))
         })
-        .collect();
-    idempotency::settle_many(tx, operation, &settled).await
+        .collect()
 }

@@ -6,16 +6,17 @@
 //! the data platform gets every payment even if this process dies right after the commit.
 //!
 //! Payments are group-committed ([`super::group_commit`]) like orders: one transaction pays a
-//! batch. The idempotency key is looked up before a payment joins a batch and claimed in it
-//! without waiting (a key being claimed elsewhere sends the payment to run alone). The batch
-//! locks its orders (ascending id), then its buyers' balances (ascending user id): the global
-//! lock order (orders → balances → coupons → products) that cancels and expiry follow too.
-//! Then it decides payment by payment, in queue order, as if each ran alone after the earlier
-//! ones: order found, the caller's, open and not expired, balance enough (what the earlier
-//! payments of the batch left of it). A refused payment takes nothing and gives its key claim
-//! back. The accepted ones are written by multi-row statements (ledger entries, payments, the
-//! orders as PAID, the coupons as USED, one debit per buyer, the outbox events), and the batch
-//! commits before anyone hears OK.
+//! batch, in two statements and the commit ([`pay_batch`]), whatever the batch's size. The
+//! idempotency key is looked up before a payment joins a batch and claimed in it without
+//! waiting (a key being claimed elsewhere sends the payment to run alone). The first statement
+//! claims the keys, locks the orders (ascending id), then the buyers' balances (ascending user
+//! id): the global lock order (orders → balances → coupons → products) that cancels and expiry
+//! follow too. Then the batch decides in Rust, payment by payment, in queue order, as if each
+//! ran alone after the earlier ones: order found, the caller's, open and not expired, balance
+//! enough (what the earlier payments of the batch left of it). A refused payment takes nothing
+//! and gives its key claim back. The second statement writes the accepted ones (ledger
+//! entries, payments, the orders as PAID, the coupons as USED, one debit per buyer, the outbox
+//! events) and settles the keys, and the batch commits before anyone hears OK.
 //!
 //! Cancel safety: a batch runs in a task of its own, so it commits or rolls back whatever its
 //! callers do; a payment whose caller left before its batch started, or while the batch waited
@@ -34,7 +35,7 @@ use super::{
     Popular,
     events::Traced,
     group_commit::{Callers, GroupCommit, Step, left_in},
-    idempotency::{BatchKeys, Keyed, call_keys, claim_batch, saved_result, settle_batch},
+    idempotency::{Keyed, call_keys, mark_repeated_keys, saved_result, settled, step_of},
     popular::Sale,
     rate_limit::{LimitedCall, UserRateLimit},
 };
@@ -50,9 +51,10 @@ use crate::{
         postgres::{
             self as postgres,
             idempotency::Operation,
-            orders::{self, OrderRow},
-            outbox::{self, NewEvent},
-            payments::{self, PaymentRecord},
+            orders::OrderRow,
+            outbox::NewEvent,
+            pay_batch::{self, PayRequest, PaymentRecord},
+            payments,
         },
     },
     telemetry,
@@ -234,47 +236,56 @@ impl PayBatch {
     ) -> Result<Option<TxId>, StoreError> {
         let mut tx = self.pg.begin().await?;
 
-        // 1. Keys: claimed without waiting; a key twice in one batch runs alone the second time.
+        // 1. One statement: the keys claimed without waiting (a key twice in one batch runs
+        // alone the second time), then the rows in the global lock order (orders, then the
+        // buyers' balances), the orders' items, the time and the payment ids.
         let keys = call_keys(calls);
-        let BatchKeys { fresh, open } =
-            claim_batch(&mut tx, Operation::Pay, &keys, alone, steps).await?;
-
-        // 2. Rows, in the global lock order: orders, then the buyers' balances.
-        let mut order_ids: Vec<OrderId> = open.iter().map(|&i| calls[i].cmd.order_id).collect();
-        order_ids.sort_unstable();
-        order_ids.dedup();
-        let mut orders: HashMap<OrderId, OrderRow> = if order_ids.is_empty() {
-            HashMap::new()
-        } else {
-            orders::lock_many(&mut tx, &order_ids)
-                .await?
-                .into_iter()
-                .map(|o| (o.id, o))
-                .collect()
-        };
-        let mut buyers: Vec<UserId> = open
-            .iter()
-            .filter(|&&i| {
-                orders
-                    .get(&calls[i].cmd.order_id)
-                    .is_some_and(|o| o.user_id == calls[i].cmd.user_id)
-            })
-            .map(|&i| calls[i].cmd.user_id)
+        mark_repeated_keys(&keys, steps);
+        let asked: Vec<usize> = (0..calls.len())
+            .filter(|&i| matches!(steps[i], Step::Open))
             .collect();
-        buyers.sort_unstable();
-        buyers.dedup();
-        let mut balances: HashMap<UserId, Option<Won>> =
-            buyers.iter().map(|&u| (u, None)).collect();
-        if !buyers.is_empty() {
-            for (user, balance) in payments::lock_balances(&mut tx, &buyers).await? {
-                balances.insert(user, Some(balance));
+        if asked.is_empty() {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let requests: Vec<PayRequest> = asked
+            .iter()
+            .map(|&i| PayRequest {
+                user_id: calls[i].cmd.user_id,
+                order_id: calls[i].cmd.order_id,
+                key: keys[i].key().map(|k| (k, keys[i].fingerprint())),
+            })
+            .collect();
+        let (paid_at, found) = pay_batch::lock(&mut tx, &requests, alone).await?;
+        let mut fresh = Vec::new();
+        let mut orders: HashMap<OrderId, OrderRow> = HashMap::new();
+        let mut items: HashMap<OrderId, Vec<OrderItem>> = HashMap::new();
+        let mut balances: HashMap<UserId, Option<Won>> = HashMap::new();
+        let mut ids: HashMap<usize, PaymentId> = HashMap::new();
+        for (&i, found) in asked.iter().zip(found) {
+            if let Some(claim) = found.claim {
+                steps[i] = step_of(i, claim, &mut fresh);
+            }
+            if let Some((order, order_items)) = found.order {
+                if order.user_id == calls[i].cmd.user_id {
+                    balances.insert(order.user_id, found.balance);
+                }
+                items.insert(order.id, order_items);
+                orders.insert(order.id, order);
+            }
+            if let Some(id) = found.payment_id {
+                ids.insert(i, id);
             }
         }
+        let open: Vec<usize> = asked
+            .into_iter()
+            .filter(|&i| matches!(steps[i], Step::Open))
+            .collect();
 
         // A payment whose caller left while the batch waited for those locks is left out.
         let open = left_in(&open, callers, steps);
 
-        // 3. Payment by payment, as if alone, against the rows as the earlier ones left them.
+        // 2. Payment by payment, as if alone, against the rows as the earlier ones left them.
         let now = Utc::now();
         let mut paying: Vec<(usize, OrderRow, Won)> = Vec::new();
         for i in open {
@@ -292,26 +303,23 @@ impl PayBatch {
             return Ok(None);
         }
 
-        // 4. Ids and the batch's time first, so that the events can name their payments.
-        let (paid_at, ids) = payments::reserve_ids(&mut tx, paying.len()).await?;
-        let paid_orders: Vec<OrderId> = paying.iter().map(|(_, o, _)| o.id).collect();
-        let mut items: HashMap<OrderId, Vec<OrderItem>> = HashMap::new();
-        for (order, item) in orders::items_of(&mut *tx, &paid_orders).await? {
-            items.entry(order).or_default().push(item);
-        }
+        // 3. One statement: every write of the accepted payments, and the keys settled.
         let mut records = Vec::with_capacity(paying.len());
         let mut events = Vec::with_capacity(paying.len());
-        for ((i, order, balance_after), &id) in paying.iter().zip(&ids) {
-            let order_items = items.remove(&order.id).unwrap_or_default();
+        for (i, order, balance_after) in &paying {
+            let id = *ids
+                .get(i)
+                .ok_or_else(|| StoreError::Inconsistent("a payment without its id".into()))?;
             let event = PaymentCompleted {
                 event_id: Uuid::new_v4(),
                 payment_id: id,
                 order_id: order.id,
                 user_id: order.user_id,
                 amount: order.final_amount,
-                items: order_items,
+                // An order paid twice in one batch is paid once: the second is refused.
+                items: items.remove(&order.id).unwrap_or_default(),
                 paid_at,
-                // The number record_many takes for the order, whose row this batch holds.
+                // The number the batch's write takes for the order, whose row this batch holds.
                 sequence: order.event_sequence + 1,
             };
             events.push(NewEvent::of(&event, calls[*i].trace.clone())?);
@@ -335,13 +343,9 @@ impl PayBatch {
                 event.items,
             ));
         }
+        let settled = settled(&keys, &fresh, steps, |n| made[n].0.id.get());
         // One transaction id for every payment of the batch: they commit together.
-        let tx_id = payments::record_many(&mut tx, &records, paid_at).await?;
-        outbox::enqueue_many(&mut tx, events).await?;
-        settle_batch(&mut tx, Operation::Pay, &keys, &fresh, steps, |n| {
-            made[n].0.id.get()
-        })
-        .await?;
+        let tx_id = pay_batch::write(&mut tx, &records, paid_at, events, &settled).await?;
         postgres::commit(tx).await?;
         Ok(Some(tx_id))
     }

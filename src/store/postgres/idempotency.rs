@@ -176,13 +176,48 @@ pub async fn lookup(
     })
 }
 
+/// What the claim statement found for one key.
 #[derive(sqlx::FromRow)]
-struct ClaimRow {
+pub(super) struct ClaimRow {
     got: bool,
     fresh: bool,
     stored: Option<String>,
     result: Option<i64>,
 }
+
+/// The CTEs that claim keys, after a CTE `req` with the columns `user_id`, `key` (NULL: the
+/// request has none), `fingerprint` and `ord`; `$4` is the operation and `$5` tells whether the
+/// keys' locks are held already (see [`claim_many`]). They give `claim`: each request's `req`
+/// row, whether it holds its key's lock (`got`), whether it claimed the key here (`fresh`), and
+/// the request and result stored under the key by a committed call (`stored`, `result`).
+macro_rules! claim_ctes {
+    () => {
+        "locked AS MATERIALIZED (
+             SELECT ord, CASE WHEN key IS NULL THEN false ELSE $5 OR pg_try_advisory_xact_lock(
+                 hashtextextended(user_id || ':' || $4 || ':' || key, 0)) END AS got
+             FROM req
+         ),
+         ins AS (
+             INSERT INTO idempotency_keys
+                 (user_id, operation, idempotency_key, request_fingerprint)
+             SELECT r.user_id, $4, r.key, r.fingerprint
+             FROM req r JOIN locked l USING (ord) WHERE l.got
+             ON CONFLICT DO NOTHING
+             RETURNING user_id, idempotency_key
+         ),
+         claim AS MATERIALIZED (
+             SELECT r.*, l.got, i.user_id IS NOT NULL AS fresh,
+                 k.request_fingerprint AS stored, k.result_id AS result
+             FROM req r JOIN locked l USING (ord)
+             LEFT JOIN ins i ON i.user_id = r.user_id AND i.idempotency_key = r.key
+             LEFT JOIN LATERAL (
+                 SELECT request_fingerprint, result_id FROM idempotency_keys
+                 WHERE user_id = r.user_id AND operation = $4 AND idempotency_key = r.key
+             ) k ON true
+         )"
+    };
+}
+pub(super) use claim_ctes;
 
 /// Claims several keys at once, in the caller's transaction; one answer per claim, in order.
 ///
@@ -205,45 +240,17 @@ pub async fn claim_many(
     let keys: Vec<&str> = claims.iter().map(|c| c.key.as_str()).collect();
     let fingerprints: Vec<&str> = claims.iter().map(|c| c.fingerprint).collect();
     if wait {
-        // Its own statement: the claim below must read with a snapshot taken after the wait.
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtextextended(u || ':' || $3 || ':' || k, 0))
-             FROM unnest($1::bigint[], $2::text[]) AS r(u, k) ORDER BY u, k",
-        )
-        .bind(&users)
-        .bind(&keys)
-        .bind(operation.as_str())
-        .execute(&mut *tx)
-        .await?;
+        let claims: Vec<(UserId, &str)> = users.iter().copied().zip(keys.iter().copied()).collect();
+        wait_for_claims(tx, operation, &claims).await?;
     }
-    let rows: Vec<ClaimRow> = sqlx::query_as(
+    let rows: Vec<ClaimRow> = sqlx::query_as(concat!(
         "WITH req AS (
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY
                  AS r(user_id, key, fingerprint, ord)
-         ),
-         locked AS (
-             SELECT ord, $5 OR pg_try_advisory_xact_lock(
-                 hashtextextended(user_id || ':' || $4 || ':' || key, 0)) AS got
-             FROM req
-         ),
-         ins AS (
-             INSERT INTO idempotency_keys
-                 (user_id, operation, idempotency_key, request_fingerprint)
-             SELECT r.user_id, $4, r.key, r.fingerprint
-             FROM req r JOIN locked l USING (ord) WHERE l.got
-             ON CONFLICT DO NOTHING
-             RETURNING user_id, idempotency_key
-         )
-         SELECT l.got, i.user_id IS NOT NULL AS fresh, k.request_fingerprint AS stored,
-             k.result_id AS result
-         FROM req r JOIN locked l USING (ord)
-         LEFT JOIN ins i ON i.user_id = r.user_id AND i.idempotency_key = r.key
-         LEFT JOIN LATERAL (
-             SELECT request_fingerprint, result_id FROM idempotency_keys
-             WHERE user_id = r.user_id AND operation = $4 AND idempotency_key = r.key
-         ) k ON true
-         ORDER BY r.ord",
-    )
+         ), ",
+        claim_ctes!(),
+        " SELECT got, fresh, stored, result FROM claim ORDER BY ord"
+    ))
     .bind(&users)
     .bind(&keys)
     .bind(&fingerprints)
@@ -254,19 +261,50 @@ pub async fn claim_many(
     Ok(rows
         .into_iter()
         .zip(claims)
-        .map(|(row, claim)| match (row.got, row.fresh, row.stored) {
+        .map(|(row, claim)| row.claim(claim.fingerprint))
+        .collect())
+}
+
+/// Waits until no other transaction is claiming `claims` (user, key), holding their advisory
+/// locks from then on. Its own statement: the claim that follows must read with a snapshot
+/// taken after the wait.
+pub(super) async fn wait_for_claims(
+    tx: &mut PgConnection,
+    operation: Operation,
+    claims: &[(UserId, &str)],
+) -> Result<(), StoreError> {
+    if claims.is_empty() {
+        return Ok(());
+    }
+    let (users, keys): (Vec<UserId>, Vec<&str>) = claims.iter().copied().unzip();
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended(u || ':' || $3 || ':' || k, 0))
+         FROM unnest($1::bigint[], $2::text[]) AS r(u, k) ORDER BY u, k",
+    )
+    .bind(&users)
+    .bind(&keys)
+    .bind(operation.as_str())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+impl ClaimRow {
+    /// The claim of a request with `fingerprint`.
+    pub(super) fn claim(self, fingerprint: &str) -> BatchClaim {
+        match (self.got, self.fresh, self.stored) {
             (_, true, _) => BatchClaim::Claimed(Claim::Fresh),
-            (true, false, Some(stored)) if stored != claim.fingerprint => {
+            (true, false, Some(stored)) if stored != fingerprint => {
                 BatchClaim::Claimed(Claim::Mismatch)
             }
-            (true, false, Some(_)) => match row.result {
+            (true, false, Some(_)) => match self.result {
                 Some(id) => BatchClaim::Claimed(Claim::Replay(id)),
                 None => BatchClaim::Busy,
             },
             // The lock was taken, or the key was committed after this statement's snapshot.
             _ => BatchClaim::Busy,
-        })
-        .collect())
+        }
+    }
 }
 
 /// Records each call's result under its key (`result_ids[i]` for `claims[i]`) and gives back

@@ -12,6 +12,7 @@ pub mod job_lock;
 pub mod order_pages;
 pub mod orders;
 pub mod outbox;
+pub mod pay_batch;
 pub mod payments;
 pub mod products;
 pub mod refunds;

@@ -293,46 +293,6 @@ pub async fn lock(tx: &mut PgConnection, id: OrderId) -> Result<Option<OrderRow>
     Ok(row)
 }
 
-/// Locks order rows (ascending id) for payment. Unknown ids are left out.
-#[tracing::instrument(target = "otel", name = "orders.lock_many", skip_all, fields(db.system = "postgresql"))]
-pub async fn lock_many(
-    tx: &mut PgConnection,
-    ids: &[OrderId],
-) -> Result<Vec<OrderRow>, StoreError> {
-    let rows = sqlx::query_as(concat!(
-        "SELECT ",
-        order_columns!(),
-        " FROM orders WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-    ))
-    .bind(ids)
-    .fetch_all(tx)
-    .await?;
-    Ok(rows)
-}
-
-/// The items of several orders, with their order's id.
-#[tracing::instrument(target = "otel", name = "orders.items_of", skip_all, fields(db.system = "postgresql"))]
-pub async fn items_of(
-    db: impl PgExecutor<'_>,
-    orders: &[OrderId],
-) -> Result<Vec<(OrderId, OrderItem)>, StoreError> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        order_id: OrderId,
-        #[sqlx(flatten)]
-        item: OrderItem,
-    }
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT order_id, product_id, product_name AS name, unit_price, quantity,
-             refunded_quantity
-         FROM order_items WHERE order_id = ANY($1) ORDER BY order_id, product_id",
-    )
-    .bind(orders)
-    .fetch_all(db)
-    .await?;
-    Ok(rows.into_iter().map(|r| (r.order_id, r.item)).collect())
-}
-
 /// What closing open orders gave back.
 pub struct Released {
     /// The closed rows, in the order given.

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, Postgres, postgres::PgArguments, query::Query};
 use uuid::Uuid;
 
 use super::{delete_older_than, split_page};
@@ -75,36 +75,74 @@ impl NewEvent {
     }
 }
 
+/// Events as the columns of their rows, to bind as arrays.
+pub(super) struct EventColumns {
+    pub ids: Vec<Uuid>,
+    pub types: Vec<&'static str>,
+    pub aggregates: Vec<i64>,
+    pub orders: Vec<OrderId>,
+    pub payloads: Vec<serde_json::Value>,
+    pub traceparents: Vec<Option<String>>,
+    pub tracestates: Vec<Option<String>>,
+}
+
+impl EventColumns {
+    pub fn of(events: Vec<NewEvent>) -> Self {
+        let mut columns = Self {
+            ids: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            aggregates: Vec::with_capacity(events.len()),
+            orders: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+            traceparents: Vec::with_capacity(events.len()),
+            tracestates: Vec::with_capacity(events.len()),
+        };
+        for e in events {
+            columns.ids.push(e.event_id);
+            columns.types.push(e.event_type);
+            columns.aggregates.push(e.aggregate_id);
+            columns.orders.push(e.order_id);
+            columns.payloads.push(e.payload);
+            columns.traceparents.push(e.trace.traceparent);
+            columns.tracestates.push(e.trace.tracestate);
+        }
+        columns
+    }
+
+    /// Binds the columns as the next seven parameters of `query`, in the order of the
+    /// `outbox_events` insert: event_id, event_type, aggregate_id, order_id, payload,
+    /// traceparent, tracestate.
+    pub fn bind<'q>(
+        &'q self,
+        query: Query<'q, Postgres, PgArguments>,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.aggregates)
+            .bind(&self.orders)
+            .bind(&self.payloads)
+            .bind(&self.traceparents)
+            .bind(&self.tracestates)
+    }
+}
+
 /// Enqueues several events with one multi-row insert.
 #[tracing::instrument(target = "otel", name = "outbox.enqueue_batch", skip_all, fields(db.system = "postgresql"))]
 pub async fn enqueue_many(tx: &mut PgConnection, events: Vec<NewEvent>) -> Result<(), StoreError> {
     if events.is_empty() {
         return Ok(());
     }
-    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-    let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
-    let aggregates: Vec<i64> = events.iter().map(|e| e.aggregate_id).collect();
-    let orders: Vec<OrderId> = events.iter().map(|e| e.order_id).collect();
-    let traceparents: Vec<Option<String>> =
-        events.iter().map(|e| e.trace.traceparent.clone()).collect();
-    let tracestates: Vec<Option<String>> =
-        events.iter().map(|e| e.trace.tracestate.clone()).collect();
-    let payloads: Vec<serde_json::Value> = events.into_iter().map(|e| e.payload).collect();
-    sqlx::query(
-        "INSERT INTO outbox_events (event_id, event_type, aggregate_id, order_id, payload,
-                                    traceparent, tracestate)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[],
-                              $6::text[], $7::text[])",
-    )
-    .bind(&ids)
-    .bind(&types)
-    .bind(&aggregates)
-    .bind(&orders)
-    .bind(&payloads)
-    .bind(&traceparents)
-    .bind(&tracestates)
-    .execute(tx)
-    .await?;
+    let events = EventColumns::of(events);
+    events
+        .bind(sqlx::query(
+            "INSERT INTO outbox_events (event_id, event_type, aggregate_id, order_id, payload,
+                                        traceparent, tracestate)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[],
+                                  $5::jsonb[], $6::text[], $7::text[])",
+        ))
+        .execute(tx)
+        .await?;
     Ok(())
 }
 

@@ -37,44 +37,49 @@ use crate::support::{
     spawn_app_with,
 };
 
+mod pay;
+
 const CALLS: i64 = 256;
 const PRICE: i64 = 1_000;
 
-/// What a test can compare between two servers: an order without its ids and times.
+/// A call's answer as a test compares it between two servers: what an OK answer says without
+/// its ids and times (`T`), or the refusal's code and reason.
 #[derive(Debug, PartialEq, Eq)]
-enum Answer {
-    Placed {
-        user_id: i64,
-        items: Vec<(i64, i32, i64)>,
-        total: i64,
-        discount: i64,
-        final_amount: i64,
-        user_coupon_id: i64,
-        status: i32,
-    },
+pub(super) enum Answer<T> {
+    Ok(T),
     Refused(tonic::Code, String),
 }
 
-fn answer(result: &Result<Order, tonic::Status>) -> Answer {
+pub(super) fn answer<R, T>(
+    result: &Result<R, tonic::Status>,
+    ok: impl FnOnce(&R) -> T,
+) -> Answer<T> {
     match result {
-        Ok(o) => Answer::Placed {
-            user_id: o.user_id,
-            items: o
-                .items
-                .iter()
-                .map(|i| (i.product_id, i.quantity, i.unit_price))
-                .collect(),
-            total: o.total_amount,
-            discount: o.discount_amount,
-            final_amount: o.final_amount,
-            user_coupon_id: o.user_coupon_id,
-            status: o.status,
-        },
+        Ok(r) => Answer::Ok(ok(r)),
         Err(status) => {
             let (code, reason) = reason(status);
             Answer::Refused(code, reason)
         }
     }
+}
+
+/// An order placed: user, items (product, quantity, unit price), total, discount, final amount,
+/// coupon, status.
+type Placed = (i64, Vec<(i64, i32, i64)>, i64, i64, i64, i64, i32);
+
+fn placed(o: &Order) -> Placed {
+    (
+        o.user_id,
+        o.items
+            .iter()
+            .map(|i| (i.product_id, i.quantity, i.unit_price))
+            .collect(),
+        o.total_amount,
+        o.discount_amount,
+        o.final_amount,
+        o.user_coupon_id,
+        o.status,
+    )
 }
 
 /// The state both servers start from; returns the requests of the test, one per user.
@@ -152,7 +157,7 @@ async fn prepare(app: &TestApp) -> Vec<PlaceOrderRequest> {
     requests
 }
 
-async fn second_database(db: &PgConnectOptions) -> (PgConnectOptions, String) {
+pub(super) async fn second_database(db: &PgConnectOptions) -> (PgConnectOptions, String) {
     // Short and lowercase: Postgres folds unquoted names and cuts them at 63 bytes.
     let name = format!("group_commit_alone_{}", uuid::Uuid::new_v4().simple());
     let mut admin = PgConnection::connect_with(&db.clone().database("postgres"))
@@ -169,7 +174,7 @@ async fn second_database(db: &PgConnectOptions) -> (PgConnectOptions, String) {
     (db.clone().database(&name), name)
 }
 
-async fn drop_database(db: &PgConnectOptions, name: &str) {
+pub(super) async fn drop_database(db: &PgConnectOptions, name: &str) {
     let mut admin = PgConnection::connect_with(&db.clone().database("postgres"))
         .await
         .unwrap();
@@ -181,7 +186,33 @@ async fn drop_database(db: &PgConnectOptions, name: &str) {
     .unwrap();
 }
 
+/// Asserts that the rows `ids` were written by fewer than half as many commits: `commits`
+/// counts the distinct transaction timestamps among them (rows committed together share it).
+pub(super) async fn assert_batched(app: &TestApp, commits: &'static str, ids: &[i64]) {
+    let commits: i64 = sqlx::query_scalar(commits)
+        .bind(ids)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert!(
+        (commits as usize) < ids.len() / 2,
+        "{} rows took {commits} commits: no batching",
+        ids.len()
+    );
+}
+
 type Keys = Vec<(i64, String, String, String, bool)>;
+
+/// Every idempotency key with its request and whether it holds a result.
+pub(super) async fn keys(app: &TestApp) -> Keys {
+    sqlx::query_as(
+        "SELECT user_id, operation, idempotency_key, request_fingerprint, result_id IS NOT NULL
+         FROM idempotency_keys ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&app.pg)
+    .await
+    .unwrap()
+}
 
 /// What the books say after the calls: stock, coupon states, every balance and its ledger,
 /// the idempotency keys (a refused call must leave another call's key alone).
@@ -200,13 +231,7 @@ async fn books(app: &TestApp, users: i64) -> (i64, BTreeMap<i64, String>, Vec<i6
         .fetch_one(&app.pg)
         .await
         .unwrap();
-    let keys: Keys = sqlx::query_as(
-        "SELECT user_id, operation, idempotency_key, request_fingerprint, result_id IS NOT NULL
-         FROM idempotency_keys ORDER BY 1, 2, 3",
-    )
-    .fetch_all(&app.pg)
-    .await
-    .unwrap();
+    let keys = keys(app).await;
     (stock, coupons.into_iter().collect(), balances, orders, keys)
 }
 
@@ -234,8 +259,8 @@ async fn orders_in_one_batch_get_the_answers_they_get_alone(
     }
     for ((request, batched), alone) in requests.iter().zip(&together).zip(&one_by_one) {
         assert_eq!(
-            answer(batched),
-            answer(alone),
+            answer(batched, placed),
+            answer(alone, placed),
             "user {}: batched {batched:?}, alone {alone:?}",
             request.user_id
         );
@@ -247,18 +272,12 @@ async fn orders_in_one_batch_get_the_answers_they_get_alone(
         .filter_map(|(o, _)| o.as_ref().ok().map(|o| o.id))
         .collect();
     assert!(new.len() >= 64, "only {} orders placed", new.len());
-    // Orders committed together share their transaction's timestamp.
-    let commits: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT created_at) FROM orders WHERE id = ANY($1)")
-            .bind(&new)
-            .fetch_one(&batched.pg)
-            .await
-            .unwrap();
-    assert!(
-        (commits as usize) < new.len() / 2,
-        "{} orders took {commits} commits: no batching",
-        new.len()
-    );
+    assert_batched(
+        &batched,
+        "SELECT count(DISTINCT created_at) FROM orders WHERE id = ANY($1)",
+        &new,
+    )
+    .await;
     let after_orders = books(&batched, CALLS).await;
     assert_eq!(after_orders, books(&alone, CALLS).await);
     // Replayed, reused and fresh keys (16 users each) all still hold their first result.

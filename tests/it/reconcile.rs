@@ -199,8 +199,13 @@ async fn a_million_seat_gate_is_compared_in_bounded_steps(_: PgPoolOptions, db: 
         longest < Duration::from_secs(5),
         "one comparison took {longest:?}"
     );
+    // The bound tells chunked steps from one read of the whole gate: HGETALL of 100,000
+    // holders takes 28-34 ms of Redis time here (67 ms inside a script), so one read of these
+    // 990,000 would block it for 300 ms or more. The worst PING is 17-30 ms on a quiet machine;
+    // with the suite's other tests and builds on the 2 cores it reached 52-54 ms (the pinger's
+    // thread and Redis waiting for a core), so 50 ms was a bound on the machine, not on Redis.
     assert!(
-        worst_ping < Duration::from_millis(50),
+        worst_ping < Duration::from_millis(100),
         "Redis was blocked for {worst_ping:?}"
     );
     let issued: i64 = sqlx::query_scalar("SELECT count(*) FROM user_coupons WHERE coupon_id = $1")

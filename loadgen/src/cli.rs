@@ -464,6 +464,15 @@ mod tests {
     }
 
     #[test]
+    fn pay_only_defaults_to_the_naive_payments_buyers() {
+        let scenario = |a: &[&str]| parse(a).command.scenario();
+        let expected = |orders, buyers| Scenario::PayOnly { orders, buyers };
+        assert_eq!(scenario(&["pay-only"]), expected(20_000, 10_000));
+        let args = ["pay-only", "--orders", "60", "--buyers", "7"];
+        assert_eq!(scenario(&args), expected(60, 7));
+    }
+
+    #[test]
     fn a_domain_implies_tls_and_bad_values_are_refused() {
         let options = parse(&["--domain", "shop.example", "popular"])
             .global

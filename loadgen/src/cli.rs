@@ -105,6 +105,18 @@ enum Command {
     /// Buyers order one unit of one product and pay it, until it sells out and beyond
     /// (by default stock + max(stock/5, 100) orders).
     HotProduct(ProductArgs),
+    /// Pay alone: --orders one-unit orders, round-robin over --buyers each funded for their
+    /// share, are placed during the set-up (untimed); the run pays each once without a key
+    /// (by default all of them), like pgbench's naive payment of ready-made orders
+    /// (bench/naive_pay.sql). Checks one payment per order, PAID only when paid, and balances
+    /// against payments (and, with --database-url, payments rows and ledgers in Postgres).
+    PayOnly {
+        #[arg(long, default_value_t = 20_000)]
+        orders: u64,
+        /// As many balances as the naive payment's bench/naive_schema.sql has.
+        #[arg(long, default_value_t = 10_000)]
+        buyers: u64,
+    },
     /// GetPopularProducts reads.
     Popular(PopularArgs),
     /// Small charges to random users, some repeating an idempotency key on purpose.
@@ -203,6 +215,7 @@ impl Command {
                 buyers: p.buyers,
                 orders_per_buyer: p.orders_per_buyer,
             },
+            Command::PayOnly { orders, buyers } => Scenario::PayOnly { orders, buyers },
             Command::Popular(p) => Scenario::Popular {
                 days: p.days,
                 limit: p.limit,
@@ -448,6 +461,15 @@ mod tests {
                 buyers: 4
             }
         );
+    }
+
+    #[test]
+    fn pay_only_defaults_to_the_naive_payments_buyers() {
+        let scenario = |a: &[&str]| parse(a).command.scenario();
+        let expected = |orders, buyers| Scenario::PayOnly { orders, buyers };
+        assert_eq!(scenario(&["pay-only"]), expected(20_000, 10_000));
+        let args = ["pay-only", "--orders", "60", "--buyers", "7"];
+        assert_eq!(scenario(&args), expected(60, 7));
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod ledger;
 pub mod lifecycle;
 pub mod lifecycle_checks;
 pub mod listing;
+mod prepared;
 pub mod report;
 mod scenario;
 pub mod seen;
@@ -153,6 +154,20 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         Some(listing) => Some(fixtures::require_orders(&connections, db.as_ref(), listing).await?),
         None => None,
     };
+    let prepared = match fixtures.product_id {
+        Some(product_id) if plan.prepared_orders > 0 => {
+            prepared::place(
+                &connections,
+                product_id,
+                &fixtures.buyers,
+                plan.prepared_orders,
+                &tag,
+                options.concurrency,
+            )
+            .await?
+        }
+        _ => Vec::new(),
+    };
 
     let shared = Arc::new(Shared {
         weights: plan.weights.clone(),
@@ -166,6 +181,7 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         popular: plan.popular,
         listing: plan.listing,
         products: fixtures.products.clone(),
+        prepared: prepared.clone(),
     });
     let workers = (0..options.concurrency)
         .map(|i| {
@@ -188,8 +204,10 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
     )
     .await?;
 
+    // The prepared orders are the run's too: their stock, states and payments are checked.
     let mut observed = Observed {
         book: fixtures.book.clone(),
+        orders: prepared,
         ..Observed::default()
     };
     for worker in driven.workers {
@@ -316,6 +334,9 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         facts.insert("product_stock".into(), stock);
         facts.insert("buyers".into(), fixtures.buyers.len() as i64);
         facts.insert("funded_each".into(), plan.fund_each);
+    }
+    if plan.prepared_orders > 0 {
+        facts.insert("prepared_orders".into(), plan.prepared_orders as i64);
     }
     if !fixtures.charged.is_empty() {
         facts.insert("charged_users".into(), fixtures.charged.len() as i64);

@@ -40,6 +40,10 @@ pub enum Scenario {
         /// Orders each buyer can afford; by default twice the fair share, plus one.
         orders_per_buyer: Option<u64>,
     },
+    /// `orders` one-unit orders, spread over `buyers` funded for them, are placed during the
+    /// set-up (untimed); the run then pays each once: Pay alone, as pgbench's naive payment
+    /// (bench/naive_pay.sql) pays ready-made orders of distinct buyers in turn.
+    PayOnly { orders: u64, buyers: u64 },
     /// GetPopularProducts reads.
     Popular { days: i32, limit: i32 },
     /// Small charges to `users` users, some repeating an idempotency key on purpose.
@@ -106,6 +110,7 @@ impl Scenario {
         match self {
             Scenario::CouponStampede { .. } => "coupon-stampede",
             Scenario::HotProduct { .. } => "hot-product",
+            Scenario::PayOnly { .. } => "pay-only",
             Scenario::Popular { .. } => "popular",
             Scenario::Charge { .. } => "charge",
             Scenario::Cart { .. } => "cart",
@@ -130,6 +135,17 @@ impl Scenario {
                 buyers,
                 orders_per_buyer,
             } => selling_out(Op::OrderThenPay, 1, stock, buyers, orders_per_buyer)?,
+            // Each buyer is funded for exactly their share of the orders, and the product has a
+            // unit for each: neither can refuse a Pay or a prepared order.
+            &Scenario::PayOnly { orders, buyers } => Plan {
+                weights: Weights::only(Op::PayPrepared),
+                natural_size: Some(orders),
+                product_stock: Some(i64::try_from(orders).unwrap_or(i64::MAX)),
+                buyers,
+                fund_each: fund_each(0, buyers, Some(orders.div_ceil(buyers.max(1)).max(1)))?,
+                prepared_orders: orders,
+                ..Plan::default()
+            },
             &Scenario::Popular { days, limit } => Plan {
                 weights: Weights::only(Op::Popular),
                 default_duration: Some(DEFAULT_DURATION),
@@ -230,6 +246,9 @@ pub struct Plan {
     pub popular: (i32, i32),
     /// The buyer whose orders the workers list.
     pub listing: Option<Listing>,
+    /// One-unit orders placed during the set-up, round-robin over the buyers, for the
+    /// workers to pay.
+    pub prepared_orders: u64,
 }
 
 impl Default for Plan {
@@ -249,6 +268,7 @@ impl Default for Plan {
             holders: 0,
             popular: (3, 5),
             listing: None,
+            prepared_orders: 0,
         }
     }
 }
@@ -279,7 +299,12 @@ impl Plan {
 
     fn validate(&self) -> anyhow::Result<()> {
         if let Some(n) = self.natural_size {
-            ensure!(n >= 1, "--users must be at least 1");
+            let what = if self.prepared_orders > 0 {
+                "--orders"
+            } else {
+                "--users"
+            };
+            ensure!(n >= 1, "{what} must be at least 1");
         }
         if let Some(stock) = self.coupon_stock {
             ensure!(
@@ -411,6 +436,41 @@ mod tests {
         assert_eq!(small.fund_each, 4 * PRICE);
         let secs = Some(Duration::from_secs(5));
         assert_eq!(small.stop(None, secs), (None, secs));
+    }
+
+    #[test]
+    fn pay_only_pays_each_prepared_order_once() {
+        let plan = Scenario::PayOnly {
+            orders: 20_000,
+            buyers: 10_000,
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(plan.weights, Weights::only(Op::PayPrepared));
+        assert_eq!(plan.prepared_orders, 20_000);
+        assert_eq!(plan.stop(None, None), (Some(20_000), None));
+        assert_eq!(plan.stop(Some(500), None), (Some(500), None));
+        assert_eq!(plan.product_stock, Some(20_000));
+        assert_eq!((plan.buyers, plan.fund_each), (10_000, 2 * PRICE));
+        let uneven = Scenario::PayOnly {
+            orders: 7,
+            buyers: 3,
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(uneven.fund_each, 3 * PRICE, "a buyer has up to 3 of the 7");
+        for bad in [
+            Scenario::PayOnly {
+                orders: 0,
+                buyers: 1,
+            },
+            Scenario::PayOnly {
+                orders: 1,
+                buyers: 0,
+            },
+        ] {
+            assert!(bad.plan().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

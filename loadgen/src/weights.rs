@@ -19,6 +19,8 @@ pub enum Op {
     Pay,
     /// PlaceOrder for one unit, then Pay it at once.
     OrderThenPay,
+    /// Pay order number `n` of those placed during the set-up (the pay-only scenario).
+    PayPrepared,
     Popular,
     Charge,
     /// `grpc.health.v1.Health/Check` of the whole server.
@@ -51,6 +53,7 @@ impl Op {
             Op::Order => "order",
             Op::Pay => "pay",
             Op::OrderThenPay => "order-then-pay",
+            Op::PayPrepared => "pay-prepared",
             Op::Popular => "popular",
             Op::Charge => "charge",
             Op::Health => "health",

@@ -59,6 +59,8 @@ pub struct Shared {
     pub listing: Option<Listing>,
     /// Every product of the run (the lifecycle scenario orders from all of them).
     pub products: Vec<i64>,
+    /// Orders placed during the set-up; unit of work `n` pays the `n`th.
+    pub prepared: Vec<PlacedOrder>,
 }
 
 #[derive(Clone)]
@@ -150,6 +152,15 @@ impl Worker {
             Op::OrderThenPay => {
                 if let Some(order) = self.place_order(rec).await {
                     self.pay(order, rec).await;
+                }
+            }
+            // Each once, never repeated: the same work as the naive payment it is compared with.
+            Op::PayPrepared => {
+                let order = usize::try_from(n)
+                    .ok()
+                    .and_then(|n| self.shared.prepared.get(n));
+                if let Some(&order) = order {
+                    self.pay_once(order, rec).await;
                 }
             }
             Op::Popular => self.popular(rec).await,
@@ -350,7 +361,18 @@ impl Worker {
         }
     }
 
+    /// Pays `order`; one in [`REPEAT_PAY_ONE_IN`] successes is followed by a repeat.
     async fn pay(&mut self, order: PlacedOrder, rec: &mut Recorder) {
+        if let Some(request) = self.pay_once(order, rec).await
+            && self.rng.random_ratio(1, REPEAT_PAY_ONE_IN)
+        {
+            self.pay_again(request, rec).await;
+        }
+    }
+
+    /// Pays `order` without a key, as a buyer's first click does; returns the request when
+    /// the payment was confirmed.
+    async fn pay_once(&mut self, order: PlacedOrder, rec: &mut Recorder) -> Option<PayRequest> {
         let request = PayRequest {
             order_id: order.order_id,
             user_id: order.user_id,
@@ -364,7 +386,7 @@ impl Worker {
                 let Some(payment) = payment else {
                     self.observed.unsure_pays.push(order.order_id);
                     self.observed.book.unsure_debit(order.user_id, order.amount);
-                    return;
+                    return None;
                 };
                 self.observed.payments.push(PaymentSeen {
                     payment_id: payment.id,
@@ -373,15 +395,14 @@ impl Worker {
                     amount: payment.amount,
                 });
                 self.observed.book.debit(order.user_id, payment.amount);
-                if self.rng.random_ratio(1, REPEAT_PAY_ONE_IN) {
-                    self.pay_again(request, rec).await;
-                }
+                Some(request)
             }
             Class::Indeterminate => {
                 self.observed.unsure_pays.push(order.order_id);
                 self.observed.book.unsure_debit(order.user_id, order.amount);
+                None
             }
-            Class::Refused => {}
+            Class::Refused => None,
         }
     }
 

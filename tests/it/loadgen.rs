@@ -517,3 +517,44 @@ async fn a_lifecycle_run_reports_an_event_lost_behind_its_back(
     );
     app.stop().await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn pay_only_pays_each_prepared_order_once(_: PgPoolOptions, db: PgConnectOptions) {
+    let app = spawn_app(db.clone()).await;
+    let report = loadgen::run(
+        &options(&app, &db),
+        &Scenario::PayOnly {
+            orders: 60,
+            buyers: 7,
+        },
+    )
+    .await
+    .expect("the run happens");
+    assert_sound(&report);
+    // The orders were placed during the set-up: the run made Pays only, each once.
+    assert_eq!(report.units_of_work, 60);
+    assert_eq!(report.fixtures["prepared_orders"], 60);
+    assert_eq!(calls(&report, "PlaceOrder"), 0);
+    assert_eq!(calls(&report, "Pay (repeat)"), 0);
+    assert_eq!(count(&report, "Pay", "OK"), 60);
+    assert!(
+        report
+            .invariants
+            .iter()
+            .any(|c| c.name.contains("payments rows")),
+        "the payments are counted in Postgres"
+    );
+    let (orders, paid, payments, stock): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT count(DISTINCT o.id), count(DISTINCT o.id) FILTER (WHERE o.status = 'PAID'), \
+                (SELECT count(*) FROM payments p JOIN order_items i USING (order_id) \
+                 WHERE i.product_id = $1), \
+                (SELECT stock FROM products WHERE id = $1) \
+         FROM orders o JOIN order_items i ON i.order_id = o.id WHERE i.product_id = $1",
+    )
+    .bind(report.fixtures["product_id"])
+    .fetch_one(&app.pg)
+    .await
+    .unwrap();
+    assert_eq!((orders, paid, payments, stock), (60, 60, 60, 0));
+    app.stop().await;
+}

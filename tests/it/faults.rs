@@ -133,9 +133,13 @@ async fn redis_killed_mid_stampede_never_over_issues(_: PgPoolOptions, db: PgCon
         outcomes.keys().any(|k| k.starts_with("Unavailable")),
         "calls during the outage were refused"
     );
+    // Bounded by the server's own limits, never by the caller's: a dead Redis answers within
+    // the command timeout (300 ms here), and a call waiting for the gate's rebuild after the
+    // restart gives up at the rebuild patience (3 s). A full suite's load once made that
+    // rebuild outlast the patience: 1,200 UNAVAILABLE, the slowest at 3.04 s.
     assert!(
-        slowest_refusal < Duration::from_secs(3),
-        "refusals during the outage come fast, not at the caller's deadline"
+        slowest_refusal < Duration::from_secs(4),
+        "refusals during the outage come within the server's limits, not at the caller's deadline"
     );
     // Postgres and Redis agree again: what the gate still grants is what Postgres has left.
     let left_in_pg = 300 - issued.len() as i64;

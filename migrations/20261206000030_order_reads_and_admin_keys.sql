@@ -1,6 +1,3 @@
--- Rolling update: the previous release keeps serving on this schema. Each dropped index is
--- created again first with the same leading columns (orders by user_id, items by product_id,
--- products by status), and the re-created checks accept every row they accepted before.
 -- Order reads and admin retries (issue 21).
 --
 -- 1. Order lists are keyset pages, newest first: ordered by (created_at DESC, id DESC), the

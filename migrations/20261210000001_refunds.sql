@@ -1,7 +1,3 @@
--- Rolling update: only columns, tables and wider checks are added, so the previous release
--- keeps writing as before. Until it is gone, a replica of that release that reads an order
--- refunded by the new one does not know PARTIALLY_REFUNDED or REFUNDED: refund only once the
--- rollout is done.
 -- Refunds (issue 21). A paid order can give back some or all of its units: the order moves to
 -- PARTIALLY_REFUNDED or REFUNDED, and every refund is a row with one row per refunded line. The
 -- counters the refund transaction bumps carry the invariant, so no refund, however it races

@@ -1,5 +1,3 @@
--- Rolling update: both checks are only widened (UPDATE_COUPON added), so the previous release
--- writes nothing they refuse.
 -- UpdateCoupon (issue 21, the coupon controls) takes an optional idempotency key, an admin key
 -- like AdjustStock's, CreateProduct's and CreateCoupon's: scope user_id 0. Both lists keep every
 -- operation the earlier migrations allow (the refunds migration's REFUND included).

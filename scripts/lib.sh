@@ -73,6 +73,14 @@ ensure_database() {
     fi
 }
 
+# A database made anew: for checks that must not depend on what an earlier run left (a
+# migration edited since would make the server refuse to start, hiding what is being checked).
+fresh_database() {
+    local name=$1
+    PGOPTIONS="-c client_min_messages=warning" psql -X -q -d postgres -c "DROP DATABASE IF EXISTS \"$name\" WITH (FORCE)"
+    psql -X -q -d postgres -c "CREATE DATABASE \"$name\""
+}
+
 redis_up() { redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }
 
 ensure_redis() {

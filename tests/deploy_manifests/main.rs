@@ -12,6 +12,7 @@ mod contract;
 mod dockerfile;
 mod ha;
 mod kubernetes;
+mod migrations;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -182,6 +182,40 @@ wait_serving() {
     return 1
 }
 
+# What every benchmark's server shares. start_bench_server LOG BINARY [VAR=value...] starts the
+# service in this shell (not a subshell, so the caller's cleanup can stop it) on free loopback
+# ports with a Redis key prefix of its own; the VAR=value arguments come last and so win. It sets
+# server_pid, server_port and server_prefix; the caller waits for wait_serving, then stops it
+# with stop_server and drops its keys with forget_redis_prefix.
+BENCH_ADMIN_TOKEN=bench-admin-token
+start_bench_server() {
+    local log=$1 binary=$2
+    shift 2
+    server_port=$(free_port)
+    server_prefix="bench-$$-$(basename "$log" .log):"
+    env DATABASE_MAX_CONNECTIONS="${BENCH_DB_CONNECTIONS:-16}" REDIS_URL="redis://$REDIS_HOST:$REDIS_PORT" \
+        REDIS_KEY_PREFIX="$server_prefix" LISTEN_ADDR="127.0.0.1:$server_port" \
+        METRICS_ADDR="127.0.0.1:$(free_port)" ADMIN_TOKEN="$BENCH_ADMIN_TOKEN" RUST_LOG=warn \
+        MAX_CONCURRENT_REQUESTS=4096 "$@" "$binary" >"$log" 2>&1 &
+    server_pid=$!
+}
+
+# Stops a server the way Kubernetes does (SIGTERM, then its drain) and waits for it.
+stop_server() {
+    kill -TERM "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# Deletes every key under a prefix of the shared Redis (never FLUSHALL: other runs use it too).
+forget_redis_prefix() {
+    redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" --scan --pattern "$1*" \
+        | xargs -r -n 500 redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" unlink >/dev/null
+}
+
+# A value of the file `scripts/ha up` prints (KEY=value lines). Read, not sourced: the Sentinel
+# URL holds '&'.
+ha_value() { sed -n "s/^$2=//p" "$1"; }
+
 # Two free loopback ports p such that p + 10000 (the cluster bus port) is free too.
 free_cluster_ports() {
     python3 - "$1" <<'PY'

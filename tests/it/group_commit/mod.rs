@@ -202,6 +202,18 @@ pub(super) async fn assert_batched(app: &TestApp, commits: &'static str, ids: &[
     );
 }
 
+/// The result stored under a buyer's idempotency key.
+pub(super) async fn key_result(app: &TestApp, user: i64, key: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT result_id FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2",
+    )
+    .bind(user)
+    .bind(key)
+    .fetch_one(&app.pg)
+    .await
+    .unwrap()
+}
+
 type Keys = Vec<(i64, String, String, String, bool)>;
 
 /// Every idempotency key with its request and whether it holds a result.

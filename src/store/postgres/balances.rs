@@ -2,7 +2,7 @@
 //! same statement or transaction, so the ledger sums to the balance (charges:
 //! [`super::charge_batch`]).
 
-use sqlx::PgExecutor;
+use sqlx::{PgConnection, PgExecutor};
 
 use super::split_page;
 use crate::{
@@ -15,6 +15,38 @@ macro_rules! ledger_columns {
     () => {
         "id, user_id, kind, amount, balance_after, order_id, created_at"
     };
+}
+
+/// Credits `amount` and writes the CHARGE entry in one statement: a lone charge without a key.
+/// `None` when the balance would pass `max_balance` (nothing is written then); `amount` must not
+/// pass it by itself (a new user's row would be opened with it).
+#[tracing::instrument(target = "otel", name = "balances.charge", skip_all, fields(db.system = "postgresql"))]
+pub async fn charge(
+    conn: &mut PgConnection,
+    user_id: UserId,
+    amount: Won,
+    max_balance: Won,
+) -> Result<Option<LedgerEntry>, StoreError> {
+    // The row lock taken by the upsert serialises concurrent charges of one user; the WHERE on
+    // the conflict branch refuses a credit past the maximum atomically.
+    let entry = sqlx::query_as::<_, LedgerEntry>(
+        "WITH credited AS (
+             INSERT INTO user_balances AS b (user_id, balance) VALUES ($1, $2)
+             ON CONFLICT (user_id) DO UPDATE
+                 SET balance = b.balance + EXCLUDED.balance, updated_at = now()
+                 WHERE b.balance + EXCLUDED.balance <= $3
+             RETURNING user_id, balance
+         )
+         INSERT INTO balance_history (user_id, kind, amount, balance_after)
+         SELECT user_id, 'CHARGE', $2, balance FROM credited
+         RETURNING id, user_id, kind, amount, balance_after, order_id, created_at",
+    )
+    .bind(user_id)
+    .bind(amount)
+    .bind(max_balance)
+    .fetch_optional(conn)
+    .await?;
+    Ok(entry)
 }
 
 #[tracing::instrument(target = "otel", name = "balances.read", skip_all, fields(db.system = "postgresql"))]

@@ -290,6 +290,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
         balances: Arc::new(Balances::new(
             pg.clone(),
             config.orders.max_balance,
+            config.orders.write_batch_max,
             rate.clone(),
         )),
         carts: Arc::new(Carts::new(pg.clone(), orders.clone(), rate.clone())),

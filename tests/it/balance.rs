@@ -1,11 +1,13 @@
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 
 use ecommerce::proto::{ChargeBalanceRequest, GetBalanceRequest, ListBalanceHistoryRequest};
 use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 
-use crate::support::{assert_error, invalid_field, spawn_app, spawn_app_with};
+use crate::support::{
+    assert_error, invalid_field, shop::assert_ledger_matches, spawn_app, spawn_app_with,
+};
 
 fn charge(user_id: i64, amount: i64, key: &str) -> ChargeBalanceRequest {
     ChargeBalanceRequest {
@@ -15,35 +17,87 @@ fn charge(user_id: i64, amount: i64, key: &str) -> ChargeBalanceRequest {
     }
 }
 
+/// Hundreds of ChargeBalance calls at once (batched together): a hundred plain ones on one user,
+/// and on six new users a mix of plain charges, keyed ones each sent three times at once, and
+/// amounts past the maximum, alone or once the balance fills up. Every OK answer's ledger entry
+/// exists exactly once with the answered balance, every entry was answered OK, the copies of a
+/// key share one entry, and every balance equals its ledger and stays within the maximum.
 #[sqlx::test(migrations = false)]
-async fn hundred_concurrent_charges_all_land_exactly_once(_: PgPoolOptions, db: PgConnectOptions) {
-    let app = spawn_app(db).await;
-    let calls = (0..100).map(|_| {
+async fn hundreds_of_concurrent_charges_all_land_exactly_once(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    const MAX: i64 = 1_000_000;
+    let app = spawn_app_with(db, |s| {
+        s.set("MAX_BALANCE", MAX);
+    })
+    .await;
+    let mut requests: Vec<ChargeBalanceRequest> = (0..100).map(|_| charge(7, 1_000, "")).collect();
+    for n in 0..300 {
+        let user = 1 + n % 6;
+        let amount = 10_000 + n * 7_919 % 90_000;
+        match n % 5 {
+            0 => requests.extend((0..3).map(|_| charge(user, amount, &format!("k-{n}")))),
+            1 if n % 15 == 1 => requests.push(charge(user, MAX + n, "")),
+            _ => requests.push(charge(user, amount, "")),
+        }
+    }
+    let calls = requests.iter().map(|request| {
         let mut client = app.balance();
-        async move { client.charge_balance(charge(7, 1_000, "")).await }
+        let request = request.clone();
+        async move { client.charge_balance(request).await }
     });
     let results = join_all(calls).await;
-    let history_ids: HashSet<i64> = results
-        .into_iter()
-        .map(|r| r.expect("charge succeeds").into_inner().history_id)
-        .collect();
-    assert_eq!(history_ids.len(), 100);
 
-    let balance = app
-        .balance()
-        .get_balance(GetBalanceRequest { user_id: 7 })
-        .await
-        .unwrap()
-        .into_inner()
-        .balance;
-    assert_eq!(balance, 100_000);
-    let (entries, ledger_sum): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), sum(amount)::bigint FROM balance_history WHERE user_id = 7",
+    // Each OK answer's entry, by id: user, amount, balance; and each key's entry.
+    let mut answered: BTreeMap<i64, (i64, i64, i64)> = BTreeMap::new();
+    let mut by_key: BTreeMap<String, i64> = BTreeMap::new();
+    let mut refused = 0;
+    for (request, result) in requests.iter().zip(results) {
+        let response = match result {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                assert_error::<()>(Err(status), Code::OutOfRange, "BALANCE_LIMIT_EXCEEDED");
+                assert_ne!(request.user_id, 7, "user 7 stays far below the maximum");
+                refused += 1;
+                continue;
+            }
+        };
+        let entry = (request.user_id, request.amount, response.balance);
+        assert_eq!(response.user_id, request.user_id);
+        let first = answered.insert(response.history_id, entry);
+        assert!(
+            first.is_none() || !request.idempotency_key.is_empty(),
+            "two unkeyed charges answered with entry {}",
+            response.history_id
+        );
+        assert!(first.is_none_or(|f| f == entry), "{first:?} vs {entry:?}");
+        if !request.idempotency_key.is_empty() {
+            let id = *by_key
+                .entry(request.idempotency_key.clone())
+                .or_insert(response.history_id);
+            assert_eq!(id, response.history_id, "one key, two entries");
+        }
+    }
+    assert!(refused >= 20, "only {refused} charges passed the maximum");
+    let ledger: BTreeMap<i64, (i64, i64, i64)> = sqlx::query_as::<_, (i64, i64, i64, i64)>(
+        "SELECT id, user_id, amount, balance_after FROM balance_history",
     )
-    .fetch_one(&app.pg)
+    .fetch_all(&app.pg)
     .await
-    .unwrap();
-    assert_eq!((entries, ledger_sum), (100, 100_000));
+    .unwrap()
+    .into_iter()
+    .map(|(id, user, amount, after)| (id, (user, amount, after)))
+    .collect();
+    assert_eq!(
+        ledger, answered,
+        "the ledger is exactly the charges answered OK"
+    );
+    for user in 1..=7 {
+        let balance = assert_ledger_matches(&app, user).await;
+        assert!(balance <= MAX, "user {user}: {balance} past the maximum");
+    }
+    assert_eq!(assert_ledger_matches(&app, 7).await, 100_000);
     app.stop().await;
 }
 

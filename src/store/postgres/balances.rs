@@ -1,5 +1,6 @@
-//! Balances and their ledger. A balance row and its ledger entry are always written by the
-//! same statement or transaction, so the ledger sums to the balance.
+//! Balances and their ledger. A balance row and its ledger entries are always written by the
+//! same statement or transaction, so the ledger sums to the balance (charges:
+//! [`super::charge_batch`]).
 
 use sqlx::{PgConnection, PgExecutor};
 
@@ -16,8 +17,9 @@ macro_rules! ledger_columns {
     };
 }
 
-/// Credits `amount` and writes the CHARGE entry in one statement. `None` when the balance would
-/// pass `max_balance` (nothing is written then).
+/// Credits `amount` and writes the CHARGE entry in one statement: a lone charge without a key.
+/// `None` when the balance would pass `max_balance` (nothing is written then); `amount` must not
+/// pass it by itself (a new user's row would be opened with it).
 #[tracing::instrument(target = "otel", name = "balances.charge", skip_all, fields(db.system = "postgresql"))]
 pub async fn charge(
     conn: &mut PgConnection,

@@ -265,6 +265,45 @@ pub async fn claim_many(
         .collect())
 }
 
+/// The claim columns of a batch's requests, as [`claim_ctes`] reads them (`$1` users, `$2`
+/// keys, `$3` fingerprints).
+pub(super) struct ClaimColumns<'a> {
+    pub users: Vec<UserId>,
+    pub keys: Vec<Option<&'a str>>,
+    pub fingerprints: Vec<Option<&'a str>>,
+}
+
+/// The columns of `requests` (each one's caller, and key with its fingerprint); with `wait` (a
+/// call running alone), after waiting until no other transaction is claiming those keys
+/// ([`wait_for_claims`]).
+pub(super) async fn claim_columns<'a>(
+    tx: &mut PgConnection,
+    operation: Operation,
+    requests: impl Iterator<Item = (UserId, Option<(&'a IdempotencyKey, &'a str)>)>,
+    wait: bool,
+) -> Result<ClaimColumns<'a>, StoreError> {
+    let mut columns = ClaimColumns {
+        users: Vec::new(),
+        keys: Vec::new(),
+        fingerprints: Vec::new(),
+    };
+    for (user, key) in requests {
+        columns.users.push(user);
+        columns.keys.push(key.map(|(k, _)| k.as_str()));
+        columns.fingerprints.push(key.map(|(_, f)| f));
+    }
+    if wait {
+        let claims: Vec<(UserId, &str)> = columns
+            .users
+            .iter()
+            .zip(&columns.keys)
+            .filter_map(|(&u, k)| Some((u, (*k)?)))
+            .collect();
+        wait_for_claims(tx, operation, &claims).await?;
+    }
+    Ok(columns)
+}
+
 /// Waits until no other transaction is claiming `claims` (user, key), holding their advisory
 /// locks from then on. Its own statement: the claim that follows must read with a snapshot
 /// taken after the wait.

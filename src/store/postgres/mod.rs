@@ -3,6 +3,7 @@
 
 pub mod balances;
 pub mod carts;
+pub mod charge_batch;
 pub mod coupon_admin;
 pub mod coupon_recorder;
 pub mod coupons;

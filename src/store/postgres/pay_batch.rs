@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row as _, postgres::PgRow};
 
 use super::{
-    idempotency::{BatchClaim, ClaimRow, Operation, claim_ctes},
+    idempotency::{BatchClaim, ClaimRow, Operation, claim_columns, claim_ctes},
     orders::{OrderRow, order_columns},
     outbox::{EventColumns, NewEvent},
 };
@@ -61,22 +61,14 @@ pub async fn lock(
     requests: &[PayRequest<'_>],
     wait: bool,
 ) -> Result<(DateTime<Utc>, Vec<Found>), StoreError> {
-    let users: Vec<UserId> = requests.iter().map(|r| r.user_id).collect();
-    let keys: Vec<Option<&str>> = requests
-        .iter()
-        .map(|r| r.key.map(|(k, _)| k.as_str()))
-        .collect();
-    let fingerprints: Vec<Option<&str>> = requests.iter().map(|r| r.key.map(|(_, f)| f)).collect();
+    let columns = claim_columns(
+        tx,
+        Operation::Pay,
+        requests.iter().map(|r| (r.user_id, r.key)),
+        wait,
+    )
+    .await?;
     let orders: Vec<OrderId> = requests.iter().map(|r| r.order_id).collect();
-    let operation = Operation::Pay;
-    if wait {
-        let claims: Vec<(UserId, &str)> = users
-            .iter()
-            .zip(&keys)
-            .filter_map(|(&u, k)| Some((u, (*k)?)))
-            .collect();
-        super::idempotency::wait_for_claims(tx, operation, &claims).await?;
-    }
     let rows: Vec<PgRow> = sqlx::query(concat!(
         "WITH req AS (
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $6::bigint[])
@@ -113,10 +105,10 @@ pub async fn lock(
          ) it ON true
          ORDER BY c.ord"
     ))
-    .bind(&users)
-    .bind(&keys)
-    .bind(&fingerprints)
-    .bind(operation.as_str())
+    .bind(&columns.users)
+    .bind(&columns.keys)
+    .bind(&columns.fingerprints)
+    .bind(Operation::Pay.as_str())
     .bind(wait)
     .bind(&orders)
     .fetch_all(&mut *tx)

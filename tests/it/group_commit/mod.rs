@@ -37,6 +37,7 @@ use crate::support::{
     spawn_app_with,
 };
 
+mod charge;
 mod pay;
 
 const CALLS: i64 = 256;
@@ -199,6 +200,18 @@ pub(super) async fn assert_batched(app: &TestApp, commits: &'static str, ids: &[
         "{} rows took {commits} commits: no batching",
         ids.len()
     );
+}
+
+/// The result stored under a buyer's idempotency key.
+pub(super) async fn key_result(app: &TestApp, user: i64, key: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT result_id FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2",
+    )
+    .bind(user)
+    .bind(key)
+    .fetch_one(&app.pg)
+    .await
+    .unwrap()
 }
 
 type Keys = Vec<(i64, String, String, String, bool)>;

@@ -7,7 +7,9 @@ use ecommerce::proto::{CancelOrderRequest, Payment};
 use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use super::{Answer, Keys, answer, assert_batched, drop_database, keys, second_database};
+use super::{
+    Answer, Keys, answer, assert_batched, drop_database, key_result, keys, second_database,
+};
 use crate::support::{
     TestApp,
     coupons::{create_coupon, issue},
@@ -244,14 +246,7 @@ async fn payments_in_one_batch_get_the_answers_they_get_alone(
     // A replay answers with the payment the key first made.
     for ((user, _, key), paid) in requests.iter().zip(&together) {
         if user % 12 == 2 {
-            let first: i64 = sqlx::query_scalar(
-                "SELECT result_id FROM idempotency_keys WHERE user_id = $1 AND idempotency_key = $2",
-            )
-            .bind(user)
-            .bind(key)
-            .fetch_one(&batched.pg)
-            .await
-            .unwrap();
+            let first = key_result(&batched, *user, key).await;
             assert_eq!(paid.as_ref().unwrap().id, first);
         }
     }

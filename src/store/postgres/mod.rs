@@ -4,7 +4,6 @@
 pub mod balances;
 pub mod carts;
 pub mod coupon_admin;
-pub mod coupon_recorder;
 pub mod coupons;
 pub mod fence;
 pub mod idempotency;

@@ -37,6 +37,7 @@ use crate::support::{
     spawn_app_with,
 };
 
+mod coupons;
 mod pay;
 
 const CALLS: i64 = 256;

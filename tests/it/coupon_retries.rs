@@ -163,7 +163,11 @@ async fn names_own_row(app: &TestApp, coupon: i64, user: i64, status: &tonic::St
             .fetch_optional(&app.pg)
             .await
             .unwrap();
-    assert_eq!(owner, Some(user), "ALREADY_EXISTS names user {user}'s coupon");
+    assert_eq!(
+        owner,
+        Some(user),
+        "ALREADY_EXISTS names user {user}'s coupon"
+    );
     true
 }
 
@@ -197,7 +201,9 @@ async fn a_stampede_abandoned_at_random_deadlines_leaves_everyone_exactly_one_co
                     let first = *answered_ok.entry(user).or_insert(*id);
                     assert_eq!(first, *id, "user {user} got two coupons");
                 }
-                Err(status) if matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) => {
+                Err(status)
+                    if matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) =>
+                {
                     abandoned += 1;
                 }
                 // A grant the recorder could not write in time (an overloaded test machine):
@@ -224,7 +230,10 @@ async fn a_stampede_abandoned_at_random_deadlines_leaves_everyone_exactly_one_co
                 "user {user} got a second coupon"
             ),
             Err(status) => {
-                assert!(names_own_row(&app, coupon, user, status).await, "{status:?}");
+                assert!(
+                    names_own_row(&app, coupon, user, status).await,
+                    "{status:?}"
+                );
                 if !answered_ok.contains_key(&user) {
                     carried += 1;
                 }
@@ -235,7 +244,10 @@ async fn a_stampede_abandoned_at_random_deadlines_leaves_everyone_exactly_one_co
         "{abandoned} calls abandoned, {heard_ok} users heard OK; on retry, {carried} others \
          told ALREADY_EXISTS"
     );
-    assert!(carried >= 10, "abandoned calls were carried through: {carried}");
+    assert!(
+        carried >= 10,
+        "abandoned calls were carried through: {carried}"
+    );
     assert!(heard_ok >= 10, "some calls finished in time: {heard_ok}");
     assert_eq!(
         issued_in_postgres(&app, coupon).await,

@@ -32,8 +32,8 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-pub use self::stats::{CouponGateStats, RepairReason};
 use self::recorder::CouponRecorder;
+pub use self::stats::{CouponGateStats, RepairReason};
 use super::{
     idempotency::{NextAction, next_action},
     rate_limit::{LimitedCall, UserRateLimit},

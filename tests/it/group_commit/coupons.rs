@@ -208,8 +208,12 @@ async fn coupon_winners_recorded_in_one_batch_get_the_answers_they_get_alone(
         }
         // Every kind of answer came up.
         let ok = count(&together, |a| matches!(a, Answer::Ok(..)));
-        let refused =
-            |code: Code| count(&together, move |a| matches!(a, Answer::Refused(c, ..) if *c == code));
+        let refused = |code: Code| {
+            count(
+                &together,
+                move |a| matches!(a, Answer::Refused(c, ..) if *c == code),
+            )
+        };
         assert!(ok >= 32, "{together:?}");
         assert!(refused(Code::ResourceExhausted) >= 16, "{together:?}");
         if wave.len() == USERS as usize {
@@ -225,13 +229,14 @@ async fn coupon_winners_recorded_in_one_batch_get_the_answers_they_get_alone(
         .filter(|&&(c, u)| c == coupons.open && u % 8 != 1 && u % 8 != 2)
         .map(|&(_, u)| u)
         .collect();
-    let ids: Vec<i64> =
-        sqlx::query_scalar("SELECT id FROM user_coupons WHERE coupon_id = $1 AND user_id = ANY($2)")
-            .bind(coupons.open)
-            .bind(&first)
-            .fetch_all(&batched.pg)
-            .await
-            .unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM user_coupons WHERE coupon_id = $1 AND user_id = ANY($2)",
+    )
+    .bind(coupons.open)
+    .bind(&first)
+    .fetch_all(&batched.pg)
+    .await
+    .unwrap();
     assert_eq!(ids.len(), first.len());
     assert_batched(
         &batched,
@@ -313,16 +318,21 @@ async fn postgres_killed_under_coupon_winners_loses_no_coupon_answered_ok() {
     assert!(!refused.is_empty(), "the kill interrupted some calls");
     // Every coupon answered OK is in Postgres, the caller's.
     let ids: Vec<i64> = heard.values().copied().collect();
-    let found: Vec<(i64, i64)> =
-        sqlx::query_as("SELECT id, user_id FROM user_coupons WHERE id = ANY($1) AND coupon_id = $2")
-            .bind(&ids)
-            .bind(coupon)
-            .fetch_all(&app.pg)
-            .await
-            .unwrap();
+    let found: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT id, user_id FROM user_coupons WHERE id = ANY($1) AND coupon_id = $2",
+    )
+    .bind(&ids)
+    .bind(coupon)
+    .fetch_all(&app.pg)
+    .await
+    .unwrap();
     let found: HashMap<i64, i64> = found.into_iter().collect();
     for (user, id) in &heard {
-        assert_eq!(found.get(id), Some(user), "coupon {id}, answered OK to user {user}, is lost");
+        assert_eq!(
+            found.get(id),
+            Some(user),
+            "coupon {id}, answered OK to user {user}, is lost"
+        );
     }
     // Wins whose outcome the kill hid are settled: the gate ends agreeing with Postgres (rows
     // found, orphans released), never holding a seat Postgres does not have, nor the reverse.

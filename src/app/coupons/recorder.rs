@@ -10,8 +10,10 @@
 //! grant Postgres refuses is retried alone to learn why.
 //!
 //! Bounded wait: a grant that waited longer than `max_wait` (batcher queue, slot, pool) is
-//! answered UNAVAILABLE without being written, so every insert starts well within the orphan
-//! grace after its win, and a later call that finds the win without a row may release it.
+//! answered UNAVAILABLE without being written, so every batch starts well within the orphan
+//! grace after its wins, and a later call that finds a win without a row may release it. (The
+//! grants a batch's statement refused are then retried alone, whatever their deadline, to learn
+//! why: see [`one`].)
 //!
 //! Cancel safety: the winner's call ([`super::Coupons::issue`]) runs in a task of its own, so the
 //! gRPC caller going away never drops a grant between the gate and this recorder. Once queued, a
@@ -172,11 +174,11 @@ async fn write(
     }
 }
 
-/// Writes one grant alone, unless its deadline has passed (then nothing is written).
+/// Writes one grant alone, to learn why the batch refused it. Not bounded by its deadline: a
+/// grant left out of the batch by a unique constraint is refused again (nothing is written),
+/// and its answer (the seat is someone else's, the user holds one) tells the caller whether the
+/// seat may go back to the gate; UNAVAILABLE would give back a seat Postgres gave away.
 async fn one(conn: &mut sqlx::PgConnection, winner: &Winner) -> Outcome {
-    if winner.deadline <= Instant::now() {
-        return Err(unavailable("the coupon could not be recorded in time"));
-    }
     let g = winner.grant;
     coupons::issue(conn, g.coupon_id, g.user_id, g.seat).await
 }

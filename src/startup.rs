@@ -305,6 +305,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
             pg.clone(),
             CouponGate::new(redis.clone()),
             config.coupons.orphan_grace,
+            config.orders.write_batch_max,
             rate.clone(),
         )),
         orders,

@@ -156,8 +156,8 @@ pub struct OrderSettings {
     pub order_ttl: Duration,
     pub expiry_interval: Duration,
     pub sold_out_marker_ttl: Duration,
-    /// PlaceOrder, Pay and ChargeBalance calls committed by one transaction at most; 1 is no
-    /// batching.
+    /// PlaceOrder, Pay and ChargeBalance calls, and coupon winners, committed by one transaction
+    /// at most; 1 is no batching.
     pub write_batch_max: usize,
 }
 

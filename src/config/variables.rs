@@ -181,7 +181,7 @@ variables! {
         Range::Millis { min: 1, max: 3_600_000 },
         "how long a sold-out product is refused from Redis without asking Postgres";
     WRITE_BATCH_MAX = "WRITE_BATCH_MAX", Value("128"), Range::Integer { min: 1, max: 1024 },
-        "PlaceOrder, Pay and ChargeBalance calls committed by one Postgres transaction at most (group commit); `1` turns batching off";
+        "PlaceOrder, Pay and ChargeBalance calls, and coupon winners, committed by one Postgres transaction at most (group commit); `1` turns batching off";
     // Coupons
     COUPON_RECONCILE_INTERVAL_SECS = "COUPON_RECONCILE_INTERVAL_SECS", Value("30"),
         Range::Seconds { min: 1, max: 86_400 },

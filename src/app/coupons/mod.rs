@@ -22,6 +22,7 @@
 mod admin;
 mod rebuild;
 mod reconcile;
+mod recorder;
 mod stats;
 
 use std::{sync::Arc, time::Duration};
@@ -31,6 +32,7 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
+use self::recorder::CouponRecorder;
 pub use self::stats::{CouponGateStats, RepairReason};
 use super::{
     idempotency::{NextAction, next_action},
@@ -48,7 +50,6 @@ use crate::{
         Dependency, StoreError,
         postgres::{
             self as postgres,
-            coupon_recorder::CouponRecorder,
             coupons::{self, IssueRefusal, SeatGrant},
             idempotency::{self, Operation},
         },
@@ -111,15 +112,17 @@ enum Held {
 }
 
 impl Coupons {
+    /// `write_batch_max`: winners recorded by one statement at most (1: each alone).
     pub fn new(
         pg: PgPool,
         gate: CouponGate,
         orphan_grace: Duration,
+        write_batch_max: usize,
         rate: Arc<UserRateLimit>,
     ) -> Self {
-        // A win's insert must finish well within the orphan grace, or a retry could release a
+        // A win's insert must start well within the orphan grace, or a retry could release a
         // seat whose row is about to commit.
-        let recorder = CouponRecorder::start(pg.clone(), orphan_grace / 2);
+        let recorder = CouponRecorder::start(pg.clone(), write_batch_max, orphan_grace / 2);
         CouponGateStats::register_metrics();
         Self {
             pg,

@@ -5,7 +5,6 @@ pub mod balances;
 pub mod carts;
 pub mod charge_batch;
 pub mod coupon_admin;
-pub mod coupon_recorder;
 pub mod coupons;
 pub mod fence;
 pub mod idempotency;

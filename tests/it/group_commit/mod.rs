@@ -38,6 +38,7 @@ use crate::support::{
 };
 
 mod charge;
+mod coupons;
 mod pay;
 
 const CALLS: i64 = 256;

@@ -104,12 +104,7 @@ pub async fn lock(
     let mut found = Vec::with_capacity(rows.len());
     for (row, request) in rows.iter().zip(requests) {
         found.push(Found {
-            claim: match request.key {
-                Some((_, fingerprint)) => {
-                    Some(sqlx::FromRow::from_row(row).map(|c: ClaimRow| c.claim(fingerprint))?)
-                }
-                None => None,
-            },
+            claim: ClaimRow::of(row, request.key)?,
             balance: row.try_get("balance")?,
         });
     }

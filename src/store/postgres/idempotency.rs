@@ -329,6 +329,19 @@ pub(super) async fn wait_for_claims(
 }
 
 impl ClaimRow {
+    /// The claim read from a batch statement's `row` (its `got`, `fresh`, `stored` and
+    /// `result` columns) for a request with `key` and its fingerprint; `None` without a key.
+    pub(super) fn of(
+        row: &sqlx::postgres::PgRow,
+        key: Option<(&IdempotencyKey, &str)>,
+    ) -> Result<Option<BatchClaim>, StoreError> {
+        let Some((_, fingerprint)) = key else {
+            return Ok(None);
+        };
+        let claim: ClaimRow = sqlx::FromRow::from_row(row)?;
+        Ok(Some(claim.claim(fingerprint)))
+    }
+
     /// The claim of a request with `fingerprint`.
     pub(super) fn claim(self, fingerprint: &str) -> BatchClaim {
         match (self.got, self.fresh, self.stored) {

@@ -118,12 +118,7 @@ pub async fn lock(
     for (row, request) in rows.iter().zip(requests) {
         now = Some(row.try_get("now")?);
         found.push(Found {
-            claim: match request.key {
-                Some((_, fingerprint)) => {
-                    Some(sqlx::FromRow::from_row(row).map(|c: ClaimRow| c.claim(fingerprint))?)
-                }
-                None => None,
-            },
+            claim: ClaimRow::of(row, request.key)?,
             order: match row.try_get::<Option<OrderId>, _>("id")? {
                 Some(_) => Some((sqlx::FromRow::from_row(row)?, items(row)?)),
                 None => None,

@@ -90,12 +90,12 @@ impl CouponRecorder {
 async fn record_batch(pg: PgPool, winners: Vec<Winner>, alone: bool) -> Vec<Outcome> {
     let mut answers: Vec<Option<Outcome>> = winners.iter().map(|_| None).collect();
     let now = Instant::now();
-    let timely: Vec<usize> = (0..winners.len())
-        .filter(|&i| winners[i].deadline > now)
-        .collect();
-    for (i, answer) in answers.iter_mut().enumerate() {
-        if winners[i].deadline <= now {
-            *answer = Some(Err(unavailable("the coupon could not be recorded in time")));
+    let mut timely = Vec::with_capacity(winners.len());
+    for (i, winner) in winners.iter().enumerate() {
+        if winner.deadline > now {
+            timely.push(i);
+        } else {
+            answers[i] = Some(Err(unavailable("the coupon could not be recorded in time")));
         }
     }
     if let Some(oldest) = timely.iter().map(|&i| winners[i].deadline).min() {
@@ -122,17 +122,14 @@ async fn write(
                 Ok(Err(e)) => StoreError::from(e).to_string(),
                 _ => "no Postgres connection in time to record the coupon".into(),
             };
-            for &i in timely {
-                answers[i] = Some(Err(unavailable(why.clone())));
-            }
+            answer_all(timely, answers, || unavailable(why.clone()));
             return;
         }
     };
     let conn = &mut *conn;
     if alone {
         for &i in timely {
-            let g = winners[i].grant;
-            answers[i] = Some(coupons::issue(&mut *conn, g.coupon_id, g.user_id, g.seat).await);
+            answers[i] = Some(one(conn, &winners[i]).await);
         }
         return;
     }
@@ -155,15 +152,13 @@ async fn write(
             // The statement may have committed: each winner hears so, and keeps its win
             // pending until a row is seen or the orphan grace releases it.
             let why = source.to_string();
-            for &i in timely {
-                answers[i] = Some(Err(StoreError::OutcomeUnknown(why.clone().into())));
-            }
+            answer_all(timely, answers, || {
+                StoreError::OutcomeUnknown(why.clone().into())
+            });
         }
         Err(e) if e.is_unavailable() => {
             let why = e.to_string();
-            for &i in timely {
-                answers[i] = Some(Err(unavailable(why.clone())));
-            }
+            answer_all(timely, answers, || unavailable(why.clone()));
         }
         Err(e) => {
             tracing::debug!(error = %e, grants = grants.len(), "batch refused; recording one by one");
@@ -174,9 +169,16 @@ async fn write(
     }
 }
 
-/// Writes one grant alone, to learn why the batch refused it. Not bounded by its deadline: a
-/// grant left out of the batch by a unique constraint is refused again (nothing is written),
-/// and its answer (the seat is someone else's, the user holds one) tells the caller whether the
+/// Answers every grant of `timely` with the same failure.
+fn answer_all(timely: &[usize], answers: &mut [Option<Outcome>], failure: impl Fn() -> StoreError) {
+    for &i in timely {
+        answers[i] = Some(Err(failure()));
+    }
+}
+
+/// Writes one grant alone: a lone winner, or one the batch's statement refused, to learn why.
+/// Not bounded by its deadline: a grant left out of the batch by a unique constraint is
+/// refused again (nothing is written), and its answer (the seat is someone else's, the user holds one) tells the caller whether the
 /// seat may go back to the gate; UNAVAILABLE would give back a seat Postgres gave away.
 async fn one(conn: &mut sqlx::PgConnection, winner: &Winner) -> Outcome {
     let g = winner.grant;

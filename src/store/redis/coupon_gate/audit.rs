@@ -128,7 +128,15 @@ impl CouponGate {
                 None => args.extend([String::new(), String::new()]),
             }
         }
-        self.settle_raw(coupon, &args).await
+        if args.len() == 1 {
+            return Ok(0);
+        }
+        // The settle script reads the generation, then (user, holder seen, holder to write)
+        // triples.
+        let k = self.keys(coupon);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let settled: i64 = self.settle.call(&self.redis, &k.all(), &args).await?;
+        Ok(settled as usize)
     }
 
     /// Records at the gate that `grant`'s row `user_coupon_id` is committed (the caller knows:
@@ -154,18 +162,6 @@ impl CouponGate {
             )
             .await?;
         Ok(written == 1)
-    }
-
-    /// Runs the settle script: the generation, then (user, holder seen, holder to write)
-    /// triples.
-    async fn settle_raw(&self, coupon: CouponId, args: &[String]) -> Result<usize, StoreError> {
-        if args.len() == 1 {
-            return Ok(0);
-        }
-        let k = self.keys(coupon);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let settled: i64 = self.settle.call(&self.redis, &k.all(), &args).await?;
-        Ok(settled as usize)
     }
 
     /// Releases an orphaned win the job found (no row in Postgres long after the win) and gives

@@ -153,7 +153,9 @@ impl PrivateRedisSentinel {
             .restart(
                 tokio::process::Command::new("redis-server")
                     .args(["--bind", "127.0.0.1", "--port", &port])
-                    .args(["--save", "", "--appendonly", "no"]),
+                    .args(["--save", "", "--appendonly", "no"])
+                    .arg("--dir")
+                    .arg(&dir),
             )
             .await;
         let link = TcpProxy::start(primary.addr).await;
@@ -164,6 +166,10 @@ impl PrivateRedisSentinel {
                 tokio::process::Command::new("redis-server")
                     .args(["--bind", "127.0.0.1", "--port", &replica_port])
                     .args(["--save", "", "--appendonly", "no"])
+                    // A full sync writes the primary's snapshot to disk even without
+                    // persistence: into the test's directory, not the checkout.
+                    .arg("--dir")
+                    .arg(&dir)
                     .args(["--replicaof", "127.0.0.1", &link.addr.port().to_string()]),
             )
             .await;

@@ -17,8 +17,7 @@ use crate::{
     domain::{IdempotencyKey, KeyScope, UserId},
     error::AppError,
     store::{
-        StoreError,
-        postgres::idempotency::{self, BatchClaim, Claim, KeyClaim, Operation},
+        postgres::idempotency::{self, BatchClaim, Claim, Operation},
     },
 };
 
@@ -94,49 +93,6 @@ pub(super) fn call_keys<C: Keyed>(calls: &[C]) -> Vec<CallKey<'_>> {
         .collect()
 }
 
-/// The outcome of [`claim_batch`].
-pub(super) struct BatchKeys {
-    /// The calls that claimed their key here: [`settle_batch`] records their results.
-    pub fresh: Vec<usize>,
-    /// The calls still to decide (unkeyed, or a fresh claim).
-    pub open: Vec<usize>,
-}
-
-/// Claims the keys of a batch's calls in `tx` without waiting (unless `alone`), setting each
-/// keyed call's step: still open, a replay, refused (key reused), or busy (a key claimed
-/// elsewhere, or twice in this batch: the later call runs alone).
-pub(super) async fn claim_batch(
-    tx: &mut PgConnection,
-    operation: Operation,
-    calls: &[CallKey<'_>],
-    alone: bool,
-    steps: &mut [Step],
-) -> Result<BatchKeys, StoreError> {
-    mark_repeated_keys(calls, steps);
-    let mut keyed = Vec::new();
-    let mut claims = Vec::new();
-    for (i, call) in calls.iter().enumerate() {
-        let (Some(key), Step::Open) = (call.key, &steps[i]) else {
-            continue;
-        };
-        keyed.push(i);
-        claims.push(KeyClaim {
-            user_id: call.user_id,
-            key,
-            fingerprint: &call.fingerprint,
-        });
-    }
-    let claimed = idempotency::claim_many(tx, operation, &claims, alone).await?;
-    let mut fresh = Vec::new();
-    for (i, claim) in keyed.into_iter().zip(claimed) {
-        steps[i] = step_of(i, claim, &mut fresh);
-    }
-    let open = (0..calls.len())
-        .filter(|&i| matches!(steps[i], Step::Open))
-        .collect();
-    Ok(BatchKeys { fresh, open })
-}
-
 /// Marks busy each call whose key an earlier call of the batch carries: it runs alone later.
 pub(super) fn mark_repeated_keys(calls: &[CallKey<'_>], steps: &mut [Step]) {
     let mut seen = HashSet::new();
@@ -173,21 +129,9 @@ impl<'a> CallKey<'a> {
     }
 }
 
-/// Records under each key claimed by the batch (`fresh`) its call's result (`result_of` the
-/// row index of a [`Step::Done`]), and gives back the keys of the calls refused.
-pub(super) async fn settle_batch(
-    tx: &mut PgConnection,
-    operation: Operation,
-    calls: &[CallKey<'_>],
-    fresh: &[usize],
-    steps: &[Step],
-    result_of: impl Fn(usize) -> i64,
-) -> Result<(), StoreError> {
-    idempotency::settle_many(tx, operation, &settled(calls, fresh, steps, result_of)).await
-}
-
-/// What [`settle_batch`] records: for each key claimed by the batch, its caller, the key and
-/// the result (`None`: the key is given back).
+/// What a batch's write records: for each key claimed by the batch (`fresh`), its caller, the
+/// key and the result (`result_of` the row index of its [`Step::Done`]; `None`: the key is
+/// given back).
 pub(super) fn settled<'a>(
     calls: &[CallKey<'a>],
     fresh: &[usize],

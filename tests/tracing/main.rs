@@ -184,10 +184,8 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
     assert_ne!(batch.trace_id, placed, "the batch is a trace of its own");
     let batch_trace = collector.of_trace(&batch.trace_id);
     for step in [
-        "balances.read_many",
-        "orders.lock_products",
-        "orders.insert_batch",
-        "outbox.enqueue_batch",
+        "orders.lock_batch",
+        "orders.write_batch",
         "postgres.commit",
     ] {
         let span = batch_trace

@@ -21,12 +21,12 @@ use crate::{
     app::{
         events::Traced,
         group_commit::{Callers, Step, left_in},
-        idempotency::{BatchKeys, call_keys, claim_batch, saved_result, settle_batch},
+        idempotency::{call_keys, mark_repeated_keys, saved_result, settled, step_of},
         rate_limit::LimitedCall,
         sold_out::SoldOut,
     },
     domain::{
-        Order, OrderId, OrderPlaced, Pricing, ProductId, UserCoupon, UserCouponId,
+        Order, OrderId, OrderPlaced, OrderStatus, Pricing, ProductId, UserCoupon, UserCouponId,
         UserCouponStatus, UserId, ValidationError, Won,
     },
     error::{AppError, Resource},
@@ -34,10 +34,11 @@ use crate::{
     store::{
         StoreError,
         postgres::{
-            self as postgres, balances, coupons,
-            idempotency::{self, Operation},
-            orders::{self, LineRefusal, NewOrder, StockRow},
-            outbox::{self, NewEvent},
+            self as postgres,
+            idempotency::Operation,
+            orders::{self, LineRefusal, StockRow},
+            outbox::NewEvent,
+            place_batch::{self, PlaceRequest},
         },
     },
     telemetry,
@@ -95,7 +96,7 @@ impl Orders {
             .decide_and_write(
                 &mut tx,
                 std::slice::from_ref(&call),
-                &[0],
+                Keys::Claimed(operation),
                 &Callers::default(),
                 &mut steps,
                 &mut sold_out,
@@ -104,11 +105,6 @@ impl Orders {
         let [step] = steps;
         match (step, placed.pop()) {
             (Step::Done(_), Some(order)) => {
-                let cmd = &call.cmd;
-                if let Some(key) = &cmd.idempotency_key {
-                    idempotency::complete(&mut tx, cmd.user_id, operation, key, order.id.get())
-                        .await?;
-                }
                 postgres::commit(tx).await?;
                 self.outbox_nudge.notify_one();
                 Ok(order)
@@ -238,8 +234,9 @@ impl PlaceBatch {
         }
     }
 
-    /// A batch in its own transaction: keys claimed without waiting (unless `alone`), the
-    /// orders decided and written, the keys settled, one commit.
+    /// A batch in its own transaction: its calls claim their keys (without waiting, unless
+    /// `alone`), are decided and written, and the batch commits; with nothing to write it rolls
+    /// back instead, which gives back the claims of the refused calls.
     async fn decide_and_commit(
         &self,
         calls: &[Placing],
@@ -250,90 +247,132 @@ impl PlaceBatch {
         sold_out: &mut BTreeMap<ProductId, i64>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pg.begin().await?;
-
-        // A key twice in one batch runs alone the second time.
-        let keys = call_keys(calls);
-        let BatchKeys { fresh, open } =
-            claim_batch(&mut tx, Operation::PlaceOrder, &keys, alone, steps).await?;
         *placed = self
-            .decide_and_write(&mut tx, calls, &open, callers, steps, sold_out)
+            .decide_and_write(
+                &mut tx,
+                calls,
+                Keys::Claim { wait: alone },
+                callers,
+                steps,
+                sold_out,
+            )
             .await?;
         if placed.is_empty() {
-            // Nothing to keep: the claims of the refused orders go with the rollback.
             tx.rollback().await?;
             return Ok(());
         }
-        settle_batch(&mut tx, Operation::PlaceOrder, &keys, &fresh, steps, |n| {
-            placed[n].id.get()
-        })
-        .await?;
         postgres::commit(tx).await
     }
 
-    /// Decides the `open` calls and writes the accepted ones with their `OrderPlaced` events in
-    /// `tx`, without committing: the placement rules of PlaceOrder's batches and of a
-    /// checkout's transaction. Sets each open call's step (`Done(n)`: the n-th order returned)
-    /// and collects the products found sold out, to mark once the transaction is over.
+    /// Decides `calls` and writes the accepted ones with their `OrderPlaced` events in `tx`,
+    /// settling their keys as `keys` says, without committing: the placement rules of
+    /// PlaceOrder's batches and of a checkout's transaction, in two statements
+    /// ([`place_batch`]). Sets each call's step (`Done(n)`: the n-th order returned) and
+    /// collects the products found sold out, to mark once the transaction is over. With no
+    /// order accepted nothing is written, and the caller must roll back.
     async fn decide_and_write(
         &self,
         tx: &mut PgConnection,
         calls: &[Placing],
-        open: &[usize],
+        keys: Keys,
         callers: &Callers,
         steps: &mut [Step],
         sold_out: &mut BTreeMap<ProductId, i64>,
     ) -> Result<Vec<Order>, StoreError> {
-        // Rows, in the global lock order: coupons, then products (balances are only read).
-        let mut coupon_ids: Vec<UserCouponId> = open
-            .iter()
-            .filter_map(|&i| calls[i].cmd.user_coupon_id)
+        // 1. One statement: the keys claimed (a key twice in one batch runs alone the second
+        // time), then the rows in the global lock order (coupons, then products), the callers'
+        // balances, the time and the order ids.
+        let call_keys = call_keys(calls);
+        mark_repeated_keys(&call_keys, steps);
+        let asked: Vec<usize> = (0..calls.len())
+            .filter(|&i| matches!(steps[i], Step::Open))
             .collect();
-        coupon_ids.sort_unstable();
-        coupon_ids.dedup();
-        let mut coupons: HashMap<UserCouponId, UserCoupon> =
-            coupons::lock_user_coupons(&mut *tx, &coupon_ids)
-                .await?
-                .into_iter()
-                .map(|c| (c.id, c))
-                .collect();
-        let users: Vec<UserId> = open.iter().map(|&i| calls[i].cmd.user_id).collect();
-        // Read before any product is locked, to keep the hot rows' lock short. Pay deducts
-        // conditionally, so this check is advice to the buyer, not the guard of the balance.
-        let balances: HashMap<UserId, Won> = balances::balances(&mut *tx, &users)
-            .await?
-            .into_iter()
-            .collect();
-        let mut product_ids: Vec<ProductId> = open
-            .iter()
-            .flat_map(|&i| calls[i].cmd.product_ids())
-            .collect();
-        product_ids.sort_unstable();
-        product_ids.dedup();
-        let mut products: HashMap<ProductId, StockRow> = if product_ids.is_empty() {
-            HashMap::new()
-        } else {
-            orders::lock_products(&mut *tx, &product_ids)
-                .await?
-                .into_iter()
-                .map(|p| (p.id, p))
-                .collect()
+        if asked.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (operation, mut fresh) = match keys {
+            Keys::Claim { .. } => (Operation::PlaceOrder, Vec::new()),
+            Keys::Claimed(operation) => (
+                operation,
+                asked
+                    .iter()
+                    .copied()
+                    .filter(|&i| call_keys[i].key().is_some())
+                    .collect(),
+            ),
         };
+        let requests: Vec<PlaceRequest> = asked
+            .iter()
+            .map(|&i| PlaceRequest {
+                user_id: calls[i].cmd.user_id,
+                key: match keys {
+                    Keys::Claim { .. } => call_keys[i]
+                        .key()
+                        .map(|k| (k, call_keys[i].fingerprint())),
+                    Keys::Claimed(_) => None,
+                },
+                user_coupon_id: calls[i].cmd.user_coupon_id,
+                lines: calls[i].cmd.lines.as_slice(),
+            })
+            .collect();
+        let wait = matches!(keys, Keys::Claim { wait: true });
+        let locked = place_batch::lock(&mut *tx, &requests, wait).await?;
+        let mut coupons: HashMap<UserCouponId, UserCoupon> =
+            locked.coupons.into_iter().map(|c| (c.id, c)).collect();
+        let mut products: HashMap<ProductId, StockRow> =
+            locked.products.into_iter().map(|p| (p.id, p)).collect();
+        let mut found: HashMap<usize, (OrderId, Won)> = HashMap::new();
+        for (&i, call) in asked.iter().zip(locked.found) {
+            if let Some(claim) = call.claim {
+                steps[i] = step_of(i, claim, &mut fresh);
+            }
+            if let Some(id) = call.order_id {
+                found.insert(i, (id, call.balance.unwrap_or(Won::ZERO)));
+            }
+        }
+        let open: Vec<usize> = asked
+            .into_iter()
+            .filter(|&i| matches!(steps[i], Step::Open))
+            .collect();
 
         // The locks are where a batch waits (a hot product): an order whose caller left
         // meanwhile (deadline, disconnect) is left out now, before anything is taken for it,
         // and its key claim is given back.
-        let open = left_in(open, callers, steps);
+        let open = left_in(&open, callers, steps);
 
-        // Order by order, as if alone, against the rows as the earlier ones left them.
+        // 2. Order by order, as if alone, against the rows as the earlier ones left them.
         let now = chrono::Utc::now();
-        let mut new = Vec::new();
+        let expires_at = locked.now
+            + chrono::Duration::from_std(self.order_ttl)
+                .map_err(|_| StoreError::Inconsistent("an order TTL out of range".into()))?;
+        let mut placed = Vec::new();
+        let mut events = Vec::new();
         for i in open {
             let cmd = &calls[i].cmd;
-            let balance = balances.get(&cmd.user_id).copied().unwrap_or(Won::ZERO);
+            let (id, balance) = *found
+                .get(&i)
+                .ok_or_else(|| StoreError::Inconsistent("an open order without its id".into()))?;
             steps[i] = match decide(cmd, balance, &mut coupons, &mut products, now) {
                 Ok((items, pricing)) => {
-                    new.push((i, items, pricing));
-                    Step::Done(new.len() - 1)
+                    let order = Order {
+                        id,
+                        user_id: cmd.user_id,
+                        status: OrderStatus::PendingPayment,
+                        items,
+                        pricing,
+                        refunded: Won::ZERO,
+                        user_coupon_id: cmd.user_coupon_id,
+                        created_at: locked.now,
+                        expires_at,
+                        paid_at: None,
+                        cancelled_at: None,
+                    };
+                    events.push(NewEvent::of(
+                        &OrderPlaced::of(&order),
+                        calls[i].trace.clone(),
+                    )?);
+                    placed.push(order);
+                    Step::Done(placed.len() - 1)
                 }
                 Err(Refusal::Line(LineRefusal::OutOfStock {
                     product,
@@ -348,31 +387,26 @@ impl PlaceBatch {
                 Err(refusal) => Step::Refused(refusal.into()),
             };
         }
-        if new.is_empty() {
+        if placed.is_empty() {
             return Ok(Vec::new());
         }
 
-        // One statement for every order, its items, stock and coupon; one for their events.
-        let rows: Vec<NewOrder> = new
-            .iter()
-            .map(|(i, items, pricing)| NewOrder {
-                user_id: calls[*i].cmd.user_id,
-                items,
-                pricing: *pricing,
-                user_coupon_id: calls[*i].cmd.user_coupon_id,
-            })
-            .collect();
-        let placed = orders::insert_many(&mut *tx, &rows, self.order_ttl.as_secs_f64()).await?;
-        let events = placed
-            .iter()
-            .zip(&new)
-            .map(|(order, (i, _, _))| {
-                NewEvent::of(&OrderPlaced::of(order), calls[*i].trace.clone())
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        outbox::enqueue_many(tx, events).await?;
+        // 3. One statement: every write of the accepted orders, and the keys settled.
+        let settled = settled(&call_keys, &fresh, steps, |n| placed[n].id.get());
+        place_batch::write(&mut *tx, &placed, events, operation, &settled).await?;
         Ok(placed)
     }
+}
+
+/// Whose idempotency keys a placement claims and settles.
+#[derive(Clone, Copy)]
+enum Keys {
+    /// The calls' own PlaceOrder keys: claimed by the lock statement (waiting for another
+    /// transaction's claim only when `wait`) and settled by the write.
+    Claim { wait: bool },
+    /// A call whose caller claimed its key for this operation: the write records the order
+    /// under it.
+    Claimed(Operation),
 }
 
 /// Why one order of a batch is refused.

@@ -59,19 +59,6 @@ pub async fn balance(db: impl PgExecutor<'_>, user_id: UserId) -> Result<Won, St
     Ok(balance.unwrap_or(Won::ZERO))
 }
 
-/// The balances of `users` (users who never charged are left out), without locking them.
-#[tracing::instrument(target = "otel", name = "balances.read_many", skip_all, fields(db.system = "postgresql"))]
-pub async fn balances(
-    db: impl PgExecutor<'_>,
-    users: &[UserId],
-) -> Result<Vec<(UserId, Won)>, StoreError> {
-    let rows = sqlx::query_as("SELECT user_id, balance FROM user_balances WHERE user_id = ANY($1)")
-        .bind(users)
-        .fetch_all(db)
-        .await?;
-    Ok(rows)
-}
-
 pub async fn ledger_entry(db: impl PgExecutor<'_>, id: i64) -> Result<LedgerEntry, StoreError> {
     let entry = sqlx::query_as(concat!(
         "SELECT ",

@@ -49,8 +49,7 @@ pub struct Found {
 /// the creditable requests still open, ascending user id, opening a row (balance 0) for a user
 /// who has none: one statement. One [`Found`] per request, in order.
 ///
-/// The claim is [`super::idempotency::claim_many`]'s (the same CTEs); a key must appear once
-/// among `requests`.
+/// The claim is [`super::idempotency::claim_ctes`]'s; a key must appear once among `requests`.
 #[tracing::instrument(target = "otel", name = "balances.lock_batch", skip_all, fields(db.system = "postgresql"))]
 pub async fn lock(
     tx: &mut PgConnection,

@@ -100,8 +100,19 @@ impl CouponRow {
     }
 }
 
+/// The columns of a [`UserCouponRow`], from `user_coupons uc JOIN coupons c`.
+macro_rules! user_coupon_columns {
+    () => {
+        concat!(
+            "uc.id, uc.coupon_id, uc.user_id, uc.status, uc.order_id, uc.issued_at, uc.expires_at, ",
+            $crate::store::postgres::coupons::coupon_columns!("c.")
+        )
+    };
+}
+pub(super) use user_coupon_columns;
+
 #[derive(sqlx::FromRow)]
-struct UserCouponRow {
+pub(super) struct UserCouponRow {
     id: UserCouponId,
     coupon_id: CouponId,
     user_id: UserId,
@@ -114,7 +125,7 @@ struct UserCouponRow {
 }
 
 impl UserCouponRow {
-    fn into_user_coupon(self) -> Result<UserCoupon, StoreError> {
+    pub(super) fn into_user_coupon(self) -> Result<UserCoupon, StoreError> {
         Ok(UserCoupon {
             id: self.id,
             coupon_id: self.coupon_id,
@@ -383,33 +394,6 @@ pub async fn issue_many(
         .collect()
 }
 
-/// Locks issued coupons (for orders being placed), in ascending id, and reads them with their
-/// terms. Missing ids are left out.
-#[tracing::instrument(target = "otel", name = "coupons.lock_user_coupons", skip_all, fields(db.system = "postgresql"))]
-pub async fn lock_user_coupons(
-    tx: &mut sqlx::PgConnection,
-    ids: &[UserCouponId],
-) -> Result<Vec<UserCoupon>, StoreError> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rows: Vec<UserCouponRow> = sqlx::query_as(concat!(
-        "SELECT uc.id, uc.coupon_id, uc.user_id, uc.status, uc.order_id, uc.issued_at,
-             uc.expires_at, ",
-        coupon_columns!("c."),
-        " FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
-         WHERE uc.id = ANY($1)
-         ORDER BY uc.id
-         FOR UPDATE OF uc"
-    ))
-    .bind(ids)
-    .fetch_all(tx)
-    .await?;
-    rows.into_iter()
-        .map(UserCouponRow::into_user_coupon)
-        .collect()
-}
-
 /// A user's coupons, newest first.
 pub async fn user_coupons_page(
     db: impl PgExecutor<'_>,
@@ -418,9 +402,8 @@ pub async fn user_coupons_page(
     after: Option<PageToken>,
 ) -> Result<(Vec<UserCoupon>, Option<PageToken>), StoreError> {
     let mut rows: Vec<UserCouponRow> = sqlx::query_as(concat!(
-        "SELECT uc.id, uc.coupon_id, uc.user_id, uc.status, uc.order_id, uc.issued_at,
-             uc.expires_at, ",
-        coupon_columns!("c."),
+        "SELECT ",
+        user_coupon_columns!(),
         " FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
          WHERE uc.user_id = $1 AND uc.id < $2
          ORDER BY uc.id DESC

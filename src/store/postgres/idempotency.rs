@@ -134,19 +134,13 @@ pub async fn purge_expired(
     .await
 }
 
-/// A key a batched call wants to claim.
-pub struct KeyClaim<'a> {
-    pub user_id: UserId,
-    pub key: &'a IdempotencyKey,
-    pub fingerprint: &'a str,
-}
-
 /// What claiming a key in a batch found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchClaim {
     Claimed(Claim),
     /// Another transaction is claiming the key right now: the call must not wait inside a
-    /// batch; it runs alone, where [`claim_many`] with `wait` waits for that transaction.
+    /// batch; it runs alone, where a claim with `wait` ([`claim_columns`]) waits for that
+    /// transaction.
     Busy,
 }
 
@@ -187,7 +181,7 @@ pub(super) struct ClaimRow {
 
 /// The CTEs that claim keys, after a CTE `req` with the columns `user_id`, `key` (NULL: the
 /// request has none), `fingerprint` and `ord`; `$4` is the operation and `$5` tells whether the
-/// keys' locks are held already (see [`claim_many`]). They give `claim`: each request's `req`
+/// keys' locks are held already (see [`claim_columns`]). They give `claim`: each request's `req`
 /// row, whether it holds its key's lock (`got`), whether it claimed the key here (`fresh`), and
 /// the request and result stored under the key by a committed call (`stored`, `result`).
 macro_rules! claim_ctes {
@@ -218,52 +212,6 @@ macro_rules! claim_ctes {
     };
 }
 pub(super) use claim_ctes;
-
-/// Claims several keys at once, in the caller's transaction; one answer per claim, in order.
-///
-/// Every claim first takes a transaction-scoped advisory lock on its key: whoever holds it may
-/// have inserted the key without committing yet. A batch only tries the lock (`wait` false) and
-/// answers [`BatchClaim::Busy`] when it is taken, so a concurrent duplicate never stalls the
-/// batch on the key's unique index; a call running alone waits for it (`wait` true), and then
-/// sees the other attempt's outcome, exactly as a lone claim always has.
-#[tracing::instrument(target = "otel", name = "idempotency.claim_batch", skip_all, fields(db.system = "postgresql"))]
-pub async fn claim_many(
-    tx: &mut PgConnection,
-    operation: Operation,
-    claims: &[KeyClaim<'_>],
-    wait: bool,
-) -> Result<Vec<BatchClaim>, StoreError> {
-    if claims.is_empty() {
-        return Ok(Vec::new());
-    }
-    let users: Vec<UserId> = claims.iter().map(|c| c.user_id).collect();
-    let keys: Vec<&str> = claims.iter().map(|c| c.key.as_str()).collect();
-    let fingerprints: Vec<&str> = claims.iter().map(|c| c.fingerprint).collect();
-    if wait {
-        let claims: Vec<(UserId, &str)> = users.iter().copied().zip(keys.iter().copied()).collect();
-        wait_for_claims(tx, operation, &claims).await?;
-    }
-    let rows: Vec<ClaimRow> = sqlx::query_as(concat!(
-        "WITH req AS (
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]) WITH ORDINALITY
-                 AS r(user_id, key, fingerprint, ord)
-         ), ",
-        claim_ctes!(),
-        " SELECT got, fresh, stored, result FROM claim ORDER BY ord"
-    ))
-    .bind(&users)
-    .bind(&keys)
-    .bind(&fingerprints)
-    .bind(operation.as_str())
-    .bind(wait)
-    .fetch_all(&mut *tx)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .zip(claims)
-        .map(|(row, claim)| row.claim(claim.fingerprint))
-        .collect())
-}
 
 /// The claim columns of a batch's requests, as [`claim_ctes`] reads them (`$1` users, `$2`
 /// keys, `$3` fingerprints).
@@ -359,41 +307,62 @@ impl ClaimRow {
     }
 }
 
-/// Records each call's result under its key (`result_ids[i]` for `claims[i]`) and gives back
-/// the keys of calls that failed (`None`), in one statement. Every key must have been claimed
-/// by this transaction.
-#[tracing::instrument(target = "otel", name = "idempotency.settle_batch", skip_all, fields(db.system = "postgresql"))]
-pub async fn settle_many(
-    tx: &mut PgConnection,
-    operation: Operation,
-    claims: &[(UserId, &IdempotencyKey, Option<i64>)],
-) -> Result<(), StoreError> {
-    if claims.is_empty() {
-        return Ok(());
+/// The CTEs that settle the keys a batch claimed, for a batch statement's writes: under each
+/// key its call's result, or the key given back (deleted) for a call refused. The arguments
+/// name the statement's parameters: the keys' users (`bigint[]`), keys (`text[]`), results
+/// (`bigint[]`, NULL: give back; [`SettleColumns`]) and the operation. Every key must have been
+/// claimed by this transaction.
+///
+/// Each join with the request arrays also names its keys with `= ANY(...)`: the planner
+/// cannot see an UNNEST's size and would otherwise scan a large table to hash it.
+macro_rules! settle_ctes {
+    ($users:literal, $keys:literal, $results:literal, $operation:literal) => {
+        concat!(
+            "claims AS (
+                 SELECT * FROM unnest(", $users, "::bigint[], ", $keys, "::text[], ",
+                 $results, "::bigint[]) AS r(user_id, key, result)
+             ),
+             settled AS (
+                 UPDATE idempotency_keys k SET result_id = r.result
+                 FROM claims r
+                 WHERE r.result IS NOT NULL AND k.user_id = r.user_id
+                     AND k.operation = ", $operation, " AND k.idempotency_key = r.key
+                     AND k.user_id = ANY(", $users, ")
+             ),
+             given_back AS (
+                 DELETE FROM idempotency_keys k
+                 USING claims r
+                 WHERE r.result IS NULL AND k.user_id = r.user_id
+                     AND k.operation = ", $operation, " AND k.idempotency_key = r.key
+                     AND k.user_id = ANY(", $users, ")
+             )"
+        )
+    };
+}
+pub(super) use settle_ctes;
+
+/// The keys a batch settles, as the columns [`settle_ctes`] reads: for each key claimed by the
+/// batch, its caller, the key and the result (`None`: the key is given back).
+pub(super) struct SettleColumns<'a> {
+    users: Vec<UserId>,
+    keys: Vec<&'a str>,
+    results: Vec<Option<i64>>,
+}
+
+impl<'a> SettleColumns<'a> {
+    pub fn of(claims: &[(UserId, &'a IdempotencyKey, Option<i64>)]) -> Self {
+        Self {
+            users: claims.iter().map(|c| c.0).collect(),
+            keys: claims.iter().map(|c| c.1.as_str()).collect(),
+            results: claims.iter().map(|c| c.2).collect(),
+        }
     }
-    let users: Vec<UserId> = claims.iter().map(|c| c.0).collect();
-    let keys: Vec<&str> = claims.iter().map(|c| c.1.as_str()).collect();
-    let results: Vec<Option<i64>> = claims.iter().map(|c| c.2).collect();
-    sqlx::query(
-        "WITH req AS (
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(user_id, key, result)
-         ),
-         done AS (
-             UPDATE idempotency_keys k SET result_id = r.result
-             FROM req r
-             WHERE r.result IS NOT NULL AND k.user_id = r.user_id AND k.operation = $4
-                 AND k.idempotency_key = r.key AND k.user_id = ANY($1)
-         )
-         DELETE FROM idempotency_keys k
-         USING req r
-         WHERE r.result IS NULL AND k.user_id = r.user_id AND k.operation = $4
-             AND k.idempotency_key = r.key AND k.user_id = ANY($1)",
-    )
-    .bind(&users)
-    .bind(&keys)
-    .bind(&results)
-    .bind(operation.as_str())
-    .execute(&mut *tx)
-    .await?;
-    Ok(())
+
+    /// Binds the columns as the next three parameters of `query`: users, keys, results.
+    pub fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query.bind(&self.users).bind(&self.keys).bind(&self.results)
+    }
 }

@@ -14,6 +14,7 @@ pub mod orders;
 pub mod outbox;
 pub mod pay_batch;
 pub mod payments;
+pub mod place_batch;
 pub mod products;
 pub mod refunds;
 pub mod replica;

@@ -119,128 +119,6 @@ impl StockRow {
     }
 }
 
-/// Locks the rows of `products` (ascending id: the order every transaction locks products in)
-/// and reads them. Unknown ids are left out.
-#[tracing::instrument(target = "otel", name = "orders.lock_products", skip_all, fields(db.system = "postgresql"))]
-pub async fn lock_products(
-    tx: &mut PgConnection,
-    products: &[ProductId],
-) -> Result<Vec<StockRow>, StoreError> {
-    let rows = sqlx::query_as(
-        "SELECT id, name, price, stock, status, stock_gen FROM products
-         WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-    )
-    .bind(products)
-    .fetch_all(tx)
-    .await?;
-    Ok(rows)
-}
-
-pub struct NewOrder<'a> {
-    pub user_id: UserId,
-    pub items: &'a [OrderItem],
-    pub pricing: Pricing,
-    pub user_coupon_id: Option<UserCouponId>,
-}
-
-/// Writes new orders in one statement: each product's stock taken once (`stock - sum` over
-/// the orders), every order and item row, and the coupon reservations. The products and
-/// coupons must be locked by this transaction and the orders checked against them. Returns
-/// the orders in the order given.
-#[tracing::instrument(target = "otel", name = "orders.insert_batch", skip_all, fields(db.system = "postgresql"))]
-pub async fn insert_many(
-    tx: &mut PgConnection,
-    new: &[NewOrder<'_>],
-    ttl_secs: f64,
-) -> Result<Vec<Order>, StoreError> {
-    let units = units_to_return(new.iter().flat_map(|o| o.items.iter()));
-    let (stock_ids, stock_units): (Vec<ProductId>, Vec<i64>) = units.into_iter().unzip();
-    let users: Vec<UserId> = new.iter().map(|o| o.user_id).collect();
-    let totals: Vec<Won> = new.iter().map(|o| o.pricing.total).collect();
-    let discounts: Vec<Won> = new.iter().map(|o| o.pricing.discount).collect();
-    let finals: Vec<Won> = new.iter().map(|o| o.pricing.final_amount).collect();
-    let coupons: Vec<Option<UserCouponId>> = new.iter().map(|o| o.user_coupon_id).collect();
-    let mut item_ords = Vec::new();
-    let mut item_products = Vec::new();
-    let mut item_names = Vec::new();
-    let mut item_prices = Vec::new();
-    let mut item_quantities = Vec::new();
-    for (ord, order) in (1_i64..).zip(new) {
-        for item in order.items {
-            item_ords.push(ord);
-            item_products.push(item.product_id);
-            item_names.push(item.name.as_str());
-            item_prices.push(item.unit_price);
-            item_quantities.push(item.quantity);
-        }
-    }
-    // Ids are drawn first so that items and coupons can name their order by its position.
-    let rows: Vec<OrderRow> = sqlx::query_as(concat!(
-        "WITH ids AS (
-             SELECT ord, nextval(pg_get_serial_sequence('orders', 'id')) AS id
-             FROM generate_series(1, cardinality($3::bigint[])) AS ord
-         ),
-         stock AS (
-             UPDATE products p SET stock = p.stock - d.units, updated_at = now()
-             FROM unnest($1::bigint[], $2::bigint[]) AS d(id, units)
-             WHERE p.id = d.id AND p.id = ANY($1)
-         ),
-         o AS (
-             INSERT INTO orders (id, user_id, status, total_amount, discount_amount,
-                 final_amount, user_coupon_id, expires_at)
-             OVERRIDING SYSTEM VALUE
-             SELECT ids.id, r.user_id, 'PENDING_PAYMENT', r.total, r.discount, r.final,
-                 r.coupon, now() + make_interval(secs => $8)
-             FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])
-                 WITH ORDINALITY AS r(user_id, total, discount, final, coupon, ord)
-             JOIN ids USING (ord)
-             RETURNING ",
-        order_columns!(),
-        "),
-         items AS (
-             INSERT INTO order_items (order_id, product_id, product_name, unit_price, quantity)
-             SELECT ids.id, i.product_id, i.name, i.price, i.quantity
-             FROM unnest($9::bigint[], $10::bigint[], $11::text[], $12::bigint[], $13::int[])
-                 AS i(ord, product_id, name, price, quantity)
-             JOIN ids USING (ord)
-         ),
-         coupon AS (
-             UPDATE user_coupons uc SET status = 'RESERVED', order_id = ids.id
-             FROM unnest($7::bigint[]) WITH ORDINALITY AS c(id, ord)
-             JOIN ids USING (ord)
-             WHERE uc.id = c.id AND uc.id = ANY($7)
-         )
-         SELECT o.* FROM o JOIN ids ON ids.id = o.id ORDER BY ids.ord"
-    ))
-    .bind(&stock_ids)
-    .bind(&stock_units)
-    .bind(&users)
-    .bind(&totals)
-    .bind(&discounts)
-    .bind(&finals)
-    .bind(&coupons)
-    .bind(ttl_secs)
-    .bind(&item_ords)
-    .bind(&item_products)
-    .bind(&item_names)
-    .bind(&item_prices)
-    .bind(&item_quantities)
-    .fetch_all(&mut *tx)
-    .await?;
-    if rows.len() != new.len() {
-        return Err(StoreError::Inconsistent(format!(
-            "{} orders written for {}",
-            rows.len(),
-            new.len()
-        )));
-    }
-    Ok(rows
-        .into_iter()
-        .zip(new)
-        .map(|(row, order)| row.with_items(order.items.to_vec()))
-        .collect())
-}
-
 pub async fn items(db: impl PgExecutor<'_>, order: OrderId) -> Result<Vec<OrderItem>, StoreError> {
     let items = sqlx::query_as(
         "SELECT product_id, product_name AS name, unit_price, quantity, refunded_quantity
@@ -328,7 +206,7 @@ pub async fn release(
         .execute(&mut *tx)
         .await?;
     }
-    let units = units_to_return(orders.iter().flat_map(|(_, items)| items.iter()));
+    let units = units_of(orders.iter().flat_map(|(_, items)| items.iter()));
     let restocks = restock(tx, &units).await?;
     let mut closed = Vec::with_capacity(orders.len());
     for (order, _) in orders {
@@ -401,9 +279,9 @@ pub async fn next_event_sequences(
         .collect()
 }
 
-/// The units to put back per product, by ascending product id: the order every transaction
+/// The units of `items` per product, by ascending product id: the order every transaction
 /// locks products in.
-fn units_to_return<'a>(items: impl Iterator<Item = &'a OrderItem>) -> Vec<(ProductId, i64)> {
+pub(super) fn units_of<'a>(items: impl Iterator<Item = &'a OrderItem>) -> Vec<(ProductId, i64)> {
     let mut units = BTreeMap::new();
     for item in items {
         *units.entry(item.product_id).or_insert(0) += i64::from(item.quantity);
@@ -449,7 +327,7 @@ mod tests {
         // Two expiring orders: A holds products 5 and 1, B holds 2 and 5.
         let a = [item(5, 1), item(1, 2)];
         let b = [item(2, 3), item(5, 4)];
-        let units = units_to_return(a.iter().chain(b.iter()));
+        let units = units_of(a.iter().chain(b.iter()));
         let units: Vec<(i64, i64)> = units.into_iter().map(|(p, n)| (p.get(), n)).collect();
         assert_eq!(units, vec![(1, 2), (2, 3), (5, 5)]);
     }

@@ -127,6 +127,18 @@ impl EventColumns {
     }
 }
 
+/// The insert of events bound by [`EventColumns::bind`] as `$1` to `$7`: a statement of its
+/// own, or a batch statement's CTE.
+macro_rules! insert_events {
+    () => {
+        "INSERT INTO outbox_events (event_id, event_type, aggregate_id, order_id, payload,
+                                    traceparent, tracestate)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[],
+                              $5::jsonb[], $6::text[], $7::text[])"
+    };
+}
+pub(super) use insert_events;
+
 /// Enqueues several events with one multi-row insert.
 #[tracing::instrument(target = "otel", name = "outbox.enqueue_batch", skip_all, fields(db.system = "postgresql"))]
 pub async fn enqueue_many(tx: &mut PgConnection, events: Vec<NewEvent>) -> Result<(), StoreError> {
@@ -134,15 +146,7 @@ pub async fn enqueue_many(tx: &mut PgConnection, events: Vec<NewEvent>) -> Resul
         return Ok(());
     }
     let events = EventColumns::of(events);
-    events
-        .bind(sqlx::query(
-            "INSERT INTO outbox_events (event_id, event_type, aggregate_id, order_id, payload,
-                                        traceparent, tracestate)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[],
-                                  $5::jsonb[], $6::text[], $7::text[])",
-        ))
-        .execute(tx)
-        .await?;
+    events.bind(sqlx::query(insert_events!())).execute(tx).await?;
     Ok(())
 }
 

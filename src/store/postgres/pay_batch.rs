@@ -16,9 +16,11 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row as _, postgres::PgRow};
 
 use super::{
-    idempotency::{BatchClaim, ClaimRow, Operation, claim_columns, claim_ctes},
+    idempotency::{
+        BatchClaim, ClaimRow, Operation, SettleColumns, claim_columns, claim_ctes, settle_ctes,
+    },
     orders::{OrderRow, order_columns},
-    outbox::{EventColumns, NewEvent},
+    outbox::{EventColumns, NewEvent, insert_events},
 };
 use crate::{
     domain::{
@@ -53,8 +55,7 @@ pub struct Found {
 /// callers' balances, and reads their items, the transaction's time and a payment id for each
 /// order found: one statement. The answer is one [`Found`] per request, in order, and the time.
 ///
-/// The claim is [`super::idempotency::claim_many`]'s (the same CTEs); a key must appear once
-/// among `requests`.
+/// The claim is [`super::idempotency::claim_ctes`]'s; a key must appear once among `requests`.
 #[tracing::instrument(target = "otel", name = "payments.lock_batch", skip_all, fields(db.system = "postgresql"))]
 pub async fn lock(
     tx: &mut PgConnection,
@@ -201,11 +202,9 @@ pub async fn write(
     let amounts: Vec<Won> = records.iter().map(|r| r.amount).collect();
     let afters: Vec<Won> = records.iter().map(|r| r.balance_after).collect();
     let coupons: Vec<Option<UserCouponId>> = records.iter().map(|r| r.user_coupon_id).collect();
-    let key_users: Vec<UserId> = keys.iter().map(|k| k.0).collect();
-    let key_names: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-    let key_results: Vec<Option<i64>> = keys.iter().map(|k| k.2).collect();
+    let keys = SettleColumns::of(keys);
     let events = EventColumns::of(events);
-    let query = sqlx::query(
+    let query = sqlx::query(concat!(
         "WITH req AS (
              SELECT * FROM unnest($8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[],
                  $12::bigint[], $13::bigint[])
@@ -244,31 +243,13 @@ pub async fn write(
              WHERE uc.id = r.coupon AND uc.order_id = r.order_id AND uc.status = 'RESERVED'
                  AND uc.id = ANY($13)
          ),
-         events AS (
-             INSERT INTO outbox_events (event_id, event_type, aggregate_id, order_id, payload,
-                                        traceparent, tracestate)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[],
-                                  $5::jsonb[], $6::text[], $7::text[])
-         ),
-         claims AS (
-             SELECT * FROM unnest($17::bigint[], $18::text[], $19::bigint[])
-                 AS r(user_id, key, result)
-         ),
-         settled AS (
-             UPDATE idempotency_keys k SET result_id = r.result
-             FROM claims r
-             WHERE r.result IS NOT NULL AND k.user_id = r.user_id AND k.operation = $20
-                 AND k.idempotency_key = r.key AND k.user_id = ANY($17)
-         ),
-         given_back AS (
-             DELETE FROM idempotency_keys k
-             USING claims r
-             WHERE r.result IS NULL AND k.user_id = r.user_id AND k.operation = $20
-                 AND k.idempotency_key = r.key AND k.user_id = ANY($17)
-         )
-         SELECT pg_current_xact_id()::text",
-    );
-    let tx_id: String = events
+         events AS (",
+        insert_events!(),
+        "), ",
+        settle_ctes!("$17", "$18", "$19", "$20"),
+        " SELECT pg_current_xact_id()::text"
+    ));
+    let query = events
         .bind(query)
         .bind(&ids)
         .bind(&orders)
@@ -278,10 +259,9 @@ pub async fn write(
         .bind(&coupons)
         .bind(&debit_users)
         .bind(&debit_sums)
-        .bind(paid_at)
-        .bind(&key_users)
-        .bind(&key_names)
-        .bind(&key_results)
+        .bind(paid_at);
+    let tx_id: String = keys
+        .bind(query)
         .bind(Operation::Pay.as_str())
         .fetch_one(tx)
         .await?

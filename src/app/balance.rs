@@ -33,7 +33,7 @@ use sqlx::PgPool;
 
 use super::{
     group_commit::{Callers, GroupCommit, Step, left_in},
-    idempotency::{Keyed, call_keys, mark_repeated_keys, saved_result, settled, step_of},
+    idempotency::{Keyed, asked, call_keys, saved_result, settled, step_of},
     rate_limit::{LimitedCall, UserRateLimit},
 };
 use crate::{
@@ -204,10 +204,7 @@ impl ChargeBatch {
             return self.charge_alone(cmd, steps).await;
         }
         let keys = call_keys(calls);
-        mark_repeated_keys(&keys, steps);
-        let asked: Vec<usize> = (0..calls.len())
-            .filter(|&i| matches!(steps[i], Step::Open))
-            .collect();
+        let asked = asked(&keys, steps);
         if asked.is_empty() {
             return Ok(Vec::new());
         }

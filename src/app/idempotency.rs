@@ -16,9 +16,7 @@ use super::group_commit::Step;
 use crate::{
     domain::{IdempotencyKey, KeyScope, UserId},
     error::AppError,
-    store::{
-        postgres::idempotency::{self, BatchClaim, Claim, Operation},
-    },
+    store::postgres::idempotency::{self, BatchClaim, Claim, Operation},
 };
 
 /// What a keyed call does next (zero2prod's `NextAction`).
@@ -93,8 +91,9 @@ pub(super) fn call_keys<C: Keyed>(calls: &[C]) -> Vec<CallKey<'_>> {
         .collect()
 }
 
-/// Marks busy each call whose key an earlier call of the batch carries: it runs alone later.
-pub(super) fn mark_repeated_keys(calls: &[CallKey<'_>], steps: &mut [Step]) {
+/// Marks busy each call whose key an earlier call of the batch carries (it runs alone later)
+/// and returns the calls still open, to put to the batch's first statement.
+pub(super) fn asked(calls: &[CallKey<'_>], steps: &mut [Step]) -> Vec<usize> {
     let mut seen = HashSet::new();
     for (i, call) in calls.iter().enumerate() {
         if let Some(key) = call.key
@@ -103,6 +102,9 @@ pub(super) fn mark_repeated_keys(calls: &[CallKey<'_>], steps: &mut [Step]) {
             steps[i] = Step::Busy;
         }
     }
+    (0..calls.len())
+        .filter(|&i| matches!(steps[i], Step::Open))
+        .collect()
 }
 
 /// The step of call `i` whose key was claimed as `claim`: still open (and then `fresh`, its

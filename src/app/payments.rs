@@ -35,7 +35,7 @@ use super::{
     Popular,
     events::Traced,
     group_commit::{Callers, GroupCommit, Step, left_in},
-    idempotency::{Keyed, call_keys, mark_repeated_keys, saved_result, settled, step_of},
+    idempotency::{Keyed, asked, call_keys, saved_result, settled, step_of},
     popular::Sale,
     rate_limit::{LimitedCall, UserRateLimit},
 };
@@ -240,10 +240,7 @@ impl PayBatch {
         // alone the second time), then the rows in the global lock order (orders, then the
         // buyers' balances), the orders' items, the time and the payment ids.
         let keys = call_keys(calls);
-        mark_repeated_keys(&keys, steps);
-        let asked: Vec<usize> = (0..calls.len())
-            .filter(|&i| matches!(steps[i], Step::Open))
-            .collect();
+        let asked = asked(&keys, steps);
         if asked.is_empty() {
             tx.rollback().await?;
             return Ok(None);

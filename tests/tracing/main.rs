@@ -183,11 +183,7 @@ async fn a_call_with_a_traceparent_arrives_as_spans_of_that_trace(
     let batch = batch_of_call().unwrap();
     assert_ne!(batch.trace_id, placed, "the batch is a trace of its own");
     let batch_trace = collector.of_trace(&batch.trace_id);
-    for step in [
-        "orders.lock_batch",
-        "orders.write_batch",
-        "postgres.commit",
-    ] {
+    for step in ["orders.lock_batch", "orders.write_batch", "postgres.commit"] {
         let span = batch_trace
             .iter()
             .find(|s| s.name == step)

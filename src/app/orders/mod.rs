@@ -7,29 +7,35 @@
 //! so a retry of a success is never refused by that shortcut.
 //!
 //! Every transition writes its event in its own transaction ([`super::events`]): an
-//! `OrderPlaced` per order placed (a batch writes its orders' events with one multi-row
-//! insert), an `OrderCancelled` or `OrderExpired` per order closed; each commit then nudges the
-//! outbox job.
+//! `OrderPlaced` per order placed (a batch writes its orders' events in the statement that
+//! writes the orders), an `OrderCancelled` or `OrderExpired` per order closed; each commit then
+//! nudges the outbox job.
 //!
 //! Placing is group-committed ([`super::group_commit`]): concurrent orders are placed by one
 //! transaction, so a hot product's row is locked once and its stock taken once (`stock - sum`)
-//! for the whole batch, and one WAL flush commits them all. Each order still gets exactly the
-//! answer it would get alone, because the batch decides order by order, in queue order, as if
-//! they ran one after another (see [`PlaceBatch`]):
+//! for the whole batch, and one WAL flush commits them all. The transaction is two statements
+//! and the commit, whatever the batch's size ([`place_batch`](crate::store::postgres::place_batch)),
+//! so the hot rows stay locked for one round trip and the commit. Each order still gets exactly
+//! the answer it would get alone, because the batch decides order by order, in queue order, as
+//! if they ran one after another (see [`PlaceBatch`]):
 //! - the idempotency key is looked up before the order joins a batch (a replay or a reused key
 //!   never enters one) and claimed in the batch without waiting (a key another transaction is
 //!   claiming sends its order to run alone, where it waits for that transaction as before);
-//! - every coupon, then every product of the batch is locked (ascending ids: the global lock
-//!   order, orders → coupons → products, which cancels and expiry follow too, so batches never
-//!   deadlock with them or with each other, on this replica or another) and read once;
-//! - each order is then checked against those rows as the earlier orders of the batch left
-//!   them; one that fails (unknown product, not selling, out of stock, bad coupon, balance too
-//!   low) takes nothing and changes nothing for the others; its key claim is given back;
-//! - the orders that passed are written by one statement of multi-row inserts (UNNEST), their
-//!   keys' results by another, and the batch commits. Nobody hears OK before that commit.
+//! - the statement that claims the keys also locks every coupon, then every product the open
+//!   orders name (ascending ids: the global lock order, orders → balances → coupons →
+//!   products, which cancels and expiry follow too, so batches never deadlock with them or with
+//!   each other, on this replica or another), reads them and the buyers' balances once, and
+//!   reserves an order id for each open order;
+//! - each order is then checked in Rust against those rows as the earlier orders of the batch
+//!   left them; one that fails (unknown product, not selling, out of stock, bad coupon, balance
+//!   too low) takes nothing and changes nothing for the others; its key claim is given back;
+//! - the orders that passed are written by one statement of data-modifying CTEs over UNNEST'ed
+//!   arrays (orders, items, stock, coupons, events, the keys' results), and the batch commits.
+//!   Nobody hears OK before that commit.
 //!
-//! Checkout places its order by the same rules ([`PlaceBatch::decide_and_write`], one call,
-//! not batched) inside the cart's transaction, which it commits with the emptied cart.
+//! Checkout places its order by the same two statements ([`PlaceBatch::decide_and_write`], one
+//! call, not batched) inside the cart's transaction, which it commits with the emptied cart;
+//! its key, claimed for Checkout by its caller, gets the order's id in the second statement.
 //!
 //! Cancel safety: a batch runs in a task of its own, so it commits or rolls back whatever its
 //! callers do; an order whose caller left before its batch started, or while the batch waited

@@ -3,9 +3,16 @@
 //! Invariant: an order reserves all its stock and its coupon, priced and checked against the
 //! balance, and writes its `OrderPlaced` event, in one transaction, or leaves no trace; each
 //! order of a batch gets the answer it would get alone (the parent module's docs say how).
-//! Cancel safety: a batch runs in a task of its own ([`super::super::group_commit`]); an order
-//! whose caller left before its batch started, or while the batch waited for its row locks, is
-//! not placed at all.
+//!
+//! Cancel safety: a batch runs in a task of its own ([`super::super::group_commit`]), so its
+//! awaits (`BEGIN`, the lock statement, the write statement, the commit) run to their end
+//! whatever its callers do. An order whose caller left before its batch started is not in it;
+//! one whose caller left while the lock statement waited for its row locks is left out right
+//! after it, before anything is taken for it, and the write statement gives its key claim back
+//! (or the rollback does, when the batch writes nothing). A failure at any await rolls the
+//! whole batch back and every caller hears it. Checkout runs in its caller's task instead:
+//! dropped at any await before its commit, its transaction rolls back the emptied cart, the key
+//! claim, the locks and the writes together.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,7 +28,7 @@ use crate::{
     app::{
         events::Traced,
         group_commit::{Callers, Step, left_in},
-        idempotency::{call_keys, mark_repeated_keys, saved_result, settled, step_of},
+        idempotency::{asked, call_keys, saved_result, settled, step_of},
         rate_limit::LimitedCall,
         sold_out::SoldOut,
     },
@@ -79,9 +86,10 @@ impl Orders {
     }
 
     /// Places `cmd` inside `tx` (whose caller has claimed the command's key for `operation`,
-    /// if it has one) and commits: all or nothing. Checkout ends here, so it places orders by
-    /// the batches' rules ([`PlaceBatch::decide_and_write`], one call) and fails with the same
-    /// errors as PlaceOrder.
+    /// if it has one: the order's id is recorded under it) and commits: all or nothing.
+    /// Checkout ends here, so it places orders by the batches' rules and statements
+    /// ([`PlaceBatch::decide_and_write`], one call) and fails with the same errors as
+    /// PlaceOrder.
     pub(in crate::app) async fn place_in(
         &self,
         mut tx: Transaction<'static, Postgres>,
@@ -283,10 +291,7 @@ impl PlaceBatch {
         // time), then the rows in the global lock order (coupons, then products), the callers'
         // balances, the time and the order ids.
         let call_keys = call_keys(calls);
-        mark_repeated_keys(&call_keys, steps);
-        let asked: Vec<usize> = (0..calls.len())
-            .filter(|&i| matches!(steps[i], Step::Open))
-            .collect();
+        let asked = asked(&call_keys, steps);
         if asked.is_empty() {
             return Ok(Vec::new());
         }
@@ -306,9 +311,9 @@ impl PlaceBatch {
             .map(|&i| PlaceRequest {
                 user_id: calls[i].cmd.user_id,
                 key: match keys {
-                    Keys::Claim { .. } => call_keys[i]
-                        .key()
-                        .map(|k| (k, call_keys[i].fingerprint())),
+                    Keys::Claim { .. } => {
+                        call_keys[i].key().map(|k| (k, call_keys[i].fingerprint()))
+                    }
                     Keys::Claimed(_) => None,
                 },
                 user_coupon_id: calls[i].cmd.user_coupon_id,

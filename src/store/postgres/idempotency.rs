@@ -319,22 +319,35 @@ macro_rules! settle_ctes {
     ($users:literal, $keys:literal, $results:literal, $operation:literal) => {
         concat!(
             "claims AS (
-                 SELECT * FROM unnest(", $users, "::bigint[], ", $keys, "::text[], ",
-                 $results, "::bigint[]) AS r(user_id, key, result)
+                 SELECT * FROM unnest(",
+            $users,
+            "::bigint[], ",
+            $keys,
+            "::text[], ",
+            $results,
+            "::bigint[]) AS r(user_id, key, result)
              ),
              settled AS (
                  UPDATE idempotency_keys k SET result_id = r.result
                  FROM claims r
                  WHERE r.result IS NOT NULL AND k.user_id = r.user_id
-                     AND k.operation = ", $operation, " AND k.idempotency_key = r.key
-                     AND k.user_id = ANY(", $users, ")
+                     AND k.operation = ",
+            $operation,
+            " AND k.idempotency_key = r.key
+                     AND k.user_id = ANY(",
+            $users,
+            ")
              ),
              given_back AS (
                  DELETE FROM idempotency_keys k
                  USING claims r
                  WHERE r.result IS NULL AND k.user_id = r.user_id
-                     AND k.operation = ", $operation, " AND k.idempotency_key = r.key
-                     AND k.user_id = ANY(", $users, ")
+                     AND k.operation = ",
+            $operation,
+            " AND k.idempotency_key = r.key
+                     AND k.user_id = ANY(",
+            $users,
+            ")
              )"
         )
     };

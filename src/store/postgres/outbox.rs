@@ -146,7 +146,10 @@ pub async fn enqueue_many(tx: &mut PgConnection, events: Vec<NewEvent>) -> Resul
         return Ok(());
     }
     let events = EventColumns::of(events);
-    events.bind(sqlx::query(insert_events!())).execute(tx).await?;
+    events
+        .bind(sqlx::query(insert_events!()))
+        .execute(tx)
+        .await?;
     Ok(())
 }
 

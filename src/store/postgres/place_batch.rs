@@ -206,14 +206,16 @@ fn stock_rows(row: &PgRow) -> Result<Vec<StockRow>, StoreError> {
         .zip(stocks.unwrap_or_default())
         .zip(statuses.unwrap_or_default())
         .zip(gens.unwrap_or_default())
-        .map(|(((((id, name), price), stock), status), stock_gen)| StockRow {
-            id,
-            name,
-            price,
-            stock,
-            status,
-            stock_gen,
-        })
+        .map(
+            |(((((id, name), price), stock), status), stock_gen)| StockRow {
+                id,
+                name,
+                price,
+                stock,
+                status,
+                stock_gen,
+            },
+        )
         .collect())
 }
 

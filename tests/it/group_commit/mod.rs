@@ -185,7 +185,11 @@ async fn prepare(app: &TestApp) -> Vec<PlaceOrderRequest> {
             // More than there is, and none at all (a sold-out marker follows).
             11 | 12 => {
                 charge(app, user, 100_000).await;
-                let short = if user % 32 == 11 { (scarce, 4) } else { (empty, 1) };
+                let short = if user % 32 == 11 {
+                    (scarce, 4)
+                } else {
+                    (empty, 1)
+                };
                 request.items = lines(&[(hot, 1), short]);
             }
             // An order below the coupon's minimum.
@@ -270,7 +274,13 @@ pub(super) async fn keys(app: &TestApp) -> Keys {
     .unwrap()
 }
 
-type Books = (Vec<(i64, i64)>, BTreeMap<(i64, i64), String>, Vec<i64>, i64, Keys);
+type Books = (
+    Vec<(i64, i64)>,
+    BTreeMap<(i64, i64), String>,
+    Vec<i64>,
+    i64,
+    Keys,
+);
 
 /// What the books say after the calls: every product's stock, coupon states, every balance and
 /// its ledger, the idempotency keys (a refused call must leave another call's key alone).

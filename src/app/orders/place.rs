@@ -295,7 +295,9 @@ impl PlaceBatch {
         if asked.is_empty() {
             return Ok(Vec::new());
         }
-        let (operation, mut fresh) = match keys {
+        // The calls whose key the write settles: those claimed by the lock statement are added
+        // as it tells.
+        let (operation, mut fresh): (_, Vec<usize>) = match keys {
             Keys::Claim { .. } => (Operation::PlaceOrder, Vec::new()),
             Keys::Claimed(operation) => (
                 operation,
@@ -310,12 +312,10 @@ impl PlaceBatch {
             .iter()
             .map(|&i| PlaceRequest {
                 user_id: calls[i].cmd.user_id,
-                key: match keys {
-                    Keys::Claim { .. } => {
-                        call_keys[i].key().map(|k| (k, call_keys[i].fingerprint()))
-                    }
-                    Keys::Claimed(_) => None,
-                },
+                key: call_keys[i]
+                    .key()
+                    .filter(|_| matches!(keys, Keys::Claim { .. }))
+                    .map(|k| (k, call_keys[i].fingerprint())),
                 user_coupon_id: calls[i].cmd.user_coupon_id,
                 lines: calls[i].cmd.lines.as_slice(),
             })
@@ -359,6 +359,7 @@ impl PlaceBatch {
                 .ok_or_else(|| StoreError::Inconsistent("an open order without its id".into()))?;
             steps[i] = match decide(cmd, balance, &mut coupons, &mut products, now) {
                 Ok((items, pricing)) => {
+                    // As the write statement will store it: its times are the transaction's.
                     let order = Order {
                         id,
                         user_id: cmd.user_id,

@@ -21,9 +21,7 @@ use super::{
     outbox::{EventColumns, NewEvent},
 };
 use crate::{
-    domain::{
-        IdempotencyKey, OrderId, OrderItem, PaymentId, TxId, UserCouponId, UserId, Won,
-    },
+    domain::{IdempotencyKey, OrderId, OrderItem, PaymentId, TxId, UserCouponId, UserId, Won},
     store::StoreError,
 };
 

@@ -19,9 +19,12 @@ use crate::support::{
 
 const STOCK: i64 = 10_000;
 
+/// A cancel's answer: OK, or its code and reason.
+type Answer = Result<(), (Code, String)>;
+
 /// Places `per_user` orders for each of `users` (charged first), each for some of `products`;
-/// the first order of each user with `coupons[user]` if given. Returns the orders' ids by
-/// buyer.
+/// the first order of each user with `coupons[user]` if given. Returns (buyer, order id)
+/// pairs.
 async fn place_orders(
     app: &TestApp,
     products: &[i64],
@@ -41,7 +44,7 @@ async fn place_orders(
             (user, n, lines(&[(first, quantity), (second, 1)]))
         })
     });
-    let placed = join_all(requests.map(|(user, n, items)| async move {
+    join_all(requests.map(|(user, n, items)| async move {
         let user_coupon_id = if n == 0 {
             coupons.get(&user).copied().unwrap_or(0)
         } else {
@@ -56,8 +59,7 @@ async fn place_orders(
         let order = place_with(app, request).await.expect("place");
         (user, order.id)
     }))
-    .await;
-    placed
+    .await
 }
 
 async fn make_overdue(app: &TestApp, orders: &[i64]) {
@@ -116,7 +118,7 @@ async fn cancels_racing_the_expiry_job_close_each_order_once(
     // Three rounds, each of 40 orders made overdue at once and cancelled twice each, the
     // cancels spread over 1.2 s: every round spans a run of the job (once a second), so some
     // cancels come before it, some wait for the rows it holds, some come after it.
-    let mut outcomes: BTreeMap<i64, Vec<Result<(), (Code, String)>>> = BTreeMap::new();
+    let mut outcomes: BTreeMap<i64, Vec<Answer>> = BTreeMap::new();
     for round in placed.chunks(40) {
         let ids: Vec<i64> = round.iter().map(|&(_, order)| order).collect();
         make_overdue(&app, &ids).await;

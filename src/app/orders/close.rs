@@ -11,11 +11,12 @@
 //! orders costs the same three round trips as a single cancel.
 //!
 //! Cancel safety, at each await: dropped while beginning, locking or writing, the transaction
-//! rolls back (the connection returns to the pool and is rolled back there), leaving nothing,
-//! not even a lock; dropped during the commit, the close either committed whole or not at all,
-//! and a retried cancel is told ORDER_CLOSED in the first case. After a commit that gave stock
-//! back, the sold-out markers are cleared in a task of their own, which finishes even if the
-//! caller has gone.
+//! rolls back (the dropped transaction's ROLLBACK runs before its connection is used again),
+//! leaving nothing and releasing its row locks; dropped during the commit, the close committed
+//! whole or not at all, and a retried cancel is told ORDER_CLOSED in the first case (a close
+//! that committed then skips clearing the sold-out markers, which lapse by their TTL). After a
+//! commit that gave stock back, the markers are cleared in a task of their own, which finishes
+//! even if the caller goes away while it runs.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;

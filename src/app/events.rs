@@ -5,8 +5,9 @@
 //! order's events numbered 1, 2, 3... in the order of its transitions: each number is taken
 //! from `orders.event_sequence` under the order's row lock, which the transition holds anyway.
 //! Placing is 1 (the column's default, so PlaceOrder's batches and Checkout write their
-//! `OrderPlaced` events in the statement that writes their orders); Pay takes its numbers in
-//! its batch statement; cancel, expiry and refunds take theirs through [`record`].
+//! `OrderPlaced` events in the statement that writes their orders); Pay, cancel and expiry take
+//! theirs in their batch statements (the locked row's number + 1); refunds take theirs through
+//! [`record`].
 //!
 //! Cancel safety: nothing here commits; a transition dropped before its commit leaves neither
 //! its change nor its event.

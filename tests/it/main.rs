@@ -12,6 +12,7 @@ mod admin;
 mod admin_keys;
 mod balance;
 mod cart;
+mod closing_orders;
 mod connections;
 mod conservation;
 mod coupon_controls;

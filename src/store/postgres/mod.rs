@@ -4,6 +4,7 @@
 pub mod balances;
 pub mod carts;
 pub mod charge_batch;
+pub mod close_batch;
 pub mod coupon_admin;
 pub mod coupons;
 pub mod fence;

@@ -1,4 +1,5 @@
-//! Orders: stock reservation, coupon reservation and release.
+//! Orders: stock and coupon reservation, and the reads of orders and their items. Closing open
+//! orders (cancel, expiry) lives in `close_batch`, refunds in `refunds`.
 //!
 //! Invariants: stock never goes negative (conditional updates, plus the schema's CHECK); an
 //! order either holds all its stock and its coupon or none (one transaction); a coupon backs at
@@ -9,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, Row as _, postgres::PgRow};
 
 use crate::{
     domain::{
@@ -26,6 +27,49 @@ macro_rules! order_columns {
     };
 }
 pub(super) use order_columns;
+
+/// The items of the order aliased `o`, as parallel arrays (`it.*`) joined to its row, so that a
+/// statement locking orders reads their items in the same round trip; [`items_from_arrays`]
+/// reads them back.
+macro_rules! item_arrays {
+    () => {
+        "LEFT JOIN LATERAL (
+             SELECT array_agg(product_id ORDER BY product_id) AS item_products,
+                 array_agg(product_name ORDER BY product_id) AS item_names,
+                 array_agg(unit_price ORDER BY product_id) AS item_prices,
+                 array_agg(quantity ORDER BY product_id) AS item_quantities,
+                 array_agg(refunded_quantity ORDER BY product_id) AS item_refunded
+             FROM order_items WHERE order_id = o.id
+         ) it ON true"
+    };
+}
+pub(super) use item_arrays;
+
+/// The items of a row read with [`item_arrays`].
+pub(super) fn items_from_arrays(row: &PgRow) -> Result<Vec<OrderItem>, StoreError> {
+    let products: Option<Vec<ProductId>> = row.try_get("item_products")?;
+    let names: Option<Vec<String>> = row.try_get("item_names")?;
+    let prices: Option<Vec<Won>> = row.try_get("item_prices")?;
+    let quantities: Option<Vec<i32>> = row.try_get("item_quantities")?;
+    let refunded: Option<Vec<i32>> = row.try_get("item_refunded")?;
+    Ok(products
+        .unwrap_or_default()
+        .into_iter()
+        .zip(names.unwrap_or_default())
+        .zip(prices.unwrap_or_default())
+        .zip(quantities.unwrap_or_default())
+        .zip(refunded.unwrap_or_default())
+        .map(
+            |((((product_id, name), unit_price), quantity), refunded_quantity)| OrderItem {
+                product_id,
+                name,
+                unit_price,
+                quantity,
+                refunded_quantity,
+            },
+        )
+        .collect())
+}
 
 /// An order row without its items.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -157,7 +201,8 @@ pub async fn buyer(db: impl PgExecutor<'_>, id: OrderId) -> Result<Option<UserId
     Ok(buyer)
 }
 
-/// Locks the order row for a state change (pay, cancel, expire, refund).
+/// Locks the order row for a state change made statement by statement (a refund; Pay, cancel
+/// and expiry lock theirs in their batch statements).
 #[tracing::instrument(target = "otel", name = "orders.lock", skip_all, fields(db.system = "postgresql"))]
 pub async fn lock(tx: &mut PgConnection, id: OrderId) -> Result<Option<OrderRow>, StoreError> {
     let row = sqlx::query_as(concat!(
@@ -169,63 +214,6 @@ pub async fn lock(tx: &mut PgConnection, id: OrderId) -> Result<Option<OrderRow>
     .fetch_optional(tx)
     .await?;
     Ok(row)
-}
-
-/// What closing open orders gave back.
-pub struct Released {
-    /// The closed rows, in the order given.
-    pub orders: Vec<OrderRow>,
-    /// The products whose stock went up, with their new stock generation.
-    pub restocks: Vec<Restock>,
-}
-
-/// Closes PENDING_PAYMENT orders as CANCELLED or EXPIRED, giving their coupons and their stock
-/// back. The order rows must be locked by this transaction.
-///
-/// Locks follow the global order (orders, then coupons, then products by ascending id) across
-/// the whole batch, not order by order: an expiry batch that gave back order A's product 5
-/// before order B's product 2 deadlocked with an order being placed for products 2 and 5.
-#[tracing::instrument(target = "otel", name = "orders.release", skip_all, fields(db.system = "postgresql"))]
-pub async fn release(
-    tx: &mut PgConnection,
-    orders: &[(&OrderRow, &[OrderItem])],
-    to: OrderStatus,
-) -> Result<Released, StoreError> {
-    let mut coupons: Vec<(UserCouponId, OrderId)> = orders
-        .iter()
-        .filter_map(|(order, _)| order.user_coupon_id.map(|c| (c, order.id)))
-        .collect();
-    coupons.sort_unstable();
-    for (coupon, order) in coupons {
-        sqlx::query(
-            "UPDATE user_coupons SET status = 'AVAILABLE', order_id = NULL
-             WHERE id = $1 AND order_id = $2 AND status = 'RESERVED'",
-        )
-        .bind(coupon)
-        .bind(order)
-        .execute(&mut *tx)
-        .await?;
-    }
-    let units = units_of(orders.iter().flat_map(|(_, items)| items.iter()));
-    let restocks = restock(tx, &units).await?;
-    let mut closed = Vec::with_capacity(orders.len());
-    for (order, _) in orders {
-        let row = sqlx::query_as(concat!(
-            "UPDATE orders SET status = $2, cancelled_at = now()
-             WHERE id = $1 AND status = 'PENDING_PAYMENT'
-             RETURNING ",
-            order_columns!()
-        ))
-        .bind(order.id)
-        .bind(to)
-        .fetch_one(&mut *tx)
-        .await?;
-        closed.push(row);
-    }
-    Ok(Released {
-        orders: closed,
-        restocks,
-    })
 }
 
 /// Puts `units` back in stock (by ascending product id, as given: the last step of the global
@@ -289,25 +277,6 @@ pub(super) fn units_of<'a>(items: impl Iterator<Item = &'a OrderItem>) -> Vec<(P
     units.into_iter().collect()
 }
 
-/// Open orders past their deadline, locked, skipping those another transaction holds (a
-/// payment in progress, or another replica's expiry run).
-#[tracing::instrument(target = "otel", name = "orders.lock_overdue", skip_all, fields(db.system = "postgresql"))]
-pub async fn lock_overdue(tx: &mut PgConnection, limit: i64) -> Result<Vec<OrderRow>, StoreError> {
-    let rows = sqlx::query_as(concat!(
-        "SELECT ",
-        order_columns!(),
-        " FROM orders
-         WHERE status = 'PENDING_PAYMENT' AND expires_at <= now()
-         ORDER BY expires_at
-         LIMIT $1
-         FOR UPDATE SKIP LOCKED"
-    ))
-    .bind(limit)
-    .fetch_all(tx)
-    .await?;
-    Ok(rows)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,8 +292,8 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_gives_stock_back_in_ascending_product_order() {
-        // Two expiring orders: A holds products 5 and 1, B holds 2 and 5.
+    fn a_batch_takes_stock_per_product_in_ascending_order() {
+        // Two orders of one batch: A takes products 5 and 1, B takes 2 and 5.
         let a = [item(5, 1), item(1, 2)];
         let b = [item(2, 3), item(5, 4)];
         let units = units_of(a.iter().chain(b.iter()));

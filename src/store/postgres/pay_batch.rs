@@ -19,13 +19,11 @@ use super::{
     idempotency::{
         BatchClaim, ClaimRow, Operation, SettleColumns, claim_columns, claim_ctes, settle_ctes,
     },
-    orders::{OrderRow, order_columns},
+    orders::{OrderRow, item_arrays, items_from_arrays, order_columns},
     outbox::{EventColumns, NewEvent, insert_events},
 };
 use crate::{
-    domain::{
-        IdempotencyKey, OrderId, OrderItem, PaymentId, ProductId, TxId, UserCouponId, UserId, Won,
-    },
+    domain::{IdempotencyKey, OrderId, OrderItem, PaymentId, TxId, UserCouponId, UserId, Won},
     store::StoreError,
 };
 
@@ -95,16 +93,9 @@ pub async fn lock(
              it.*, o.*
          FROM claim c
          LEFT JOIN o ON o.id = c.order_id AND (c.key IS NULL OR c.fresh)
-         LEFT JOIN b ON b.user_id = c.user_id AND o.user_id = c.user_id
-         LEFT JOIN LATERAL (
-             SELECT array_agg(product_id ORDER BY product_id) AS item_products,
-                 array_agg(product_name ORDER BY product_id) AS item_names,
-                 array_agg(unit_price ORDER BY product_id) AS item_prices,
-                 array_agg(quantity ORDER BY product_id) AS item_quantities,
-                 array_agg(refunded_quantity ORDER BY product_id) AS item_refunded
-             FROM order_items WHERE order_id = o.id
-         ) it ON true
-         ORDER BY c.ord"
+         LEFT JOIN b ON b.user_id = c.user_id AND o.user_id = c.user_id ",
+        item_arrays!(),
+        " ORDER BY c.ord"
     ))
     .bind(&columns.users)
     .bind(&columns.keys)
@@ -121,7 +112,7 @@ pub async fn lock(
         found.push(Found {
             claim: ClaimRow::of(row, request.key)?,
             order: match row.try_get::<Option<OrderId>, _>("id")? {
-                Some(_) => Some((sqlx::FromRow::from_row(row)?, items(row)?)),
+                Some(_) => Some((sqlx::FromRow::from_row(row)?, items_from_arrays(row)?)),
                 None => None,
             },
             balance: row.try_get("balance")?,
@@ -130,32 +121,6 @@ pub async fn lock(
     }
     let now = now.ok_or_else(|| StoreError::Inconsistent("a batch of no payments".into()))?;
     Ok((now, found))
-}
-
-/// The items of a row of [`lock`], from its parallel arrays.
-fn items(row: &PgRow) -> Result<Vec<OrderItem>, StoreError> {
-    let products: Option<Vec<ProductId>> = row.try_get("item_products")?;
-    let names: Option<Vec<String>> = row.try_get("item_names")?;
-    let prices: Option<Vec<Won>> = row.try_get("item_prices")?;
-    let quantities: Option<Vec<i32>> = row.try_get("item_quantities")?;
-    let refunded: Option<Vec<i32>> = row.try_get("item_refunded")?;
-    Ok(products
-        .unwrap_or_default()
-        .into_iter()
-        .zip(names.unwrap_or_default())
-        .zip(prices.unwrap_or_default())
-        .zip(quantities.unwrap_or_default())
-        .zip(refunded.unwrap_or_default())
-        .map(
-            |((((product_id, name), unit_price), quantity), refunded_quantity)| OrderItem {
-                product_id,
-                name,
-                unit_price,
-                quantity,
-                refunded_quantity,
-            },
-        )
-        .collect())
 }
 
 pub struct PaymentRecord {

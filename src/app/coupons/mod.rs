@@ -10,7 +10,10 @@
 //! be committed (the win's insert returned, a repeat call or the reconciliation job read it, a
 //! rebuild loaded it) the gate carries its id, so a settled holder's repeat call is answered by
 //! the gate's script alone; only a holder whose row the gate does not know yet is looked up in
-//! Postgres. A win whose row never appeared (an orphan) is released by the user's next call
+//! Postgres. A replica that saw a holder's row committed answers the holder's next calls from
+//! its own memory ([`holders`]), without Redis. A holder is answered as a holder before the
+//! window and the seats are looked at, by the gate and by that memory alike, so every replica
+//! gives a holder the same answer. A win whose row never appeared (an orphan) is released by the user's next call
 //! once it is older than the orphan grace, and by the reconciliation job otherwise.
 //!
 //! Cancel safety: a caller may go away at any await. [`App::issue_coupon`] therefore runs the
@@ -20,6 +23,7 @@
 //! the same gate, and always unlock what they locked.
 
 mod admin;
+mod holders;
 mod rebuild;
 mod reconcile;
 mod recorder;
@@ -32,8 +36,8 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use self::recorder::CouponRecorder;
 pub use self::stats::{CouponGateStats, RepairReason};
+use self::{holders::SettledHolders, recorder::CouponRecorder};
 use super::{
     idempotency::{NextAction, next_action},
     rate_limit::{LimitedCall, UserRateLimit},
@@ -94,6 +98,8 @@ pub struct Coupons {
     recorder: CouponRecorder,
     /// Coupons this replica found sold out a moment ago.
     sold_out: SoldOutCache<CouponId>,
+    /// Holders whose row this replica saw committed.
+    holders: SettledHolders,
     rebuilds: rebuild::Rebuilds,
     stats: Arc<CouponGateStats>,
     /// A win with no row for this long is an orphan, not an insert in flight.
@@ -129,6 +135,7 @@ impl Coupons {
             gate,
             recorder,
             sold_out: SoldOutCache::default(),
+            holders: SettledHolders::default(),
             rebuilds: rebuild::Rebuilds::default(),
             stats: Arc::default(),
             orphan_grace,
@@ -240,6 +247,12 @@ impl Coupons {
             metrics::coupon_issue(metrics::outcome(&refused));
             return refused;
         }
+        // A holder is answered as the gate answers one: before the window and the seats.
+        if let Some(user_coupon_id) = self.holders.get(coupon_id, user_id) {
+            let held = Err(AppError::CouponAlreadyIssued { user_coupon_id });
+            metrics::coupon_issue(metrics::outcome(&held));
+            return held;
+        }
         if self
             .sold_out
             .first(&[coupon_id], std::time::Instant::now())
@@ -289,11 +302,13 @@ impl Coupons {
                     ..
                 }) => {
                     // A settled holder: the gate knows the row is committed.
+                    self.holders.settled(coupon_id, user_id, user_coupon_id);
                     return Err(AppError::CouponAlreadyIssued { user_coupon_id });
                 }
                 Decision::AlreadyHolder(held) => {
                     match self.already_held(coupon_id, user_id, &held).await? {
                         Held::Recorded(user_coupon_id) => {
+                            self.holders.settled(coupon_id, user_id, user_coupon_id);
                             self.record_at_gate(coupon_id, user_id, &held, user_coupon_id)
                                 .await;
                             return Err(AppError::CouponAlreadyIssued { user_coupon_id });
@@ -316,8 +331,9 @@ impl Coupons {
                 Ok(Ok(user_coupon)) => {
                     // The row is committed: the gate learns its id off the answer's path, so
                     // the winner's repeat calls need no Postgres.
-                    let this = self.clone();
                     let id = user_coupon.id;
+                    self.holders.settled(coupon_id, user_id, id);
+                    let this = self.clone();
                     tokio::spawn(async move {
                         this.record_at_gate(coupon_id, user_id, &grant, id).await;
                     });
@@ -350,6 +366,7 @@ impl Coupons {
                         .ok_or_else(|| {
                             AppError::internal("an issued coupon vanished from Postgres")
                         })?;
+                    self.holders.settled(coupon_id, user_id, user_coupon_id);
                     return Err(AppError::CouponAlreadyIssued { user_coupon_id });
                 }
                 Ok(Err(IssueRefusal::NoCoupon)) => {

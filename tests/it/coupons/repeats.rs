@@ -2,14 +2,15 @@
 //! COUPON_ALREADY_ISSUED with the row's id (no Postgres); a holder the gate has not yet seen
 //! recorded is looked up in Postgres, and the gate learns the id from that answer; a gate
 //! rebuilt from Postgres carries every holder's id; a full refund gives the same row back, so
-//! the id stays true.
+//! the id stays true. A replica that saw a holder's row answers them from memory (no Redis),
+//! and every replica answers a holder as a holder after the window and the seats are gone.
 //!
 //! Postgres is reached through a proxy the tests cut: a call that still needed it could not
 //! answer ALREADY_EXISTS.
 
 use std::{net::SocketAddr, time::Duration};
 
-use ecommerce::proto::IssueCouponRequest;
+use ecommerce::proto::{IssueCouponRequest, UpdateCouponRequest};
 use fred::interfaces::{HashesInterface, KeysInterface, SortedSetsInterface};
 use sqlx::{
     PgPool,
@@ -20,8 +21,9 @@ use tonic_types::StatusExt;
 
 use crate::support::{
     TestApp,
-    coupons::{create_coupon, issue},
+    coupons::{create_coupon, issue, sold_out, ts},
     eventually,
+    private::PrivateRedis,
     proxy::TcpProxy,
     reason,
     refunds::{paid_order, refund},
@@ -33,13 +35,27 @@ use crate::support::{
 async fn app_behind_proxy(db: PgConnectOptions) -> (TestApp, TcpProxy, PgPool) {
     let target = SocketAddr::from(([127, 0, 0, 1], db.get_port()));
     let proxy = TcpProxy::start(target).await;
-    let app = spawn_app_with(db.clone().port(proxy.addr.port()), |_| {}).await;
+    let app = spawn_app_with(proxied(&db, &proxy), |_| {}).await;
     let direct = PgPoolOptions::new()
         .max_connections(1)
         .connect_with(db)
         .await
         .unwrap();
     (app, proxy, direct)
+}
+
+fn proxied(db: &PgConnectOptions, proxy: &TcpProxy) -> PgConnectOptions {
+    db.clone().port(proxy.addr.port())
+}
+
+/// Another replica of `app` (its Redis keys, its Postgres address): one that saw none of
+/// `app`'s answers.
+async fn other_replica(app: &TestApp, db: PgConnectOptions) -> TestApp {
+    let prefix = app.redis_prefix.clone();
+    spawn_app_with(db, move |s| {
+        s.set("REDIS_KEY_PREFIX", prefix);
+    })
+    .await
 }
 
 fn key(app: &TestApp, coupon: i64, name: &str) -> String {
@@ -87,7 +103,9 @@ async fn a_settled_holders_repeat_is_answered_by_the_gate_without_postgres(
     _: PgPoolOptions,
     db: PgConnectOptions,
 ) {
-    let (app, proxy, direct) = app_behind_proxy(db).await;
+    let (app, proxy, direct) = app_behind_proxy(db.clone()).await;
+    // User 2 asks again at a replica that did not record their win.
+    let other = other_replica(&app, proxied(&db, &proxy)).await;
     let coupon = create_coupon(&app, 10).await;
     let first = issue(&app, coupon, 1).await.expect("user 1 wins");
     let second = issue(&app, coupon, 2).await.expect("user 2 wins");
@@ -102,8 +120,8 @@ async fn a_settled_holders_repeat_is_answered_by_the_gate_without_postgres(
             holder_value(&app, coupon, user).await
         );
     }
-    // User 2's win as the gate holds it before it learns the row (another replica won it, or
-    // the gate's write was lost): no id, still pending.
+    // User 2's win as the gate holds it before it learns the row (the gate's write was lost):
+    // no id, still pending.
     let (seat, _) = seat_and_id(&direct, coupon, 2).await;
     let won = chrono::Utc::now().timestamp_millis();
     let _: i64 = app
@@ -126,17 +144,22 @@ async fn a_settled_holders_repeat_is_answered_by_the_gate_without_postgres(
 
     proxy.cut().await;
     // Postgres is unreachable: the settled holder is answered by the gate alone, truthfully.
-    for _ in 0..3 {
-        assert_eq!(already_issued(issue(&app, coupon, 1).await), first);
+    for replica in [&app, &other] {
+        assert_eq!(already_issued(issue(replica, coupon, 1).await), first);
     }
-    // The holder still pending needs Postgres: never ALREADY_EXISTS without it.
+    // The replica that recorded user 2's row knows it; the gate's pending win changes nothing.
+    assert_eq!(already_issued(issue(&app, coupon, 2).await), second);
+    // Elsewhere the holder still pending needs Postgres: never ALREADY_EXISTS without it.
     let mut request = Request::new(IssueCouponRequest {
         user_id: 2,
         coupon_id: coupon,
     });
     request.set_timeout(Duration::from_secs(3));
-    let pending =
-        tokio::time::timeout(Duration::from_secs(4), app.coupons().issue_coupon(request)).await;
+    let pending = tokio::time::timeout(
+        Duration::from_secs(4),
+        other.coupons().issue_coupon(request),
+    )
+    .await;
     if let Ok(answer) = pending {
         let status = answer.expect_err("no coupon without Postgres");
         assert_ne!(status.code(), Code::AlreadyExists, "{status:?}");
@@ -145,7 +168,7 @@ async fn a_settled_holders_repeat_is_answered_by_the_gate_without_postgres(
     // Postgres back: the pending holder's repeat reads the row, and the gate learns its id.
     proxy.restore().await;
     let answered = loop {
-        match issue(&app, coupon, 2).await {
+        match issue(&other, coupon, 2).await {
             Err(status) if status.code() == Code::Unavailable => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -155,9 +178,10 @@ async fn a_settled_holders_repeat_is_answered_by_the_gate_without_postgres(
     assert_eq!(already_issued(answered), second);
     assert!(gate_knows(&app, coupon, 2, second).await);
     proxy.cut().await;
-    assert_eq!(already_issued(issue(&app, coupon, 2).await), second);
+    assert_eq!(already_issued(issue(&other, coupon, 2).await), second);
     proxy.restore().await;
     app.stop().await;
+    other.stop().await;
 }
 
 #[sqlx::test(migrations = false)]
@@ -226,4 +250,64 @@ async fn a_coupon_given_back_by_a_full_refund_keeps_its_id_at_the_gate(
     assert_eq!(already_issued(issue(&app, coupon, 1).await), id);
     proxy.restore().await;
     app.stop().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_holder_is_told_so_everywhere_after_the_window_and_while_redis_is_down(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let mut redis = PrivateRedis::start().await;
+    let prefix = format!("test-{}:", uuid::Uuid::new_v4().simple());
+    let replica = || {
+        let (url, prefix) = (redis.url(), prefix.clone());
+        spawn_app_with(db.clone(), move |s| {
+            s.set("REDIS_URL", url)
+                .set("REDIS_KEY_PREFIX", prefix)
+                .set("REDIS_COMMAND_TIMEOUT_MS", 300);
+        })
+    };
+    let (a, b) = (replica().await, replica().await);
+    let coupon = create_coupon(&a, 2).await;
+    let first = issue(&a, coupon, 1).await.expect("user 1 wins at A");
+    let second = issue(&b, coupon, 2).await.expect("user 2 wins at B");
+    assert_eq!(
+        reason(&issue(&b, coupon, 3).await.expect_err("no seat left")),
+        sold_out()
+    );
+    // Sold out: a holder is still told what they hold, by the gate (user 2 at A), and by a
+    // replica that knows it (user 2 at B), although B just saw the coupon sold out.
+    assert_eq!(already_issued(issue(&a, coupon, 2).await), second);
+    assert_eq!(already_issued(issue(&b, coupon, 2).await), second);
+
+    let now = chrono::Utc::now();
+    a.admin()
+        .update_coupon(UpdateCouponRequest {
+            coupon_id: coupon,
+            issue_ends_at: ts(now),
+            ..Default::default()
+        })
+        .await
+        .expect("window ended");
+    // The window is over for newcomers (once B's moment of "sold out" has passed); a holder is
+    // still told what they hold, by the gate (user 1 at B) as by a replica that remembers them.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let not_issuable = (Code::FailedPrecondition, "COUPON_NOT_ISSUABLE".to_string());
+    for replica in [&a, &b] {
+        assert_eq!(
+            reason(&issue(replica, coupon, 4).await.unwrap_err()),
+            not_issuable
+        );
+    }
+    assert_eq!(already_issued(issue(&b, coupon, 1).await), first);
+    assert_eq!(already_issued(issue(&a, coupon, 1).await), first);
+
+    // Without Redis: the holders A saw are answered by A alone; nobody else is.
+    redis.kill().await;
+    assert_eq!(already_issued(issue(&a, coupon, 1).await), first);
+    assert_eq!(already_issued(issue(&a, coupon, 2).await), second);
+    let newcomer = issue(&a, coupon, 4).await.unwrap_err();
+    assert_eq!(newcomer.code(), Code::Unavailable, "{newcomer:?}");
+    a.stop().await;
+    b.stop().await;
 }

@@ -1,4 +1,4 @@
--- Decides one coupon request atomically: loaded? in the issue window? already a holder? a seat
+-- Decides one coupon request atomically: loaded? already a holder? in the issue window? a seat
 -- left? then takes the seat, records the holder and marks the win pending (not yet known to be
 -- recorded in Postgres).
 --
@@ -20,13 +20,15 @@ if not state[1] then
   end
   return {'NOT_LOADED'}
 end
-local now = tonumber(ARGV[2])
-if now < tonumber(state[3]) or now >= tonumber(state[4]) then
-  return {'NOT_ISSUABLE'}
-end
+-- A holder is told so whatever the window: the answer a replica that remembers the holder
+-- gives without asking, and the truer one after the window ends.
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 if held then
   return {'ALREADY', held, state[5]}
+end
+local now = tonumber(ARGV[2])
+if now < tonumber(state[3]) or now >= tonumber(state[4]) then
+  return {'NOT_ISSUABLE'}
 end
 local seat = redis.call('LPOP', KEYS[3])
 if not seat then

@@ -78,7 +78,9 @@ impl StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        if not_a_writable_primary(&error) {
+        // A lost connection raises it too: its pooled siblings may be as dead (a restart, a
+        // failover), and the pool no longer pings a connection before handing it out.
+        if not_a_writable_primary(&error) || connection_lost(&error) {
             postgres::fence::raise();
         }
         if postgres_unreachable(&error) {

@@ -2,9 +2,10 @@
 //!
 //! Invariant: once a call has heard from Postgres that the server behind `DATABASE_URL` is not
 //! a writable primary (25006 read-only, 57P0x shutting down or in recovery: a failover demoted
-//! it, an operator made it read-only, the address led to a standby), a pooled connection
-//! opened before that answer serves another call only after it showed, at its next acquire,
-//! that its server takes writes; one that does not is closed, and the pool opens a new one,
+//! it, an operator made it read-only, the address led to a standby), or has lost its
+//! connection (a restart, a failover, a cut: the pool does not ping before use), a pooled
+//! connection opened before that answer serves another call only after it showed, at its next
+//! acquire, that its server takes writes; one that does not is closed, and the pool opens a new one,
 //! which goes wherever the address leads now (HAProxy's primary port, a DNS name moved to the
 //! new primary).
 //!
@@ -50,7 +51,7 @@ pub fn raise() {
         .is_ok()
     {
         tracing::warn!(
-            "Postgres answered as a server that takes no writes: retiring the pooled connections"
+            "a Postgres connection was lost or its server takes no writes: checking the pooled connections before use"
         );
     }
 }

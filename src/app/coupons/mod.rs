@@ -13,8 +13,9 @@
 //! Postgres. A replica that saw a holder's row committed answers the holder's next calls from
 //! its own memory ([`holders`]), without Redis. A holder is answered as a holder before the
 //! window and the seats are looked at, by the gate and by that memory alike, so every replica
-//! gives a holder the same answer. A win whose row never appeared (an orphan) is released by the user's next call
-//! once it is older than the orphan grace, and by the reconciliation job otherwise.
+//! gives a holder the same answer. A win whose row never appeared (an orphan) is released by
+//! the user's next call once it is older than the orphan grace, and by the reconciliation job
+//! otherwise.
 //!
 //! Cancel safety: a caller may go away at any await. [`App::issue_coupon`] therefore runs the
 //! gate decision, the durable insert and any undo in a spawned task and only awaits its answer,

@@ -25,7 +25,7 @@ use sqlx::{PgConnection, Row as _, postgres::PgRow};
 
 use super::{
     orders::{OrderRow, item_arrays, items_from_arrays, order_columns},
-    outbox::{EventColumns, NewEvent},
+    outbox::{EventColumns, NewEvent, insert_events},
 };
 use crate::{
     domain::{Order, OrderId, OrderItem, OrderStatus, ProductId, Restock, UserCouponId, UserId},
@@ -51,7 +51,9 @@ pub struct Locked {
 }
 
 /// The statement of [`lock`], for the orders selected (and locked) by `$orders`. `$2` is the
-/// buyer an order must have for its coupon and products to be locked (NULL: any).
+/// buyer an order must have for its coupon and products to be locked (NULL: any). The products
+/// are counted (`products_locked`, read by no one) so that their CTE runs at all: Postgres
+/// skips a CTE nothing reads, and its locks with it.
 macro_rules! lock_statement {
     ($orders:literal) => {
         concat!(
@@ -146,7 +148,7 @@ pub async fn write(
     products.dedup();
     let events = EventColumns::of(events);
     let row = events
-        .bind(sqlx::query(
+        .bind(sqlx::query(concat!(
             "WITH closed AS (
                  UPDATE orders o SET status = $8, cancelled_at = $9,
                      event_sequence = o.event_sequence + 1
@@ -172,16 +174,13 @@ pub async fn write(
                  WHERE p.id = h.product_id AND p.id = ANY($12)
                  RETURNING p.id, p.stock_gen
              ),
-             events AS (
-                 INSERT INTO outbox_events (event_id, event_type, aggregate_id, order_id,
-                                            payload, traceparent, tracestate)
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[],
-                                      $5::jsonb[], $6::text[], $7::text[])
-             )
+             events AS (",
+            insert_events!(),
+            ")
              SELECT (SELECT count(*) FROM closed) AS closed,
                  ARRAY(SELECT id FROM restocked ORDER BY id) AS products,
                  ARRAY(SELECT stock_gen FROM restocked ORDER BY id) AS stock_gens",
-        ))
+        )))
         .bind(to)
         .bind(at)
         .bind(&ids)

@@ -22,19 +22,37 @@ const STOCK: i64 = 10_000;
 /// A cancel's answer: OK, or its code and reason.
 type Answer = Result<(), (Code, String)>;
 
-/// Places `per_user` orders for each of `users` (charged first), each for some of `products`;
-/// the first order of each user with `coupons[user]` if given. Returns (buyer, order id)
-/// pairs.
+/// A server whose expiry job runs every second, and `names` products of `STOCK` units at
+/// `price`.
+async fn shop(db: PgConnectOptions, names: &[&str], price: i64) -> (TestApp, Vec<i64>) {
+    let app = spawn_app_with(db, |s| {
+        s.set("ORDER_EXPIRY_INTERVAL_SECS", 1)
+            .set("DATABASE_ACQUIRE_TIMEOUT_MS", 30_000);
+    })
+    .await;
+    let mut products = Vec::new();
+    for name in names {
+        products.push(create_product(&app, name, price, STOCK).await);
+    }
+    (app, products)
+}
+
+/// Places `per_user` orders for each of `users` (charged first, and each issued one coupon),
+/// each for some of `products`; the first order of each user with their coupon. Returns
+/// (buyer, order id) pairs.
 async fn place_orders(
     app: &TestApp,
     products: &[i64],
     users: std::ops::RangeInclusive<i64>,
     per_user: usize,
-    coupons: &BTreeMap<i64, i64>,
 ) -> Vec<(i64, i64)> {
+    let coupon = create_coupon(app, 100).await;
+    let mut coupons = BTreeMap::new();
     for user in users.clone() {
         charge(app, user, 10_000_000).await;
+        coupons.insert(user, issue(app, coupon, user).await.unwrap());
     }
+    let coupons = &coupons;
     let requests = users.flat_map(|user| {
         (0..per_user).map(move |n| {
             // Two lines of varied quantities, so that orders share products unevenly.
@@ -45,11 +63,7 @@ async fn place_orders(
         })
     });
     join_all(requests.map(|(user, n, items)| async move {
-        let user_coupon_id = if n == 0 {
-            coupons.get(&user).copied().unwrap_or(0)
-        } else {
-            0
-        };
+        let user_coupon_id = if n == 0 { coupons[&user] } else { 0 };
         let request = PlaceOrderRequest {
             user_id: user,
             items,
@@ -99,21 +113,8 @@ async fn cancels_racing_the_expiry_job_close_each_order_once(
     _: PgPoolOptions,
     db: PgConnectOptions,
 ) {
-    let app = spawn_app_with(db, |s| {
-        s.set("ORDER_EXPIRY_INTERVAL_SECS", 1)
-            .set("DATABASE_ACQUIRE_TIMEOUT_MS", 30_000);
-    })
-    .await;
-    let mut products = Vec::new();
-    for name in ["kettle", "toaster", "blender"] {
-        products.push(create_product(&app, name, 20_000, STOCK).await);
-    }
-    let coupon = create_coupon(&app, 100).await;
-    let mut coupons = BTreeMap::new();
-    for user in 1..=40 {
-        coupons.insert(user, issue(&app, coupon, user).await.unwrap());
-    }
-    let placed = place_orders(&app, &products, 1..=40, 3, &coupons).await;
+    let (app, products) = shop(db, &["kettle", "toaster", "blender"], 20_000).await;
+    let placed = place_orders(&app, &products, 1..=40, 3).await;
 
     // Three rounds, each of 40 orders made overdue at once and cancelled twice each, the
     // cancels spread over 1.2 s: every round spans a run of the job (once a second), so some
@@ -191,21 +192,8 @@ async fn expiry_closes_every_overdue_order_in_batches_of_a_hundred(
     _: PgPoolOptions,
     db: PgConnectOptions,
 ) {
-    let app = spawn_app_with(db, |s| {
-        s.set("ORDER_EXPIRY_INTERVAL_SECS", 1)
-            .set("DATABASE_ACQUIRE_TIMEOUT_MS", 30_000);
-    })
-    .await;
-    let mut products = Vec::new();
-    for name in ["lamp", "rug", "vase", "clock"] {
-        products.push(create_product(&app, name, 10_000, STOCK).await);
-    }
-    let coupon = create_coupon(&app, 100).await;
-    let mut coupons = BTreeMap::new();
-    for user in 1..=50 {
-        coupons.insert(user, issue(&app, coupon, user).await.unwrap());
-    }
-    let placed = place_orders(&app, &products, 1..=50, 5, &coupons).await;
+    let (app, products) = shop(db, &["lamp", "rug", "vase", "clock"], 10_000).await;
+    let placed = place_orders(&app, &products, 1..=50, 5).await;
     let ids: Vec<i64> = placed.iter().map(|&(_, order)| order).collect();
     assert_eq!(ids.len(), 250);
     make_overdue(&app, &ids).await;

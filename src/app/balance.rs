@@ -208,7 +208,7 @@ impl ChargeBatch {
         if asked.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pg.begin().await?;
+        let mut tx = postgres::begin_batch(&self.pg).await?;
 
         // 1. One statement: the keys claimed without waiting, then the callers' balances.
         let requests: Vec<ChargeRequest> = asked
@@ -283,7 +283,7 @@ impl ChargeBatch {
             steps[0] = Step::Refused(refused);
             return Ok(Vec::new());
         }
-        let mut tx = self.pg.begin().await?;
+        let mut tx = postgres::begin_batch(&self.pg).await?;
         let Some(entry) = balances::charge(&mut tx, cmd.user_id, cmd.amount, self.max).await?
         else {
             steps[0] = Step::Refused(refused);

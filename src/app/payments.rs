@@ -234,7 +234,7 @@ impl PayBatch {
         steps: &mut [Step],
         made: &mut Vec<(Payment, Vec<OrderItem>)>,
     ) -> Result<Option<TxId>, StoreError> {
-        let mut tx = self.pg.begin().await?;
+        let mut tx = postgres::begin_batch(&self.pg).await?;
 
         // 1. One statement: the keys claimed without waiting (a key twice in one batch runs
         // alone the second time), then the rows in the global lock order (orders, then the

@@ -11,6 +11,7 @@ mod abandoned;
 mod admin;
 mod admin_keys;
 mod balance;
+mod batch_plans;
 mod cart;
 mod closing_orders;
 mod connections;

@@ -254,7 +254,7 @@ impl PlaceBatch {
         placed: &mut Vec<Order>,
         sold_out: &mut BTreeMap<ProductId, i64>,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pg.begin().await?;
+        let mut tx = postgres::begin_batch(&self.pg).await?;
         *placed = self
             .decide_and_write(
                 &mut tx,

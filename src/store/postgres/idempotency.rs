@@ -207,6 +207,7 @@ macro_rules! claim_ctes {
              LEFT JOIN LATERAL (
                  SELECT request_fingerprint, result_id FROM idempotency_keys
                  WHERE user_id = r.user_id AND operation = $4 AND idempotency_key = r.key
+                     AND user_id = ANY($1)
              ) k ON true
          )"
     };

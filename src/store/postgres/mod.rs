@@ -89,8 +89,32 @@ pub(super) fn session(options: PgConnectOptions, application_name: &str) -> PgCo
         // made while `orders` was small kept scanning it whole as it grew (a lone Pay
         // took 30 ms instead of 2 on a long-running server; new connections were fast).
         // A custom plan per execution sees the actual arrays and the table's current
-        // size, for a fraction of a millisecond of planning per statement.
+        // size, for a fraction of a millisecond of planning per statement. The write
+        // batches, whose statements are all key lookups, plan once instead (`begin_batch`).
         .options([("plan_cache_mode", "force_custom_plan")])
+}
+
+/// Begins the transaction of a write path's batch (PlaceOrder, Checkout, Pay, ChargeBalance,
+/// cancel and expiry), whose statements are planned once per connection instead of once per
+/// execution, with the plan's shape fixed by its settings rather than by the statistics of the
+/// moment it was made.
+///
+/// Planning each execution (the pool's `force_custom_plan`, see [`session`]) cost Postgres as
+/// much CPU as running the statements on a hot product (docs/BENCHMARKS.md). A generic plan is
+/// made without the batch's arrays and kept until a table's statistics change, so it must be
+/// right at any batch size and table size: every statement of these transactions finds its
+/// rows by key (the batch's ids, unnested or `= ANY`, or a partial index's predicate), so
+/// index probes in nested loops are the right plan at every size, and the transaction allows
+/// only those: no sequential scan, hash or merge join can be chosen while a table is small and
+/// kept as it grows. The settings are `LOCAL`: they end with the transaction (rolled back
+/// too), and they ride on BEGIN's own message, so they cost no round trip.
+pub async fn begin_batch(pg: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    pg.begin_with(
+        "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
+         SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; \
+         SET LOCAL enable_mergejoin = off",
+    )
+    .await
 }
 
 /// Applies pending migrations. sqlx holds a Postgres advisory lock while migrating, so replicas

@@ -28,9 +28,11 @@ macro_rules! order_columns {
 }
 pub(super) use order_columns;
 
-/// The items of the order aliased `o`, as parallel arrays (`it.*`) joined to its row, so that a
-/// statement locking orders reads their items in the same round trip; [`items_from_arrays`]
-/// reads them back.
+/// The items of each order of the statement's CTE `o`, as parallel arrays (`it.*`) joined to
+/// its row, so that a statement locking orders reads their items in the same round trip;
+/// [`items_from_arrays`] reads them back. The items are also named by the array of `o`'s ids:
+/// a write batch's plan is kept for the connection's life (`begin_batch`), and made while
+/// `order_items` was small it could otherwise walk a whole index for each order.
 macro_rules! item_arrays {
     () => {
         "LEFT JOIN LATERAL (
@@ -39,7 +41,7 @@ macro_rules! item_arrays {
                  array_agg(unit_price ORDER BY product_id) AS item_prices,
                  array_agg(quantity ORDER BY product_id) AS item_quantities,
                  array_agg(refunded_quantity ORDER BY product_id) AS item_refunded
-             FROM order_items WHERE order_id = o.id
+             FROM order_items WHERE order_id = o.id AND order_id = ANY(ARRAY(SELECT id FROM o))
          ) it ON true"
     };
 }

@@ -7,7 +7,8 @@
 //! touch grows by 50,000 rows behind the server's back, and the same workload runs again. What
 //! Postgres read from each table in that second round (tuples returned by its sequential and
 //! index scans) must stay far below one pass over the table: a plan that scans a table, or
-//! walks one of its indexes whole, reads 50,000 tuples each time it runs.
+//! walks one of its indexes whole, reads 50,000 tuples each time it runs. (Cancel and expiry,
+//! custom-planned, run in the workload too: each of their plans is made for the tables' size.)
 
 use std::{collections::BTreeMap, time::Duration};
 

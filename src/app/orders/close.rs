@@ -42,7 +42,7 @@ const EXPIRY_BATCH: i64 = 100;
 
 impl Orders {
     pub async fn cancel(&self, id: OrderId, user_id: UserId) -> Result<Order, AppError> {
-        let mut tx = self.pg.begin().await?;
+        let mut tx = postgres::begin_batch(&self.pg).await?;
         let closing = Closing::Cancel {
             order: id,
             buyer: user_id,
@@ -83,7 +83,7 @@ impl Orders {
     pub async fn expire_overdue(&self) -> Result<usize, AppError> {
         let mut expired = 0;
         loop {
-            let mut tx = self.pg.begin().await?;
+            let mut tx = postgres::begin_batch(&self.pg).await?;
             let closing = Closing::Overdue {
                 limit: EXPIRY_BATCH,
             };

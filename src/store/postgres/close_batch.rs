@@ -53,7 +53,10 @@ pub struct Locked {
 /// The statement of [`lock`], for the orders selected (and locked) by `$orders`. `$2` is the
 /// buyer an order must have for its coupon and products to be locked (NULL: any). The products
 /// are counted (`products_locked`, read by no one) so that their CTE runs at all: Postgres
-/// skips a CTE nothing reads, and its locks with it.
+/// skips a CTE nothing reads, and its locks with it. Their items are read with `quantity`
+/// (always positive): with only `product_id` and `order_id` asked, the product index (whose
+/// third column is `order_id`) covers the read too, and a plan kept from when `order_items` was
+/// small walked that index whole on every cancel (`tests/it/batch_plans.rs`).
 macro_rules! lock_statement {
     ($orders:literal) => {
         concat!(
@@ -75,7 +78,7 @@ macro_rules! lock_statement {
                  SELECT id FROM products
                  WHERE id = ANY(ARRAY(
                      SELECT product_id FROM order_items
-                     WHERE order_id = ANY(ARRAY(SELECT id FROM open))
+                     WHERE order_id = ANY(ARRAY(SELECT id FROM open)) AND quantity > 0
                          AND (SELECT count(*) FROM c) >= 0))
                  ORDER BY id FOR UPDATE
              )

@@ -94,8 +94,8 @@ pub(super) fn session(options: PgConnectOptions, application_name: &str) -> PgCo
         .options([("plan_cache_mode", "force_custom_plan")])
 }
 
-/// Begins the transaction of a write path's batch (PlaceOrder, Checkout, Pay, ChargeBalance),
-/// whose statements are planned once per connection instead of once per
+/// Begins the transaction of a write path's batch (PlaceOrder, Checkout, Pay, cancel, expiry, a
+/// lone ChargeBalance), whose statements are planned once per connection instead of once per
 /// execution, with the plan's shape fixed by its settings rather than by the statistics of the
 /// moment it was made.
 ///
@@ -106,8 +106,9 @@ pub(super) fn session(options: PgConnectOptions, application_name: &str) -> PgCo
 /// rows by key (the batch's ids, unnested or `= ANY`, or a partial index's predicate), so
 /// index probes in nested loops are the right plan at every size, and the transaction allows
 /// only those: no sequential scan, hash or merge join can be chosen while a table is small and
-/// kept as it grows (`tests/it/batch_plans.rs`; cancel and expiry stay custom-planned: a plan
-/// of theirs kept from a small `order_items` was seen walking a whole index). The settings are
+/// kept as it grows (`tests/it/batch_plans.rs` checks it). ChargeBalance's batches are left
+/// planned per execution: cheap statements in large batches, they cost more with nested loops
+/// only than their planning did. The settings are
 /// `LOCAL`: they end with the transaction (rolled back too), and they ride on BEGIN's own
 /// message, so they cost no round trip.
 pub async fn begin_batch(pg: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {

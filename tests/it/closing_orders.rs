@@ -13,7 +13,7 @@ use crate::support::{
     TestApp,
     coupons::{create_coupon, issue},
     eventually, reason, rules,
-    shop::{charge, create_product, lines, place_with, stock},
+    shop::{charge, create_product, lines, make_overdue, place_with, stock},
     spawn_app_with,
 };
 
@@ -74,14 +74,6 @@ async fn place_orders(
         (user, order.id)
     }))
     .await
-}
-
-async fn make_overdue(app: &TestApp, orders: &[i64]) {
-    sqlx::query("UPDATE orders SET expires_at = now() - interval '1 second' WHERE id = ANY($1)")
-        .bind(orders)
-        .execute(&app.pg)
-        .await
-        .unwrap();
 }
 
 async fn all_closed(app: &TestApp) -> bool {

@@ -108,9 +108,8 @@ pub(super) fn session(options: PgConnectOptions, application_name: &str) -> PgCo
 /// only those: no sequential scan, hash or merge join can be chosen while a table is small and
 /// kept as it grows (`tests/it/batch_plans.rs` checks it). ChargeBalance's batches are left
 /// planned per execution: cheap statements in large batches, they cost more with nested loops
-/// only than their planning did. The settings are
-/// `LOCAL`: they end with the transaction (rolled back too), and they ride on BEGIN's own
-/// message, so they cost no round trip.
+/// only than their planning did. The settings are `LOCAL`: they end with the transaction
+/// (rolled back too), and they ride on BEGIN's own message, so they cost no round trip.
 pub async fn begin_batch(pg: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     pg.begin_with(
         "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \

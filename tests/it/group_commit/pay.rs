@@ -13,7 +13,10 @@ use super::{
 use crate::support::{
     TestApp,
     coupons::{create_coupon, issue},
-    shop::{assert_ledger_matches, charge, create_product, pay_with_key, place, place_with},
+    shop::{
+        assert_ledger_matches, charge, create_product, make_overdue, pay_with_key, place,
+        place_with,
+    },
     spawn_app_with,
 };
 
@@ -123,14 +126,6 @@ async fn prepare(app: &TestApp) -> (Vec<Request>, Vec<i64>) {
     (requests, to_expire)
 }
 
-async fn expire(app: &TestApp, orders: &[i64]) {
-    sqlx::query("UPDATE orders SET expires_at = now() - interval '1 second' WHERE id = ANY($1)")
-        .bind(orders)
-        .execute(&app.pg)
-        .await
-        .unwrap();
-}
-
 /// What the books say after the payments: every balance and its ledger, the orders' states,
 /// the coupons', the payments with their events, the idempotency keys.
 async fn books(
@@ -205,8 +200,8 @@ async fn payments_in_one_batch_get_the_answers_they_get_alone(
     .await;
     let (requests, to_expire) = prepare(&batched).await;
     assert_eq!(prepare(&alone).await, (requests.clone(), to_expire.clone()));
-    expire(&batched, &to_expire).await;
-    expire(&alone, &to_expire).await;
+    make_overdue(&batched, &to_expire).await;
+    make_overdue(&alone, &to_expire).await;
 
     let together = join_all(
         requests

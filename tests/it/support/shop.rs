@@ -222,3 +222,12 @@ pub async fn lock_product(db: &PgConnectOptions, product: i64) -> PgConnection {
         .unwrap();
     conn
 }
+
+/// Puts `orders` past their payment deadline, for the expiry job to close.
+pub async fn make_overdue(app: &TestApp, orders: &[i64]) {
+    sqlx::query("UPDATE orders SET expires_at = now() - interval '1 second' WHERE id = ANY($1)")
+        .bind(orders)
+        .execute(&app.pg)
+        .await
+        .unwrap();
+}

@@ -59,8 +59,14 @@ impl Coupons {
                 }
                 continue;
             };
-            let disagreement =
-                gate_disagrees(&summary, recorded).or_else(|| stale_terms(&summary, &coupon));
+            let mut disagreement = gate_disagrees(&summary, recorded);
+            if disagreement.is_none() && stale_terms(&summary, &coupon).is_some() {
+                // The coupon was listed before the gate was read: an UpdateCoupon committed
+                // and applied to the gate in between looks like stale terms, and replacing the
+                // gate would drop the wins in flight. The terms to compare are Postgres's now.
+                let now_in_pg = coupons::get(&self.pg, coupon.id).await?;
+                disagreement = stale_terms(&summary, now_in_pg.as_ref().unwrap_or(&coupon));
+            }
             if let Some(why) = disagreement {
                 tracing::warn!(coupon = %coupon.id, why, ?summary, recorded,
                     "coupon gate disagrees with Postgres: rebuilding");

@@ -181,6 +181,9 @@ pub async fn claim_due(tx: &mut PgConnection, limit: i64) -> Result<Vec<OutboxEv
 }
 
 pub async fn mark_delivered(tx: &mut PgConnection, ids: &[i64]) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
         "UPDATE outbox_events
          SET status = 'DELIVERED', delivered_at = now(), attempts = attempts + 1, last_error = NULL
@@ -198,6 +201,10 @@ pub async fn park(
     ids: &[i64],
     reasons: &[String],
 ) -> Result<(), StoreError> {
+    // Most batches park nothing: no round trip (nor planning) for them.
+    if ids.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
         "UPDATE outbox_events o SET
              status = 'PARKED', parked_at = now(), attempts = attempts + 1,
@@ -233,6 +240,9 @@ pub async fn record_failures(
     reasons: &[String],
     backoff: Backoff,
 ) -> Result<Vec<i64>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let parked = sqlx::query_scalar::<_, Option<i64>>(
         "WITH failed AS (
              SELECT o.id, r.reason,

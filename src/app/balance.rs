@@ -5,8 +5,8 @@
 //!
 //! Charges are group-committed ([`super::group_commit`]) like payments: one transaction credits
 //! a batch, in two statements and the commit ([`charge_batch`]), whatever the batch's size. The
-//! idempotency key is looked up before a charge joins a batch (a replay or a reused key never
-//! enters one) and claimed in it without waiting (a key being claimed elsewhere, or twice in
+//! idempotency key is claimed in the batch without waiting, which answers a replay or a reused
+//! key (a key being claimed elsewhere, or twice in
 //! the batch, sends the charge to run alone, where its claim waits). The first statement claims
 //! the keys and locks the callers' balances (ascending user id, a new user's row opened at 0).
 //! Then the batch decides in Rust, charge by charge, in queue order, as if each ran alone after
@@ -33,7 +33,7 @@ use sqlx::PgPool;
 
 use super::{
     group_commit::{Callers, GroupCommit, Step, left_in},
-    idempotency::{Keyed, asked, call_keys, saved_result, settled, step_of},
+    idempotency::{Keyed, asked, call_keys, settled, step_of},
     rate_limit::{LimitedCall, UserRateLimit},
 };
 use crate::{
@@ -44,7 +44,6 @@ use crate::{
         postgres::{
             self as postgres, balances,
             charge_batch::{self, ChargeRecord, ChargeRequest},
-            idempotency::Operation,
         },
     },
 };
@@ -105,9 +104,7 @@ impl Balances {
         self.rate
             .admit(cmd.user_id, LimitedCall::ChargeBalance)
             .await?;
-        if let Some(id) = saved_result(&self.pg, Operation::Charge, &cmd).await? {
-            return Ok(balances::ledger_entry(&self.pg, id).await?);
-        }
+        // The batch's claim answers a replay or a reused key (see Pay).
         let charged = match self.charging.submit(cmd).await? {
             Charged::Busy(cmd) => self.charging.alone(cmd).await?,
             charged => charged,

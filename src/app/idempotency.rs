@@ -56,8 +56,9 @@ pub(super) trait Keyed {
 }
 
 /// The result already stored under `call`'s key, if a committed call with the same request
-/// used it; IDEMPOTENCY_KEY_REUSED if one with another request did. Read before the call joins
-/// a batch, so that a replay or a reused key never enters one.
+/// used it; IDEMPOTENCY_KEY_REUSED if one with another request did. Read before a shortcut
+/// (a sold-out product, a refund's checks) could refuse a retry of a success: a call that
+/// joins a batch has its key claimed there, which answers the same.
 pub(super) async fn saved_result(
     pg: &sqlx::PgPool,
     operation: Operation,

@@ -7,8 +7,9 @@
 //!
 //! Payments are group-committed ([`super::group_commit`]) like orders: one transaction pays a
 //! batch, in two statements and the commit ([`pay_batch`]), whatever the batch's size. The
-//! idempotency key is looked up before a payment joins a batch and claimed in it without
-//! waiting (a key being claimed elsewhere sends the payment to run alone). The first statement
+//! idempotency key is claimed in the batch without waiting, with no look-up before (the claim
+//! answers a replay or a reused key; a key being claimed elsewhere sends the payment to run
+//! alone). The first statement
 //! claims the keys, locks the orders (ascending id), then the buyers' balances (ascending user
 //! id): the global lock order (orders → balances → coupons → products) that cancels and expiry
 //! follow too. Then the batch decides in Rust, payment by payment, in queue order, as if each
@@ -35,7 +36,7 @@ use super::{
     Popular,
     events::Traced,
     group_commit::{Callers, GroupCommit, Step, left_in},
-    idempotency::{Keyed, asked, call_keys, saved_result, settled, step_of},
+    idempotency::{Keyed, asked, call_keys, settled, step_of},
     popular::Sale,
     rate_limit::{LimitedCall, UserRateLimit},
 };
@@ -50,7 +51,6 @@ use crate::{
         StoreError,
         postgres::{
             self as postgres,
-            idempotency::Operation,
             orders::OrderRow,
             outbox::NewEvent,
             pay_batch::{self, PayRequest, PaymentRecord},
@@ -85,7 +85,6 @@ type Paying = Traced<PayCommand>;
 
 /// The payment flow.
 pub struct Payments {
-    pg: PgPool,
     /// Counts each payment's items in the ranking.
     popular: Arc<Popular>,
     /// Wakes the outbox job: a payment's event should leave at once.
@@ -103,7 +102,7 @@ impl Payments {
         write_batch_max: usize,
         rate: Arc<UserRateLimit>,
     ) -> Self {
-        let batch = Arc::new(PayBatch { pg: pg.clone() });
+        let batch = Arc::new(PayBatch { pg });
         let paying = GroupCommit::start(
             "payments.pay_batch",
             write_batch_max,
@@ -112,7 +111,6 @@ impl Payments {
             }),
         );
         Self {
-            pg,
             popular,
             outbox_nudge,
             paying,
@@ -131,9 +129,8 @@ impl Payments {
 
     async fn try_pay(&self, cmd: PayCommand) -> Result<Payment, AppError> {
         self.rate.admit(cmd.user_id, LimitedCall::Pay).await?;
-        if let Some(id) = saved_result(&self.pg, Operation::Pay, &cmd).await? {
-            return saved_payment(&self.pg, id).await;
-        }
+        // No look-up of the key first: the batch's claim answers a replay or a reused key, and
+        // nothing before it could refuse a retry of a success.
         let paid = match self.paying.submit(Traced::new(cmd)).await? {
             Paid::Busy(call) => self.paying.alone(call).await?,
             paid => paid,

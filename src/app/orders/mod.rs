@@ -18,9 +18,10 @@
 //! so the hot rows stay locked for one round trip and the commit. Each order still gets exactly
 //! the answer it would get alone, because the batch decides order by order, in queue order, as
 //! if they ran one after another (see [`PlaceBatch`]):
-//! - the idempotency key is looked up before the order joins a batch (a replay or a reused key
-//!   never enters one) and claimed in the batch without waiting (a key another transaction is
-//!   claiming sends its order to run alone, where it waits for that transaction as before);
+//! - the idempotency key is claimed in the batch without waiting, and the claim answers a
+//!   replay or a reused key (a key another transaction is claiming sends its order to run
+//!   alone, where it waits for that transaction as before); it is looked up before only when a
+//!   sold-out product would refuse the order from memory, so a retry of a success gets it;
 //! - the statement that claims the keys also locks every coupon, then every product the open
 //!   orders name (ascending ids: the global lock order, orders → balances → coupons →
 //!   products, which cancels and expiry follow too, so batches never deadlock with them or with

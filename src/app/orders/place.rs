@@ -71,11 +71,15 @@ impl Orders {
         self.rate
             .admit(cmd.user_id, LimitedCall::PlaceOrder)
             .await?;
-        if let Some(id) = saved_result(&self.pg, Operation::PlaceOrder, &cmd).await? {
-            return saved_order_from(&self.pg, id).await;
+        // A sold-out product is refused from memory, but a retry of a success must get that
+        // success: the key is looked up only then. Otherwise the batch's claim answers a replay
+        // or a reused key, with no round trip of its own.
+        if let Err(refusal) = self.refuse_sold_out(&cmd.product_ids()).await {
+            return match saved_result(&self.pg, Operation::PlaceOrder, &cmd).await? {
+                Some(id) => saved_order_from(&self.pg, id).await,
+                None => Err(refusal),
+            };
         }
-        // After the key: a retry of a success is answered above, never refused here.
-        self.refuse_sold_out(&cmd.product_ids()).await?;
         match self.placing.submit(Traced::new(cmd)).await? {
             Placed::Answer(result) => result,
             Placed::Busy(cmd) => match self.placing.alone(cmd).await? {

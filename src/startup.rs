@@ -18,7 +18,7 @@ use crate::{
     app::{
         Balances, Carts, Catalog, CouponGateStats, Coupons, Orders, Outbox, OutboxSettings,
         Payments, Popular, RankingSettings, Refunds, Retention, RetentionSettings, SoldOut,
-        UserRateLimit, seed_demo,
+        UserRateLimit, WriteBatches, seed_demo,
     },
     config::Config,
     connections::{self, Ageing},
@@ -278,11 +278,15 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
             .map(|user| Gcra::new(user.per_sec, user.burst)),
         config.rate_limits.timeout,
     ));
+    let batches = WriteBatches {
+        max: config.orders.write_batch_max,
+        in_flight: config.orders.write_batches_in_flight,
+    };
     let orders = Arc::new(Orders::new(
         pg.clone(),
         sold_out.clone(),
         config.orders.order_ttl,
-        config.orders.write_batch_max,
+        batches,
         rate.clone(),
         outbox.nudge(),
     ));
@@ -290,7 +294,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
         balances: Arc::new(Balances::new(
             pg.clone(),
             config.orders.max_balance,
-            config.orders.write_batch_max,
+            batches,
             rate.clone(),
         )),
         carts: Arc::new(Carts::new(pg.clone(), orders.clone(), rate.clone())),
@@ -305,7 +309,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
             pg.clone(),
             CouponGate::new(redis.clone()),
             config.coupons.orphan_grace,
-            config.orders.write_batch_max,
+            batches,
             rate.clone(),
         )),
         orders,
@@ -313,7 +317,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
             pg.clone(),
             popular.clone(),
             outbox.nudge(),
-            config.orders.write_batch_max,
+            batches,
             rate,
         )),
         popular,

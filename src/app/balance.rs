@@ -32,7 +32,7 @@ use std::{collections::HashMap, sync::Arc};
 use sqlx::PgPool;
 
 use super::{
-    group_commit::{Callers, GroupCommit, Step, left_in},
+    group_commit::{Callers, GroupCommit, Step, WriteBatches, left_in},
     idempotency::{Keyed, asked, call_keys, settled, step_of},
     rate_limit::{LimitedCall, UserRateLimit},
 };
@@ -77,11 +77,11 @@ pub struct Balances {
 
 impl Balances {
     /// `max_balance`: a charge that would take a balance past this is refused.
-    /// `write_batch_max`: charges made by one transaction at most (1: each alone).
+    /// `batches`: how charges are gathered into transactions ([`WriteBatches`]).
     pub fn new(
         pg: PgPool,
         max_balance: Won,
-        write_batch_max: usize,
+        batches: WriteBatches,
         rate: Arc<UserRateLimit>,
     ) -> Self {
         let batch = Arc::new(ChargeBatch {
@@ -90,7 +90,7 @@ impl Balances {
         });
         let charging = GroupCommit::start(
             "balances.charge_batch",
-            write_batch_max,
+            batches,
             Arc::new(move |calls, alone, callers| {
                 Box::pin(batch.clone().run(calls, alone, callers))
             }),

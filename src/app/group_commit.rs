@@ -3,7 +3,7 @@
 //! calls.
 //!
 //! Shape: callers queue into one batcher task. It takes the first queued call, waits for a
-//! free slot (at most [`BATCHES_IN_FLIGHT`] batches run at once), then takes every call already
+//! free slot (at most [`WriteBatches::in_flight`] batches run at once), then takes every call already
 //! queued behind it, up to the batch maximum, and runs them in a task of their own. There is no
 //! timer: a batch lingers only while its slot is busy, so a lone caller finds a free slot and
 //! runs at once, and under load the calls that arrive while batches commit form the next one.
@@ -30,9 +30,21 @@ use tracing::Instrument;
 
 use crate::{error::AppError, telemetry};
 
-/// Batches of one flow running at once. More lets batches on distinct rows overlap; batches on
-/// one hot row wait for each other's commit anyway, and their queue is what lets the next grow.
-pub const BATCHES_IN_FLIGHT: usize = 4;
+/// How a flow's calls are batched.
+///
+/// `in_flight` is the number of batches of one flow running at once. Two let a batch lock and
+/// decide while the previous one commits (a hot row's lock is free again once that commit
+/// lands, so a third would only wait for it); each slot more splits the same calls into
+/// smaller batches, and on a machine whose cores are all busy a call's share of a batch's
+/// round trips and commit is most of what it costs (docs/BENCHMARKS.md: two rather than four
+/// cut the CPU per call of a purchase by a third).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteBatches {
+    /// Calls one transaction makes at most; 1 turns batching off.
+    pub max: usize,
+    /// Batches of one flow running at once, at least 1.
+    pub in_flight: usize,
+}
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -109,12 +121,19 @@ pub struct GroupCommit<C, A> {
 }
 
 impl<C: Send + 'static, A: Send + 'static> GroupCommit<C, A> {
-    /// `max_batch` of 1 turns batching off. `name` names the batches' spans
+    /// A `batches.max` of 1 turns batching off. `name` names the batches' spans
     /// (`orders.place_batch`).
-    pub fn start(name: &'static str, max_batch: usize, runner: Runner<C, A>) -> Self {
-        let queue = (max_batch > 1).then(|| {
-            let (queue, calls) = mpsc::channel(max_batch * BATCHES_IN_FLIGHT * 4);
-            tokio::spawn(batch_calls(name, max_batch, calls, runner.clone()));
+    pub fn start(name: &'static str, batches: WriteBatches, runner: Runner<C, A>) -> Self {
+        let queue = (batches.max > 1).then(|| {
+            let in_flight = batches.in_flight.max(1);
+            let (queue, calls) = mpsc::channel(batches.max * in_flight * 4);
+            tokio::spawn(batch_calls(
+                name,
+                batches.max,
+                in_flight,
+                calls,
+                runner.clone(),
+            ));
             queue
         });
         Self { runner, queue }
@@ -156,10 +175,11 @@ impl<C: Send + 'static, A: Send + 'static> GroupCommit<C, A> {
 async fn batch_calls<C: Send + 'static, A: Send + 'static>(
     name: &'static str,
     max_batch: usize,
+    in_flight: usize,
     mut calls: mpsc::Receiver<Queued<C, A>>,
     runner: Runner<C, A>,
 ) {
-    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    let slots = Arc::new(Semaphore::new(in_flight));
     while let Some(first) = calls.recv().await {
         // Waiting for a slot is what lets the next batch grow.
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -202,6 +222,15 @@ mod tests {
 
     use super::*;
 
+    const IN_FLIGHT: usize = 4;
+
+    fn limits(max: usize) -> WriteBatches {
+        WriteBatches {
+            max,
+            in_flight: IN_FLIGHT,
+        }
+    }
+
     /// A runner that records the calls of each batch, then holds the batch until `gate` lets it
     /// finish, and answers each call with itself.
     fn gated(batches: Arc<Mutex<Vec<Vec<u32>>>>, gate: Arc<Semaphore>) -> Runner<u32, u32> {
@@ -235,7 +264,7 @@ mod tests {
         let gate = Arc::new(Semaphore::new(0));
         let batcher = Arc::new(GroupCommit::start(
             "test",
-            8,
+            limits(8),
             gated(batches.clone(), gate.clone()),
         ));
         let calls: Vec<_> = (0..40u32)
@@ -246,7 +275,7 @@ mod tests {
             .collect();
         // Every slot holds a batch; the batcher holds the next call while it waits for a slot,
         // and the other calls wait in the queue.
-        batches_started(&batches, BATCHES_IN_FLIGHT).await;
+        batches_started(&batches, IN_FLIGHT).await;
         let in_flight: usize = batches.lock().unwrap().iter().map(Vec::len).sum();
         queued(&batcher, 40 - in_flight - 1).await;
         gate.add_permits(1_000);
@@ -260,7 +289,7 @@ mod tests {
         assert_eq!(all, (0..40).collect::<Vec<_>>());
         assert!(batches.iter().all(|b| b.len() <= 8), "{batches:?}");
         assert!(
-            batches.len() <= BATCHES_IN_FLIGHT + 40_usize.div_ceil(8),
+            batches.len() <= IN_FLIGHT + 40_usize.div_ceil(8),
             "{batches:?}"
         );
     }
@@ -269,7 +298,11 @@ mod tests {
     async fn with_a_maximum_of_one_every_call_runs_alone() {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(Semaphore::new(1_000));
-        let batcher = Arc::new(GroupCommit::start("test", 1, gated(batches.clone(), gate)));
+        let batcher = Arc::new(GroupCommit::start(
+            "test",
+            limits(1),
+            gated(batches.clone(), gate),
+        ));
         let calls: Vec<_> = (0..10u32)
             .map(|i| {
                 let batcher = batcher.clone();
@@ -288,12 +321,12 @@ mod tests {
         let gate = Arc::new(Semaphore::new(0));
         let batcher = Arc::new(GroupCommit::start(
             "test",
-            64,
+            limits(64),
             gated(batches.clone(), gate.clone()),
         ));
         // One call per slot, each its own batch, held by the gate.
         let mut busy = Vec::new();
-        for i in 0..BATCHES_IN_FLIGHT as u32 {
+        for i in 0..IN_FLIGHT as u32 {
             let batcher = batcher.clone();
             busy.push(tokio::spawn(async move { batcher.submit(i).await }));
             batches_started(&batches, i as usize + 1).await;
@@ -336,7 +369,7 @@ mod tests {
                 })
             })
         };
-        let batcher = Arc::new(GroupCommit::start("test", 1, runner));
+        let batcher = Arc::new(GroupCommit::start("test", limits(1), runner));
         let stays = {
             let batcher = batcher.clone();
             tokio::spawn(async move { batcher.submit(1).await })

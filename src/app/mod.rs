@@ -25,6 +25,7 @@ pub use cart::{Carts, CheckoutCommand};
 pub use catalog::Catalog;
 pub use coupons::{CouponGateStats, CouponStock, Coupons, RepairReason};
 pub use demo::seed_demo;
+pub use group_commit::WriteBatches;
 pub use orders::{Orders, PlaceOrderCommand};
 pub use outbox::{Outbox, OutboxSettings};
 pub use payments::{PayCommand, Payments};

@@ -35,7 +35,7 @@ use uuid::Uuid;
 use super::{
     Popular,
     events::Traced,
-    group_commit::{Callers, GroupCommit, Step, left_in},
+    group_commit::{Callers, GroupCommit, Step, WriteBatches, left_in},
     idempotency::{Keyed, asked, call_keys, settled, step_of},
     popular::Sale,
     rate_limit::{LimitedCall, UserRateLimit},
@@ -94,18 +94,18 @@ pub struct Payments {
 }
 
 impl Payments {
-    /// `write_batch_max`: payments made by one transaction at most (1: each alone).
+    /// `batches`: how payments are gathered into transactions ([`WriteBatches`]).
     pub fn new(
         pg: PgPool,
         popular: Arc<Popular>,
         outbox_nudge: Arc<Notify>,
-        write_batch_max: usize,
+        batches: WriteBatches,
         rate: Arc<UserRateLimit>,
     ) -> Self {
         let batch = Arc::new(PayBatch { pg });
         let paying = GroupCommit::start(
             "payments.pay_batch",
-            write_batch_max,
+            batches,
             Arc::new(move |calls, alone, callers| {
                 Box::pin(batch.clone().run(calls, alone, callers))
             }),

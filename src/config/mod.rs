@@ -159,6 +159,8 @@ pub struct OrderSettings {
     /// PlaceOrder, Pay and ChargeBalance calls, and coupon winners, committed by one transaction
     /// at most; 1 is no batching.
     pub write_batch_max: usize,
+    /// Batches of one write flow running at once.
+    pub write_batches_in_flight: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -235,6 +237,7 @@ impl Config {
                 expiry_interval: r.duration(&v::ORDER_EXPIRY_INTERVAL_SECS),
                 sold_out_marker_ttl: r.duration(&v::SOLD_OUT_MARKER_TTL_MS),
                 write_batch_max: r.integer(&v::WRITE_BATCH_MAX),
+                write_batches_in_flight: r.integer(&v::WRITE_BATCHES_IN_FLIGHT),
             },
             coupons: CouponSettings {
                 reconcile_interval: r.duration(&v::COUPON_RECONCILE_INTERVAL_SECS),

@@ -182,6 +182,8 @@ variables! {
         "how long a sold-out product is refused from Redis without asking Postgres";
     WRITE_BATCH_MAX = "WRITE_BATCH_MAX", Value("128"), Range::Integer { min: 1, max: 1024 },
         "PlaceOrder, Pay and ChargeBalance calls, and coupon winners, committed by one Postgres transaction at most (group commit); `1` turns batching off";
+    WRITE_BATCHES_IN_FLIGHT = "WRITE_BATCHES_IN_FLIGHT", Value("2"), Range::Integer { min: 1, max: 64 },
+        "batches of one write flow (PlaceOrder and Checkout, Pay, ChargeBalance, coupon winners) running at once: two let one lock and decide while the previous one commits; more make the same calls smaller batches, each paying its own round trips and commit";
     // Coupons
     COUPON_RECONCILE_INTERVAL_SECS = "COUPON_RECONCILE_INTERVAL_SECS", Value("30"),
         Range::Seconds { min: 1, max: 86_400 },

@@ -40,6 +40,7 @@ use tracing::Instrument as _;
 pub use self::stats::{CouponGateStats, RepairReason};
 use self::{holders::SettledHolders, recorder::CouponRecorder};
 use super::{
+    group_commit::WriteBatches,
     idempotency::{NextAction, next_action},
     rate_limit::{LimitedCall, UserRateLimit},
     sold_out::{LOCAL_SOLD_OUT, SoldOutCache},
@@ -119,17 +120,17 @@ enum Held {
 }
 
 impl Coupons {
-    /// `write_batch_max`: winners recorded by one statement at most (1: each alone).
+    /// `batches`: how winners are gathered into statements ([`WriteBatches`]).
     pub fn new(
         pg: PgPool,
         gate: CouponGate,
         orphan_grace: Duration,
-        write_batch_max: usize,
+        batches: WriteBatches,
         rate: Arc<UserRateLimit>,
     ) -> Self {
         // A win's insert must start well within the orphan grace, or a retry could release a
         // seat whose row is about to commit.
-        let recorder = CouponRecorder::start(pg.clone(), write_batch_max, orphan_grace / 2);
+        let recorder = CouponRecorder::start(pg.clone(), batches, orphan_grace / 2);
         CouponGateStats::register_metrics();
         Self {
             pg,

@@ -30,7 +30,7 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 
 use crate::{
-    app::group_commit::{Callers, GroupCommit},
+    app::group_commit::{Callers, GroupCommit, WriteBatches},
     domain::UserCoupon,
     store::{
         Dependency, StoreError,
@@ -60,11 +60,11 @@ fn unavailable(why: impl Into<String>) -> StoreError {
 }
 
 impl CouponRecorder {
-    /// `max_batch`: grants written by one statement at most (1: each alone).
-    pub fn start(pg: PgPool, max_batch: usize, max_wait: Duration) -> Self {
+    /// `batches`: how grants are gathered into statements ([`WriteBatches`]).
+    pub fn start(pg: PgPool, batches: WriteBatches, max_wait: Duration) -> Self {
         let batcher = GroupCommit::start(
             "coupons.record_batch",
-            max_batch,
+            batches,
             Arc::new(move |winners, alone, _callers: Callers| {
                 Box::pin(record_batch(pg.clone(), winners, alone))
             }),

@@ -62,7 +62,10 @@ pub(super) use place::saved_order;
 use place::{PlaceBatch, Placed, Placing};
 
 use super::{
-    group_commit::GroupCommit, idempotency::Keyed, rate_limit::UserRateLimit, sold_out::SoldOut,
+    group_commit::{GroupCommit, WriteBatches},
+    idempotency::Keyed,
+    rate_limit::UserRateLimit,
+    sold_out::SoldOut,
 };
 use crate::domain::{IdempotencyKey, OrderLines, ProductId, UserCouponId, UserId};
 
@@ -110,13 +113,13 @@ pub struct Orders {
 }
 
 impl Orders {
-    /// `order_ttl`: an unpaid order expires after this. `write_batch_max`: orders placed by one
-    /// transaction at most (1: each alone).
+    /// `order_ttl`: an unpaid order expires after this. `batches`: how orders are gathered into
+    /// transactions ([`WriteBatches`]).
     pub fn new(
         pg: PgPool,
         sold_out: Arc<SoldOut>,
         order_ttl: Duration,
-        write_batch_max: usize,
+        batches: WriteBatches,
         rate: Arc<UserRateLimit>,
         outbox_nudge: Arc<Notify>,
     ) -> Self {
@@ -128,7 +131,7 @@ impl Orders {
         let runner = batch.clone();
         let placing = GroupCommit::start(
             "orders.place_batch",
-            write_batch_max,
+            batches,
             Arc::new(move |calls, alone, callers| {
                 Box::pin(runner.clone().run(calls, alone, callers))
             }),

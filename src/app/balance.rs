@@ -208,7 +208,7 @@ impl ChargeBatch {
         // Planned per execution, unlike the other write batches: with a kept plan (nested
         // loops only) a batch of 64 charges cost more CPU per call than planning it
         // (docs/BENCHMARKS.md), since its statements are cheap and its batches large.
-        let mut tx = self.pg.begin().await?;
+        let mut tx = postgres::begin_keyed(&self.pg).await?;
 
         // 1. One statement: the keys claimed without waiting, then the callers' balances.
         let requests: Vec<ChargeRequest> = asked

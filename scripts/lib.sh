@@ -76,9 +76,13 @@ ensure_database() {
 # A database made anew: for checks that must not depend on what an earlier run left (a
 # migration edited since would make the server refuse to start, hiding what is being checked).
 fresh_database() {
-    local name=$1
-    PGOPTIONS="-c client_min_messages=warning" psql -X -q -d postgres -c "DROP DATABASE IF EXISTS \"$name\" WITH (FORCE)"
-    psql -X -q -d postgres -c "CREATE DATABASE \"$name\""
+    drop_database "$1"
+    psql -X -q -d postgres -c "CREATE DATABASE \"$1\""
+}
+
+# Drops a database (a check's own, once it is done), whoever is still connected to it.
+drop_database() {
+    PGOPTIONS="-c client_min_messages=warning" psql -X -q -d postgres -c "DROP DATABASE IF EXISTS \"$1\" WITH (FORCE)"
 }
 
 redis_up() { redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; }

@@ -3,29 +3,27 @@
 //! Invariant: a balance equals the sum of its ledger and never exceeds the configured maximum;
 //! a retried charge (same idempotency key) credits nothing more.
 //!
-//! Charges are group-committed ([`super::group_commit`]) like payments: one transaction credits
-//! a batch, in two statements and the commit ([`charge_batch`]), whatever the batch's size. The
-//! idempotency key is claimed in the batch without waiting, which answers a replay or a reused
-//! key (a key being claimed elsewhere, or twice in
-//! the batch, sends the charge to run alone, where its claim waits). The first statement claims
-//! the keys and locks the callers' balances (ascending user id, a new user's row opened at 0).
-//! Then the batch decides in Rust, charge by charge, in queue order, as if each ran alone after
-//! the earlier ones: an amount past the maximum is refused, and so is one that would take what
-//! the earlier charges of the batch left of the balance past it (BALANCE_LIMIT_EXCEEDED,
-//! crediting nothing). A refused charge gives its key claim back. The second statement credits
-//! each caller once, writes one ledger entry per accepted charge with its own `balance_after`,
-//! and settles the keys; the batch commits before anyone hears OK. A batch of one charge
-//! without a key (a lone caller, or batching off) is one statement instead, the upsert with its
-//! ledger entry that charges were before batching: the two statements of a batch, each planned
-//! afresh for one row, cost a lone charge about twice the CPU.
+//! Charges are group-committed ([`super::group_commit`]) like payments: one transaction credits a
+//! batch, in two statements and the commit ([`charge_batch`]), whatever the batch's size. The
+//! idempotency key is claimed in the batch without waiting, which answers a replay or a reused key
+//! (a key being claimed elsewhere, or twice in the batch, sends the charge to run alone, where its
+//! claim waits). The first statement claims the keys and locks the callers' balances (ascending
+//! user id, a new user's row opened at 0). Then the batch decides in Rust, charge by charge, in
+//! queue order, as if each ran alone after the earlier ones: an amount past the maximum is refused,
+//! and so is one that would take what the earlier charges of the batch left of the balance past it
+//! (BALANCE_LIMIT_EXCEEDED, crediting nothing). A refused charge gives its key claim back. The
+//! second statement credits each caller once, writes one ledger entry per accepted charge with its
+//! own `balance_after`, and settles the keys; the batch commits before anyone hears OK. A batch of
+//! one charge without a key (a lone caller, or batching off) is one statement instead, the upsert
+//! with its ledger entry that charges were before batching: the two statements of a batch, each
+//! planned afresh for one row, cost a lone charge about twice the CPU.
 //!
-//! Cancel safety, at each await of [`Balances::charge`]: the rate limit and the saved-result
-//! lookup write nothing. In the batch's queue, a caller gone before its batch starts is left
-//! out. The batch runs in a task of its own, so it commits or rolls back whatever its callers
-//! do: a charge whose caller left while the batch waited for its locks is refused (nothing
-//! credited, its key given back); one whose caller leaves after that (or at any point of the
-//! one-statement lone charge, which locks and writes at once) is committed all the same, and a
-//! retry with its key replays it.
+//! Cancel safety, at each await of [`Balances::charge`]: the rate limit writes nothing. In the
+//! batch's queue, a caller gone before its batch starts is left out. The batch runs in a task of
+//! its own, so it commits or rolls back whatever its callers do: a charge whose caller left while
+//! the batch waited for its locks is refused (nothing credited, its key given back); one whose
+//! caller leaves after that (or at any point of the one-statement lone charge, which locks and
+//! writes at once) is committed all the same, and a retry with its key replays it.
 
 use std::{collections::HashMap, sync::Arc};
 

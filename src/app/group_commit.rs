@@ -2,11 +2,11 @@
 //! is one Postgres transaction, so one WAL flush and one hold of a hot row's lock serve many
 //! calls.
 //!
-//! Shape: callers queue into one batcher task. It takes the first queued call, waits for a
-//! free slot (at most [`WriteBatches::in_flight`] batches run at once), then takes every call already
+//! Shape: callers queue into one batcher task. It takes the first queued call, waits for a free
+//! slot (at most [`WriteBatches::in_flight`] batches run at once), then takes every call already
 //! queued behind it, up to the batch maximum, and runs them in a task of their own. There is no
-//! timer: a batch lingers only while its slot is busy, so a lone caller finds a free slot and
-//! runs at once, and under load the calls that arrive while batches commit form the next one.
+//! timer: a batch lingers only while its slot is busy, so a lone caller finds a free slot and runs
+//! at once, and under load the calls that arrive while batches commit form the next one.
 //!
 //! Invariants: a call is answered only by its batch's runner, after that batch committed or
 //! rolled back; a call whose caller has gone (deadline, disconnect: its answer channel is

@@ -8,16 +8,15 @@
 //! Payments are group-committed ([`super::group_commit`]) like orders: one transaction pays a
 //! batch, in two statements and the commit ([`pay_batch`]), whatever the batch's size. The
 //! idempotency key is claimed in the batch without waiting, with no look-up before (the claim
-//! answers a replay or a reused key; a key being claimed elsewhere sends the payment to run
-//! alone). The first statement
-//! claims the keys, locks the orders (ascending id), then the buyers' balances (ascending user
-//! id): the global lock order (orders → balances → coupons → products) that cancels and expiry
-//! follow too. Then the batch decides in Rust, payment by payment, in queue order, as if each
-//! ran alone after the earlier ones: order found, the caller's, open and not expired, balance
-//! enough (what the earlier payments of the batch left of it). A refused payment takes nothing
-//! and gives its key claim back. The second statement writes the accepted ones (ledger
-//! entries, payments, the orders as PAID, the coupons as USED, one debit per buyer, the outbox
-//! events) and settles the keys, and the batch commits before anyone hears OK.
+//! answers a replay or a reused key; a key being claimed elsewhere sends the payment to run alone).
+//! The first statement claims the keys, locks the orders (ascending id), then the buyers' balances
+//! (ascending user id): the global lock order (orders → balances → coupons → products) that cancels
+//! and expiry follow too. Then the batch decides in Rust, payment by payment, in queue order, as if
+//! each ran alone after the earlier ones: order found, the caller's, open and not expired, balance
+//! enough (what the earlier payments of the batch left of it). A refused payment takes nothing and
+//! gives its key claim back. The second statement writes the accepted ones (ledger entries,
+//! payments, the orders as PAID, the coupons as USED, one debit per buyer, the outbox events) and
+//! settles the keys, and the batch commits before anyone hears OK.
 //!
 //! Cancel safety: a batch runs in a task of its own, so it commits or rolls back whatever its
 //! callers do; a payment whose caller left before its batch started, or while the batch waited

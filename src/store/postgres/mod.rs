@@ -99,17 +99,17 @@ pub(super) fn session(options: PgConnectOptions, application_name: &str) -> PgCo
 /// execution, with the plan's shape fixed by its settings rather than by the statistics of the
 /// moment it was made.
 ///
-/// Planning each execution (the pool's `force_custom_plan`, see [`session`]) cost Postgres as
-/// much CPU as running the statements on a hot product (docs/BENCHMARKS.md). A generic plan is
-/// made without the batch's arrays and kept until a table's statistics change, so it must be
-/// right at any batch size and table size: every statement of these transactions finds its
-/// rows by key (the batch's ids, unnested or `= ANY`, or a partial index's predicate), so
-/// index probes in nested loops are the right plan at every size, and the transaction allows
-/// only those: no sequential scan, hash or merge join can be chosen while a table is small and
-/// kept as it grows (`tests/it/batch_plans.rs` checks it). ChargeBalance's batches are left
-/// planned per execution ([`begin_keyed`]): cheap statements in large batches, they cost more
-/// with nested loops only than their planning did. The settings are `LOCAL`: they end with the transaction
-/// (rolled back too), and they ride on BEGIN's own message, so they cost no round trip.
+/// Planning each execution (the pool's `force_custom_plan`, see [`session`]) cost Postgres as much
+/// CPU as running the statements on a hot product (docs/BENCHMARKS.md). A generic plan is made
+/// without the batch's arrays and kept until a table's statistics change, so it must be right at
+/// any batch size and table size: every statement of these transactions finds its rows by key (the
+/// batch's ids, unnested or `= ANY`, or a partial index's predicate), so index probes in nested
+/// loops are the right plan at every size, and the transaction allows only those: no sequential
+/// scan, hash or merge join can be chosen while a table is small and kept as it grows
+/// (`tests/it/batch_plans.rs` checks it). ChargeBalance's batches are left planned per execution
+/// ([`begin_keyed`]): cheap statements in large batches, they cost more with nested loops only than
+/// their planning did. The settings are `LOCAL`: they end with the transaction (rolled back too),
+/// and they ride on BEGIN's own message, so they cost no round trip.
 pub async fn begin_batch(pg: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     pg.begin_with(
         "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \

@@ -30,7 +30,7 @@ use std::{collections::HashMap, sync::Arc};
 use sqlx::PgPool;
 
 use super::{
-    group_commit::{Callers, GroupCommit, Step, WriteBatches, left_in},
+    group_commit::{Callers, GroupCommit, Step, Turn, WriteBatches, left_in},
     idempotency::{Keyed, asked, call_keys, settled, step_of},
     rate_limit::{LimitedCall, UserRateLimit},
 };
@@ -89,8 +89,8 @@ impl Balances {
         let charging = GroupCommit::start(
             "balances.charge_batch",
             batches,
-            Arc::new(move |calls, alone, callers| {
-                Box::pin(batch.clone().run(calls, alone, callers))
+            Arc::new(move |calls, alone, callers, turn| {
+                Box::pin(batch.clone().run(calls, alone, callers, turn))
             }),
         );
         Self { pg, charging, rate }
@@ -147,10 +147,11 @@ impl ChargeBatch {
         calls: Vec<ChargeCommand>,
         alone: bool,
         callers: Callers,
+        turn: Turn,
     ) -> Vec<Charged> {
         let mut steps: Vec<Step> = calls.iter().map(|_| Step::Open).collect();
         let entries = match self
-            .decide_and_commit(&calls, alone, &callers, &mut steps)
+            .decide_and_commit(&calls, alone, &callers, turn, &mut steps)
             .await
         {
             Ok(entries) => entries,
@@ -191,6 +192,7 @@ impl ChargeBatch {
         calls: &[ChargeCommand],
         alone: bool,
         callers: &Callers,
+        mut turn: Turn,
         steps: &mut [Step],
     ) -> Result<Vec<LedgerEntry>, StoreError> {
         if let [cmd] = calls
@@ -262,6 +264,7 @@ impl ChargeBatch {
         // by its record's index) or given back.
         let settled = settled(&keys, &fresh, steps, |n| n as i64);
         let entries = charge_batch::write(&mut tx, &records, &settled).await?;
+        turn.pass();
         postgres::commit(tx).await?;
         Ok(entries)
     }

@@ -3,10 +3,21 @@
 //! calls.
 //!
 //! Shape: callers queue into one batcher task. It takes the first queued call, waits for a free
-//! slot (at most [`WriteBatches::in_flight`] batches run at once), then takes every call already
-//! queued behind it, up to the batch maximum, and runs them in a task of their own. There is no
-//! timer: a batch lingers only while its slot is busy, so a lone caller finds a free slot and runs
-//! at once, and under load the calls that arrive while batches commit form the next one.
+//! slot (at most [`WriteBatches::in_flight`] batches run at once) and for the flow's [`Turn`],
+//! then takes every call already queued behind it, up to the batch maximum, and runs them in a
+//! task of their own. There is no timer on the way in: a batch lingers only while the previous
+//! one decides, so a lone caller runs at once, and under load the calls that arrive while a
+//! batch locks, decides and writes form the next one.
+//!
+//! The turn is PolarDB's alternation: one batch of a flow decides at a time, and the next starts
+//! when it passes the turn, having written its decisions, with only its commit left. The next
+//! batch then locks and decides while the previous one's commit is flushed (a hot row's lock
+//! frees only when that commit lands, so it could not decide sooner), and it is as large as
+//! the calls that queued meanwhile. Without the turn a free slot started a batch for whoever had
+//! just arrived: small batches, each paying its round trips and commit (docs/BENCHMARKS.md). A
+//! batch that holds the turn longer than [`WriteBatches::stall`] (waiting for a row lock held
+//! elsewhere: a long refund, an operator's transaction) no longer holds up its flow: the next
+//! batch starts beside it without the turn, while slots remain.
 //!
 //! Invariants: a call is answered only by its batch's runner, after that batch committed or
 //! rolled back; a call whose caller has gone (deadline, disconnect: its answer channel is
@@ -23,9 +34,10 @@ use std::{
     future::Future,
     pin::Pin,
     sync::{Arc, Weak},
+    time::Duration,
 };
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::{error::AppError, telemetry};
@@ -44,13 +56,29 @@ pub struct WriteBatches {
     pub max: usize,
     /// Batches of one flow running at once, at least 1.
     pub in_flight: usize,
+    /// How long a batch may hold its flow's [`Turn`] before the next batch starts beside it.
+    pub stall: Duration,
+}
+
+/// A batch's turn to decide, handed to its runner: the flow's next batch starts once the
+/// runner passes it (just before its commit: every decision made and written), once the
+/// runner ends, or once the turn has been held for [`WriteBatches::stall`]. A call run alone
+/// holds none.
+#[derive(Default)]
+pub struct Turn(Option<OwnedSemaphorePermit>);
+
+impl Turn {
+    /// Lets the flow's next batch start: this one has only its commit left.
+    pub fn pass(&mut self) {
+        self.0.take();
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Runs a batch of calls in one transaction and answers each, in the order given. `alone` is
 /// true for a call run by itself (batching off, or a call a batch could not take).
-pub type Runner<C, A> = Arc<dyn Fn(Vec<C>, bool, Callers) -> BoxFuture<Vec<A>> + Send + Sync>;
+pub type Runner<C, A> = Arc<dyn Fn(Vec<C>, bool, Callers, Turn) -> BoxFuture<Vec<A>> + Send + Sync>;
 
 /// Whether the callers of a batch's calls still wait for their answers: each caller holds a
 /// token while it waits, and dropping its future (deadline, disconnect) drops the token. A
@@ -129,8 +157,10 @@ impl<C: Send + 'static, A: Send + 'static> GroupCommit<C, A> {
             let (queue, calls) = mpsc::channel(batches.max * in_flight * 4);
             tokio::spawn(batch_calls(
                 name,
-                batches.max,
-                in_flight,
+                WriteBatches {
+                    in_flight,
+                    ..batches
+                },
                 calls,
                 runner.clone(),
             ));
@@ -163,8 +193,10 @@ impl<C: Send + 'static, A: Send + 'static> GroupCommit<C, A> {
         let runner = self.runner.clone();
         let waiting = Arc::new(());
         let callers = Callers(vec![Arc::downgrade(&waiting)]);
-        let batch =
-            tokio::spawn(async move { runner(vec![call], true, callers).await }.in_current_span());
+        let batch = tokio::spawn(
+            async move { runner(vec![call], true, callers, Turn::default()).await }
+                .in_current_span(),
+        );
         let answers = batch.await.map_err(|_| Stopped);
         drop(waiting);
         let mut answers = answers?;
@@ -174,19 +206,25 @@ impl<C: Send + 'static, A: Send + 'static> GroupCommit<C, A> {
 
 async fn batch_calls<C: Send + 'static, A: Send + 'static>(
     name: &'static str,
-    max_batch: usize,
-    in_flight: usize,
+    batches: WriteBatches,
     mut calls: mpsc::Receiver<Queued<C, A>>,
     runner: Runner<C, A>,
 ) {
-    let slots = Arc::new(Semaphore::new(in_flight));
+    let slots = Arc::new(Semaphore::new(batches.in_flight));
+    let turns = Arc::new(Semaphore::new(1));
     while let Some(first) = calls.recv().await {
-        // Waiting for a slot is what lets the next batch grow.
+        // Waiting for a slot and for the turn is what lets the next batch grow.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
+        let turn = match tokio::time::timeout(batches.stall, turns.clone().acquire_owned()).await {
+            Ok(Ok(turn)) => Turn(Some(turn)),
+            Ok(Err(_)) => return,
+            // The batch deciding is stuck (a row lock held elsewhere): start beside it.
+            Err(_) => Turn(None),
+        };
         let mut batch = vec![first];
-        while batch.len() < max_batch {
+        while batch.len() < batches.max {
             match calls.try_recv() {
                 Ok(more) => batch.push(more),
                 Err(_) => break,
@@ -205,7 +243,7 @@ async fn batch_calls<C: Send + 'static, A: Send + 'static>(
             let callers = Callers(batch.iter().map(|q| q.waiting.clone()).collect());
             let (calls, waiting): (Vec<C>, Vec<_>) =
                 batch.into_iter().map(|q| (q.call, q.reply)).unzip();
-            let answers = runner(calls, false, callers).instrument(span).await;
+            let answers = runner(calls, false, callers, turn).instrument(span).await;
             for (reply, answer) in waiting.into_iter().zip(answers) {
                 let _ = reply.send(answer);
             }
@@ -228,20 +266,118 @@ mod tests {
         WriteBatches {
             max,
             in_flight: IN_FLIGHT,
+            stall: Duration::MAX,
         }
     }
 
-    /// A runner that records the calls of each batch, then holds the batch until `gate` lets it
-    /// finish, and answers each call with itself.
+    /// A runner that records the calls of each batch, passes its turn at once, then holds the
+    /// batch until `gate` lets it finish, and answers each call with itself.
     fn gated(batches: Arc<Mutex<Vec<Vec<u32>>>>, gate: Arc<Semaphore>) -> Runner<u32, u32> {
-        Arc::new(move |calls: Vec<u32>, _alone, _callers| {
+        turn_gated(
+            batches,
+            Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            gate,
+        )
+    }
+
+    /// Like [`gated`], but the batch holds its turn until `decided` lets it pass it.
+    fn turn_gated(
+        batches: Arc<Mutex<Vec<Vec<u32>>>>,
+        decided: Arc<Semaphore>,
+        gate: Arc<Semaphore>,
+    ) -> Runner<u32, u32> {
+        Arc::new(move |calls: Vec<u32>, _alone, _callers, mut turn: Turn| {
             batches.lock().unwrap().push(calls.clone());
-            let gate = gate.clone();
+            let (decided, gate) = (decided.clone(), gate.clone());
             Box::pin(async move {
+                decided.acquire().await.unwrap().forget();
+                turn.pass();
                 gate.acquire().await.unwrap().forget();
                 calls
             })
         })
+    }
+
+    fn submit_all(
+        batcher: &Arc<GroupCommit<u32, u32>>,
+        calls: std::ops::Range<u32>,
+    ) -> Vec<tokio::task::JoinHandle<u32>> {
+        calls
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.submit(i).await.unwrap() })
+            })
+            .collect()
+    }
+
+    type Gates = (
+        Arc<GroupCommit<u32, u32>>,
+        Arc<Mutex<Vec<Vec<u32>>>>,
+        Arc<Semaphore>,
+        Arc<Semaphore>,
+    );
+
+    /// A batcher whose batches hold their turn until `decided` (the third) lets them pass it,
+    /// then finish when `gate` (the fourth) lets them; the second records the batches.
+    fn holding_turns(limits: WriteBatches) -> Gates {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let (decided, gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+        let batcher = Arc::new(GroupCommit::start(
+            "test",
+            limits,
+            turn_gated(batches.clone(), decided.clone(), gate.clone()),
+        ));
+        (batcher, batches, decided, gate)
+    }
+
+    /// Opens both gates and checks that each call got itself back.
+    async fn finish(
+        decided: &Semaphore,
+        gate: &Semaphore,
+        calls: Vec<tokio::task::JoinHandle<u32>>,
+    ) {
+        decided.add_permits(1_000);
+        gate.add_permits(1_000);
+        for (i, call) in calls.into_iter().enumerate() {
+            assert_eq!(call.await.unwrap(), i as u32);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_next_batch_starts_when_the_deciding_one_passes_its_turn() {
+        let (batcher, batches, decided, gate) = holding_turns(limits(8));
+        let mut calls = submit_all(&batcher, 0..1);
+        batches_started(&batches, 1).await;
+        calls.extend(submit_all(&batcher, 1..6));
+        // Slots are free, but batch [0] is deciding: the batcher holds call 1 for the turn and
+        // the others queue behind it.
+        queued(&batcher, 4).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(batches.lock().unwrap().len(), 1);
+        // Batch [0] passes its turn (it would commit now): everything queued is the next batch.
+        decided.add_permits(1);
+        batches_started(&batches, 2).await;
+        assert_eq!(*batches.lock().unwrap(), vec![vec![0], vec![1, 2, 3, 4, 5]]);
+        finish(&decided, &gate, calls).await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_holding_the_turn_past_the_stall_lets_the_next_start_beside_it() {
+        let (batcher, batches, decided, gate) = holding_turns(WriteBatches {
+            stall: Duration::from_millis(20),
+            ..limits(8)
+        });
+        let mut calls = submit_all(&batcher, 0..1);
+        batches_started(&batches, 1).await;
+        // Batch [0] never passes its turn (stuck on a row lock): call 1 still runs.
+        calls.extend(submit_all(&batcher, 1..2));
+        tokio::time::timeout(Duration::from_secs(10), batches_started(&batches, 2))
+            .await
+            .expect("the next batch started after the stall");
+        assert_eq!(*batches.lock().unwrap(), vec![vec![0], vec![1]]);
+        finish(&decided, &gate, calls).await;
     }
 
     /// Yields until `n` calls wait in the batcher's queue.
@@ -355,7 +491,7 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let runner: Runner<u32, u32> = {
             let (gate, seen) = (gate.clone(), seen.clone());
-            Arc::new(move |calls: Vec<u32>, _alone, callers: Callers| {
+            Arc::new(move |calls: Vec<u32>, _alone, callers: Callers, _turn| {
                 let (gate, seen) = (gate.clone(), seen.clone());
                 Box::pin(async move {
                     // The batch has started: it waits here as it would for a row lock.

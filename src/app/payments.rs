@@ -34,7 +34,7 @@ use uuid::Uuid;
 use super::{
     Popular,
     events::Traced,
-    group_commit::{Callers, GroupCommit, Step, WriteBatches, left_in},
+    group_commit::{Callers, GroupCommit, Step, Turn, WriteBatches, left_in},
     idempotency::{Keyed, asked, call_keys, settled, step_of},
     popular::Sale,
     rate_limit::{LimitedCall, UserRateLimit},
@@ -105,8 +105,8 @@ impl Payments {
         let paying = GroupCommit::start(
             "payments.pay_batch",
             batches,
-            Arc::new(move |calls, alone, callers| {
-                Box::pin(batch.clone().run(calls, alone, callers))
+            Arc::new(move |calls, alone, callers, turn| {
+                Box::pin(batch.clone().run(calls, alone, callers, turn))
             }),
         );
         Self {
@@ -185,11 +185,17 @@ struct PayBatch {
 }
 
 impl PayBatch {
-    async fn run(self: Arc<Self>, calls: Vec<Paying>, alone: bool, callers: Callers) -> Vec<Paid> {
+    async fn run(
+        self: Arc<Self>,
+        calls: Vec<Paying>,
+        alone: bool,
+        callers: Callers,
+        turn: Turn,
+    ) -> Vec<Paid> {
         let mut steps: Vec<Step> = calls.iter().map(|_| Step::Open).collect();
         let mut made = Vec::new();
         let tx = match self
-            .decide_and_commit(&calls, alone, &callers, &mut steps, &mut made)
+            .decide_and_commit(&calls, alone, &callers, turn, &mut steps, &mut made)
             .await
         {
             Ok(tx) => tx,
@@ -227,6 +233,7 @@ impl PayBatch {
         calls: &[Paying],
         alone: bool,
         callers: &Callers,
+        mut turn: Turn,
         steps: &mut [Step],
         made: &mut Vec<(Payment, Vec<OrderItem>)>,
     ) -> Result<Option<TxId>, StoreError> {
@@ -339,6 +346,7 @@ impl PayBatch {
         let settled = settled(&keys, &fresh, steps, |n| made[n].0.id.get());
         // One transaction id for every payment of the batch: they commit together.
         let tx_id = pay_batch::write(&mut tx, &records, paid_at, events, &settled).await?;
+        turn.pass();
         postgres::commit(tx).await?;
         Ok(Some(tx_id))
     }

@@ -161,6 +161,8 @@ pub struct OrderSettings {
     pub write_batch_max: usize,
     /// Batches of one write flow running at once.
     pub write_batches_in_flight: usize,
+    /// How long a batch deciding holds up the next batch of its flow at most.
+    pub write_batch_stall: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -238,6 +240,7 @@ impl Config {
                 sold_out_marker_ttl: r.duration(&v::SOLD_OUT_MARKER_TTL_MS),
                 write_batch_max: r.integer(&v::WRITE_BATCH_MAX),
                 write_batches_in_flight: r.integer(&v::WRITE_BATCHES_IN_FLIGHT),
+                write_batch_stall: r.duration(&v::WRITE_BATCH_STALL_MS),
             },
             coupons: CouponSettings {
                 reconcile_interval: r.duration(&v::COUPON_RECONCILE_INTERVAL_SECS),

@@ -184,6 +184,8 @@ variables! {
         "PlaceOrder, Pay and ChargeBalance calls, and coupon winners, committed by one Postgres transaction at most (group commit); `1` turns batching off";
     WRITE_BATCHES_IN_FLIGHT = "WRITE_BATCHES_IN_FLIGHT", Value("2"), Range::Integer { min: 1, max: 64 },
         "batches of one write flow (PlaceOrder and Checkout, Pay, ChargeBalance, coupon winners) running at once: two let one lock and decide while the previous one commits; more make the same calls smaller batches, each paying its own round trips and commit";
+    WRITE_BATCH_STALL_MS = "WRITE_BATCH_STALL_MS", Value("50"), Range::Millis { min: 1, max: 60_000 },
+        "a flow's next batch starts once the batch deciding has written its decisions (only its commit left), or after this long without: a batch waiting for a row lock held elsewhere holds up its flow no longer";
     // Coupons
     COUPON_RECONCILE_INTERVAL_SECS = "COUPON_RECONCILE_INTERVAL_SECS", Value("30"),
         Range::Seconds { min: 1, max: 86_400 },

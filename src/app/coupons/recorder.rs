@@ -30,7 +30,7 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 
 use crate::{
-    app::group_commit::{Callers, GroupCommit, WriteBatches},
+    app::group_commit::{Callers, GroupCommit, Turn, WriteBatches},
     domain::UserCoupon,
     store::{
         Dependency, StoreError,
@@ -65,7 +65,11 @@ impl CouponRecorder {
         let batcher = GroupCommit::start(
             "coupons.record_batch",
             batches,
-            Arc::new(move |winners, alone, _callers: Callers| {
+            Arc::new(move |winners, alone, _callers: Callers, turn: Turn| {
+                // A batch is one statement that commits as it ends: no decisions are written
+                // before a commit of its own for the next batch to overlap, so the turn goes
+                // at once and the slots alone bound the batches in flight.
+                drop(turn);
                 Box::pin(record_batch(pg.clone(), winners, alone))
             }),
         );

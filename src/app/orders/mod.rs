@@ -132,8 +132,8 @@ impl Orders {
         let placing = GroupCommit::start(
             "orders.place_batch",
             batches,
-            Arc::new(move |calls, alone, callers| {
-                Box::pin(runner.clone().run(calls, alone, callers))
+            Arc::new(move |calls, alone, callers, turn| {
+                Box::pin(runner.clone().run(calls, alone, callers, turn))
             }),
         );
         Self {

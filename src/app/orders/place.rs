@@ -27,7 +27,7 @@ use super::{Orders, PlaceOrderCommand};
 use crate::{
     app::{
         events::Traced,
-        group_commit::{Callers, Step, left_in},
+        group_commit::{Callers, Step, Turn, left_in},
         idempotency::{asked, call_keys, saved_result, settled, step_of},
         rate_limit::LimitedCall,
         sold_out::SoldOut,
@@ -198,26 +198,22 @@ impl PlaceBatch {
         calls: Vec<Placing>,
         alone: bool,
         callers: Callers,
+        turn: Turn,
     ) -> Vec<Placed> {
         let mut steps: Vec<Step> = calls.iter().map(|_| Step::Open).collect();
-        let mut placed = Vec::new();
         let mut sold_out = BTreeMap::new();
-        if let Err(e) = self
-            .decide_and_commit(
-                &calls,
-                alone,
-                &callers,
-                &mut steps,
-                &mut placed,
-                &mut sold_out,
-            )
+        let placed = match self
+            .decide_and_commit(&calls, alone, &callers, turn, &mut steps, &mut sold_out)
             .await
         {
-            return calls
-                .into_iter()
-                .map(|_| Placed::Answer(Err(AppError::from(&e))))
-                .collect();
-        }
+            Ok(placed) => placed,
+            Err(e) => {
+                return calls
+                    .into_iter()
+                    .map(|_| Placed::Answer(Err(AppError::from(&e))))
+                    .collect();
+            }
+        };
         // Only now, with the batch committed (or nothing to commit), are the markers true.
         self.mark_sold_out(sold_out).await;
         let mut placed: Vec<Option<Order>> = placed.into_iter().map(Some).collect();
@@ -248,18 +244,19 @@ impl PlaceBatch {
 
     /// A batch in its own transaction: its calls claim their keys (without waiting, unless
     /// `alone`), are decided and written, and the batch commits; with nothing to write it rolls
-    /// back instead, which gives back the claims of the refused calls.
+    /// back instead, which gives back the claims of the refused calls. Returns the orders
+    /// placed (`Step::Done(n)`: the n-th).
     async fn decide_and_commit(
         &self,
         calls: &[Placing],
         alone: bool,
         callers: &Callers,
+        mut turn: Turn,
         steps: &mut [Step],
-        placed: &mut Vec<Order>,
         sold_out: &mut BTreeMap<ProductId, i64>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<Order>, StoreError> {
         let mut tx = postgres::begin_batch(&self.pg).await?;
-        *placed = self
+        let placed = self
             .decide_and_write(
                 &mut tx,
                 calls,
@@ -271,9 +268,11 @@ impl PlaceBatch {
             .await?;
         if placed.is_empty() {
             tx.rollback().await?;
-            return Ok(());
+            return Ok(placed);
         }
-        postgres::commit(tx).await
+        turn.pass();
+        postgres::commit(tx).await?;
+        Ok(placed)
     }
 
     /// Decides `calls` and writes the accepted ones with their `OrderPlaced` events in `tx`,

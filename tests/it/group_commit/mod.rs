@@ -31,8 +31,8 @@ use crate::support::{
     private::PrivatePostgres,
     reason,
     shop::{
-        assert_ledger_matches, charge, create_product, create_product_with_status, lines, pay,
-        place, place_with, stock,
+        self, assert_ledger_matches, charge, create_product, create_product_with_status, lines,
+        pay, place, place_with, stock,
     },
     spawn_app_with,
 };
@@ -423,6 +423,62 @@ async fn concurrent_duplicates_of_a_key_place_one_order(_: PgPoolOptions, db: Pg
     assert!(ids.iter().all(|&id| id == ids[0]), "{ids:?}");
     assert!(others.iter().all(|r| r.is_ok()));
     assert_eq!(stock(&app, product).await, 1_000 - 40);
+    app.stop().await;
+}
+
+/// A batch waiting for a row lock held elsewhere keeps its flow's turn to decide: the next
+/// batch waits for it only `WRITE_BATCH_STALL_MS`, then starts beside it. With the turn kept
+/// for good (or `WRITE_BATCHES_IN_FLIGHT=1`) the second order would wait for the lock too.
+#[sqlx::test(migrations = false)]
+async fn a_batch_stuck_on_a_lock_holds_up_its_flow_no_longer_than_the_stall(
+    _: PgPoolOptions,
+    db: PgConnectOptions,
+) {
+    let app = spawn_app_with(db.clone(), |s| {
+        s.set("WRITE_BATCH_STALL_MS", 50);
+    })
+    .await;
+    let (locked, free) = (
+        create_product(&app, "locked", PRICE, 10).await,
+        create_product(&app, "free", PRICE, 10).await,
+    );
+    charge(&app, 1, 1_000_000).await;
+    let lock = shop::lock_product(&db, locked).await;
+    let stuck = {
+        let mut orders = app.orders();
+        let request = PlaceOrderRequest {
+            user_id: 1,
+            items: lines(&[(locked, 1)]),
+            ..Default::default()
+        };
+        tokio::spawn(async move { orders.place_order(request).await })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&app.pg)
+            .await
+            .unwrap()
+                > 0
+        })
+        .await,
+        "the first order's batch waits for the product's lock"
+    );
+    let order = tokio::time::timeout(Duration::from_secs(10), place(&app, 1, &[(free, 1)]))
+        .await
+        .expect("the next batch waited for the stuck one past the stall")
+        .unwrap();
+    assert_eq!(order.items[0].product_id, free);
+    assert!(
+        !stuck.is_finished(),
+        "the first order still waits for the lock"
+    );
+    drop(lock);
+    let first = stuck.await.unwrap().unwrap().into_inner().order.unwrap();
+    assert_eq!(first.items[0].product_id, locked);
     app.stop().await;
 }
 

@@ -1,0 +1,256 @@
+//! Group commit: concurrent calls of one write flow are gathered into batches, and each batch
+//! is one Postgres transaction, so one WAL flush and one hold of a hot row's lock serve many
+//! calls.
+//!
+//! Shape: callers queue into one batcher task. It takes the first queued call, waits for a free
+//! slot (at most [`WriteBatches::in_flight`] batches run at once) and for the flow's [`Turn`],
+//! then takes every call already queued behind it, up to the batch maximum, and runs them in a
+//! task of their own. There is no timer on the way in: a batch lingers only while the previous
+//! one decides, so a lone caller runs at once, and under load the calls that arrive while a
+//! batch locks, decides and writes form the next one.
+//!
+//! The turn is PolarDB's alternation: one batch of a flow decides at a time, and the next starts
+//! when it passes the turn, having written its decisions, with only its commit left. The next
+//! batch then locks and decides while the previous one's commit is flushed (a hot row's lock
+//! frees only when that commit lands, so it could not decide sooner), and it is as large as
+//! the calls that queued meanwhile. Without the turn a free slot started a batch for whoever had
+//! just arrived: small batches, each paying its round trips and commit (docs/BENCHMARKS.md). A
+//! batch that holds the turn longer than [`WriteBatches::stall`] (waiting for a row lock held
+//! elsewhere: a long refund, an operator's transaction) no longer holds up its flow: the next
+//! batch starts beside it without the turn, while slots remain.
+//!
+//! Invariants: a call is answered only by its batch's runner, after that batch committed or
+//! rolled back; a call whose caller has gone (deadline, disconnect: its answer channel is
+//! closed) before its batch starts is dropped from it and leaves nothing. A runner may also
+//! leave out calls whose callers went while it waited for row locks ([`Callers`]), as long as
+//! it has written nothing for them yet. With a maximum of 1
+//! there is no batcher at all: each call runs alone in its own task, as before batching.
+//!
+//! Cancel safety: the runner runs in a spawned task that the caller only awaits, so once a
+//! batch has started, dropping a caller's future changes nothing for the batch: its calls commit
+//! or roll back together.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tracing::Instrument;
+
+use crate::{error::AppError, telemetry};
+
+/// How a flow's calls are batched.
+///
+/// `in_flight` is the number of batches of one flow running at once. Two let a batch lock and
+/// decide while the previous one commits (a hot row's lock is free again once that commit
+/// lands, so a third would only wait for it); each slot more splits the same calls into
+/// smaller batches, and on a machine whose cores are all busy a call's share of a batch's
+/// round trips and commit is most of what it costs (docs/BENCHMARKS.md: two rather than four
+/// cut the CPU per call of a purchase by a third).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteBatches {
+    /// Calls one transaction makes at most; 1 turns batching off.
+    pub max: usize,
+    /// Batches of one flow running at once, at least 1.
+    pub in_flight: usize,
+    /// How long a batch may hold its flow's [`Turn`] before the next batch starts beside it.
+    pub stall: Duration,
+}
+
+/// A batch's turn to decide, handed to its runner: the flow's next batch starts once the
+/// runner passes it (just before its commit: every decision made and written), once the
+/// runner ends, or once the turn has been held for [`WriteBatches::stall`]. A call run alone
+/// holds none.
+#[derive(Default)]
+pub struct Turn(Option<OwnedSemaphorePermit>);
+
+impl Turn {
+    /// Lets the flow's next batch start: this one has only its commit left.
+    pub fn pass(&mut self) {
+        self.0.take();
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Runs a batch of calls in one transaction and answers each, in the order given. `alone` is
+/// true for a call run by itself (batching off, or a call a batch could not take).
+pub type Runner<C, A> = Arc<dyn Fn(Vec<C>, bool, Callers, Turn) -> BoxFuture<Vec<A>> + Send + Sync>;
+
+/// Whether the callers of a batch's calls still wait for their answers: each caller holds a
+/// token while it waits, and dropping its future (deadline, disconnect) drops the token. A
+/// batch waits longest for row locks; a call whose caller left meanwhile can still be left
+/// out if nothing was written for it.
+#[derive(Clone, Default)]
+pub struct Callers(Vec<Weak<()>>);
+
+impl Callers {
+    /// True when the caller of the `i`-th call has gone.
+    pub fn gone(&self, i: usize) -> bool {
+        self.0.get(i).is_some_and(|t| t.strong_count() == 0)
+    }
+}
+
+struct Queued<C, A> {
+    call: C,
+    reply: oneshot::Sender<A>,
+    /// The caller's span, which the batch's span links to.
+    span: tracing::Span,
+    /// Alive while the caller waits.
+    waiting: Weak<()>,
+}
+
+/// The batcher is gone (the server is stopping) or a batch task panicked.
+#[derive(Debug)]
+pub struct Stopped;
+
+impl From<Stopped> for AppError {
+    fn from(_: Stopped) -> Self {
+        AppError::internal("a write batch stopped before answering")
+    }
+}
+
+/// Where one call of a batch stands while its runner decides.
+pub enum Step {
+    Open,
+    /// Its idempotency key is being claimed by another transaction (or by an earlier call of
+    /// the same batch): it must run alone, where its claim may wait.
+    Busy,
+    /// Its key already holds this result.
+    Replay(i64),
+    Refused(AppError),
+    /// Accepted: the index of its row among the rows the batch writes.
+    Done(usize),
+}
+
+/// The calls of `open` whose callers still wait; the others are marked refused (their callers
+/// will never read it) so that nothing is written for them and their key claims are given
+/// back.
+pub fn left_in(open: &[usize], callers: &Callers, steps: &mut [Step]) -> Vec<usize> {
+    open.iter()
+        .copied()
+        .filter(|&i| {
+            let gone = callers.gone(i);
+            if gone {
+                steps[i] = Step::Refused(AppError::DeadlineExceeded);
+            }
+            !gone
+        })
+        .collect()
+}
+
+pub struct GroupCommit<C, A> {
+    runner: Runner<C, A>,
+    /// `None` when batching is off.
+    queue: Option<mpsc::Sender<Queued<C, A>>>,
+}
+
+impl<C: Send + 'static, A: Send + 'static> GroupCommit<C, A> {
+    /// A `batches.max` of 1 turns batching off. `name` names the batches' spans
+    /// (`orders.place_batch`).
+    pub fn start(name: &'static str, batches: WriteBatches, runner: Runner<C, A>) -> Self {
+        let queue = (batches.max > 1).then(|| {
+            let in_flight = batches.in_flight.max(1);
+            let (queue, calls) = mpsc::channel(batches.max * in_flight * 4);
+            tokio::spawn(batch_calls(
+                name,
+                WriteBatches {
+                    in_flight,
+                    ..batches
+                },
+                calls,
+                runner.clone(),
+            ));
+            queue
+        });
+        Self { runner, queue }
+    }
+
+    /// Runs `call` in the next batch and returns its answer.
+    pub async fn submit(&self, call: C) -> Result<A, Stopped> {
+        let Some(queue) = &self.queue else {
+            return self.alone(call).await;
+        };
+        let (reply, answer) = oneshot::channel();
+        let waiting = Arc::new(());
+        let queued = Queued {
+            call,
+            reply,
+            span: tracing::Span::current(),
+            waiting: Arc::downgrade(&waiting),
+        };
+        queue.send(queued).await.map_err(|_| Stopped)?;
+        let answer = answer.await.map_err(|_| Stopped);
+        drop(waiting);
+        answer
+    }
+
+    /// Runs `call` by itself, in a task of its own (so that it finishes even if the caller goes).
+    pub async fn alone(&self, call: C) -> Result<A, Stopped> {
+        let runner = self.runner.clone();
+        let waiting = Arc::new(());
+        let callers = Callers(vec![Arc::downgrade(&waiting)]);
+        let batch = tokio::spawn(
+            async move { runner(vec![call], true, callers, Turn::default()).await }
+                .in_current_span(),
+        );
+        let answers = batch.await.map_err(|_| Stopped);
+        drop(waiting);
+        let mut answers = answers?;
+        answers.pop().ok_or(Stopped)
+    }
+}
+
+async fn batch_calls<C: Send + 'static, A: Send + 'static>(
+    name: &'static str,
+    batches: WriteBatches,
+    mut calls: mpsc::Receiver<Queued<C, A>>,
+    runner: Runner<C, A>,
+) {
+    let slots = Arc::new(Semaphore::new(batches.in_flight));
+    let turns = Arc::new(Semaphore::new(1));
+    while let Some(first) = calls.recv().await {
+        // Waiting for a slot and for the turn is what lets the next batch grow.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let turn = match tokio::time::timeout(batches.stall, turns.clone().acquire_owned()).await {
+            Ok(Ok(turn)) => Turn(Some(turn)),
+            Ok(Err(_)) => return,
+            // The batch deciding is stuck (a row lock held elsewhere): start beside it.
+            Err(_) => Turn(None),
+        };
+        let mut batch = vec![first];
+        while batch.len() < batches.max {
+            match calls.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let runner = runner.clone();
+        tokio::spawn(async move {
+            // Callers that have gone are dropped now, before anything is written for them.
+            batch.retain(|q| !q.reply.is_closed());
+            if batch.is_empty() {
+                return;
+            }
+            // A root of its own, linked to every caller's span: each call's trace leads to the
+            // batch that did its Postgres work.
+            let span = telemetry::batch(name, batch.iter().map(|q| &q.span));
+            let callers = Callers(batch.iter().map(|q| q.waiting.clone()).collect());
+            let (calls, waiting): (Vec<C>, Vec<_>) =
+                batch.into_iter().map(|q| (q.call, q.reply)).unzip();
+            let answers = runner(calls, false, callers, turn).instrument(span).await;
+            for (reply, answer) in waiting.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
+            drop(slot);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

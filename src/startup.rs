@@ -281,6 +281,7 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
     let batches = WriteBatches {
         max: config.orders.write_batch_max,
         in_flight: config.orders.write_batches_in_flight,
+        overlap_commit: config.orders.write_batch_overlap_commit,
         stall: config.orders.write_batch_stall,
     };
     let orders = Arc::new(Orders::new(

@@ -264,7 +264,7 @@ impl ChargeBatch {
         // by its record's index) or given back.
         let settled = settled(&keys, &fresh, steps, |n| n as i64);
         let entries = charge_batch::write(&mut tx, &records, &settled).await?;
-        turn.pass();
+        turn.committing();
         postgres::commit(tx).await?;
         Ok(entries)
     }

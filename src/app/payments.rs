@@ -346,7 +346,7 @@ impl PayBatch {
         let settled = settled(&keys, &fresh, steps, |n| made[n].0.id.get());
         // One transaction id for every payment of the batch: they commit together.
         let tx_id = pay_batch::write(&mut tx, &records, paid_at, events, &settled).await?;
-        turn.pass();
+        turn.committing();
         postgres::commit(tx).await?;
         Ok(Some(tx_id))
     }

@@ -161,7 +161,9 @@ pub struct OrderSettings {
     pub write_batch_max: usize,
     /// Batches of one write flow running at once.
     pub write_batches_in_flight: usize,
-    /// How long a batch deciding holds up the next batch of its flow at most.
+    /// Whether a flow's next batch may decide while the previous one commits.
+    pub write_batch_overlap_commit: bool,
+    /// How long a batch holds up the next batch of its flow at most.
     pub write_batch_stall: Duration,
 }
 
@@ -240,6 +242,7 @@ impl Config {
                 sold_out_marker_ttl: r.duration(&v::SOLD_OUT_MARKER_TTL_MS),
                 write_batch_max: r.integer(&v::WRITE_BATCH_MAX),
                 write_batches_in_flight: r.integer(&v::WRITE_BATCHES_IN_FLIGHT),
+                write_batch_overlap_commit: r.parsed(&v::WRITE_BATCH_OVERLAP_COMMIT),
                 write_batch_stall: r.duration(&v::WRITE_BATCH_STALL_MS),
             },
             coupons: CouponSettings {

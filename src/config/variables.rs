@@ -183,9 +183,11 @@ variables! {
     WRITE_BATCH_MAX = "WRITE_BATCH_MAX", Value("128"), Range::Integer { min: 1, max: 1024 },
         "PlaceOrder, Pay and ChargeBalance calls, and coupon winners, committed by one Postgres transaction at most (group commit); `1` turns batching off";
     WRITE_BATCHES_IN_FLIGHT = "WRITE_BATCHES_IN_FLIGHT", Value("2"), Range::Integer { min: 1, max: 64 },
-        "batches of one write flow (PlaceOrder and Checkout, Pay, ChargeBalance, coupon winners) running at once: two let one lock and decide while the previous one commits; more make the same calls smaller batches, each paying its own round trips and commit";
+        "batches of one write flow (PlaceOrder and Checkout, Pay, ChargeBalance, coupon winners) running at once at most: beside a batch stalled or committing (see below); coupon winners' batches, single statements, run this many at once";
+    WRITE_BATCH_OVERLAP_COMMIT = "WRITE_BATCH_OVERLAP_COMMIT", Value("false"), Range::Bool,
+        "`false`: a write flow runs one batch at a time, each as large as the calls that queued meanwhile; `true`: the next batch locks and decides while the previous one commits (for commits that wait on a network, a synchronous standby, while cores idle)";
     WRITE_BATCH_STALL_MS = "WRITE_BATCH_STALL_MS", Value("50"), Range::Millis { min: 1, max: 60_000 },
-        "a flow's next batch starts once the batch deciding has written its decisions (only its commit left), or after this long without: a batch waiting for a row lock held elsewhere holds up its flow no longer";
+        "a batch that has not finished (or, with `WRITE_BATCH_OVERLAP_COMMIT`, reached its commit) after this long no longer holds up its flow: the next batch starts beside it, up to `WRITE_BATCHES_IN_FLIGHT` (a row lock held elsewhere, by a long refund or an operator, stops one batch, not the flow)";
     // Coupons
     COUPON_RECONCILE_INTERVAL_SECS = "COUPON_RECONCILE_INTERVAL_SECS", Value("30"),
         Range::Seconds { min: 1, max: 86_400 },

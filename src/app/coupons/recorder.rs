@@ -66,10 +66,11 @@ impl CouponRecorder {
             "coupons.record_batch",
             batches,
             Arc::new(move |winners, alone, _callers: Callers, turn: Turn| {
-                // A batch is one statement that commits as it ends: no decisions are written
-                // before a commit of its own for the next batch to overlap, so the turn goes
-                // at once and the slots alone bound the batches in flight.
-                drop(turn);
+                // A batch is one statement that commits as it ends, a few rows each waiting
+                // for a seat the gate already gave: the turn goes at once and the slots alone
+                // bound the batches in flight (their number made no difference to the
+                // stampede, docs/BENCHMARKS.md "One batcher").
+                turn.pass();
                 Box::pin(record_batch(pg.clone(), winners, alone))
             }),
         );

@@ -5,19 +5,19 @@
 //! Shape: callers queue into one batcher task. It takes the first queued call, waits for a free
 //! slot (at most [`WriteBatches::in_flight`] batches run at once) and for the flow's [`Turn`],
 //! then takes every call already queued behind it, up to the batch maximum, and runs them in a
-//! task of their own. There is no timer on the way in: a batch lingers only while the previous
-//! one decides, so a lone caller runs at once, and under load the calls that arrive while a
-//! batch locks, decides and writes form the next one.
+//! task of their own. There is no timer on the way in: a lone caller runs at once, and under
+//! load the calls that arrive while a batch runs form the next one.
 //!
-//! The turn is PolarDB's alternation: one batch of a flow decides at a time, and the next starts
-//! when it passes the turn, having written its decisions, with only its commit left. The next
-//! batch then locks and decides while the previous one's commit is flushed (a hot row's lock
-//! frees only when that commit lands, so it could not decide sooner), and it is as large as
-//! the calls that queued meanwhile. Without the turn a free slot started a batch for whoever had
-//! just arrived: small batches, each paying its round trips and commit (docs/BENCHMARKS.md). A
-//! batch that holds the turn longer than [`WriteBatches::stall`] (waiting for a row lock held
-//! elsewhere: a long refund, an operator's transaction) no longer holds up its flow: the next
-//! batch starts beside it without the turn, while slots remain.
+//! One batch of a flow holds the turn at a time, until it ends, so the next batch is as large
+//! as the calls that queued meanwhile. On a machine whose cores are all busy a call's share of
+//! its batch's round trips, commit and recheck of a hot row is most of what it costs, and any
+//! batch started beside a running one only splits the same calls into smaller batches
+//! (docs/BENCHMARKS.md). With [`WriteBatches::overlap_commit`] a batch passes the turn just
+//! before its commit instead (PolarDB's alternation): the next one locks and decides while the
+//! previous commit is flushed, which pays where commits wait on a network (a synchronous
+//! standby) while cores idle. A batch that holds the turn longer than [`WriteBatches::stall`]
+//! (waiting for a row lock held elsewhere: a long refund, an operator's transaction) no longer
+//! holds up its flow: the next batch starts beside it without the turn, while slots remain.
 //!
 //! Invariants: a call is answered only by its batch's runner, after that batch committed or
 //! rolled back; a call whose caller has gone (deadline, disconnect: its answer channel is
@@ -43,35 +43,41 @@ use tracing::Instrument;
 use crate::{error::AppError, telemetry};
 
 /// How a flow's calls are batched.
-///
-/// `in_flight` is the number of batches of one flow running at once. Two let a batch lock and
-/// decide while the previous one commits (a hot row's lock is free again once that commit
-/// lands, so a third would only wait for it); each slot more splits the same calls into
-/// smaller batches, and on a machine whose cores are all busy a call's share of a batch's
-/// round trips and commit is most of what it costs (docs/BENCHMARKS.md: two rather than four
-/// cut the CPU per call of a purchase by a third).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WriteBatches {
     /// Calls one transaction makes at most; 1 turns batching off.
     pub max: usize,
-    /// Batches of one flow running at once, at least 1.
+    /// Batches of one flow running at once at most, at least 1: a second starts only beside a
+    /// batch that has passed its turn or stalled.
     pub in_flight: usize,
-    /// How long a batch may hold its flow's [`Turn`] before the next batch starts beside it.
+    /// Whether a batch passes its [`Turn`] when only its commit is left (rather than when it
+    /// ends), so that the next batch decides while it commits.
+    pub overlap_commit: bool,
+    /// How long a batch may hold its flow's turn before the next batch starts beside it.
     pub stall: Duration,
 }
 
-/// A batch's turn to decide, handed to its runner: the flow's next batch starts once the
-/// runner passes it (just before its commit: every decision made and written), once the
-/// runner ends, or once the turn has been held for [`WriteBatches::stall`]. A call run alone
+/// A batch's turn to run, handed to its runner: the flow's next batch starts once the runner
+/// ends, once the turn has been held for [`WriteBatches::stall`], or, with
+/// [`WriteBatches::overlap_commit`], once the runner says it is committing. A call run alone
 /// holds none.
 #[derive(Default)]
-pub struct Turn(Option<OwnedSemaphorePermit>);
+pub struct Turn {
+    permit: Option<OwnedSemaphorePermit>,
+    overlap_commit: bool,
+}
 
 impl Turn {
-    /// Lets the flow's next batch start: this one has only its commit left.
-    pub fn pass(&mut self) {
-        self.0.take();
+    /// Says the batch has made and written every decision, with only its commit left: with
+    /// `overlap_commit` the flow's next batch may start now.
+    pub fn committing(&mut self) {
+        if self.overlap_commit {
+            self.permit.take();
+        }
     }
+
+    /// Lets the flow's next batch start whatever this one still does.
+    pub fn pass(self) {}
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -218,10 +224,13 @@ async fn batch_calls<C: Send + 'static, A: Send + 'static>(
             return;
         };
         let turn = match tokio::time::timeout(batches.stall, turns.clone().acquire_owned()).await {
-            Ok(Ok(turn)) => Turn(Some(turn)),
+            Ok(Ok(permit)) => Turn {
+                permit: Some(permit),
+                overlap_commit: batches.overlap_commit,
+            },
             Ok(Err(_)) => return,
-            // The batch deciding is stuck (a row lock held elsewhere): start beside it.
-            Err(_) => Turn(None),
+            // The batch holding the turn is stuck (a row lock held elsewhere): start beside it.
+            Err(_) => Turn::default(),
         };
         let mut batch = vec![first];
         while batch.len() < batches.max {

@@ -10,12 +10,14 @@ fn limits(max: usize) -> WriteBatches {
     WriteBatches {
         max,
         in_flight: IN_FLIGHT,
+        overlap_commit: true,
         stall: Duration::MAX,
     }
 }
 
-/// A runner that records the calls of each batch, passes its turn at once, then holds the
-/// batch until `gate` lets it finish, and answers each call with itself.
+/// A runner that records the calls of each batch, says it is committing at once (with
+/// `overlap_commit`, the turn is passed), then holds the batch until `gate` lets it finish, and
+/// answers each call with itself.
 fn gated(batches: Arc<Mutex<Vec<Vec<u32>>>>, gate: Arc<Semaphore>) -> Runner<u32, u32> {
     turn_gated(
         batches,
@@ -24,7 +26,7 @@ fn gated(batches: Arc<Mutex<Vec<Vec<u32>>>>, gate: Arc<Semaphore>) -> Runner<u32
     )
 }
 
-/// Like [`gated`], but the batch holds its turn until `decided` lets it pass it.
+/// Like [`gated`], but the batch says it is committing only when `decided` lets it.
 fn turn_gated(
     batches: Arc<Mutex<Vec<Vec<u32>>>>,
     decided: Arc<Semaphore>,
@@ -35,7 +37,7 @@ fn turn_gated(
         let (decided, gate) = (decided.clone(), gate.clone());
         Box::pin(async move {
             decided.acquire().await.unwrap().forget();
-            turn.pass();
+            turn.committing();
             gate.acquire().await.unwrap().forget();
             calls
         })
@@ -83,21 +85,49 @@ async fn finish(decided: &Semaphore, gate: &Semaphore, calls: Vec<tokio::task::J
     }
 }
 
-#[tokio::test]
-async fn the_next_batch_starts_when_the_deciding_one_passes_its_turn() {
-    let (batcher, batches, decided, gate) = holding_turns(limits(8));
-    let mut calls = submit_all(&batcher, 0..1);
-    batches_started(&batches, 1).await;
-    calls.extend(submit_all(&batcher, 1..6));
-    // Slots are free, but batch [0] is deciding: the batcher holds call 1 for the turn and
-    // the others queue behind it.
-    queued(&batcher, 4).await;
+/// Submits call 0, then calls 1 to 5 while batch [0] runs and has not said it is committing:
+/// slots are free, but the batcher holds call 1 for the turn and the others queue behind it.
+async fn five_behind_one(
+    batcher: &Arc<GroupCommit<u32, u32>>,
+    batches: &Mutex<Vec<Vec<u32>>>,
+) -> Vec<tokio::task::JoinHandle<u32>> {
+    let mut calls = submit_all(batcher, 0..1);
+    batches_started(batches, 1).await;
+    calls.extend(submit_all(batcher, 1..6));
+    queued(batcher, 4).await;
+    settle().await;
+    assert_eq!(batches.lock().unwrap().len(), 1);
+    calls
+}
+
+async fn settle() {
     for _ in 0..100 {
         tokio::task::yield_now().await;
     }
-    assert_eq!(batches.lock().unwrap().len(), 1);
-    // Batch [0] passes its turn (it would commit now): everything queued is the next batch.
+}
+
+#[tokio::test]
+async fn with_overlap_the_next_batch_starts_when_the_previous_one_commits() {
+    let (batcher, batches, decided, gate) = holding_turns(limits(8));
+    let calls = five_behind_one(&batcher, &batches).await;
+    // Batch [0] is committing: everything queued is the next batch.
     decided.add_permits(1);
+    batches_started(&batches, 2).await;
+    assert_eq!(*batches.lock().unwrap(), vec![vec![0], vec![1, 2, 3, 4, 5]]);
+    finish(&decided, &gate, calls).await;
+}
+
+#[tokio::test]
+async fn without_overlap_the_next_batch_starts_when_the_previous_one_ends() {
+    let (batcher, batches, decided, gate) = holding_turns(WriteBatches {
+        overlap_commit: false,
+        ..limits(8)
+    });
+    let calls = five_behind_one(&batcher, &batches).await;
+    decided.add_permits(1);
+    settle().await;
+    assert_eq!(batches.lock().unwrap().len(), 1, "batch [0] still commits");
+    gate.add_permits(1);
     batches_started(&batches, 2).await;
     assert_eq!(*batches.lock().unwrap(), vec![vec![0], vec![1, 2, 3, 4, 5]]);
     finish(&decided, &gate, calls).await;
@@ -111,7 +141,7 @@ async fn a_batch_holding_the_turn_past_the_stall_lets_the_next_start_beside_it()
     });
     let mut calls = submit_all(&batcher, 0..1);
     batches_started(&batches, 1).await;
-    // Batch [0] never passes its turn (stuck on a row lock): call 1 still runs.
+    // Batch [0] never reaches its commit (stuck on a row lock): call 1 still runs.
     calls.extend(submit_all(&batcher, 1..2));
     tokio::time::timeout(Duration::from_secs(10), batches_started(&batches, 2))
         .await

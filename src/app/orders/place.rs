@@ -270,7 +270,7 @@ impl PlaceBatch {
             tx.rollback().await?;
             return Ok(placed);
         }
-        turn.pass();
+        turn.committing();
         postgres::commit(tx).await?;
         Ok(placed)
     }

@@ -157,10 +157,22 @@ async fn books(app: &TestApp, users: i64) -> (Vec<i64>, Vec<(i64, i64, i64)>, Ke
     (balances, ledger, keys(app).await)
 }
 
-async fn servers(db: PgConnectOptions, batch: i64) -> (TestApp, TestApp, PgConnectOptions, String) {
+/// The batched server and the one with batching off. With `overlapping`, the batched server
+/// runs up to four batches at once: each starts beside the last once it commits or has run for
+/// a millisecond.
+async fn servers(
+    db: PgConnectOptions,
+    batch: i64,
+    overlapping: bool,
+) -> (TestApp, TestApp, PgConnectOptions, String) {
     let (alone_db, alone_name) = second_database(&db).await;
     let batched = spawn_app_with(db, |s| {
         s.set("WRITE_BATCH_MAX", batch).set("MAX_BALANCE", MAX);
+        if overlapping {
+            s.set("WRITE_BATCHES_IN_FLIGHT", 4)
+                .set("WRITE_BATCH_OVERLAP_COMMIT", true)
+                .set("WRITE_BATCH_STALL_MS", 1);
+        }
     })
     .await;
     let alone = spawn_app_with(alone_db.clone(), |s| {
@@ -175,7 +187,7 @@ async fn charges_in_one_batch_get_the_answers_they_get_alone(
     _: PgPoolOptions,
     db: PgConnectOptions,
 ) {
-    let (batched, alone, alone_db, alone_name) = servers(db, 128).await;
+    let (batched, alone, alone_db, alone_name) = servers(db, 128, false).await;
     let requests = prepare(&batched).await;
     assert_eq!(prepare(&alone).await, requests);
 
@@ -236,7 +248,7 @@ async fn batches_at_once_opening_the_same_new_balances_lose_nothing(
     db: PgConnectOptions,
 ) {
     // Small batches, so that several run at once, each opening the same new users' rows.
-    let (batched, alone, alone_db, alone_name) = servers(db, 4).await;
+    let (batched, alone, alone_db, alone_name) = servers(db, 4, true).await;
     const NEW: i64 = 16;
     // Per new user: eleven charges of 10,000 (one passes the maximum), three of them keyed.
     // A user's charges queue one after the other: the batches running at once share users.

@@ -187,7 +187,7 @@ variables! {
     WRITE_BATCH_OVERLAP_COMMIT = "WRITE_BATCH_OVERLAP_COMMIT", Value("false"), Range::Bool,
         "`false`: a write flow runs one batch at a time, each as large as the calls that queued meanwhile; `true`: the next batch locks and decides while the previous one commits (for commits that wait on a network, a synchronous standby, while cores idle)";
     WRITE_BATCH_STALL_MS = "WRITE_BATCH_STALL_MS", Value("50"), Range::Millis { min: 1, max: 60_000 },
-        "a batch that has not finished (or, with `WRITE_BATCH_OVERLAP_COMMIT`, reached its commit) after this long no longer holds up its flow: the next batch starts beside it, up to `WRITE_BATCHES_IN_FLIGHT` (a row lock held elsewhere, by a long refund or an operator, stops one batch, not the flow)";
+        "how long a flow's next batch waits at most for the running one to end (or, with `WRITE_BATCH_OVERLAP_COMMIT`, to reach its commit); then it starts beside it, up to `WRITE_BATCHES_IN_FLIGHT`: a row lock held elsewhere, by a long refund or an operator, stops one batch, not the flow";
     // Coupons
     COUPON_RECONCILE_INTERVAL_SECS = "COUPON_RECONCILE_INTERVAL_SECS", Value("30"),
         Range::Seconds { min: 1, max: 86_400 },

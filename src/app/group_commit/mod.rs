@@ -15,9 +15,10 @@
 //! (docs/BENCHMARKS.md). With [`WriteBatches::overlap_commit`] a batch passes the turn just
 //! before its commit instead (PolarDB's alternation): the next one locks and decides while the
 //! previous commit is flushed, which pays where commits wait on a network (a synchronous
-//! standby) while cores idle. A batch that holds the turn longer than [`WriteBatches::stall`]
-//! (waiting for a row lock held elsewhere: a long refund, an operator's transaction) no longer
-//! holds up its flow: the next batch starts beside it without the turn, while slots remain.
+//! standby) while cores idle. The next batch waits for the turn [`WriteBatches::stall`] at most:
+//! past that, the batch holding it is taken for stuck (on a row lock held elsewhere: a long
+//! refund, an operator's transaction) and the next starts beside it without the turn, while
+//! slots remain, so one stuck batch does not stop its flow.
 //!
 //! Invariants: a call is answered only by its batch's runner, after that batch committed or
 //! rolled back; a call whose caller has gone (deadline, disconnect: its answer channel is
@@ -53,12 +54,12 @@ pub struct WriteBatches {
     /// Whether a batch passes its [`Turn`] when only its commit is left (rather than when it
     /// ends), so that the next batch decides while it commits.
     pub overlap_commit: bool,
-    /// How long a batch may hold its flow's turn before the next batch starts beside it.
+    /// How long the next batch waits for the turn before it starts beside the batch holding it.
     pub stall: Duration,
 }
 
 /// A batch's turn to run, handed to its runner: the flow's next batch starts once the runner
-/// ends, once the turn has been held for [`WriteBatches::stall`], or, with
+/// ends, once it has waited [`WriteBatches::stall`] for the turn, or, with
 /// [`WriteBatches::overlap_commit`], once the runner says it is committing. A call run alone
 /// holds none.
 #[derive(Default)]

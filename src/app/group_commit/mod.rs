@@ -59,9 +59,9 @@ pub struct WriteBatches {
 }
 
 /// A batch's turn to run, handed to its runner: the flow's next batch starts once the runner
-/// ends, once it has waited [`WriteBatches::stall`] for the turn, or, with
-/// [`WriteBatches::overlap_commit`], once the runner says it is committing. A call run alone
-/// holds none.
+/// drops it (the write flows' runners hold it until their commit has returned), once the next
+/// batch has waited [`WriteBatches::stall`] for it, or, with [`WriteBatches::overlap_commit`],
+/// once the runner says it is committing. A call run alone holds none.
 #[derive(Default)]
 pub struct Turn {
     permit: Option<OwnedSemaphorePermit>,

@@ -85,6 +85,74 @@ drop_database() {
     PGOPTIONS="-c client_min_messages=warning" psql -X -q -d postgres -c "DROP DATABASE IF EXISTS \"$1\" WITH (FORCE)"
 }
 
+# The benchmark scenarios of scripts/bench and scripts/bench-ab, a line each: name | server (on:
+# batched, off: WRITE_BATCH_MAX=1) | load-generator arguments; `bench_scenarios quick` prints the
+# short run's. A repeat holder's answer is measured after a 2 s warm-up, once the server has
+# settled the holders' rows (the gate may then answer alone).
+bench_scenarios() {
+    if [ "${1:-}" = quick ]; then
+        grep -v '^ *#' <<'EOF'
+health|on|--concurrency 64 --duration 3s health
+health-c1|on|--concurrency 1 --duration 2s health
+health-c128|on|--concurrency 128 --duration 2s health
+health-c256|on|--concurrency 256 --duration 2s health
+coupon-stampede|on|--concurrency 256 coupon-stampede --users 2000 --stock 200
+coupon-repeat|on|--concurrency 128 --warmup 2s --duration 3s coupon-repeat --holders 1000
+hot-product|on|--concurrency 64 hot-product --stock 2000 --buyers 200
+hot-product|off|--concurrency 64 hot-product --stock 2000 --buyers 200
+pay-only|on|--concurrency 64 pay-only --orders 2000 --buyers 1000
+pay-only|off|--concurrency 64 pay-only --orders 2000 --buyers 1000
+place-order-only|on|--concurrency 64 --duration 3s mixed --weights order=1 --stock 1000000
+place-order-only|off|--concurrency 64 --duration 3s mixed --weights order=1 --stock 1000000
+place-order-256|on|--concurrency 256 --duration 3s mixed --weights order=1 --stock 1000000
+sold-out|on|--concurrency 64 hot-product --stock 10 --buyers 100 --requests 5000
+popular|on|--concurrency 128 --duration 3s popular
+charge|on|--concurrency 64 --duration 3s charge
+charge|off|--concurrency 64 --duration 3s charge
+mixed|on|--concurrency 64 --duration 3s mixed --stock 5000 --buyers 200
+c1-order|on|--concurrency 1 --duration 3s mixed --weights order=1 --stock 1000000
+c1-order|off|--concurrency 1 --duration 3s mixed --weights order=1 --stock 1000000
+EOF
+    else
+        grep -v '^ *#' <<'EOF'
+        # The floor: the cheapest call the server answers, same client, at each concurrency the
+        # scenarios use (HTTP/2 writes are shared by more calls when more are in flight).
+health|on|--concurrency 64 --duration 10s health
+health-c1|on|--concurrency 1 --duration 5s health
+health-c128|on|--concurrency 128 --duration 5s health
+health-c256|on|--concurrency 256 --duration 5s health
+coupon-stampede|on|--concurrency 256 coupon-stampede --users 10000 --stock 1000
+        # Holders asking again (double clicks), against the raw gate script's redis-benchmark.
+coupon-repeat|on|--concurrency 128 --warmup 2s --duration 10s coupon-repeat --holders 10000
+        # 20,000 units: with batching off the scenario would take minutes at 100,000.
+hot-product|on|--concurrency 64 hot-product --stock 20000
+hot-product|off|--concurrency 64 hot-product --stock 20000
+        # Pay alone on orders placed during the set-up, untimed: the same work as the naive
+        # payment (distinct buyers, ready-made orders), unlike hot-product's Pay, which waits
+        # for PlaceOrder on the hot row.
+pay-only|on|--concurrency 64 pay-only --orders 20000 --buyers 10000
+pay-only|off|--concurrency 64 pay-only --orders 20000 --buyers 10000
+        # PlaceOrder alone on one hot product: the same work as the pgbench baseline.
+place-order-only|on|--concurrency 64 --duration 10s mixed --weights order=1 --stock 1000000
+place-order-only|off|--concurrency 64 --duration 10s mixed --weights order=1 --stock 1000000
+place-order-256|on|--concurrency 256 --duration 10s mixed --weights order=1 --stock 1000000
+        # Orders for a product that is sold out (10 units, then 49,990 refusals).
+sold-out|on|--concurrency 64 hot-product --stock 10 --buyers 100 --requests 50000
+popular|on|--concurrency 128 --duration 10s popular
+charge|on|--concurrency 64 --duration 10s charge
+charge|off|--concurrency 64 --duration 10s charge
+mixed|on|--concurrency 64 --duration 10s mixed
+        # Single-call latency: one caller, each call alone.
+c1-order|on|--concurrency 1 --duration 10s mixed --weights order=1 --stock 1000000
+c1-order|off|--concurrency 1 --duration 10s mixed --weights order=1 --stock 1000000
+c1-pay|on|--concurrency 1 hot-product --stock 3000 --buyers 300
+c1-pay|off|--concurrency 1 hot-product --stock 3000 --buyers 300
+c1-charge|on|--concurrency 1 --duration 10s charge
+c1-charge|off|--concurrency 1 --duration 10s charge
+EOF
+    fi
+}
+
 # The pid of the process listening on local TCP port $1 (empty if none, or not ours to see).
 listener() { ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2; }
 

@@ -65,7 +65,9 @@ pub struct Driven {
     pub timeline: Timeline,
     /// From the end of the warm-up to the end of the last call.
     pub measured: Duration,
-    /// The same span on the wall clock.
+    /// The same span on the wall clock: both ends from one reading of it at the start and the
+    /// monotonic clock after, so the span is `measured` exactly (a thread descheduled between
+    /// two clock readings on a loaded machine cannot stretch it, nor a clock step).
     pub measured_from: SystemTime,
     pub finished_at: SystemTime,
     pub units: u64,
@@ -127,20 +129,21 @@ pub async fn drive(
         workers.push(worker);
     }
     let finished = Instant::now();
-    let finished_at = SystemTime::now();
     if let Some(ticker) = ticker {
         ticker.abort();
     }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    let measured = finished.saturating_duration_since(measure_from);
+    let measured_from = started_at + warmup;
     Ok(Driven {
         workers,
         recorder,
         timeline: timeline.take(),
-        measured: finished.saturating_duration_since(measure_from),
-        measured_from: started_at + warmup,
-        finished_at,
+        measured,
+        measured_from,
+        finished_at: measured_from + measured,
         units: budget.taken(),
     })
 }

@@ -16,9 +16,7 @@ use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::time::Instant;
 use tonic::Code;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
     TestApp,
@@ -30,20 +28,6 @@ use crate::support::{
     shop::{charge, create_product, pay, place},
     spawn_app_with,
 };
-
-async fn health(app: &TestApp) -> Option<ServingStatus> {
-    HealthClient::new(app.channel.clone())
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .ok()
-        .map(|r| r.into_inner().status())
-}
-
-async fn becomes(app: &TestApp, wanted: ServingStatus, within: Duration) -> bool {
-    eventually(within, || async { health(app).await == Some(wanted) }).await
-}
 
 type Tally = BTreeMap<String, usize>;
 
@@ -75,14 +59,16 @@ async fn redis_killed_mid_stampede_never_over_issues(_: PgPoolOptions, db: PgCon
         if wave == 2 {
             redis.kill().await;
             assert!(
-                becomes(&app, ServingStatus::NotServing, Duration::from_secs(10)).await,
+                app.becomes("", ServingStatus::NotServing, Duration::from_secs(10))
+                    .await,
                 "health reports the outage"
             );
         }
         if wave == 4 {
             redis.restart().await;
             assert!(
-                becomes(&app, ServingStatus::Serving, Duration::from_secs(15)).await,
+                app.becomes("", ServingStatus::Serving, Duration::from_secs(15))
+                    .await,
                 "health recovers by itself"
             );
         }
@@ -254,13 +240,15 @@ async fn postgres_crash_under_order_load_leaves_no_partial_order() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         postgres.crash().await;
         assert!(
-            becomes(&app, ServingStatus::NotServing, Duration::from_secs(10)).await,
+            app.becomes("", ServingStatus::NotServing, Duration::from_secs(10))
+                .await,
             "health reports the outage"
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
         postgres.start_again().await;
         assert!(
-            becomes(&app, ServingStatus::Serving, Duration::from_secs(20)).await,
+            app.becomes("", ServingStatus::Serving, Duration::from_secs(20))
+                .await,
             "health recovers by itself"
         );
         let before = outcomes.lock().unwrap().get("OK").copied().unwrap_or(0);

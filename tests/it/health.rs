@@ -13,17 +13,6 @@ use crate::support::{
     spawn_app, spawn_app_on, spawn_app_with,
 };
 
-async fn status(app: &TestApp, service: &str) -> Option<ServingStatus> {
-    let mut client = HealthClient::new(app.channel.clone());
-    let response = client
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .ok()?;
-    Some(response.into_inner().status())
-}
-
 async fn watch(app: &TestApp, service: &str) -> Streaming<HealthCheckResponse> {
     HealthClient::new(app.channel.clone())
         .watch(HealthCheckRequest {
@@ -55,10 +44,7 @@ async fn streams(stream: &mut Streaming<HealthCheckResponse>, wanted: ServingSta
 }
 
 async fn becomes(app: &TestApp, service: &str, wanted: ServingStatus) -> bool {
-    eventually(Duration::from_secs(10), || async {
-        status(app, service).await == Some(wanted)
-    })
-    .await
+    app.becomes(service, wanted, Duration::from_secs(10)).await
 }
 
 #[sqlx::test(migrations = false)]
@@ -101,13 +87,13 @@ async fn redis_outage_flips_health_and_recovers(_: PgPoolOptions, db: PgConnectO
     assert!(becomes(&app, "", ServingStatus::NotServing).await);
     assert!(streams(&mut coupons, ServingStatus::NotServing).await);
     assert_eq!(
-        status(&app, "liveness").await,
+        app.health("liveness").await,
         Some(ServingStatus::Serving),
         "a dependency outage never makes the process dead"
     );
     // Balances need only Postgres.
     assert_eq!(
-        status(&app, "ecommerce.v1.BalanceService").await,
+        app.health("ecommerce.v1.BalanceService").await,
         Some(ServingStatus::Serving)
     );
 
@@ -148,7 +134,7 @@ async fn postgres_outage_flips_health_and_recovers(_: PgPoolOptions, db: PgConne
     );
     // Several dependency pings into the outage (every 200 ms in the tests).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(status(&app, "liveness").await, Some(ServingStatus::Serving));
+    assert_eq!(app.health("liveness").await, Some(ServingStatus::Serving));
     let during = app
         .balance()
         .get_balance(ecommerce::proto::GetBalanceRequest { user_id: 1 })
@@ -167,7 +153,7 @@ async fn postgres_outage_flips_health_and_recovers(_: PgPoolOptions, db: PgConne
         None,
         "liveness sent no change through the outage and the recovery"
     );
-    assert_eq!(status(&app, "liveness").await, Some(ServingStatus::Serving));
+    assert_eq!(app.health("liveness").await, Some(ServingStatus::Serving));
     app.stop().await;
 }
 
@@ -223,7 +209,7 @@ async fn liveness_turns_not_serving_while_the_runtime_is_wedged(
     let wedged = tokio::time::Instant::now();
     // Answered only once a worker is free again, with the watchdog's verdict.
     let seen = eventually(Duration::from_secs(10), || async {
-        status(&app, "liveness").await == Some(ServingStatus::NotServing)
+        app.health("liveness").await == Some(ServingStatus::NotServing)
     })
     .await;
     assert!(seen, "liveness stayed SERVING through a wedged runtime");

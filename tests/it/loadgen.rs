@@ -8,6 +8,7 @@ use ecommerce::proto::ChargeBalanceRequest;
 use ecommerce_loadgen::{self as loadgen, Listing, Mixed, Options, Report, Scenario};
 use futures::StreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
     ADMIN_TOKEN, TestApp,
@@ -301,6 +302,13 @@ async fn health_checks_answer_serving_within_the_measured_span(
     db: PgConnectOptions,
 ) {
     let app = spawn_app(db.clone()).await;
+    // The floor is measured on a ready server, as scripts/bench measures it: until its first
+    // round of dependency pings the server rightly answers NOT_SERVING, and on a loaded machine
+    // that round can outlast the run's first calls.
+    assert!(
+        app.becomes("", ServingStatus::Serving, Duration::from_secs(10))
+            .await
+    );
     let mut options = options(&app, &db);
     options.requests = Some(300);
     let before = std::time::SystemTime::now()
@@ -325,7 +333,7 @@ async fn health_checks_answer_serving_within_the_measured_span(
         report.measured_until_unix_secs,
     );
     assert!(before <= from && from <= until, "{before} {from} {until}");
-    assert!((until - from - report.measured_secs).abs() < 0.05);
+    assert!((until - from - report.measured_secs).abs() < 1e-3);
     app.stop().await;
 }
 

@@ -19,9 +19,7 @@ use ecommerce::proto::{
 };
 use sqlx::{Connection, PgConnection, postgres::PgPoolOptions};
 use tonic::{Code, Status};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::{
     TestApp,
@@ -34,21 +32,8 @@ use crate::support::{
     spawn_app_with,
 };
 
-async fn ready(app: &TestApp) -> Option<ServingStatus> {
-    HealthClient::new(app.channel.clone())
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .ok()
-        .map(|r| r.into_inner().status())
-}
-
 async fn becomes(app: &TestApp, wanted: ServingStatus) -> bool {
-    eventually(Duration::from_secs(15), || async {
-        ready(app).await == Some(wanted)
-    })
-    .await
+    app.becomes("", wanted, Duration::from_secs(15)).await
 }
 
 /// Every kind of write the shop takes, once each; their answers.
@@ -217,7 +202,7 @@ async fn a_service_pointed_at_a_standby_refuses_writes_until_it_is_promoted() {
     .await;
     assert!(
         !eventually(Duration::from_secs(3), || async {
-            ready(&app).await == Some(ServingStatus::Serving)
+            app.health("").await == Some(ServingStatus::Serving)
         })
         .await,
         "a standby is never ready"

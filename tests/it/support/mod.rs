@@ -44,6 +44,9 @@ use tonic::{
     service::{Interceptor, interceptor::InterceptedService},
     transport::Channel,
 };
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use tonic_types::StatusExt;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
@@ -234,6 +237,26 @@ impl TestApp {
             self.channel.clone(),
             BearerToken(token.map(|t| format!("Bearer {t}"))),
         )
+    }
+
+    /// What the health service says of `service` (`""`: readiness), or `None` if the call
+    /// fails.
+    pub async fn health(&self, service: &str) -> Option<ServingStatus> {
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        let response = HealthClient::new(self.channel.clone()).check(request).await;
+        Some(response.ok()?.into_inner().status())
+    }
+
+    /// Whether `service` reads `wanted` within `within`. The server reads NOT_SERVING until
+    /// its first round of dependency pings, so a test that needs it ready waits here, as a
+    /// Kubernetes Service waits for the readiness probe.
+    pub async fn becomes(&self, service: &str, wanted: ServingStatus, within: Duration) -> bool {
+        eventually(within, || async {
+            self.health(service).await == Some(wanted)
+        })
+        .await
     }
 
     /// Stops the server (draining calls in flight), closes its pools and deletes the test's

@@ -311,7 +311,10 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
             pg.clone(),
             CouponGate::new(redis.clone()),
             config.coupons.orphan_grace,
-            batches,
+            WriteBatches {
+                max: config.coupons.record_batch_max,
+                ..batches
+            },
             rate.clone(),
         )),
         orders,

@@ -156,8 +156,8 @@ pub struct OrderSettings {
     pub order_ttl: Duration,
     pub expiry_interval: Duration,
     pub sold_out_marker_ttl: Duration,
-    /// PlaceOrder, Pay and ChargeBalance calls, and coupon winners, committed by one transaction
-    /// at most; 1 is no batching.
+    /// PlaceOrder, Pay and ChargeBalance calls committed by one transaction at most; 1 is no
+    /// batching.
     pub write_batch_max: usize,
     /// Batches of one write flow running at once.
     pub write_batches_in_flight: usize,
@@ -169,6 +169,10 @@ pub struct OrderSettings {
 
 #[derive(Clone, Debug)]
 pub struct CouponSettings {
+    /// Coupon winners written by one statement at most; 1 is no batching. Apart from
+    /// `write_batch_max`: a winner's row is one cheap insert, and a stampede's tail is set by
+    /// how many batches its winners wait through (docs/BENCHMARKS.md).
+    pub record_batch_max: usize,
     pub reconcile_interval: Duration,
     /// A coupon win with no row for this long is an orphan (its insert never ran), not an
     /// insert in flight: the next call of that user, or the reconciliation job, releases it.
@@ -246,6 +250,7 @@ impl Config {
                 write_batch_stall: r.duration(&v::WRITE_BATCH_STALL_MS),
             },
             coupons: CouponSettings {
+                record_batch_max: r.integer(&v::COUPON_RECORD_BATCH_MAX),
                 reconcile_interval: r.duration(&v::COUPON_RECONCILE_INTERVAL_SECS),
                 orphan_grace: r.duration(&v::COUPON_ORPHAN_GRACE_MS),
             },

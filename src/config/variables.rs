@@ -181,14 +181,17 @@ variables! {
         Range::Millis { min: 1, max: 3_600_000 },
         "how long a sold-out product is refused from Redis without asking Postgres";
     WRITE_BATCH_MAX = "WRITE_BATCH_MAX", Value("128"), Range::Integer { min: 1, max: 1024 },
-        "PlaceOrder, Pay and ChargeBalance calls, and coupon winners, committed by one Postgres transaction at most (group commit); `1` turns batching off";
+        "PlaceOrder, Pay and ChargeBalance calls committed by one Postgres transaction at most (group commit); `1` turns batching off (coupon winners: `COUPON_RECORD_BATCH_MAX`)";
     WRITE_BATCHES_IN_FLIGHT = "WRITE_BATCHES_IN_FLIGHT", Value("2"), Range::Integer { min: 1, max: 64 },
-        "batches of one write flow (PlaceOrder and Checkout, Pay, ChargeBalance, coupon winners) running at once at most: beside a batch stalled or committing (see below); coupon winners' batches, single statements, run this many at once";
+        "batches of one write flow (PlaceOrder and Checkout, Pay, ChargeBalance, coupon winners) running at once at most: beside a batch stalled or committing (see below)";
     WRITE_BATCH_OVERLAP_COMMIT = "WRITE_BATCH_OVERLAP_COMMIT", Value("false"), Range::Bool,
         "`false`: a write flow runs one batch at a time, each as large as the calls that queued meanwhile; `true`: the next batch locks and decides while the previous one commits (for commits that wait on a network, a synchronous standby, while cores idle)";
     WRITE_BATCH_STALL_MS = "WRITE_BATCH_STALL_MS", Value("50"), Range::Millis { min: 1, max: 60_000 },
         "how long a flow's next batch waits at most for the running one to end (or, with `WRITE_BATCH_OVERLAP_COMMIT`, to reach its commit); then it starts beside it, up to `WRITE_BATCHES_IN_FLIGHT`: a row lock held elsewhere, by a long refund or an operator, stops one batch, not the flow";
     // Coupons
+    COUPON_RECORD_BATCH_MAX = "COUPON_RECORD_BATCH_MAX", Value("1024"),
+        Range::Integer { min: 1, max: 4096 },
+        "coupon winners written by one INSERT at most (one batch at a time, like the other write flows); `1` writes each alone";
     COUPON_RECONCILE_INTERVAL_SECS = "COUPON_RECONCILE_INTERVAL_SECS", Value("30"),
         Range::Seconds { min: 1, max: 86_400 },
         "how often coupon gates are compared with Postgres";

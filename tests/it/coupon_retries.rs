@@ -160,7 +160,7 @@ async fn a_stampede_abandoned_at_random_deadlines_leaves_everyone_exactly_one_co
 ) {
     // The winners' rows go through the shared batcher, many to a statement.
     let app = spawn_app_with(db, |s| {
-        s.set("WRITE_BATCH_MAX", 128);
+        s.set("COUPON_RECORD_BATCH_MAX", 1024);
     })
     .await;
     const USERS: i64 = 600;

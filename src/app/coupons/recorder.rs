@@ -4,9 +4,10 @@
 //! In a stampede every winner needs its row committed before it hears "yes", and each commit
 //! waits for a WAL flush. Winners that queue together are written by one multi-row INSERT over
 //! `unnest`ed arrays ([`coupons::issue_many`]): one statement, one transaction, one flush, one
-//! round trip. A lone winner finds a free slot and is written at once, so quiet traffic gains no
-//! latency; with batching off (a maximum of 1) each winner is written by its own single-row
-//! INSERT ([`coupons::issue`]). A batch changes nothing about the answer each winner gets: a
+//! round trip. One batch runs at a time, and the next takes every winner that queued meanwhile, up
+//! to `COUPON_RECORD_BATCH_MAX`; a lone winner finds no batch running and is written at once, so
+//! quiet traffic gains no latency. With batching off (a maximum of 1) each winner is written by
+//! its own single-row INSERT ([`coupons::issue`]). A batch changes nothing about the answer each winner gets: a
 //! grant Postgres refuses is retried alone to learn why.
 //!
 //! Bounded wait: a grant that waited longer than `max_wait` (batcher queue, slot, pool) is
@@ -66,12 +67,17 @@ impl CouponRecorder {
             "coupons.record_batch",
             batches,
             Arc::new(move |winners, alone, _callers: Callers, turn: Turn| {
-                // A batch is one statement that commits as it ends, a few rows each waiting
-                // for a seat the gate already gave: the turn goes at once and the slots alone
-                // bound the batches in flight (their number made no difference to the
-                // stampede, docs/BENCHMARKS.md "One batcher").
-                turn.pass();
-                Box::pin(record_batch(pg.clone(), winners, alone))
+                // A batch is one statement that commits as it ends, and its cost is mostly the
+                // round trip and the flush, whatever its size: the turn is kept until it has
+                // committed, so the next batch takes every winner that queued meanwhile. Fewer,
+                // larger batches cut the stampede's tail (docs/BENCHMARKS.md); a batch slower
+                // than the stall still lets the next one start beside it.
+                let pg = pg.clone();
+                Box::pin(async move {
+                    let answers = record_batch(pg, winners, alone).await;
+                    drop(turn);
+                    answers
+                })
             }),
         );
         Self { batcher, max_wait }

@@ -76,9 +76,6 @@ impl Turn {
             self.permit.take();
         }
     }
-
-    /// Lets the flow's next batch start whatever this one still does.
-    pub fn pass(self) {}
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

@@ -181,12 +181,12 @@ async fn coupon_winners_recorded_in_one_batch_get_the_answers_they_get_alone(
     let (alone_db, alone_name) = second_database(&db).await;
     // No reconciliation while the test runs: it would teach the gate what the test hid from it.
     let batched = spawn_app_with(db, |s| {
-        s.set("WRITE_BATCH_MAX", 128)
+        s.set("COUPON_RECORD_BATCH_MAX", 1024)
             .set("COUPON_RECONCILE_INTERVAL_SECS", 86_400);
     })
     .await;
     let alone = spawn_app_with(alone_db.clone(), |s| {
-        s.set("WRITE_BATCH_MAX", 1)
+        s.set("COUPON_RECORD_BATCH_MAX", 1)
             .set("COUPON_RECONCILE_INTERVAL_SECS", 86_400);
     })
     .await;
@@ -260,7 +260,7 @@ async fn postgres_killed_under_coupon_winners_loses_no_coupon_answered_ok() {
     let app = spawn_app_with(postgres.options(), |s| {
         s.set("DATABASE_ACQUIRE_TIMEOUT_MS", 500)
             .set("DEFAULT_DEADLINE_MS", 3000)
-            .set("WRITE_BATCH_MAX", 64)
+            .set("COUPON_RECORD_BATCH_MAX", 64)
             .set("COUPON_RECONCILE_INTERVAL_SECS", 1);
     })
     .await;

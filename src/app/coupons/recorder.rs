@@ -4,11 +4,11 @@
 //! In a stampede every winner needs its row committed before it hears "yes", and each commit
 //! waits for a WAL flush. Winners that queue together are written by one multi-row INSERT over
 //! `unnest`ed arrays ([`coupons::issue_many`]): one statement, one transaction, one flush, one
-//! round trip. One batch runs at a time, and the next takes every winner that queued meanwhile, up
-//! to `COUPON_RECORD_BATCH_MAX`; a lone winner finds no batch running and is written at once, so
-//! quiet traffic gains no latency. With batching off (a maximum of 1) each winner is written by
-//! its own single-row INSERT ([`coupons::issue`]). A batch changes nothing about the answer each winner gets: a
-//! grant Postgres refuses is retried alone to learn why.
+//! round trip. One batch runs at a time, and the next takes every winner that queued meanwhile,
+//! up to `COUPON_RECORD_BATCH_MAX`; a lone winner finds no batch running and is written at once,
+//! so quiet traffic gains no latency. With batching off (a maximum of 1) each winner is written
+//! by its own single-row INSERT ([`coupons::issue`]). A batch changes nothing about the answer
+//! each winner gets: a grant Postgres refuses is retried alone to learn why.
 //!
 //! Bounded wait: a grant that waited longer than `max_wait` (batcher queue, slot, pool) is
 //! answered UNAVAILABLE without being written, so every batch starts well within the orphan

@@ -65,11 +65,10 @@ pub struct Driven {
     pub timeline: Timeline,
     /// From the end of the warm-up to the end of the last call.
     pub measured: Duration,
-    /// The same span on the wall clock: both ends from one reading of it at the start and the
-    /// monotonic clock after, so the span is `measured` exactly (a thread descheduled between
-    /// two clock readings on a loaded machine cannot stretch it, nor a clock step).
+    /// Where that span starts on the wall clock; it ends `measured` later, read on the
+    /// monotonic clock (a thread descheduled between two wall-clock readings on a loaded
+    /// machine cannot stretch the span, nor can a clock step).
     pub measured_from: SystemTime,
-    pub finished_at: SystemTime,
     pub units: u64,
 }
 
@@ -135,15 +134,12 @@ pub async fn drive(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let measured = finished.saturating_duration_since(measure_from);
-    let measured_from = started_at + warmup;
     Ok(Driven {
         workers,
         recorder,
         timeline: timeline.take(),
-        measured,
-        measured_from,
-        finished_at: measured_from + measured,
+        measured: finished.saturating_duration_since(measure_from),
+        measured_from: started_at + warmup,
         units: budget.taken(),
     })
 }

@@ -376,7 +376,7 @@ pub async fn run(options: &Options, scenario: &Scenario) -> anyhow::Result<Repor
         warmup_secs: options.warmup.as_secs_f64(),
         measured_secs,
         measured_from_unix_secs: unix_secs(driven.measured_from),
-        measured_until_unix_secs: unix_secs(driven.finished_at),
+        measured_until_unix_secs: unix_secs(driven.measured_from + driven.measured),
         warmup_calls: rec.warmup_calls(),
         units_of_work: driven.units,
         fixtures: facts,

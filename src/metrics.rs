@@ -27,12 +27,20 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Calls per write batch: one alone up to the largest batch any flow allows.
+const BATCH_SIZES: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
 /// Installs the process-wide recorder (once) and returns its handle.
 pub fn recorder() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("seconds".into()), BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(WRITE_BATCH_CALLS.into()), BATCH_SIZES)
+            })
             .and_then(PrometheusBuilder::install_recorder)
             .unwrap_or_else(|e| {
                 // Another recorder is installed (an embedding program's): ours still renders,
@@ -274,6 +282,18 @@ pub fn db_pool(size: u32, idle: usize, max: u32) {
     gauge!("ecommerce_db_pool_connections", "state" => "idle").set(idle as f64);
     gauge!("ecommerce_db_pool_connections", "state" => "in_use").set(f64::from(size) - idle as f64);
     gauge!("ecommerce_db_pool_max_connections").set(f64::from(max));
+}
+
+const WRITE_BATCH_CALLS: &str = "ecommerce_write_batch_calls";
+
+/// One write batch of `flow` (`orders.place_batch`) ended: how many calls it carried, how long
+/// its oldest call had queued before the batch started (behind the batch holding the flow's
+/// turn, for a slot, or for the batcher), and how long the batch took to commit and answer.
+/// Recorded once per batch, not per call.
+pub fn write_batch(flow: &'static str, calls: usize, waited: Duration, took: Duration) {
+    histogram!(WRITE_BATCH_CALLS, "flow" => flow).record(calls as f64);
+    histogram!("ecommerce_write_batch_wait_seconds", "flow" => flow).record(waited.as_secs_f64());
+    histogram!("ecommerce_write_batch_seconds", "flow" => flow).record(took.as_secs_f64());
 }
 
 /// The liveness watchdog found the runtime not running its heartbeat.

@@ -20,6 +20,8 @@ pub struct OutcomeCount {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub count: u64,
+    /// The latency of these calls alone.
+    pub latency: Latency,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -132,6 +134,7 @@ pub fn rpc_reports(recorder: &Recorder, timeline: &Timeline, measured_secs: f64)
                         code: super::stats::code_name(outcome.code()).to_string(),
                         reason: (!outcome.reason.is_empty()).then(|| outcome.reason.clone()),
                         count,
+                        latency: stats.outcome_latency(&outcome),
                     })
                     .collect(),
                 per_second: per_second(timeline, rpc, measured_secs),
@@ -204,12 +207,17 @@ impl Report {
                 } else {
                     0.0
                 };
+                let l = &o.latency;
                 writeln!(
                     out,
-                    "  {:<width$} {:>10} {:>9.1}%",
+                    "  {:<width$} {:>10} {:>9.1}% {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
                     o.outcome,
                     o.count,
                     share,
+                    l.p50_ms,
+                    l.p90_ms,
+                    l.p99_ms,
+                    l.max_ms,
                     width = name_width - 2
                 )?;
             }

@@ -231,18 +231,74 @@ fn outcome_of<T>(result: &Result<T, Status>) -> (Code, Option<String>) {
 pub struct RpcStats {
     latency_us: Histogram<u64>,
     outcomes: Outcomes,
+    /// The latencies of each outcome's calls: a coupon's winners wait for a Postgres commit,
+    /// its refusals do not, and one histogram of both hides which of them makes the tail.
+    by_outcome: Vec<(Outcome, Histogram<u64>)>,
+}
+
+/// An empty histogram. Auto-resizing: it grows only as far as the latencies it sees (tens of
+/// KB for calls of milliseconds instead of ~160 KB for the whole range), which matters with
+/// several histograms per worker and RPC. The significant digits are valid, so a failure here
+/// is a programming error.
+fn histogram() -> Histogram<u64> {
+    Histogram::new(SIGNIFICANT_DIGITS).expect("valid significant digits")
+}
+
+fn record(h: &mut Histogram<u64>, us: u64) {
+    // `record` grows the histogram; `saturating_record` would clamp to its current size.
+    if h.record(us).is_err() {
+        h.saturating_record(us);
+    }
+}
+
+fn add_histogram(into: &mut Histogram<u64>, other: &Histogram<u64>) {
+    // The target resizes itself, so adding cannot fail; saturate if it ever did.
+    if into.add(other).is_err() {
+        for v in other.iter_recorded() {
+            into.saturating_record_n(v.value_iterated_to(), v.count_at_value());
+        }
+    }
+}
+
+fn percentiles(h: &Histogram<u64>) -> Latency {
+    let ms = |us: u64| us as f64 / 1000.0;
+    if h.is_empty() {
+        return Latency::default();
+    }
+    Latency {
+        p50_ms: ms(h.value_at_quantile(0.50)),
+        p90_ms: ms(h.value_at_quantile(0.90)),
+        p99_ms: ms(h.value_at_quantile(0.99)),
+        max_ms: ms(h.max()),
+    }
 }
 
 impl RpcStats {
     pub fn new() -> Self {
         Self {
-            // Auto-resizing: a histogram grows only as far as the latencies it sees (tens of KB
-            // for calls of milliseconds instead of ~160 KB for the whole range), which matters
-            // with one histogram per worker and RPC. The significant digits are valid, so a
-            // failure here is a programming error.
-            latency_us: Histogram::new(SIGNIFICANT_DIGITS).expect("valid significant digits"),
+            latency_us: histogram(),
             outcomes: Outcomes::default(),
+            by_outcome: Vec::new(),
         }
+    }
+
+    /// The histogram of one outcome's calls (few outcomes occur: searched in order, as
+    /// [`Outcomes`] is).
+    fn of_outcome(&mut self, code: Code, reason: &str) -> &mut Histogram<u64> {
+        let code_value = code as i32;
+        let at = match self
+            .by_outcome
+            .iter()
+            .position(|(o, _)| o.code == code_value && o.reason == reason)
+        {
+            Some(at) => at,
+            None => {
+                self.by_outcome
+                    .push((Outcome::new(code, reason), histogram()));
+                self.by_outcome.len() - 1
+            }
+        };
+        &mut self.by_outcome[at].1
     }
 
     /// Records one call; returns its latency in microseconds as recorded.
@@ -250,23 +306,27 @@ impl RpcStats {
         let us = u64::try_from(latency.as_micros())
             .unwrap_or(u64::MAX)
             .clamp(1, HIGHEST_US);
-        // `record` grows the histogram; `saturating_record` would clamp to its current size.
-        if self.latency_us.record(us).is_err() {
-            self.latency_us.saturating_record(us);
-        }
+        record(&mut self.latency_us, us);
+        record(self.of_outcome(code, reason), us);
         self.outcomes.add(code, reason, 1);
         us
     }
 
     pub fn merge(&mut self, other: &RpcStats) {
-        // The target resizes itself, so adding cannot fail; saturate if it ever did.
-        if self.latency_us.add(&other.latency_us).is_err() {
-            for v in other.latency_us.iter_recorded() {
-                self.latency_us
-                    .saturating_record_n(v.value_iterated_to(), v.count_at_value());
-            }
+        add_histogram(&mut self.latency_us, &other.latency_us);
+        for (outcome, h) in &other.by_outcome {
+            add_histogram(self.of_outcome(outcome.code(), &outcome.reason), h);
         }
         self.outcomes.merge(&other.outcomes);
+    }
+
+    /// The latency percentiles of the calls that ended in `outcome`.
+    pub fn outcome_latency(&self, outcome: &Outcome) -> Latency {
+        self.by_outcome
+            .iter()
+            .find(|(o, _)| o == outcome)
+            .map(|(_, h)| percentiles(h))
+            .unwrap_or_default()
     }
 
     pub fn calls(&self) -> u64 {
@@ -278,16 +338,7 @@ impl RpcStats {
     }
 
     pub fn latency(&self) -> Latency {
-        let ms = |us: u64| us as f64 / 1000.0;
-        if self.latency_us.is_empty() {
-            return Latency::default();
-        }
-        Latency {
-            p50_ms: ms(self.latency_us.value_at_quantile(0.50)),
-            p90_ms: ms(self.latency_us.value_at_quantile(0.90)),
-            p99_ms: ms(self.latency_us.value_at_quantile(0.99)),
-            max_ms: ms(self.latency_us.max()),
-        }
+        percentiles(&self.latency_us)
     }
 }
 
@@ -451,6 +502,16 @@ mod tests {
         let l = a.latency();
         assert!(l.p50_ms < 2.1, "{l:?}");
         assert!((l.p99_ms - 500.0).abs() < 0.5, "{l:?}");
+
+        // Each outcome keeps its own latencies through the merge.
+        let sold_out = a.outcome_latency(&Outcome::new(Code::ResourceExhausted, "COUPON_SOLD_OUT"));
+        assert!((sold_out.p50_ms - 500.0).abs() < 0.5, "{sold_out:?}");
+        let ok = a.outcome_latency(&Outcome::new(Code::Ok, ""));
+        assert!(ok.p99_ms < 2.1 && ok.max_ms > 1.9, "{ok:?}");
+        assert_eq!(
+            a.outcome_latency(&Outcome::new(Code::Unavailable, "")),
+            Latency::default()
+        );
     }
 
     #[test]

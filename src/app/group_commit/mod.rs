@@ -38,10 +38,13 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
+    time::Instant,
+};
 use tracing::Instrument;
 
-use crate::{error::AppError, telemetry};
+use crate::{error::AppError, metrics, telemetry};
 
 /// How a flow's calls are batched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +108,8 @@ struct Queued<C, A> {
     span: tracing::Span,
     /// Alive while the caller waits.
     waiting: Weak<()>,
+    /// When it was queued: the batch's metrics report its oldest call's wait.
+    queued_at: Instant,
 }
 
 /// The batcher is gone (the server is stopping) or a batch task panicked.
@@ -185,6 +190,7 @@ impl<C: Send + 'static, A: Send + 'static> GroupCommit<C, A> {
             reply,
             span: tracing::Span::current(),
             waiting: Arc::downgrade(&waiting),
+            queued_at: Instant::now(),
         };
         queue.send(queued).await.map_err(|_| Stopped)?;
         let answer = answer.await.map_err(|_| Stopped);
@@ -241,9 +247,10 @@ async fn batch_calls<C: Send + 'static, A: Send + 'static>(
         tokio::spawn(async move {
             // Callers that have gone are dropped now, before anything is written for them.
             batch.retain(|q| !q.reply.is_closed());
-            if batch.is_empty() {
+            let Some(oldest) = batch.iter().map(|q| q.queued_at).min() else {
                 return;
-            }
+            };
+            let (started, size) = (Instant::now(), batch.len());
             // A root of its own, linked to every caller's span: each call's trace leads to the
             // batch that did its Postgres work.
             let span = telemetry::batch(name, batch.iter().map(|q| &q.span));
@@ -255,6 +262,7 @@ async fn batch_calls<C: Send + 'static, A: Send + 'static>(
                 let _ = reply.send(answer);
             }
             drop(slot);
+            metrics::write_batch(name, size, started - oldest, started.elapsed());
         });
     }
 }

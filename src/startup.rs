@@ -283,7 +283,6 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
         in_flight: config.orders.write_batches_in_flight,
         overlap_commit: config.orders.write_batch_overlap_commit,
         stall: config.orders.write_batch_stall,
-        gather: Duration::ZERO,
     };
     let orders = Arc::new(Orders::new(
         pg.clone(),
@@ -314,7 +313,6 @@ fn build_services(pg: &PgPool, redis: &Redis, sink: Sink, config: &Config) -> Se
             config.coupons.orphan_grace,
             WriteBatches {
                 max: config.coupons.record_batch_max,
-                gather: config.coupons.record_gather,
                 ..batches
             },
             rate.clone(),

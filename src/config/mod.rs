@@ -173,9 +173,6 @@ pub struct CouponSettings {
     /// `write_batch_max`: a winner's row is one cheap insert, and a stampede's tail is set by
     /// how many batches its winners wait through (docs/BENCHMARKS.md).
     pub record_batch_max: usize,
-    /// Under load, how long the next winners' batch waits once its turn has come, so that the
-    /// winners answered together and coming back spread out are written together again.
-    pub record_gather: Duration,
     pub reconcile_interval: Duration,
     /// A coupon win with no row for this long is an orphan (its insert never ran), not an
     /// insert in flight: the next call of that user, or the reconciliation job, releases it.
@@ -254,7 +251,6 @@ impl Config {
             },
             coupons: CouponSettings {
                 record_batch_max: r.integer(&v::COUPON_RECORD_BATCH_MAX),
-                record_gather: r.duration(&v::COUPON_RECORD_GATHER_MS),
                 reconcile_interval: r.duration(&v::COUPON_RECONCILE_INTERVAL_SECS),
                 orphan_grace: r.duration(&v::COUPON_ORPHAN_GRACE_MS),
             },

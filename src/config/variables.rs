@@ -192,8 +192,6 @@ variables! {
     COUPON_RECORD_BATCH_MAX = "COUPON_RECORD_BATCH_MAX", Value("1024"),
         Range::Integer { min: 1, max: 4096 },
         "coupon winners written by one INSERT at most (one batch at a time, like the other write flows); `1` writes each alone";
-    COUPON_RECORD_GATHER_MS = "COUPON_RECORD_GATHER_MS", Value("3"), Range::Millis { min: 0, max: 20 },
-        "under load (a winners' batch was running when the next winner came), how long the next batch waits once its turn has come before it takes the winners queued: winners answered together come back spread out, and gathering them keeps a stampede's winners in few, large batches; `0` takes them at once. A winner who finds no batch running never waits";
     COUPON_RECONCILE_INTERVAL_SECS = "COUPON_RECONCILE_INTERVAL_SECS", Value("30"),
         Range::Seconds { min: 1, max: 86_400 },
         "how often coupon gates are compared with Postgres";

@@ -5,10 +5,8 @@
 //! waits for a WAL flush. Winners that queue together are written by one multi-row INSERT over
 //! `unnest`ed arrays ([`coupons::issue_many`]): one statement, one transaction, one flush, one
 //! round trip. One batch runs at a time, and the next takes every winner that queued meanwhile,
-//! up to `COUPON_RECORD_BATCH_MAX`, after gathering `COUPON_RECORD_GATHER_MS` once its turn has
-//! come: the winners one batch answered come back spread out, and without the gather their
-//! stragglers make batches of their own, each paying a whole commit. A lone winner finds no
-//! batch running and is written at once, so quiet traffic gains no latency. With batching off (a maximum of 1) each winner is written
+//! up to `COUPON_RECORD_BATCH_MAX`; a lone winner finds no batch running and is written at once,
+//! so quiet traffic gains no latency. With batching off (a maximum of 1) each winner is written
 //! by its own single-row INSERT ([`coupons::issue`]). A batch changes nothing about the answer
 //! each winner gets: a grant Postgres refuses is retried alone to learn why.
 //!

@@ -5,14 +5,8 @@
 //! Shape: callers queue into one batcher task. It takes the first queued call, waits for a free
 //! slot (at most [`WriteBatches::in_flight`] batches run at once) and for the flow's [`Turn`],
 //! then takes every call already queued behind it, up to the batch maximum, and runs them in a
-//! task of their own. A lone caller runs at once, and under load the calls that arrive while a
-//! batch runs form the next one. A flow may also [`WriteBatches::gather`]: a batch whose first
-//! call had to wait for the turn (a batch was running: the flow is under load) waits that much
-//! longer once it has the turn before it takes the queue. Callers answered together by one
-//! batch come back spread over a few milliseconds, and without it the stragglers of each group
-//! form batches of their own, which in a closed loop of callers (a stampede's winners) persist
-//! as many small batches, each paying a whole commit (docs/BENCHMARKS.md). A caller that finds
-//! no batch running never waits.
+//! task of their own. There is no timer on the way in: a lone caller runs at once, and under
+//! load the calls that arrive while a batch runs form the next one.
 //!
 //! One batch of a flow holds the turn at a time, until it ends, so the next batch is as large
 //! as the calls that queued meanwhile. On a machine whose cores are all busy a call's share of
@@ -65,9 +59,6 @@ pub struct WriteBatches {
     pub overlap_commit: bool,
     /// How long the next batch waits for the turn before it starts beside the batch holding it.
     pub stall: Duration,
-    /// How long a batch whose first call waited for the turn waits again, once it has it,
-    /// before it takes the queued calls; zero takes them at once.
-    pub gather: Duration,
 }
 
 /// A batch's turn to run, handed to its runner: the flow's next batch starts once the runner
@@ -236,8 +227,6 @@ async fn batch_calls<C: Send + 'static, A: Send + 'static>(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        // Under load when another batch holds the turn as this one's first call is taken.
-        let busy = turns.available_permits() == 0;
         let turn = match tokio::time::timeout(batches.stall, turns.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Turn {
                 permit: Some(permit),
@@ -247,9 +236,6 @@ async fn batch_calls<C: Send + 'static, A: Send + 'static>(
             // The batch holding the turn is stuck (a row lock held elsewhere): start beside it.
             Err(_) => Turn::default(),
         };
-        if busy && !batches.gather.is_zero() {
-            tokio::time::sleep(batches.gather).await;
-        }
         let mut batch = vec![first];
         while batch.len() < batches.max {
             match calls.try_recv() {

@@ -12,7 +12,6 @@ fn limits(max: usize) -> WriteBatches {
         in_flight: IN_FLIGHT,
         overlap_commit: true,
         stall: Duration::MAX,
-        gather: Duration::ZERO,
     }
 }
 
@@ -131,50 +130,6 @@ async fn without_overlap_the_next_batch_starts_when_the_previous_one_ends() {
     gate.add_permits(1);
     batches_started(&batches, 2).await;
     assert_eq!(*batches.lock().unwrap(), vec![vec![0], vec![1, 2, 3, 4, 5]]);
-    finish(&decided, &gate, calls).await;
-}
-
-#[tokio::test(start_paused = true)]
-async fn under_load_the_next_batch_gathers_the_calls_that_come_once_it_has_the_turn() {
-    let gather = Duration::from_secs(10);
-    let (batcher, batches, decided, gate) = holding_turns(WriteBatches {
-        overlap_commit: false,
-        gather,
-        ..limits(16)
-    });
-    // Call 1 came while batch [0] ran: the flow is under load.
-    let mut calls = five_behind_one(&batcher, &batches).await;
-    decided.add_permits(1);
-    gate.add_permits(1);
-    // Batch [0] has ended and the next has the turn, but gathers (the clock is paused).
-    calls.extend(submit_all(&batcher, 6..9));
-    settle().await;
-    assert_eq!(batches.lock().unwrap().len(), 1, "the next batch started without gathering");
-    let queue = batcher.queue.as_ref().unwrap();
-    assert_eq!(queue.max_capacity() - queue.capacity(), 7, "calls 2 to 8 wait in the queue");
-    let mut waited = Duration::ZERO;
-    while batches.lock().unwrap().len() < 2 {
-        assert!(waited <= gather * 2, "the gather never ended");
-        tokio::time::advance(Duration::from_secs(1)).await;
-        waited += Duration::from_secs(1);
-        settle().await;
-    }
-    assert!(waited >= gather, "the next batch started after {waited:?}");
-    assert_eq!(batches.lock().unwrap()[1], (1..9).collect::<Vec<_>>());
-    finish(&decided, &gate, calls).await;
-}
-
-#[tokio::test]
-async fn a_call_that_finds_no_batch_running_is_not_held_to_gather() {
-    let (batcher, batches, decided, gate) = holding_turns(WriteBatches {
-        overlap_commit: false,
-        gather: Duration::from_secs(3_600),
-        ..limits(16)
-    });
-    let calls = submit_all(&batcher, 0..1);
-    tokio::time::timeout(Duration::from_secs(10), batches_started(&batches, 1))
-        .await
-        .expect("a lone call ran at once");
     finish(&decided, &gate, calls).await;
 }
 

@@ -226,19 +226,18 @@ fn outcome_of<T>(result: &Result<T, Status>) -> (Code, Option<String>) {
     }
 }
 
-/// Latencies and outcomes of the measured calls of one RPC.
+/// Latencies and outcomes of the measured calls of one RPC, kept per outcome: a coupon's
+/// winners wait for a Postgres commit, its refusals do not, and one histogram of both hides
+/// which of them makes the tail. The RPC's counts and percentiles are derived from these when
+/// the report is made, so a call records one value.
 #[derive(Clone, Debug)]
 pub struct RpcStats {
-    latency_us: Histogram<u64>,
-    outcomes: Outcomes,
-    /// The latencies of each outcome's calls: a coupon's winners wait for a Postgres commit,
-    /// its refusals do not, and one histogram of both hides which of them makes the tail.
     by_outcome: Vec<(Outcome, Histogram<u64>)>,
 }
 
 /// An empty histogram. Auto-resizing: it grows only as far as the latencies it sees (tens of
 /// KB for calls of milliseconds instead of ~160 KB for the whole range), which matters with
-/// several histograms per worker and RPC. The significant digits are valid, so a failure here
+/// one histogram per worker, RPC and outcome. The significant digits are valid, so a failure here
 /// is a programming error.
 fn histogram() -> Histogram<u64> {
     Histogram::new(SIGNIFICANT_DIGITS).expect("valid significant digits")
@@ -276,8 +275,6 @@ fn percentiles(h: &Histogram<u64>) -> Latency {
 impl RpcStats {
     pub fn new() -> Self {
         Self {
-            latency_us: histogram(),
-            outcomes: Outcomes::default(),
             by_outcome: Vec::new(),
         }
     }
@@ -306,18 +303,14 @@ impl RpcStats {
         let us = u64::try_from(latency.as_micros())
             .unwrap_or(u64::MAX)
             .clamp(1, HIGHEST_US);
-        record(&mut self.latency_us, us);
         record(self.of_outcome(code, reason), us);
-        self.outcomes.add(code, reason, 1);
         us
     }
 
     pub fn merge(&mut self, other: &RpcStats) {
-        add_histogram(&mut self.latency_us, &other.latency_us);
         for (outcome, h) in &other.by_outcome {
             add_histogram(self.of_outcome(outcome.code(), &outcome.reason), h);
         }
-        self.outcomes.merge(&other.outcomes);
     }
 
     /// The latency percentiles of the calls that ended in `outcome`.
@@ -330,15 +323,24 @@ impl RpcStats {
     }
 
     pub fn calls(&self) -> u64 {
-        self.latency_us.len()
+        self.by_outcome.iter().map(|(_, h)| h.len()).sum()
     }
 
-    pub fn outcomes(&self) -> &Outcomes {
-        &self.outcomes
+    pub fn outcomes(&self) -> Outcomes {
+        let mut outcomes = Outcomes::default();
+        for (outcome, h) in &self.by_outcome {
+            outcomes.add(outcome.code(), &outcome.reason, h.len());
+        }
+        outcomes
     }
 
+    /// The percentiles of every call, whatever its outcome.
     pub fn latency(&self) -> Latency {
-        percentiles(&self.latency_us)
+        let mut all = histogram();
+        for (_, h) in &self.by_outcome {
+            add_histogram(&mut all, h);
+        }
+        percentiles(&all)
     }
 }
 

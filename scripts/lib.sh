@@ -87,8 +87,8 @@ drop_database() {
 
 # The benchmark scenarios of scripts/bench and scripts/bench-ab, a line each: name | server (on:
 # batched, off: WRITE_BATCH_MAX=1 COUPON_RECORD_BATCH_MAX=1) | load-generator arguments;
-# `bench_scenarios quick` prints the short run's. A repeat holder's answer is measured after a 2 s warm-up, once the server has
-# settled the holders' rows (the gate may then answer alone).
+# `bench_scenarios quick` prints the short run's. A repeat holder's answer is measured after a
+# 2 s warm-up, once the server has settled the holders' rows (the gate may then answer alone).
 bench_scenarios() {
     if [ "${1:-}" = quick ]; then
         grep -v '^ *#' <<'EOF'

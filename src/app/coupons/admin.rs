@@ -135,8 +135,10 @@ impl Coupons {
         Ok(CouponStock::counted(updated, issued))
     }
 
-    /// Makes the gate decide by the terms Postgres has now, under the gate's rebuild lock.
-    async fn sync_gate(self: &Arc<Self>, id: CouponId) -> Result<(), AppError> {
+    /// Makes the gate decide by the terms Postgres has now, under the gate's rebuild lock: a
+    /// raise or a new window end in place (the wins in flight stay), a lower total by a
+    /// rebuild. Also the reconciliation job's repair of a gate left on old terms.
+    pub(super) async fn sync_gate(self: &Arc<Self>, id: CouponId) -> Result<(), AppError> {
         let Some(token) = self.gate.lock_within(id, GATE_LOCK_PATIENCE).await? else {
             return Err(gate_unavailable(
                 "the coupon gate is being rebuilt: send the same change again",

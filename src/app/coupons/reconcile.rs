@@ -1,7 +1,13 @@
 //! The reconciliation job's half of the coupon flow: comparing each live gate with Postgres.
 //!
-//! Invariant: a gate that agrees with Postgres is never rebuilt, whatever is in flight; a win
-//! that never became a coupon gives its seat back; a missing gate of a live coupon is rebuilt.
+//! Invariant: a gate that agrees with Postgres is never rebuilt, whatever is in flight; a gate
+//! on old terms (an UpdateCoupon's gate step cut after its commit) gets the coupon's terms in
+//! place, as UpdateCoupon sets them, so a raise keeps the wins in flight; a win that never
+//! became a coupon gives its seat back; a missing gate of a live coupon is rebuilt.
+//!
+//! The job's run is not cancelled while it works (the server waits for a run in progress when
+//! it stops); if its process dies while it holds a gate's lock for a rebuild or for the terms,
+//! the lock's expiry frees it and the next run compares again.
 //! Every step is bounded (constant-time counts, then pending wins a chunk at a time), so a
 //! 1,000,000-seat coupon is compared without a large Redis command.
 
@@ -59,15 +65,7 @@ impl Coupons {
                 }
                 continue;
             };
-            let mut disagreement = gate_disagrees(&summary, recorded);
-            if disagreement.is_none() && stale_terms(&summary, &coupon).is_some() {
-                // The coupon was listed before the gate was read: an UpdateCoupon committed
-                // and applied to the gate in between looks like stale terms, and replacing the
-                // gate would drop the wins in flight. The terms to compare are Postgres's now.
-                let now_in_pg = coupons::get(&self.pg, coupon.id).await?;
-                disagreement = stale_terms(&summary, now_in_pg.as_ref().unwrap_or(&coupon));
-            }
-            if let Some(why) = disagreement {
+            if let Some(why) = gate_disagrees(&summary, recorded) {
                 tracing::warn!(coupon = %coupon.id, why, ?summary, recorded,
                     "coupon gate disagrees with Postgres: rebuilding");
                 if self
@@ -81,6 +79,25 @@ impl Coupons {
                     report.repaired.push(coupon.id);
                 }
                 continue;
+            }
+            if stale_terms(&summary, &coupon).is_some() {
+                // The coupon was listed before the gate was read: an UpdateCoupon committed and
+                // applied to the gate in between looks like stale terms. The terms to compare
+                // are Postgres's now.
+                let now_in_pg = coupons::get(&self.pg, coupon.id).await?;
+                if let Some(why) = stale_terms(&summary, now_in_pg.as_ref().unwrap_or(&coupon)) {
+                    // Applied as UpdateCoupon applies them, under the gate's lock and read
+                    // again there, never by replacing the gate: the UpdateCoupon's own gate step
+                    // may take the lock first and let wins on the new seats through, and a
+                    // rebuild from Postgres after it would drop those still in flight. A lower
+                    // total still rebuilds, as it must.
+                    tracing::warn!(coupon = %coupon.id, why, ?summary,
+                        "coupon gate on old terms: applying the coupon's");
+                    self.sync_gate(coupon.id).await?;
+                    self.stats.rebuilt(RepairReason::Disagrees);
+                    report.repaired.push(coupon.id);
+                    continue;
+                }
             }
             let won_by = now - chrono::Duration::from_std(grace).unwrap_or_default();
             let released = self
